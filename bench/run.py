@@ -1,0 +1,599 @@
+#!/usr/bin/env python3
+"""Benchmark runner: the gateway against a direct call to the same mock upstream.
+
+Loopback only, every phase bounded in time. Sequence:
+
+    1. start bench/mock_upstream.py pinned to cpu 0 (port 18080)
+    2. measure "direct": load generator -> mock
+    3. start the gateway pinned to cpu 1 (default:
+       taskset -c 1 python -m gateway serve --config bench/policies --port 4100),
+       wait for GET /health/ready, smoke-test it, measure "gateway", stop it
+    4. measure "direct" again (drift check); the reference is the mean of both
+    5. print a Markdown table, save everything under --out/<stamp>/
+
+Scenarios (load generators pinned to cpu 0, next to the mock):
+    a   non-streaming, mock-lat0, 32 connections, wrk: req/s, p50, p99 and CPU
+        ms per request of the measured server (gateway process + descendants;
+        the mock itself for direct)
+    a1  the same with one connection: per-request added latency (p50 - direct)
+    c   streaming, mock-lat0-chunks20-delay5 (20 chunks 5 ms apart), 32
+        concurrent streams, stream_client.py: TTFT p50/p99 and total p50,
+        also as added over direct
+    c1  the same with one stream
+    b   (optional, not in the default set) non-streaming, mock-lat50, 256
+        connections
+
+    python bench/run.py                         # direct, gateway, direct
+    python bench/run.py --skip-gateway          # the mock only
+    python bench/run.py --duration 5 --scenarios a,c
+    python bench/run.py --budgets               # gateway on a private redis-server, with a team budget
+                                                # and RPM/TPM limits on every request
+    python bench/run.py --header 'Authorization: Bearer sk-bench' \\
+        --gateway-cmd 'taskset -c 1 python -m gateway serve --config bench/policies --port 4100'
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SYSTEM_PROMPT = ("You are a careful assistant for a platform team. Keep replies brief and mention the settings "
+                 "that matter.")
+USER_PROMPT = ("Our service sits in front of several language model providers. In a few sentences, describe how "
+               "it should react when a provider answers 429 with a Retry-After header, and how per-key spending "
+               "limits interact with retries and with streamed answers.")
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "a": {"kind": "wrk", "model": "mock-lat0", "conns": 32, "title": "non-streaming, upstream 0 ms, 32 connections"},
+    "a1": {"kind": "wrk", "model": "mock-lat0", "conns": 1, "title": "non-streaming, upstream 0 ms, 1 connection"},
+    "b": {"kind": "wrk", "model": "mock-lat50", "conns": 256,
+          "title": "non-streaming, upstream 50 ms, 256 connections"},
+    "c": {"kind": "stream", "model": "mock-lat0-chunks20-delay5", "conns": 32,
+          "title": "streaming 20 chunks x 5 ms, 32 streams"},
+    "c1": {"kind": "stream", "model": "mock-lat0-chunks20-delay5", "conns": 1,
+           "title": "streaming 20 chunks x 5 ms, 1 stream"},
+}
+DEFAULT_SCENARIOS = "a,a1,c,c1"
+
+
+def log(*parts: object) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}]", *parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# processes
+
+
+def loopback_only(url: str) -> None:
+    host = urlsplit(url).hostname or ""
+    if not (host.startswith("127.") or host in ("localhost", "::1")):
+        sys.exit(f"run.py: refusing non-loopback URL {url}")
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """None when url answered 200 within timeout, else why not."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"process exited with status {proc.returncode} before {url} answered"
+        try:
+            status, body = http_get(url, 1.0)
+            if status == 200:
+                return None
+            last = f"HTTP {status}: {body[:200]!r}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    return f"{url} not ready after {timeout:.0f}s (last: {last})"
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of pid (children, grandchildren, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of pid and its live descendants, plus children it has reaped (cutime+cstime)."""
+    total = 0
+    for i, p in enumerate([pid, *descendants(pid)]):
+        try:
+            with open(f"/proc/{p}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        f = stat[stat.rfind(b")") + 2:].split()  # f[0] is field 3 (state)
+        total += int(f[11]) + int(f[12])  # utime, stime
+        if i == 0:
+            total += int(f[13]) + int(f[14])  # cutime, cstime
+    return total / CLK_TCK
+
+
+def stop_process(proc: subprocess.Popen[bytes], name: str) -> None:
+    """SIGTERM the process we started (then its leftover descendants), by PID; SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    kids = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        log(f"{name} (pid {proc.pid}) ignored SIGTERM for 10 s, sending SIGKILL")
+        proc.kill()
+        proc.wait(5)
+    for pid in kids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# load generators
+
+
+def body_files(run_dir: Path) -> dict[str, Path]:
+    files = {}
+    for model in {s["model"] for s in SCENARIOS.values()}:
+        body: dict[str, Any] = {"model": model, "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                                                             {"role": "user", "content": USER_PROMPT}],
+                                "temperature": 0.2, "max_tokens": 256, "user": "bench-user"}
+        if "chunks" in model:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        path = run_dir / f"body-{model}.json"
+        path.write_text(json.dumps(body))
+        files[model] = path
+    return files
+
+
+def run_wrk(url: str, body: Path, conns: int, seconds: float, headers: list[str], cpu: str,
+            raw_log: Path) -> dict[str, Any]:
+    env = dict(os.environ, WRK_BODY_FILE=str(body), WRK_HEADERS="\n".join(headers))
+    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+           "-s", str(BENCH / "post.lua"), url]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        return {"error": f"wrk did not finish within {seconds + 60:.0f}s"}
+    with raw_log.open("a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n{done.stdout}{done.stderr}\n")
+    for line in done.stdout.splitlines():
+        if line.startswith("WRK_RESULT "):
+            r = json.loads(line[len("WRK_RESULT "):])
+            r["errors"] = r["err_connect"] + r["err_read"] + r["err_write"] + r["err_status"] + r["err_timeout"]
+            return r
+    return {"error": f"wrk exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"}
+
+
+def run_stream(url: str, body: Path, conns: int, seconds: float, warmup: float, headers: list[str], cpu: str,
+               raw_log: Path) -> dict[str, Any]:
+    cmd = ["taskset", "-c", cpu, sys.executable, str(BENCH / "stream_client.py"), "--url", url, "--body", str(body),
+           "-c", str(conns), "-n", "1000000", "-d", str(seconds), "--warmup", str(warmup), "--timeout", "30"]
+    for h in headers:
+        cmd += ["-H", h]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120)
+    except subprocess.TimeoutExpired:
+        return {"error": "stream_client did not finish in time"}
+    with raw_log.open("a") as fh:
+        fh.write(f"$ {shlex.join(cmd)}\n{done.stdout}{done.stderr}\n")
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"stream_client exited {done.returncode}: {done.stderr.strip()[-300:]}"}
+
+
+def measure(name: str, base: str, pid: int, headers: list[str], args: argparse.Namespace,
+            bodies: dict[str, Path], run_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    raw_log = run_dir / f"raw-{name}.log"
+    for key in args.scenarios:
+        sc = SCENARIOS[key]
+        log(f"{name}: scenario {key} ({sc['title']}), {args.duration:g}s after {args.warmup:g}s warm-up")
+        url = base + "/chat/completions"
+        body = bodies[sc["model"]]
+        if sc["kind"] == "wrk":
+            if args.warmup > 0:
+                run_wrk(url, body, sc["conns"], args.warmup, headers, args.load_cpu, raw_log)
+            c0 = cpu_seconds(pid)
+            r = run_wrk(url, body, sc["conns"], args.duration, headers, args.load_cpu, raw_log)
+            cpu = cpu_seconds(pid) - c0
+            n = r.get("requests", 0)
+        else:
+            # stream_client warms up itself; CPU is sampled around the whole run and
+            # divided by all streams served (measured + warm-up)
+            c0 = cpu_seconds(pid)
+            r = run_stream(url, body, sc["conns"], args.duration, args.warmup, headers, args.load_cpu, raw_log)
+            cpu = cpu_seconds(pid) - c0
+            n = r.get("requests", 0) + r.get("warmup_requests", 0)
+        r["server_cpu_s"] = round(cpu, 3)
+        r["cpu_ms_per_req"] = round(cpu * 1000 / n, 4) if n else None
+        if r.get("error"):
+            log(f"  {key}: ERROR {r['error']}")
+        elif r.get("errors"):
+            log(f"  {key}: {r['errors']} errors {r.get('error_samples', '')}")
+        results[key] = r
+        log("  " + summary_line(key, r))
+    return results
+
+
+def summary_line(key: str, r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return f"{key}: error"
+    if "rps" in r and "p50_ms" in r:
+        return (f"{key}: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+                f"cpu {r['cpu_ms_per_req']} ms/req, errors {r['errors']}")
+    return (f"{key}: {r.get('requests')} streams, ttft p50 {r.get('ttft_ms', {}).get('p50')} ms, "
+            f"p99 {r.get('ttft_ms', {}).get('p99')} ms, total p50 {r.get('total_ms', {}).get('p50')} ms, "
+            f"errors {r.get('errors')}")
+
+
+# ---------------------------------------------------------------------------
+# smoke test of a target before loading it
+
+
+def smoke(base: str, headers: list[str]) -> str | None:
+    """None when one plain and one streaming request work through base, else the error."""
+    hdrs = {"Content-Type": "application/json"}
+    for h in headers:
+        k, v = h.split(":", 1)
+        hdrs[k.strip()] = v.strip()
+    msgs = [{"role": "user", "content": "smoke test"}]
+    for body in ({"model": "mock-lat0", "messages": msgs},
+                 {"model": "mock-lat0-chunks20-delay5", "messages": msgs, "stream": True,
+                  "stream_options": {"include_usage": True}}):
+        req = urllib.request.Request(base + "/chat/completions", data=json.dumps(body).encode(), headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                data = resp.read()
+        except urllib.error.HTTPError as exc:
+            return f"{body['model']} stream={body.get('stream', False)}: HTTP {exc.code}: {exc.read()[:500]!r}"
+        except (OSError, urllib.error.URLError) as exc:
+            return f"{body['model']} stream={body.get('stream', False)}: {exc}"
+        if body.get("stream"):
+            if b"data: [DONE]" not in data or b'"content"' not in data:
+                return f"stream without content or [DONE]: {data[:500]!r}"
+        else:
+            try:
+                doc = json.loads(data)
+                assert doc["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError, AssertionError):
+                return f"unexpected response: {data[:500]!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def mean_direct(before: dict[str, Any], after: dict[str, Any] | None) -> dict[str, Any]:
+    """Scenario-wise mean of the two direct runs for the numbers the report uses."""
+    if not after:
+        return before
+    out: dict[str, Any] = {}
+    for key, b in before.items():
+        a = after.get(key, {})
+        if b.get("error") or a.get("error"):
+            out[key] = b if not b.get("error") else a
+            continue
+        m: dict[str, Any] = {}
+        for f in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_req"):
+            if isinstance(b.get(f), (int, float)) and isinstance(a.get(f), (int, float)):
+                m[f] = (b[f] + a[f]) / 2
+        for f in ("ttfb_ms", "ttft_ms", "total_ms"):
+            if b.get(f) and a.get(f):
+                m[f] = {p: (b[f][p] + a[f][p]) / 2 for p in b[f] if p in a[f]}
+        out[key] = m
+    return out
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def row_values(r: dict[str, Any]) -> dict[str, Any]:
+    """Flat numbers of one target (None when missing)."""
+    def g(key: str, *path: str) -> Any:
+        cur: Any = r.get(key)
+        for p in path:
+            if not isinstance(cur, dict) or cur.get("error"):
+                return None
+            cur = cur.get(p)
+        return cur
+    return {
+        "a_rps": g("a", "rps"), "a_p50": g("a", "p50_ms"), "a_p99": g("a", "p99_ms"),
+        "a_cpu": g("a", "cpu_ms_per_req"),
+        "a1_p50": g("a1", "p50_ms"), "a1_p99": g("a1", "p99_ms"),
+        "b_rps": g("b", "rps"), "b_p50": g("b", "p50_ms"), "b_p99": g("b", "p99_ms"),
+        "c_ttft_p50": g("c", "ttft_ms", "p50"), "c_ttft_p99": g("c", "ttft_ms", "p99"),
+        "c_total_p50": g("c", "total_ms", "p50"), "c_cpu": g("c", "cpu_ms_per_req"),
+        "c1_ttft_p50": g("c1", "ttft_ms", "p50"), "c1_ttft_p99": g("c1", "ttft_ms", "p99"),
+        "c1_total_p50": g("c1", "total_ms", "p50"),
+    }
+
+
+def diff(x: Any, y: Any) -> Any:
+    return None if x is None or y is None else x - y
+
+
+def ratio(x: Any, y: Any) -> Any:
+    return None if x is None or not y else x / y
+
+
+def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    meta = res["meta"]
+    direct = row_values(res["direct_mean"])
+    rows = [("direct (before)", row_values(res["targets"]["direct_before"]))]
+    gw = res["targets"].get("gateway")
+    if gw is not None and not gw.get("error"):
+        rows.append(("gateway", row_values(gw)))
+    if "direct_after" in res["targets"]:
+        rows.append(("direct (after)", row_values(res["targets"]["direct_after"])))
+    cols = [("a_rps", "a req/s", 0), ("a_p50", "a p50 ms", 3), ("a_p99", "a p99 ms", 3),
+            ("a_cpu", "a CPU ms/req", 4), ("a1_p50", "a1 p50 ms", 3),
+            ("c_ttft_p50", "c TTFT p50 ms", 2), ("c_ttft_p99", "c TTFT p99 ms", 2),
+            ("c_total_p50", "c total p50 ms", 1),
+            ("c1_ttft_p50", "c1 TTFT p50 ms", 2), ("c1_ttft_p99", "c1 TTFT p99 ms", 2),
+            ("c1_total_p50", "c1 total p50 ms", 1)]
+    if "b" in meta["scenarios"]:
+        cols[5:5] = [("b_rps", "b req/s", 0), ("b_p50", "b p50 ms", 2), ("b_p99", "b p99 ms", 2)]
+    cols = [c for c in cols if c[0].split("_")[0] in meta["scenarios"]]
+    lines = [f"## Gateway benchmark, {meta['started']}",
+             "",
+             f"{meta['duration_s']:g} s per scenario after {meta['warmup_s']:g} s warm-up; "
+             f"mock on cpu {meta['mock_cpu']}, "
+             f"load generators on cpu {meta['load_cpu']}, gateway on cpu 1 ({meta['cores']} cores). "
+             "CPU ms/req is the measured server's own CPU (the mock for direct rows, the gateway's process "
+             "and descendants for the gateway row).",
+             "",
+             "| target | " + " | ".join(c[1] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, vals in rows:
+        lines.append(f"| {name} | " + " | ".join(fmt(vals[k], d) for k, _, d in cols) + " |")
+    derived: dict[str, Any] = {}
+    if len(rows) > 1 and rows[1][0] == "gateway":
+        g = rows[1][1]
+        ratio_row = {k: ratio(g[k], direct[k]) for k, _, _ in cols}
+        added_row = {k: diff(g[k], direct[k]) for k, _, _ in cols}
+        lines.append("| gateway ÷ direct | " + " | ".join(
+            "-" if ratio_row[k] is None else f"{ratio_row[k]:.3g}×" for k, _, _ in cols) + " |")
+        lines.append("| gateway − direct | " + " | ".join(
+            "-" if (added_row[k] is None or k.endswith("rps") or k.endswith("cpu")) else f"{added_row[k]:+.3f}"
+            for k, _, _ in cols) + " |")
+        derived = {
+            "a_rps_ratio": ratio_row.get("a_rps"),
+            "a_p50_added_ms": added_row.get("a_p50"), "a_p99_added_ms": added_row.get("a_p99"),
+            "a_cpu_ms_per_req": g["a_cpu"],
+            "a1_added_p50_ms": diff(g["a1_p50"], direct["a1_p50"]),
+            "c_ttft_p50_added_ms": diff(g["c_ttft_p50"], direct["c_ttft_p50"]),
+            "c_ttft_p99_added_ms": diff(g["c_ttft_p99"], direct["c_ttft_p99"]),
+            "c_total_p50_added_ms": diff(g["c_total_p50"], direct["c_total_p50"]),
+            "c1_ttft_p50_added_ms": diff(g["c1_ttft_p50"], direct["c1_ttft_p50"]),
+            "c1_total_p50_added_ms": diff(g["c1_total_p50"], direct["c1_total_p50"]),
+        }
+        lines += ["",
+                  "Headline (direct = mean of the before and after runs):",
+                  "",
+                  "| target | a req/s | a ÷ direct | a CPU ms/req | a1 added p50 ms | c TTFT p50 ms | "
+                  "c TTFT added p50 / p99 ms | c total added p50 ms | c1 TTFT added p50 ms | c1 total added p50 ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| direct to the mock | {fmt(direct['a_rps'])} | 1 | {fmt(direct['a_cpu'], 4)} | 0 | "
+                  f"{fmt(direct['c_ttft_p50'])} | 0 / 0 | 0 | 0 | 0 |",
+                  f"| gateway | {fmt(g['a_rps'])} | {fmt(derived['a_rps_ratio'], 3)} | {fmt(g['a_cpu'], 4)} | "
+                  f"{fmt(derived['a1_added_p50_ms'], 3)} | {fmt(g['c_ttft_p50'])} | "
+                  f"{fmt(derived['c_ttft_p50_added_ms'])} / {fmt(derived['c_ttft_p99_added_ms'])} | "
+                  f"{fmt(derived['c_total_p50_added_ms'])} | {fmt(derived['c1_ttft_p50_added_ms'])} | "
+                  f"{fmt(derived['c1_total_p50_added_ms'])} |"]
+    if gw is not None and gw.get("error"):
+        lines += ["", f"**gateway not measured**: {gw['error']}"]
+    problems = []
+    for tname, t in res["targets"].items():
+        for key, r in t.items():
+            if isinstance(r, dict) and (r.get("error") or r.get("errors")):
+                what = r.get("error") or f"{r.get('errors')} errors {json.dumps(r.get('error_samples', {}))}"
+                problems.append(f"{tname}/{key}: {what}")
+    if problems:
+        lines += ["", "Errors during the run:", ""] + [f"- {p}" for p in problems]
+    return "\n".join(lines) + "\n", derived
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario (default 10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each scenario (default 2)")
+    p.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help=f"comma list of {','.join(SCENARIOS)}")
+    p.add_argument("--out", default="/tmp/gateway-bench", help="results directory (default /tmp/gateway-bench)")
+    p.add_argument("--mock-port", type=int, default=18080, help="mock port (the bench policy expects 18080)")
+    p.add_argument("--mock-cpu", default="0")
+    p.add_argument("--load-cpu", default="0", help="cpu list for wrk and stream_client (default 0)")
+    p.add_argument("--skip-gateway", action="store_true", help="measure the mock only")
+    p.add_argument("--gateway-cmd", default=None,
+                   help="how to start the gateway (default: taskset -c 1 PYTHON -m gateway serve "
+                        "--config bench/policies --port 4100), run from the repository root")
+    p.add_argument("--gateway-url", default="http://127.0.0.1:4100", help="gateway origin")
+    p.add_argument("--gateway-prefix", default="/v1", help="path prefix of /chat/completions on the gateway")
+    p.add_argument("--ready-path", default="/health/ready")
+    p.add_argument("--ready-timeout", type=float, default=90.0)
+    p.add_argument("--header", action="append", default=[],
+                   help="extra request header for the gateway, 'Name: value' (repeatable)")
+    p.add_argument("--api-key", default="sk-bench",
+                   help="sent to the gateway as 'Authorization: Bearer KEY' unless --header sets Authorization "
+                        "(default sk-bench; '' sends none)")
+    p.add_argument("--label", default="", help="suffix of the run directory name")
+    p.add_argument("--budgets", action="store_true",
+                   help="start a private redis-server (cpu of the mock) and give the gateway's default team a "
+                        "budget and RPM/TPM limits, so every request reserves and settles in Redis")
+    args = p.parse_args(argv)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
+    if args.duration <= 0 or args.duration > 600 or args.warmup < 0 or args.warmup > 120:
+        p.error("--duration must be in (0, 600] and --warmup in [0, 120]")
+    loopback_only(args.gateway_url)
+    for h in args.header:
+        if ":" not in h:
+            p.error(f"bad --header {h!r}")
+    if args.api_key and not any(h.split(":", 1)[0].strip().lower() == "authorization" for h in args.header):
+        args.header.append(f"Authorization: Bearer {args.api_key}")
+    config = "bench/policies"
+    started = dt.datetime.now()
+    run_dir = Path(args.out) / (started.strftime("%Y%m%d-%H%M%S") + (f"-{args.label}" if args.label else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    gw_env = dict(os.environ)
+    redis_proc: subprocess.Popen[bytes] | None = None
+    if args.budgets and not args.skip_gateway:
+        config = str(run_dir / "policies")
+        Path(config).mkdir()
+        Path(config, "models.yaml").write_text((BENCH / "policies" / "models.yaml").read_text())
+        Path(config, "teams.yaml").write_text(
+            "teams:\n  default:\n    budgets: [{period: monthly, usd: 1000000}]\n"
+            "    rpm: 100000000\n    tpm: 100000000000\n")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            redis_port = s.getsockname()[1]
+        redis_proc = subprocess.Popen(["taskset", "-c", args.mock_cpu, "redis-server", "--port", str(redis_port),
+                                       "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                       "--dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        gw_env["GATEWAY_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        log(f"redis-server pid {redis_proc.pid} on 127.0.0.1:{redis_port}")
+    gateway_cmd = args.gateway_cmd or (f"taskset -c 1 {shlex.quote(sys.executable)} -m gateway serve "
+                                       f"--config {config} --port 4100")
+    gw_port = urlsplit(args.gateway_url).port or 80
+
+    if port_in_use(args.mock_port):
+        sys.exit(f"run.py: port {args.mock_port} is already in use; stop whatever listens there first")
+    if not args.skip_gateway and port_in_use(gw_port):
+        sys.exit(f"run.py: port {gw_port} is already in use (a gateway already running?); stop it first")
+
+    bodies = body_files(run_dir)
+    res: dict[str, Any] = {"meta": {
+        "started": started.isoformat(timespec="seconds"), "duration_s": args.duration, "warmup_s": args.warmup,
+        "scenarios": args.scenarios, "mock_cpu": args.mock_cpu, "load_cpu": args.load_cpu,
+        "cores": os.cpu_count(), "python": sys.version.split()[0],
+        "gateway_cmd": None if args.skip_gateway else gateway_cmd, "gateway_url": args.gateway_url,
+        "budgets": bool(args.budgets),
+        "gateway_headers": [h.split(":", 1)[0] for h in args.header],
+        "scenario_defs": {k: SCENARIOS[k] for k in args.scenarios}}, "targets": {}}
+
+    mock_log = (run_dir / "mock.log").open("wb")
+    mock = subprocess.Popen(["taskset", "-c", args.mock_cpu, sys.executable, str(BENCH / "mock_upstream.py"),
+                             "--port", str(args.mock_port)], stdout=mock_log, stderr=subprocess.STDOUT)
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        err = wait_ready(f"http://127.0.0.1:{args.mock_port}/health", mock, 20)
+        if err:
+            sys.exit(f"run.py: mock did not start: {err}")
+        direct_base = f"http://127.0.0.1:{args.mock_port}/v1"
+        log(f"mock pid {mock.pid} on cpu {args.mock_cpu}, {direct_base}")
+        res["targets"]["direct_before"] = measure("direct-before", direct_base, mock.pid, [], args, bodies, run_dir)
+
+        if not args.skip_gateway:
+            gw_log_path = run_dir / "gateway.log"
+            log(f"starting gateway: {gateway_cmd}")
+            with gw_log_path.open("wb") as gw_log:
+                gateway = subprocess.Popen(shlex.split(gateway_cmd), cwd=str(ROOT), stdout=gw_log,
+                                           stderr=subprocess.STDOUT, env=gw_env)
+            err = wait_ready(args.gateway_url + args.ready_path, gateway, args.ready_timeout)
+            if err is None:
+                err = smoke(args.gateway_url + args.gateway_prefix, args.header)
+                if err:
+                    err = f"smoke test failed: {err}"
+            if err:
+                tail = gw_log_path.read_text(errors="replace")[-3000:]
+                log(f"gateway failed: {err}\n--- gateway log (tail) ---\n{tail}")
+                res["targets"]["gateway"] = {"error": err, "log_tail": tail}
+            else:
+                log(f"gateway pid {gateway.pid} ready at {args.gateway_url}")
+                mock_c0 = cpu_seconds(mock.pid)
+                res["targets"]["gateway"] = measure("gateway", args.gateway_url + args.gateway_prefix, gateway.pid,
+                                                    args.header, args, bodies, run_dir)
+                res["meta"]["mock_cpu_s_during_gateway"] = round(cpu_seconds(mock.pid) - mock_c0, 3)
+            stop_process(gateway, "gateway")
+            if gateway.returncode not in (0, -signal.SIGTERM, None):
+                res["meta"]["gateway_exit_status"] = gateway.returncode
+            gateway = None
+            res["targets"]["direct_after"] = measure("direct-after", direct_base, mock.pid, [], args, bodies,
+                                                     run_dir)
+        res["meta"]["mock_stats"] = json.loads(http_get(f"http://127.0.0.1:{args.mock_port}/_stats")[1])
+    finally:
+        if gateway is not None:
+            stop_process(gateway, "gateway")
+        stop_process(mock, "mock")
+        if redis_proc is not None:
+            stop_process(redis_proc, "redis-server")
+        mock_log.close()
+
+    res["direct_mean"] = mean_direct(res["targets"]["direct_before"], res["targets"].get("direct_after"))
+    table, derived = report(res)
+    res["derived"] = derived
+    res["table_md"] = table
+    (run_dir / "results.json").write_text(json.dumps(res, indent=2))
+    (run_dir / "table.md").write_text(table)
+    Path(args.out, "latest.json").write_text(json.dumps(res, indent=2))
+    print(table)
+    log(f"saved {run_dir}/results.json, table.md, raw-*.log, mock.log"
+        + ("" if args.skip_gateway else ", gateway.log"))
+    gw = res["targets"].get("gateway")
+    return 1 if gw is not None and gw.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

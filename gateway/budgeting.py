@@ -1,0 +1,168 @@
+"""From a request to the budgets and limits that apply, and back to HTTP: pure functions.
+
+Which budgets and rate limits bind a request (its team's, its key's); what it may
+cost at worst (its prompt, bounded for tokenizers we only approximate, plus its
+output cap, at the most expensive candidate's prices); how many output tokens a
+smaller hold can pay for (the last cents of a budget admit a request whose output
+is capped to fit, so settled spend never passes the limit and nothing is
+under-admitted); and how a refusal or an admission is told to the client
+(``budget_exceeded``, ``rate_limit_exceeded``, ``retry-after``, ``x-ratelimit-*``).
+No I/O: the budget store does the atomic part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from gateway.errors import BudgetExceeded, GatewayError, RateLimited
+from gateway.policy import Deployment, TeamSpec
+from gateway.pricing import Price, usd_to_nano
+from gateway.routing import Plan
+from gateway.state.budgets import Admission, BudgetRule, Period, RateRule, Refusal, ReserveRequest
+from gateway.state.keys import KeyRecord
+
+DEFAULT_OUTPUT_CAP = 4096   # worst-case output when neither the request nor the deployment caps it
+EXACT_TOKENIZER_PROVIDERS = frozenset({"openai", "simulated"})  # prompts counted with their own tokenizer
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Ticket:
+    """What the reserve stage decided for one request, carried to the call and the settle."""
+
+    plan: Plan
+    reservation: ReserveRequest | None = None   # None: no budget or limit applies
+    admission: Admission | None = None          # None: nothing reserved (or the store was down, fail mode allow)
+    capped: bool = False                        # a budget applies: the upstream may produce no more than was held
+    output_cap: int | None = None               # a partial hold: the most output tokens it pays for
+
+
+def call_output_cap(ticket: Ticket, body: dict[str, Any], deployment: Deployment) -> int | None:
+    """The output limit to send to ``deployment``, or None to leave the request's own."""
+    if not ticket.capped or deployment.price.output <= 0:
+        return None
+    cap = output_cap(body, deployment)
+    if ticket.output_cap is not None:
+        cap = min(cap, ticket.output_cap)
+    return None if cap == requested_output(body) else cap
+
+
+def budget_rules(team: TeamSpec, key: KeyRecord | None) -> tuple[BudgetRule, ...]:
+    rules = [BudgetRule("team", team.name, cast(Period, b.period), b.limit_nano) for b in team.budgets]
+    if key is not None and key.budget_usd is not None:
+        rules.append(BudgetRule("key", key.id, cast(Period, key.budget_period or "monthly"),
+                                usd_to_nano(key.budget_usd)))
+    return tuple(rules)
+
+
+def rate_rules(team: TeamSpec, key: KeyRecord | None) -> tuple[RateRule, ...]:
+    rules = []
+    if team.rpm or team.tpm:
+        rules.append(RateRule("team", team.name, team.rpm, team.tpm))
+    if key is not None and (key.rpm or key.tpm):
+        rules.append(RateRule("key", key.id, key.rpm, key.tpm))
+    return tuple(rules)
+
+
+def requested_output(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def choices_of(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+def output_cap(body: dict[str, Any], deployment: Deployment) -> int:
+    return requested_output(body) or deployment.max_output_tokens or DEFAULT_OUTPUT_CAP
+
+
+def prompt_bound(deployment: Deployment, prompt_tokens: int) -> int:
+    """Prompt tokens to reserve for: exact where we count with the provider's tokenizer, +25% elsewhere."""
+    if deployment.provider in EXACT_TOKENIZER_PROVIDERS:
+        return prompt_tokens
+    return prompt_tokens + (prompt_tokens + 3) // 4
+
+
+def _input_price(price: Price) -> int:
+    return max(price.input, price.cache_write, price.cache_write_1h)   # prompt caching may write every token
+
+
+def _pico_to_nano(pico: int) -> int:
+    return (pico + 999) // 1000
+
+
+def worst_case(body: dict[str, Any], candidates: tuple[Deployment, ...], prompt_tokens: int,
+               endpoint: str) -> tuple[int, int, int]:
+    """(worst cost, least useful cost, tokens) over the candidates: nano-USD, nano-USD, tokens.
+
+    The least useful cost is the prompt plus one output token per choice: a hold smaller than that
+    cannot pay for any answer."""
+    choices = choices_of(body)
+    worst_cost = least = worst_tokens = 0
+    for d in candidates:
+        prompt = prompt_bound(d, prompt_tokens)
+        out = 0 if endpoint == "embeddings" else output_cap(body, d) * choices
+        in_pico = prompt * _input_price(d.price)
+        worst_cost = max(worst_cost, _pico_to_nano(in_pico + out * d.price.output))
+        least = max(least, _pico_to_nano(in_pico + (d.price.output * choices if out else 0)))
+        worst_tokens = max(worst_tokens, prompt + out)
+    return worst_cost, least, worst_tokens
+
+
+def affordable_output(hold_nano: int, body: dict[str, Any], candidates: tuple[Deployment, ...],
+                      prompt_tokens: int) -> int:
+    """The largest output cap (per choice) whose worst case fits ``hold_nano`` on every candidate."""
+    choices = choices_of(body)
+    cap = None
+    for d in candidates:
+        if d.price.output <= 0:
+            continue
+        left = hold_nano * 1000 - prompt_bound(d, prompt_tokens) * _input_price(d.price)
+        fits = max(0, left) // (d.price.output * choices)
+        cap = fits if cap is None else min(cap, fits)
+    return cap if cap is not None else output_cap(body, candidates[0])
+
+
+def cap_output(body: dict[str, Any], cap: int, deployment: Deployment, endpoint: str) -> None:
+    """Lower (or set) the request's output limit to ``cap``, in the field the upstream expects."""
+    if endpoint == "embeddings":
+        return
+    if "max_completion_tokens" in body or (endpoint == "chat" and deployment.provider == "openai"
+                                           and "max_tokens" not in body):
+        body["max_completion_tokens"] = cap
+    else:
+        body["max_tokens"] = cap
+
+
+def refusal_error(refusal: Refusal, admission: Admission) -> GatewayError:
+    who = f"team '{refusal.owner}'" if refusal.scope == "team" else f"key {refusal.owner}"
+    if refusal.kind == "budget":
+        return BudgetExceeded(
+            f"The {refusal.period} budget of {who} cannot cover this request: "
+            f"spent and reserved ${refusal.used / 1e9:.6f} of ${refusal.limit / 1e9:.6f}.")
+    what = "requests" if refusal.kind == "rate_requests" else "tokens"
+    headers = {k.decode(): v.decode() for k, v in rate_headers(admission)}
+    if refusal.retry_after_s is None:   # a single request larger than the whole minute's allowance
+        return RateLimited(f"This request needs more {what} than the limit of {refusal.limit} per minute "
+                           f"of {who} allows.", headers=headers)
+    headers["retry-after"] = str(refusal.retry_after_s)
+    return RateLimited(f"Rate limit of {refusal.limit} {what} per minute reached for {who}; "
+                       f"retry in {refusal.retry_after_s}s.", headers=headers)
+
+
+def rate_headers(admission: Admission) -> Headers:
+    rate = admission.rate
+    out: Headers = []
+    for name, value in (("x-ratelimit-limit-requests", rate.limit_requests),
+                        ("x-ratelimit-remaining-requests", rate.remaining_requests),
+                        ("x-ratelimit-limit-tokens", rate.limit_tokens),
+                        ("x-ratelimit-remaining-tokens", rate.remaining_tokens)):
+        if value is not None:
+            out.append((name.encode(), str(max(0, value)).encode()))
+    return out

@@ -1,0 +1,548 @@
+"""The request path, one function per stage, read top to bottom in :meth:`Pipeline.handle`.
+
+authenticate → validate → resolve policy (pure) → call the upstream with
+fallbacks → price → record. Non-streaming requests return a :class:`Reply`;
+streaming ones a :class:`StreamReply` whose event iterator prices and records
+the stream when it ends, however it ends (finished, failed upstream, or the
+client went away). The HTTP edge only parses and renders.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from itertools import count
+from typing import Any, cast
+
+import orjson
+
+from gateway.budgeting import (
+    Ticket,
+    affordable_output,
+    budget_rules,
+    call_output_cap,
+    cap_output,
+    rate_headers,
+    rate_rules,
+    refusal_error,
+    worst_case,
+)
+from gateway.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    PermissionDenied,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    internal_error,
+)
+from gateway.policy import Deployment, Policies, TeamSpec
+from gateway.policy.teams import DEFAULT_TEAM
+from gateway.pricing import Usage, cost_nano, usage_from_openai
+from gateway.providers.base import Call, Provider
+from gateway.routing import Plan, resolve_policy
+from gateway.settings import Settings
+from gateway.state import State
+from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
+from gateway.state.keys import KeyRecord
+from gateway.state.ledger import LedgerRecord
+from gateway.tokens import count_completion_text, count_prompt
+from gateway.validation import validate
+
+log = logging.getLogger("gateway")
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Inbound:
+    """A parsed request as the edge hands it over."""
+
+    endpoint: str                  # "chat" | "completions" | "embeddings"
+    body: Any
+    raw_size: int
+    headers: dict[str, str]        # lower-cased names
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(slots=True)
+class Principal:
+    team: str
+    spec: TeamSpec
+    key: KeyRecord | None = None
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.id if self.key is not None else None
+
+
+@dataclass(slots=True)
+class Reply:
+    body: bytes
+    headers: Headers
+    status: int = 200
+
+
+@dataclass(slots=True)
+class StreamReply:
+    """An SSE reply: its first event, already produced (so the event generator has started and
+    closing it always runs its settle-and-record cleanup), then the rest."""
+
+    headers: Headers
+    first: bytes
+    events: AsyncGenerator[bytes, None]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one request did, for pricing and recording."""
+
+    principal: Principal
+    plan: Plan
+    deployment: Deployment | None
+    stream: bool
+    usage: Usage | None = None
+    cost_nano: int = 0
+    baseline_nano: int = 0
+    status: str = "ok"
+    upstream_s: float = 0.0
+    ttft_s: float | None = None
+
+
+class RequestIds:
+    """Unique, cheap request ids: a per-process random prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = f"req_{os.urandom(6).hex()}"
+        self._seq = count(1)
+
+    def next(self, offered: str | None = None) -> str:
+        if offered and len(offered) <= 128 and offered.isprintable():
+            return offered
+        return f"{self._prefix}{next(self._seq):x}"
+
+
+def usd_str(nano: int) -> str:
+    whole, frac = divmod(nano, 1_000_000_000)
+    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else f"{whole}"
+
+
+def nano_float(nano: int) -> float:
+    """Nano-USD as a JSON number; the division is correctly rounded, so its repr is the exact decimal."""
+    return nano / 1e9
+
+
+class Pipeline:
+    def __init__(self, policies: Policies, providers: dict[str, Provider], metrics: Any, state: State,
+                 settings: Settings) -> None:
+        self.providers = providers
+        self.metrics = metrics
+        self.state = state
+        self.master_key = settings.master_key
+        self.upstream_timeout_s = settings.upstream_timeout_s
+        self.ids = RequestIds()
+        self.use_policies(policies)
+
+    def use_policies(self, policies: Policies) -> None:
+        """Swap the policies in force; requests already past ``resolve`` finish on the old ones."""
+        self.policies = policies
+        self.metrics.set_known_models(policies.models)
+
+    # ------------------------------------------------------------------ stages
+    async def handle(self, req: Inbound) -> Reply | StreamReply:
+        principal = await self.authenticate(req)
+        model = validate(req.endpoint, req.body)
+        plan = self.resolve(req, principal, model)
+        try:
+            ticket = await self.reserve(req, principal, plan)
+        except GatewayError as exc:   # refused before any upstream call: recorded at $0
+            self.record(req, Outcome(principal, plan, None, stream=req.body.get("stream") is True), exc.code or "error")
+            raise
+        if req.body.get("stream") is True and req.endpoint != "embeddings":
+            return await self.stream(req, principal, ticket)
+        outcome = Outcome(principal, ticket.plan, None, stream=False)
+        try:
+            deployment, body = await self.call_with_fallbacks(req, ticket, outcome)
+        except GatewayError as exc:
+            await self.settle(ticket, outcome)
+            self.record(req, outcome, status=exc.code or "error")
+            raise
+        usage = self.usage_of(req, deployment, body, outcome)
+        self.price(outcome, deployment, usage)
+        if isinstance(body.get("usage"), dict):
+            body["usage"]["cost_usd"] = nano_float(outcome.cost_nano)
+        await self.settle(ticket, outcome)
+        self.record(req, outcome, status="ok")
+        headers = self.headers(req, ticket, deployment, outcome)
+        headers.append((b"x-gateway-cost-usd", usd_str(outcome.cost_nano).encode()))
+        return Reply(orjson.dumps(body), headers)
+
+    async def authenticate(self, req: Inbound) -> Principal:
+        token = _bearer(req.headers)
+        if not token:
+            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
+        if self.master_key is not None and hmac.compare_digest(token, self.master_key):
+            return self.principal(DEFAULT_TEAM, None)
+        try:
+            key = await self.state.keys.lookup(token)
+            if key is None and self.master_key is None and not await self.state.keys.has_keys():
+                return self.principal(DEFAULT_TEAM, None)   # first run: no master key, no keys yet
+        except StateUnavailable as exc:
+            raise state_unavailable(exc) from None
+        if key is None:
+            raise AuthenticationFailed("Invalid API key.")
+        if not key.active(time.time()):
+            raise AuthenticationFailed(f"The API key {key.id} has been revoked or has expired.")
+        return self.principal(key.team, key)
+
+    def principal(self, team: str, key: KeyRecord | None) -> Principal:
+        return Principal(team, self.policies.teams.get(team) or TeamSpec(team), key)
+
+    def resolve(self, req: Inbound, principal: Principal, model: str) -> Plan:
+        plan = resolve_policy(self.policies, principal.team, model, req.endpoint, req.body, req.raw_size)
+        if not (principal.spec.allows(plan.model.name) or principal.spec.allows(model)):
+            raise PermissionDenied(f"Team '{principal.team}' may not use the model '{model}'.", param="model")
+        return plan
+
+    async def reserve(self, req: Inbound, principal: Principal, plan: Plan) -> Ticket:
+        """Hold the worst case against every budget and take the rate allowance, or refuse."""
+        budgets, rates = budget_rules(principal.spec, principal.key), rate_rules(principal.spec, principal.key)
+        if not budgets and not rates:
+            return Ticket(plan)
+        ticket = await self.try_reserve(req, principal, plan, budgets, rates)
+        refusal = ticket.admission.refusal if ticket.admission else None
+        spec = principal.spec
+        if (refusal is not None and refusal.kind == "budget" and spec.on_exceed == "downgrade"
+                and spec.downgrade_to and plan.model.name != spec.downgrade_to):
+            cheaper = replace(resolve_policy(self.policies, principal.team, spec.downgrade_to, req.endpoint,
+                                             req.body, req.raw_size), route="downgrade",
+                              requested=plan.requested, baseline=plan.baseline)
+            ticket = await self.try_reserve(req, principal, cheaper, budgets, rates)
+            refusal = ticket.admission.refusal if ticket.admission else None
+        if refusal is not None:
+            assert ticket.admission is not None
+            m = self.metrics
+            m.child(m.budget_rejections if refusal.kind == "budget" else m.rate_limited, principal.team).inc()
+            raise refusal_error(refusal, ticket.admission)
+        return ticket
+
+    async def try_reserve(self, req: Inbound, principal: Principal, plan: Plan,
+                          budgets: tuple[BudgetRule, ...], rates: tuple[RateRule, ...]) -> Ticket:
+        prompt = plan.prompt_tokens
+        if prompt is None:
+            prompt = count_prompt(req.body, req.endpoint, plan.candidates[0].upstream_model)
+        worst, least, tokens = worst_case(req.body, plan.candidates, prompt, req.endpoint)
+        reservation = ReserveRequest(req.request_id, principal.team, worst, tokens, budgets, rates,
+                                     datetime.now(UTC), least)
+        ticket = Ticket(plan, reservation, capped=bool(budgets) and req.endpoint != "embeddings")
+        try:
+            ticket.admission = admission = await self.state.budgets.reserve(reservation)
+        except StateUnavailable as exc:
+            if not self.state.fail_open:
+                raise state_unavailable(exc) from None
+            log.warning("admitting %s unmetered, settling later: %s", req.request_id, exc)
+            return ticket
+        if admission.admitted and admission.reserved_nano < worst and req.endpoint != "embeddings":
+            ticket.output_cap = affordable_output(admission.reserved_nano, req.body, plan.candidates, prompt)
+        return ticket
+
+    async def call_with_fallbacks(self, req: Inbound, ticket: Ticket,
+                                  outcome: Outcome) -> tuple[Deployment, dict[str, Any]]:
+        failures: list[tuple[Deployment, UpstreamError]] = []
+        for deployment in ticket.plan.candidates:
+            call = self.make_call(req, ticket, deployment)
+            outcome.deployment = deployment
+            started = time.perf_counter()
+            try:
+                body = await self.providers[_provider_kind(deployment)].complete(call)
+            except UpstreamError as exc:
+                self.upstream_failed(deployment, exc, failures)
+                if not exc.retryable:
+                    raise
+                continue
+            finally:
+                outcome.upstream_s += time.perf_counter() - started
+            if failures:
+                self.fell_back(failures[-1], deployment)
+            return deployment, body
+        raise combined_failure(failures)
+
+    def make_call(self, req: Inbound, ticket: Ticket, deployment: Deployment) -> Call:
+        body = dict(req.body)
+        body["model"] = deployment.upstream_model
+        cap = call_output_cap(ticket, req.body, deployment)
+        if cap is not None:
+            cap_output(body, cap, deployment, req.endpoint)
+        return Call(req.endpoint, body, deployment, deployment.timeout_s or self.upstream_timeout_s)
+
+    def usage_of(self, req: Inbound, deployment: Deployment, body: dict[str, Any],
+                 outcome: Outcome) -> Usage:
+        usage = usage_from_openai(body.get("usage") if isinstance(body.get("usage"), dict) else None)
+        if usage is not None:
+            return usage
+        model = deployment.upstream_model
+        output = 0
+        for choice in body.get("choices") or ():
+            if isinstance(choice, dict):
+                output += count_completion_text(_choice_text(choice), model)
+        return Usage(input_tokens=count_prompt(req.body, req.endpoint, model), output_tokens=output,
+                     estimated=True)
+
+    def price(self, outcome: Outcome, deployment: Deployment, usage: Usage) -> None:
+        outcome.usage = usage
+        outcome.cost_nano = cost_nano(usage, deployment.price)
+        outcome.baseline_nano = cost_nano(usage, outcome.plan.baseline.price)
+
+    async def settle(self, ticket: Ticket, outcome: Outcome) -> None:
+        """Charge what the request really cost (0 if it failed unbilled) and release the rest of the hold."""
+        if ticket.reservation is None:
+            return
+        usage = outcome.usage
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
+        await self.state.settle(ticket.reservation, outcome.cost_nano, tokens)
+
+    def record(self, req: Inbound, outcome: Outcome, status: str) -> None:
+        self.state.record(ledger_record(req, outcome, status))
+        m = self.metrics
+        c = m.child
+        d = outcome.deployment
+        team = outcome.principal.team
+        model = m.model_label(outcome.plan.model.name)
+        provider = d.provider if d else "none"
+        route = outcome.plan.route
+        now = time.perf_counter()
+        c(m.requests, team, model, provider, route, status, "bypass").inc()
+        c(m.overhead, route).observe(max(0.0, now - req.started - outcome.upstream_s))
+        c(m.request_duration, team, model, provider, "true" if outcome.stream else "false").observe(
+            now - req.started)
+        if d is not None:
+            c(m.upstream_duration, model, provider).observe(outcome.upstream_s)
+            if outcome.ttft_s is not None:
+                c(m.ttft, model, provider).observe(outcome.ttft_s)
+        usage = outcome.usage
+        if usage is not None:
+            for kind, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
+                            ("cached_input", usage.cached_input_tokens),
+                            ("cache_write", usage.cache_write_tokens + usage.cache_write_1h_tokens),
+                            ("reasoning", usage.reasoning_tokens)):
+                if n:
+                    c(m.tokens, team, model, provider, kind).inc(n)
+            if outcome.cost_nano:
+                c(m.cost, team, model, provider).inc(outcome.cost_nano / 1e9)
+            saved = outcome.baseline_nano - outcome.cost_nano
+            if saved > 0 and d is not None and d is not outcome.plan.baseline:
+                c(m.savings, team, "routing").inc(saved / 1e9)
+
+    def headers(self, req: Inbound, ticket: Ticket, deployment: Deployment, outcome: Outcome | None) -> Headers:
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", req.request_id.encode()),
+            (b"x-gateway-model", deployment.id.encode()),
+            (b"x-gateway-provider", deployment.provider.encode()),
+            (b"x-gateway-route", ticket.plan.route.encode()),
+            (b"x-gateway-cache", b"bypass"),
+        ]
+        admission = ticket.admission
+        if admission is not None:
+            if admission.remaining_nano is not None:   # after settling; for a stream, with its hold still out
+                remaining = admission.remaining_nano
+                if outcome is not None:
+                    remaining = max(0, remaining + admission.reserved_nano - outcome.cost_nano)
+                headers.append((b"x-gateway-budget-remaining-usd", usd_str(remaining).encode()))
+            headers.extend(rate_headers(admission))
+        return headers
+
+    def upstream_failed(self, deployment: Deployment, exc: UpstreamError,
+                        failures: list[tuple[Deployment, UpstreamError]]) -> None:
+        failures.append((deployment, exc))
+        self.metrics.upstream_errors.labels(deployment.provider, self.metrics.model_label(deployment.model),
+                                            exc.code or "error").inc()
+        log.warning("upstream failure on %s: %s", deployment.id, exc.message)
+
+    def fell_back(self, failure: tuple[Deployment, UpstreamError], to: Deployment) -> None:
+        frm, exc = failure
+        self.metrics.fallbacks.labels(self.metrics.model_label(frm.model), self.metrics.model_label(to.model),
+                                      exc.code or "error").inc()
+
+    # ---------------------------------------------------------------- streaming
+    async def stream(self, req: Inbound, principal: Principal, ticket: Ticket) -> StreamReply:
+        client_opts = req.body.get("stream_options")
+        wants_usage = isinstance(client_opts, dict) and client_opts.get("include_usage") is True
+        outcome = Outcome(principal, ticket.plan, None, stream=True)
+        failures: list[tuple[Deployment, UpstreamError]] = []
+        for deployment in ticket.plan.candidates:
+            call = self.make_call(req, ticket, deployment)
+            call.body["stream_options"] = {**(client_opts or {}), "include_usage": True}
+            outcome.deployment = deployment
+            chunks = cast(AsyncGenerator[dict[str, Any], None],
+                          self.providers[_provider_kind(deployment)].stream(call))
+            started = time.perf_counter()
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except UpstreamError as exc:
+                outcome.upstream_s += time.perf_counter() - started
+                self.upstream_failed(deployment, exc, failures)
+                if not exc.retryable:
+                    await self.settle(ticket, outcome)
+                    self.record(req, outcome, status=exc.code or "error")
+                    raise
+                continue
+            outcome.ttft_s = time.perf_counter() - req.started
+            if failures:
+                self.fell_back(failures[-1], deployment)
+            headers = self.headers(req, ticket, deployment, None)
+            headers[0] = (b"content-type", b"text/event-stream")
+            headers.append((b"cache-control", b"no-cache"))
+            events = self.stream_events(req, ticket, outcome, deployment, first, chunks, wants_usage, started)
+            return StreamReply(headers, await events.__anext__(), events)
+        failure = combined_failure(failures)
+        await self.settle(ticket, outcome)
+        self.record(req, outcome, status=failure.code or "error")
+        raise failure
+
+    async def stream_events(self, req: Inbound, ticket: Ticket, outcome: Outcome, deployment: Deployment,
+                            first: dict[str, Any] | None, chunks: AsyncGenerator[dict[str, Any], None],
+                            wants_usage: bool, started: float) -> AsyncGenerator[bytes, None]:
+        texts: dict[int, list[str]] = {}
+        reported: dict[str, Any] | None = None
+        usage_chunk: dict[str, Any] | None = None
+        error: GatewayError | None = None
+        finished = False
+        try:
+            chunk = first
+            while chunk is not None:
+                usage = chunk.get("usage")
+                if isinstance(usage, dict):
+                    reported = usage
+                choices = chunk.get("choices")
+                if isinstance(usage, dict) and not choices:
+                    usage_chunk = chunk           # held back: priced, then sent last if asked for
+                else:
+                    if isinstance(choices, list):
+                        _collect_text(choices, texts)
+                    if usage is not None and not wants_usage:
+                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    chunk = None
+            finished = True
+        except GatewayError as exc:
+            error = exc
+        except Exception:  # a bug or a foreign error mid-stream: the client gets an event, not a hang
+            log.exception("stream failed")
+            error = internal_error()
+        finally:
+            outcome.upstream_s += time.perf_counter() - started
+            usage_obj = usage_from_openai(reported) if reported else None
+            if usage_obj is None:
+                model = deployment.upstream_model
+                out = sum(count_completion_text("".join(parts), model) for parts in texts.values())
+                usage_obj = Usage(input_tokens=count_prompt(req.body, req.endpoint, model),
+                                  output_tokens=out, estimated=True)
+            self.price(outcome, deployment, usage_obj)
+            status = "ok" if finished else (error.code or "error") if error else "client_closed"
+            try:
+                if not finished:
+                    await chunks.aclose()
+            finally:
+                await self.settle(ticket, outcome)
+                self.record(req, outcome, status=status)
+        if wants_usage:
+            if usage_chunk is None:
+                usage_chunk = {"id": f"chatcmpl-{req.request_id}", "object": "chat.completion.chunk",
+                               "created": int(time.time()), "model": deployment.upstream_model,
+                               "choices": [], "usage": _usage_dict(usage_obj)}
+            usage_chunk["usage"] = {**usage_chunk["usage"], "cost_usd": nano_float(outcome.cost_nano)}
+            yield b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
+        if error is not None:
+            yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
+        else:
+            yield b"data: [DONE]\n\n"
+
+
+def ledger_record(req: Inbound, outcome: Outcome, status: str) -> LedgerRecord:
+    d, usage, plan = outcome.deployment, outcome.usage or Usage(), outcome.plan
+    savings = {}
+    if d is not None and d is not plan.baseline and outcome.baseline_nano != outcome.cost_nano:
+        savings["routing"] = outcome.baseline_nano - outcome.cost_nano   # negative: routing cost extra
+    return LedgerRecord(
+        request_id=req.request_id, ts=time.time(), team=outcome.principal.team, key_id=outcome.principal.key_id,
+        requested_model=plan.requested, model=plan.model.name, deployment=d.id if d else "",
+        provider=d.provider if d else "", route=plan.route, input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens + usage.cache_write_1h_tokens,
+        reasoning_tokens=usage.reasoning_tokens, cost_nano=outcome.cost_nano, baseline_nano=outcome.baseline_nano,
+        savings=savings, latency_ms=round((time.perf_counter() - req.started) * 1000, 3),
+        ttft_ms=round(outcome.ttft_s * 1000, 3) if outcome.ttft_s is not None else None, status=status,
+        estimated=usage.estimated, stream=outcome.stream)
+
+
+def _bearer(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return headers.get("x-api-key") or None
+
+
+def state_unavailable(exc: Exception) -> ServiceUnavailable:
+    return ServiceUnavailable(f"Budget and key state is unreachable, so requests are refused "
+                              f"(GATEWAY_REDIS_FAIL_MODE=refuse): {exc}", code="state_unavailable")
+
+
+def _provider_kind(deployment: Deployment) -> str:
+    if deployment.openai_compatible:
+        return "openai"
+    if deployment.provider == "simulated":
+        return "simulated"
+    return "litellm"
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    if isinstance(choice.get("text"), str):
+        return str(choice["text"])
+    message = choice.get("message") or choice.get("delta") or {}
+    parts = [message.get("content") or ""]
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function") or {} if isinstance(call, dict) else {}
+        parts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
+    return "".join(p if isinstance(p, str) else "" for p in parts)
+
+
+def _collect_text(choices: list[Any], texts: dict[int, list[str]]) -> None:
+    for choice in choices:
+        if isinstance(choice, dict):
+            index = choice.get("index", 0)
+            texts.setdefault(index if isinstance(index, int) else 0, []).append(_choice_text(choice))
+
+
+def _usage_dict(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+            "total_tokens": usage.input_tokens + usage.output_tokens, "estimated": usage.estimated}
+
+
+def combined_failure(failures: list[tuple[Deployment, UpstreamError]]) -> GatewayError:
+    """One error for a request whose every candidate failed."""
+    if not failures:
+        return InvalidRequest("No deployment can serve this request.", code="no_deployment")
+    if len(failures) == 1:
+        return failures[0][1]
+    kinds = {type(exc) for _, exc in failures}
+    listing = "; ".join(f"{d.id}: {exc.message}" for d, exc in failures)
+    if kinds == {UpstreamTimeout}:
+        return UpstreamTimeout(f"Every candidate deployment timed out: {listing}")
+    if kinds == {UpstreamRateLimited}:
+        return UpstreamRateLimited(f"Every candidate deployment is rate limited: {listing}")
+    return UpstreamError(f"Every candidate deployment failed: {listing}")

@@ -1,0 +1,90 @@
+"""The ``teams`` section: budgets, what happens past them, rate limits and allowed models.
+
+A team's budgets are USD amounts per UTC calendar period (``daily``, ``weekly``,
+``monthly``); past one, requests are refused (``on_exceed: block``) or sent to a
+cheaper model (``on_exceed: downgrade`` with ``downgrade_to``). ``soft_alert`` is
+the fraction of a budget at which alerts fire and downgrades start. Amounts are
+converted to integer nano-USD here, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.policy.reader import Fields
+from gateway.policy.yamlsource import Located, PolicyError
+from gateway.pricing import usd_to_nano
+
+PERIODS = frozenset({"daily", "weekly", "monthly"})
+DEFAULT_TEAM = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class TeamBudget:
+    period: str
+    limit_nano: int
+
+
+@dataclass(frozen=True, slots=True)
+class TeamSpec:
+    name: str
+    budgets: tuple[TeamBudget, ...] = ()
+    on_exceed: str = "block"
+    downgrade_to: str | None = None
+    soft_alert: float = 0.8
+    rpm: int | None = None
+    tpm: int | None = None
+    allowed_models: frozenset[str] | None = None   # None: every model
+
+    def allows(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+
+def parse_teams(section: Any, model_names: frozenset[str]) -> dict[str, TeamSpec]:
+    if not isinstance(section, Located):
+        raise PolicyError(getattr(section, "file", "<policies>"), getattr(section, "line", 1),
+                          "teams", "must be a mapping of team names")
+    teams = {name: _parse_team(name, body, model_names) for name, body in section.items()}
+    teams.setdefault(DEFAULT_TEAM, TeamSpec(DEFAULT_TEAM))
+    return teams
+
+
+def _parse_team(name: str, body: Any, model_names: frozenset[str]) -> TeamSpec:
+    path = f"teams.{name}"
+    if body is None:
+        return TeamSpec(name)
+    f = Fields(body, path)
+    budgets = []
+    seen: set[str] = set()
+    for i, item in enumerate(f.take_list("budgets") or ()):
+        b = Fields(item, f"{path}.budgets[{i}]")
+        period = b.take_str("period")
+        if period not in PERIODS:
+            raise b.error("period", f"must be one of {sorted(PERIODS)}, got {period!r}")
+        if period in seen:
+            raise b.error("period", f"a {period} budget is already defined for this team")
+        seen.add(period)
+        usd = b.take_number("usd", minimum=0)
+        b.finish()
+        budgets.append(TeamBudget(period, usd_to_nano(str(usd))))
+    on_exceed = f.take_str("on_exceed", "block")
+    if on_exceed not in ("block", "downgrade"):
+        raise f.error("on_exceed", f"must be 'block' or 'downgrade', got {on_exceed!r}")
+    downgrade_to = f.take_str("downgrade_to", None)
+    if on_exceed == "downgrade" and downgrade_to is None:
+        raise f.error("downgrade_to", "on_exceed: downgrade needs the model to downgrade to")
+    if downgrade_to is not None and downgrade_to not in model_names:
+        raise f.error("downgrade_to", f"unknown model {downgrade_to!r}")
+    soft_alert = float(f.take_number("soft_alert", 0.8, minimum=0, maximum=1))
+    rpm = f.take_int("rpm", None, minimum=1)
+    tpm = f.take_int("tpm", None, minimum=1)
+    allowed = f.take_str_list("allowed_models", None)
+    if allowed is not None:
+        unknown = [m for m in allowed if m not in model_names]
+        if unknown:
+            raise f.error("allowed_models", f"unknown model(s) {unknown}")
+    f.finish()
+    return TeamSpec(name=name, budgets=tuple(budgets), on_exceed=on_exceed, downgrade_to=downgrade_to,
+                    soft_alert=soft_alert, rpm=rpm, tpm=tpm,
+                    allowed_models=frozenset(allowed) if allowed is not None else None)

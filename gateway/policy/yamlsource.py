@@ -1,0 +1,94 @@
+"""YAML with positions: policy files parsed into plain values that remember their lines.
+
+The strict validators need to say *where* a bad key is, so mappings are loaded
+as :class:`Located` dicts that carry their file, their own line and the line of
+every key. Only YAML's safe types are constructed; duplicate keys are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class PolicyError(ValueError):
+    """A policy file problem, always pointing at a file, a line and a key."""
+
+    def __init__(self, file: str, line: int, key: str, message: str) -> None:
+        super().__init__(f"{file}:{line}: {key}: {message}")
+        self.file = file
+        self.line = line
+        self.key = key
+        self.message = message
+
+
+class Located(dict[str, Any]):
+    """A mapping from a policy file, with the position of itself and of each key."""
+
+    file: str
+    line: int
+    key_lines: dict[str, int]
+
+    def line_of(self, key: str) -> int:
+        return self.key_lines.get(key, self.line)
+
+    def error(self, key: str, message: str) -> PolicyError:
+        return PolicyError(self.file, self.line_of(key.split(".")[-1]), key, message)
+
+
+class LocatedList(list[Any]):
+    file: str
+    line: int
+
+
+def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader, path: str) -> Any:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = Located()
+        out.file, out.line, out.key_lines = file, line, {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise PolicyError(file, key_line, path or "<top>", f"keys must be strings, got {key!r}")
+            if key in out:
+                raise PolicyError(file, key_line, _join(path, key), "duplicate key")
+            out.key_lines[key] = key_line
+            out[key] = _convert(value_node, file, loader, _join(path, key))
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        seq = LocatedList(
+            _convert(item, file, loader, f"{path}[{i}]") for i, item in enumerate(node.value)
+        )
+        seq.file, seq.line = file, line
+        return seq
+    return loader.construct_object(node, deep=True)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def load_file(path: str, text: str | None = None) -> Located | None:
+    """Parse one policy file; None for an empty file."""
+    if text is None:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        value = _convert(node, path, loader, "")
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise PolicyError(path, line, "<yaml>", str(exc.problem or exc)) from None
+    except yaml.YAMLError as exc:
+        raise PolicyError(path, 1, "<yaml>", str(exc)) from None
+    finally:
+        loader.dispose()
+    if not isinstance(value, Located):
+        raise PolicyError(path, 1, "<top>", "a policy file must be a mapping of sections")
+    return value

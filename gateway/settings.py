@@ -1,0 +1,118 @@
+"""Process settings, read once from ``GATEWAY_*`` environment variables.
+
+Everything an operator sets per process (not per policy) lives here: where the
+policies are, where to listen, Redis, the master key, limits and timeouts. The
+CLI overrides a few of them from flags; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or choices[0]).strip().lower()
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    config_dir: str = "policies"
+    host: str = "127.0.0.1"
+    port: int = 4000
+    workers: int = 1
+    redis_url: str | None = None
+    master_key: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    connect_timeout_s: float = 10.0
+    upstream_timeout_s: float = 600.0
+    log_level: str = "info"
+    redis_cluster: bool = False
+    redis_fail_mode: str = "refuse"       # Redis unreachable: "refuse" requests, or "allow" and reconcile
+    redis_timeout_s: float = 1.0
+    reservation_ttl_s: float = 900.0      # a hold whose replica died expires after this
+    key_cache_ttl_s: float = 2.0          # revocation is seen everywhere within this
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        e = os.environ if env is None else env
+        return cls(
+            config_dir=e.get("GATEWAY_CONFIG_DIR") or "policies",
+            host=e.get("GATEWAY_HOST") or "127.0.0.1",
+            port=_int(e, "GATEWAY_PORT", 4000),
+            workers=_int(e, "GATEWAY_WORKERS", 1),
+            redis_url=e.get("GATEWAY_REDIS_URL") or None,
+            master_key=e.get("GATEWAY_MASTER_KEY") or None,
+            max_body_bytes=_int(e, "GATEWAY_MAX_BODY_BYTES", 16 * 1024 * 1024),
+            connect_timeout_s=_float(e, "GATEWAY_CONNECT_TIMEOUT_S", 10.0),
+            upstream_timeout_s=_float(e, "GATEWAY_UPSTREAM_TIMEOUT_S", 600.0),
+            log_level=(e.get("GATEWAY_LOG_LEVEL") or "info").lower(),
+            redis_cluster=_bool(e, "GATEWAY_REDIS_CLUSTER"),
+            redis_fail_mode=_choice(e, "GATEWAY_REDIS_FAIL_MODE", ("refuse", "allow")),
+            redis_timeout_s=_float(e, "GATEWAY_REDIS_TIMEOUT_S", 1.0),
+            reservation_ttl_s=_float(e, "GATEWAY_RESERVATION_TTL_S", 900.0),
+            key_cache_ttl_s=_float(e, "GATEWAY_KEY_CACHE_TTL_S", 2.0),
+        )
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as environment variables, for worker processes to read back."""
+        env = {
+            "GATEWAY_CONFIG_DIR": self.config_dir,
+            "GATEWAY_HOST": self.host,
+            "GATEWAY_PORT": str(self.port),
+            "GATEWAY_WORKERS": str(self.workers),
+            "GATEWAY_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "GATEWAY_CONNECT_TIMEOUT_S": str(self.connect_timeout_s),
+            "GATEWAY_UPSTREAM_TIMEOUT_S": str(self.upstream_timeout_s),
+            "GATEWAY_LOG_LEVEL": self.log_level,
+            "GATEWAY_REDIS_CLUSTER": "1" if self.redis_cluster else "0",
+            "GATEWAY_REDIS_FAIL_MODE": self.redis_fail_mode,
+            "GATEWAY_REDIS_TIMEOUT_S": str(self.redis_timeout_s),
+            "GATEWAY_RESERVATION_TTL_S": str(self.reservation_ttl_s),
+            "GATEWAY_KEY_CACHE_TTL_S": str(self.key_cache_ttl_s),
+        }
+        if self.redis_url:
+            env["GATEWAY_REDIS_URL"] = self.redis_url
+        if self.master_key:
+            env["GATEWAY_MASTER_KEY"] = self.master_key
+        return env

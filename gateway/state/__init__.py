@@ -1,0 +1,145 @@
+"""Shared state: virtual keys, budgets and the spend ledger, in memory or in Redis.
+
+:func:`open_state` builds a :class:`State` from the settings: the embedded in-memory
+stores for the single-process default, or Redis (single node or Redis Cluster) when
+``GATEWAY_REDIS_URL`` is set. ``State`` also owns the writes that must never be lost
+but need not delay a response: ledger records are batched and written by a
+background task, and a settle that Redis could not take (fail mode ``allow``) is
+queued and replayed when Redis answers again. Either queue survives a Redis outage
+in memory and is drained at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.settings import Settings
+from gateway.state.budgets import BudgetStore, ReserveRequest, StateUnavailable
+from gateway.state.budgets_memory import MemoryBudgetStore
+from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
+from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
+
+log = logging.getLogger("gateway.state")
+FLUSH_EVERY_S = 0.1
+MAX_QUEUED_SETTLES = 1_000_000
+
+
+@dataclass
+class State:
+    budgets: BudgetStore
+    key_store: KeyStore
+    keys: CachedKeys
+    ledger: BufferedLedger
+    fail_open: bool                       # fail mode "allow": admit while Redis is down, reconcile later
+    redis: Any | None = None              # the shared client, None on embedded state
+    _records: list[LedgerRecord] = field(default_factory=list)
+    _settles: deque[tuple[ReserveRequest, int, int]] = field(default_factory=deque)
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.redis is not None
+
+    def record(self, record: LedgerRecord) -> None:
+        """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S``."""
+        self._records.append(record)
+
+    async def settle(self, req: ReserveRequest, cost_nano: int, tokens: int) -> None:
+        """Settle now; if the store is down, queue the settle and replay it when it returns."""
+        try:
+            await self.budgets.settle(req, cost_nano, tokens)
+        except StateUnavailable as exc:
+            log.warning("settle of %s queued, budget store down: %s", req.request_id, exc)
+            if len(self._settles) < MAX_QUEUED_SETTLES:
+                self._settles.append((req, cost_nano, tokens))
+            else:
+                log.error("settle queue full: dropped %s (cost %d nano)", req.request_id, cost_nano)
+
+    @property
+    def pending(self) -> int:
+        """Records and settles not yet written to the store."""
+        return len(self._records) + self.ledger.pending + len(self._settles)
+
+    async def flush(self) -> None:
+        """Write queued ledger records and replay queued settles (oldest first) as far as the store allows."""
+        if self._records:
+            batch, self._records = self._records, []
+            await self.ledger.append(batch)
+        await self.ledger.flush()
+        while self._settles:
+            req, cost, tokens = self._settles[0]
+            try:
+                await self.budgets.settle(req, cost, tokens)
+            except StateUnavailable:
+                break
+            self._settles.popleft()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            try:
+                await self.flush()
+            except Exception:  # the writer must outlive any one failure
+                log.exception("state flush failed")
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def ping(self) -> bool:
+        return await self.budgets.ping()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.flush()
+        if self.pending:
+            log.error("shutting down with %d ledger records or settles unwritten", self.pending)
+        await self.budgets.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def redis_client(settings: Settings) -> Any:
+    """A ``redis.asyncio`` client for the settings' URL: short timeouts, few retries, so a dead
+    Redis costs a request milliseconds rather than seconds before the fail mode decides."""
+    from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    assert settings.redis_url is not None
+    options: dict[str, Any] = dict(socket_timeout=settings.redis_timeout_s,
+                                   socket_connect_timeout=settings.redis_timeout_s,
+                                   retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1))
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url, **options)
+    return Redis.from_url(settings.redis_url, **options)
+
+
+def open_state(settings: Settings) -> State:
+    fail_open = settings.redis_fail_mode == "allow"
+    if not settings.redis_url:
+        keys = MemoryKeyStore()
+        return State(MemoryBudgetStore(settings.reservation_ttl_s), keys, CachedKeys(keys, ttl_s=0.0),
+                     BufferedLedger(MemoryLedger()), fail_open)
+    from gateway.state.budgets_redis import RedisBudgetStore
+    from gateway.state.keys import RedisKeyStore
+    from gateway.state.ledger import RedisLedger
+    from gateway.state.resp import fast_client
+
+    client = redis_client(settings)
+    key_store = RedisKeyStore(client)
+    # the budget script runs twice per request: on a single server, through the pipelining client
+    fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
+    return State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
+                 CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
+                 BufferedLedger(RedisLedger(client)), fail_open, redis=client)

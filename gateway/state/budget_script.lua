@@ -1,0 +1,178 @@
+-- Gateway budgets + rate limits, script version v1 (also in every key prefix: gw:v1:{team:<team>}:...).
+-- ARGV[1] selects the operation (reserve | settle | usage); ARGV[2] must equal VERSION.
+-- All keys of one call share the team's hash tag, so the script works on Redis Cluster.
+-- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
+--
+-- Budget bucket  bud:<scope>:<owner>:<period_id>   hash  spent, reserved, r:<request_id> -> amount held
+-- Its deadlines  bres:<scope>:<owner>:<period_id>  zset  request_id -> expiry (server ms)
+-- Rate window    rl:<scope>:<owner>                hash  w (minute number), r (requests), t (tokens)
+-- Reservation    res:<request_id>                  hash  c (amount held), m (minute), k (estimated tokens)
+-- Settled mark   done:<request_id>                 string, TTL = settled_ttl
+local VERSION = 'v1'
+if ARGV[2] ~= VERSION then
+  return redis.error_reply('ERR budget script is ' .. VERSION .. ', caller expects ' .. tostring(ARGV[2]))
+end
+
+local function s(n) return string.format('%d', n) end          -- exact integer text for redis.call
+local function num(v) if v then return tonumber(v) or 0 end return 0 end
+
+local time = redis.call('TIME')
+local now_s = tonumber(time[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(time[2]) / 1000)
+local minute = math.floor(now_s / 60)
+local retry_window = 60 - (now_s % 60)                           -- 1..60 s until the window ends
+
+-- Drop this bucket's expired reservations (replica died before settling); return spent, reserved.
+local function purge(bud, bres)
+  local expired = redis.call('ZRANGEBYSCORE', bres, '-inf', s(now_ms))
+  if #expired > 0 then
+    for i = 1, #expired do
+      local field = 'r:' .. expired[i]
+      local amt = num(redis.call('HGET', bud, field))
+      if amt ~= 0 then redis.call('HINCRBY', bud, 'reserved', s(-amt)) end
+      redis.call('HDEL', bud, field)
+    end
+    redis.call('ZREMRANGEBYSCORE', bres, '-inf', s(now_ms))
+  end
+  local v = redis.call('HMGET', bud, 'spent', 'reserved')
+  return num(v[1]), num(v[2])
+end
+
+-- Requests and tokens counted in the current minute (0, 0 when the stored window is older).
+local function window(rl)
+  local v = redis.call('HMGET', rl, 'w', 'r', 't')
+  if num(v[1]) ~= minute then return 0, 0 end
+  return num(v[2]), num(v[3])
+end
+
+local op = ARGV[1]
+
+if op == 'reserve' then
+  -- KEYS: res, done, (bud, bres) * nb, rl * nr
+  -- ARGV: op, ver, rid, cost, tokens, ttl_ms, partial_min (0: no partial holds), grace_s, nb, nr, (limit, expireat) * nb, (rpm, tpm) * nr
+  local rid, cost, tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local ttl_ms, partial_min, grace = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+  local nb, nr = tonumber(ARGV[9]), tonumber(ARGV[10])
+  local rk, ra = 2 + 2 * nb, 10 + 2 * nb
+  -- a repeated call for a live or settled request is a no-op that reports the current state
+  local dup = redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1
+  local amount = cost
+  if dup then amount = num(redis.call('HGET', KEYS[1], 'c')) end
+
+  local kind, idx, rlimit, rused, retry = 0, 0, 0, 0, -1
+  local used, limits, bi, bh = {}, {}, 0, 0
+  for i = 1, nb do
+    local sp, rs = purge(KEYS[2 * i + 1], KEYS[2 * i + 2])
+    used[i], limits[i] = sp + rs, tonumber(ARGV[9 + 2 * i])
+    local h = limits[i] - used[i]
+    if bi == 0 or h < bh then bi, bh = i, h end                  -- the tightest budget decides
+  end
+  if not dup and bi > 0 and cost > bh then
+    if partial_min > 0 and bh >= partial_min then
+      amount = bh                                                 -- cap the hold at the headroom
+    else
+      kind, idx, rlimit, rused = 1, bi, limits[bi], used[bi]
+    end
+  end
+
+  local rq, rt = {}, {}
+  for j = 1, nr do rq[j], rt[j] = window(KEYS[rk + j]) end
+  if kind == 0 and not dup then
+    for j = 1, nr do                                              -- requests: the most exhausted rule
+      local rpm = tonumber(ARGV[ra + 2 * j - 1])
+      if rpm >= 0 and rq[j] + 1 > rpm and (idx == 0 or rpm - rq[j] < rlimit - rused) then
+        kind, idx, rlimit, rused, retry = 2, j, rpm, rq[j], retry_window
+      end
+    end
+    if kind == 0 then
+      for j = 1, nr do                                            -- tokens
+        local tpm = tonumber(ARGV[ra + 2 * j])
+        if tpm >= 0 and rt[j] + tokens > tpm and (idx == 0 or tpm - rt[j] < rlimit - rused) then
+          kind, idx, rlimit, rused, retry = 3, j, tpm, rt[j], retry_window
+          if tokens > tpm then retry = -1 end                     -- can never fit
+        end
+      end
+    end
+  end
+
+  local admitted = kind == 0
+  local add_n, add_r, add_t = 0, 0, 0
+  if admitted and not dup then
+    add_n, add_r, add_t = amount, 1, tokens
+    for i = 1, nb do
+      local bud, bres = KEYS[2 * i + 1], KEYS[2 * i + 2]
+      if amount > 0 then
+        redis.call('HINCRBY', bud, 'reserved', s(amount))
+        redis.call('HSET', bud, 'r:' .. rid, s(amount))
+        redis.call('ZADD', bres, s(now_ms + ttl_ms), rid)
+      end
+      local at = s(math.max(tonumber(ARGV[10 + 2 * i]), now_s + grace))
+      redis.call('EXPIREAT', bud, at)
+      redis.call('EXPIREAT', bres, at)
+    end
+    for j = 1, nr do
+      local rl = KEYS[rk + j]
+      redis.call('HSET', rl, 'w', s(minute), 'r', s(rq[j] + 1), 't', s(rt[j] + tokens))
+      redis.call('EXPIRE', rl, 120)
+    end
+    redis.call('HSET', KEYS[1], 'c', s(amount), 'm', s(minute), 'k', s(tokens))
+    redis.call('PEXPIRE', KEYS[1], s(ttl_ms))
+  end
+
+  local lim_r, rem_r, lim_t, rem_t, rem_n = -1, -1, -1, -1, -1
+  for j = 1, nr do                                                -- the tightest limits, for headers
+    local rpm, tpm = tonumber(ARGV[ra + 2 * j - 1]), tonumber(ARGV[ra + 2 * j])
+    if rpm >= 0 and (lim_r < 0 or rpm - rq[j] - add_r < rem_r) then lim_r, rem_r = rpm, rpm - rq[j] - add_r end
+    if tpm >= 0 and (lim_t < 0 or tpm - rt[j] - add_t < rem_t) then lim_t, rem_t = tpm, tpm - rt[j] - add_t end
+  end
+  for i = 1, nb do
+    local r = limits[i] - used[i] - add_n
+    if i == 1 or r < rem_n then rem_n = r end
+  end
+  if not admitted then amount = 0 end
+  return {admitted and 1 or 0, amount, kind, idx, rlimit, rused, retry, lim_r, rem_r, lim_t, rem_t, rem_n}
+
+elseif op == 'settle' then
+  -- KEYS: res, done, (bud, bres) * nb, rl * nr
+  -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, expireat * nb
+  local rid, actual, atok = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local grace, nb, nr = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then return 0 end   -- settled already
+  local rec = redis.call('HMGET', KEYS[1], 'm', 'k')
+  redis.call('DEL', KEYS[1])
+  for i = 1, nb do
+    local bud, bres = KEYS[2 * i + 1], KEYS[2 * i + 2]
+    purge(bud, bres)
+    local held = redis.call('HGET', bud, 'r:' .. rid)
+    if held then                                                  -- release the whole hold
+      redis.call('HINCRBY', bud, 'reserved', s(-num(held)))
+      redis.call('HDEL', bud, 'r:' .. rid)
+      redis.call('ZREM', bres, rid)
+    end
+    if actual > 0 then                                            -- then count what was really spent
+      redis.call('HINCRBY', bud, 'spent', s(actual))
+      redis.call('EXPIREAT', bud, s(math.max(tonumber(ARGV[9 + i]), now_s + grace)))
+    end
+  end
+  if rec[1] then                                                  -- TPM: replace the estimate by the truth
+    local m, est = num(rec[1]), num(rec[2])
+    for j = 1, nr do
+      local rl = KEYS[2 + 2 * nb + j]
+      local v = redis.call('HMGET', rl, 'w', 't')
+      if v[1] and num(v[1]) == m then
+        redis.call('HSET', rl, 't', s(math.max(0, num(v[2]) + atok - est)))
+      end
+    end
+  end
+  return 1
+
+elseif op == 'usage' then
+  -- KEYS: (bud, bres) * nb; ARGV: op, ver, nb
+  local out = {}
+  for i = 1, tonumber(ARGV[3]) do
+    local sp, rs = purge(KEYS[2 * i - 1], KEYS[2 * i])
+    out[2 * i - 1], out[2 * i] = sp, rs
+  end
+  return out
+end
+return redis.error_reply('ERR unknown budget script operation: ' .. tostring(op))

@@ -1,0 +1,244 @@
+"""Budget and rate-limit accounting: plain data, the ``BudgetStore`` protocol and UTC period helpers.
+
+Money is integer nano-USD. Before an upstream call the pipeline asks a store to
+``reserve`` the request's worst-case cost against every applicable budget and to
+consume RPM/TPM allowance, atomically and all-or-nothing (a refused request holds and
+consumes nothing); afterwards it ``settle``s the actual cost and tokens, releasing the
+rest at once. By default (``partial_reservations=True``) a budget admits while it has
+headroom and the hold is capped at the tightest budget's headroom
+(:attr:`Admission.reserved_nano`), so the last cents of a budget stay usable whatever
+the request's max_tokens; with ``False`` the whole worst case must fit. Budgets live in
+period buckets named by :func:`period_id` (the client computes it from the UTC date),
+so a new period starts from an empty bucket with no reset job. Rate limits use a fixed
+60-second window aligned to the store clock's minute. This module has no I/O; both
+stores share the reply decoding below so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal, Protocol, get_args
+
+Period = Literal["daily", "weekly", "monthly"]
+PERIODS: tuple[str, ...] = get_args(Period)
+SCOPES = ("team", "key")
+MAX_AMOUNT = 2**53 - 1  # Lua numbers are doubles: every amount must stay exactly representable
+KIND_NAMES = {1: "budget", 2: "rate_requests", 3: "rate_tokens"}
+WINDOW_S = 60
+
+
+class StateUnavailable(Exception):
+    """The shared state backend (Redis) could not be reached or answered with an error."""
+
+
+def _utc(now: datetime) -> datetime:
+    return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
+
+
+def period_start(period: Period, now: datetime) -> datetime:
+    """Start (UTC) of the period containing ``now``; naive datetimes are taken as UTC."""
+    day = _utc(now).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        return day
+    if period == "weekly":
+        return day - timedelta(days=day.weekday())  # ISO week: Monday 00:00 UTC
+    if period == "monthly":
+        return day.replace(day=1)
+    raise ValueError(f"unknown budget period {period!r}")
+
+
+def period_end(period: Period, now: datetime) -> datetime:
+    """Exclusive end (UTC) of the period containing ``now``: the next period's start."""
+    start = period_start(period, now)
+    if period == "daily":
+        return start + timedelta(days=1)
+    if period == "weekly":
+        return start + timedelta(days=7)
+    if start.month == 12:
+        return start.replace(year=start.year + 1, month=1)
+    return start.replace(month=start.month + 1)
+
+
+def period_id(period: Period, now: datetime) -> str:
+    """Bucket name of the period containing ``now``: ``d20261123``, ``w2026-48`` (ISO year-week), ``m202611``."""
+    start = period_start(period, now)
+    if period == "daily":
+        return f"d{start.year:04d}{start.month:02d}{start.day:02d}"
+    if period == "weekly":
+        iso = start.isocalendar()
+        return f"w{iso.year:04d}-{iso.week:02d}"
+    return f"m{start.year:04d}{start.month:02d}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRule:
+    scope: str  # "team" or "key"
+    owner: str  # team name or key id
+    period: Period
+    limit_nano: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    scope: str  # "team" or "key"
+    owner: str
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    request_id: str
+    team: str  # hash-tag owner: every key of this call lives under this team's tag
+    cost_nano: int  # worst-case cost to reserve
+    tokens: int  # estimated tokens (input + max output) for TPM
+    budgets: tuple[BudgetRule, ...]
+    rates: tuple[RateRule, ...]
+    now: datetime  # for period ids only
+    min_cost_nano: int = 0  # partial mode: the least hold worth admitting (e.g. input plus one output token)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    kind: str  # "budget" | "rate_requests" | "rate_tokens"
+    scope: str
+    owner: str
+    period: str | None  # budget period, or "minute"
+    limit: int  # nano-USD for budgets, count for rates
+    used: int  # spent+reserved (nano) or requests/tokens used in the window
+    retry_after_s: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RateStatus:
+    """The tightest rate limit that applies, for the ``x-ratelimit-*`` headers (None: no such limit)."""
+
+    limit_requests: int | None
+    remaining_requests: int | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    admitted: bool
+    refusal: Refusal | None
+    rate: RateStatus
+    remaining_nano: int | None  # min over budgets of limit - spent - reserved after this call (>= 0); None: no budgets
+    reserved_nano: int = 0  # held per budget: cost_nano, or less when capped to the headroom (partial mode)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    scope: str
+    owner: str
+    period: Period
+    period_id: str
+    limit_nano: int
+    spent_nano: int
+    reserved_nano: int
+
+    @property
+    def remaining_nano(self) -> int:
+        return max(0, self.limit_nano - self.spent_nano - self.reserved_nano)
+
+
+class BudgetStore(Protocol):
+    async def reserve(self, req: ReserveRequest) -> Admission: ...
+
+    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None: ...
+
+    async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]: ...
+
+    async def ping(self) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+def check_amount(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AMOUNT:
+        raise ValueError(f"{name} must be an int in [0, 2**53), got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated request: duplicate rules merged (tightest wins) and rules without any limit dropped."""
+
+    budgets: tuple[BudgetRule, ...]
+    rates: tuple[RateRule, ...]
+    period_ids: tuple[str, ...]  # one per budget
+    period_ends: tuple[int, ...]  # one per budget, unix seconds
+
+
+def check_budget_rule(rule: BudgetRule) -> None:
+    if rule.scope not in SCOPES:
+        raise ValueError(f"budget scope must be one of {SCOPES}, got {rule.scope!r}")
+    if rule.period not in PERIODS:
+        raise ValueError(f"unknown budget period {rule.period!r}")
+    check_amount("limit_nano", rule.limit_nano)
+
+
+def plan(req: ReserveRequest) -> Plan:
+    """Validate ``req`` (ValueError on bad input) and compute the bucket names both stores use."""
+    if not req.request_id:
+        raise ValueError("request_id must not be empty")
+    check_amount("cost_nano", req.cost_nano)
+    check_amount("tokens", req.tokens)
+    check_amount("min_cost_nano", req.min_cost_nano)
+    budgets: dict[tuple[str, str, str], BudgetRule] = {}
+    for b in req.budgets:
+        check_budget_rule(b)
+        k = (b.scope, b.owner, b.period)
+        if k not in budgets or b.limit_nano < budgets[k].limit_nano:
+            budgets[k] = b
+    rates: dict[tuple[str, str], RateRule] = {}
+    for r in req.rates:
+        if r.scope not in SCOPES:
+            raise ValueError(f"rate scope must be one of {SCOPES}, got {r.scope!r}")
+        for name, v in (("rpm", r.rpm), ("tpm", r.tpm)):
+            if v is not None:
+                check_amount(name, v)
+        old = rates.get((r.scope, r.owner))
+        if old is not None:
+            r = RateRule(r.scope, r.owner, _tighter(old.rpm, r.rpm), _tighter(old.tpm, r.tpm))
+        rates[(r.scope, r.owner)] = r
+    bs = tuple(budgets.values())
+    return Plan(
+        budgets=bs,
+        rates=tuple(r for r in rates.values() if r.rpm is not None or r.tpm is not None),
+        period_ids=tuple(period_id(b.period, req.now) for b in bs),
+        period_ends=tuple(int(period_end(b.period, req.now).timestamp()) for b in bs),
+    )
+
+
+def _tighter(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+def admission_from_reply(p: Plan, reply: Sequence[int]) -> Admission:
+    """Decode the reserve reply shared by both stores.
+
+    ``[admitted, reserved, kind, index, limit, used, retry_after, limit_req, remaining_req,
+    limit_tok, remaining_tok, remaining_nano]``; ``-1`` means "none", ``index`` is 1-based
+    into ``p.budgets`` (kind 1) or ``p.rates`` (kinds 2 and 3).
+    """
+    admitted, reserved, kind, idx, limit, used, retry, lim_r, rem_r, lim_t, rem_t, rem_n = (int(x) for x in reply)
+    refusal = None
+    if not admitted:
+        if kind == 1:
+            b = p.budgets[idx - 1]
+            refusal = Refusal("budget", b.scope, b.owner, b.period, limit, used, None)
+        else:
+            r = p.rates[idx - 1]
+            refusal = Refusal(KIND_NAMES[kind], r.scope, r.owner, "minute", limit, used, retry if retry >= 0 else None)
+    rate = RateStatus(
+        limit_requests=lim_r if lim_r >= 0 else None,
+        remaining_requests=max(0, rem_r) if lim_r >= 0 else None,
+        limit_tokens=lim_t if lim_t >= 0 else None,
+        remaining_tokens=max(0, rem_t) if lim_t >= 0 else None,
+    )
+    return Admission(bool(admitted), refusal, rate, max(0, rem_n) if p.budgets else None, reserved)

@@ -1,0 +1,207 @@
+"""In-process :class:`BudgetStore` with the same semantics as the Redis script, for one process.
+
+Every operation runs without awaiting, so on one asyncio loop each call is atomic
+just like the Lua script. Time comes from an injectable wall clock (unix seconds,
+default ``time.time``): it aligns the fixed 60-second rate windows to the minute
+and expires reservations whose owner never settled them after ``reservation_ttl_s``.
+Expired reservations, settled-ids, rate windows and old period buckets are dropped
+lazily; the reserve reply is decoded by the same code as the Redis store's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.state.budgets import (
+    WINDOW_S,
+    Admission,
+    BudgetRule,
+    BudgetUsage,
+    ReserveRequest,
+    admission_from_reply,
+    check_amount,
+    check_budget_rule,
+    period_id,
+    plan,
+)
+
+_SWEEP_EVERY_S = 60.0
+
+
+@dataclass(slots=True)
+class _Bucket:
+    spent: int = 0
+    reserved: int = 0
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # request id -> (amount, expires at)
+    expires_at: float = 0.0
+
+    def purge(self, now: float) -> None:
+        for rid in [rid for rid, (_, exp) in self.holds.items() if exp <= now]:
+            self.reserved -= self.holds.pop(rid)[0]
+
+
+@dataclass(slots=True)
+class _Window:
+    minute: int
+    requests: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    amount: int
+    minute: int
+    tokens: int
+    expires_at: float
+
+
+class MemoryBudgetStore:
+    """Budgets and rate limits in this process (tests, single-worker deployments)."""
+
+    def __init__(self, reservation_ttl_s: float = 600, *, clock: Callable[[], float] = time.time,
+                 settled_ttl_s: float = 86_400, bucket_grace_s: int = 7 * 86_400,
+                 partial_reservations: bool = True) -> None:
+        if reservation_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s must be > 0")
+        self.reservation_ttl_s = reservation_ttl_s
+        self.settled_ttl_s = max(settled_ttl_s, reservation_ttl_s)
+        self.bucket_grace_s = bucket_grace_s
+        self.partial_reservations = partial_reservations
+        self._clock = clock
+        self._buckets: dict[tuple[str, str, str, str], _Bucket] = {}  # (team, scope, owner, period id)
+        self._windows: dict[tuple[str, str, str], _Window] = {}  # (team, scope, owner)
+        self._records: dict[tuple[str, str], _Record] = {}  # (team, request id)
+        self._settled: dict[tuple[str, str], float] = {}  # (team, request id) -> forget at
+        self._next_sweep = 0.0
+
+    def _sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_EVERY_S
+        minute = int(now // WINDOW_S)
+        self._records = {k: r for k, r in self._records.items() if r.expires_at > now}
+        self._settled = {k: t for k, t in self._settled.items() if t > now}
+        self._windows = {k: w for k, w in self._windows.items() if w.minute >= minute - 1}
+        self._buckets = {k: b for k, b in self._buckets.items() if b.expires_at > now}
+
+    def _bucket(self, team: str, rule: BudgetRule, pid: str, end: int, now: float) -> _Bucket:
+        bucket = self._buckets.get((team, rule.scope, rule.owner, pid))
+        if bucket is None or bucket.expires_at <= now:
+            bucket = self._buckets[(team, rule.scope, rule.owner, pid)] = _Bucket()
+        bucket.expires_at = max(end + self.bucket_grace_s, now + self.bucket_grace_s)
+        bucket.purge(now)
+        return bucket
+
+    def _window(self, team: str, scope: str, owner: str, minute: int) -> tuple[int, int]:
+        w = self._windows.get((team, scope, owner))
+        return (0, 0) if w is None or w.minute != minute else (w.requests, w.tokens)
+
+    async def reserve(self, req: ReserveRequest) -> Admission:
+        p = plan(req)
+        now = self._clock()
+        self._sweep(now)
+        minute, retry_window = int(now // WINDOW_S), WINDOW_S - int(now) % WINDOW_S
+        rec_key = (req.team, req.request_id)
+        record = self._records.get(rec_key)
+        if record is not None and record.expires_at <= now:
+            record = None
+        dup = record is not None or self._settled.get(rec_key, 0.0) > now
+        amount = req.cost_nano if not dup else (record.amount if record is not None else 0)
+
+        kind = idx = limit = used_ = 0
+        retry = -1
+        buckets = [self._bucket(req.team, b, pid, end, now)
+                   for b, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True)]
+        used = [b.spent + b.reserved for b in buckets]
+        heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
+        if heads and not dup:
+            bi = heads.index(min(heads))
+            if req.cost_nano > heads[bi]:
+                least = max(1, min(req.min_cost_nano, req.cost_nano))
+                if self.partial_reservations and heads[bi] >= least:
+                    amount = heads[bi]
+                else:
+                    kind, idx, limit, used_ = 1, bi + 1, p.budgets[bi].limit_nano, used[bi]
+
+        counts = [self._window(req.team, r.scope, r.owner, minute) for r in p.rates]
+        if kind == 0 and not dup:
+            for j, (r, (nreq, _)) in enumerate(zip(p.rates, counts, strict=True), 1):
+                if r.rpm is not None and nreq + 1 > r.rpm and (idx == 0 or r.rpm - nreq < limit - used_):
+                    kind, idx, limit, used_, retry = 2, j, r.rpm, nreq, retry_window
+            if kind == 0:
+                for j, (r, (_, ntok)) in enumerate(zip(p.rates, counts, strict=True), 1):
+                    if r.tpm is not None and ntok + req.tokens > r.tpm and (idx == 0 or r.tpm - ntok < limit - used_):
+                        kind, idx, limit, used_ = 3, j, r.tpm, ntok
+                        retry = -1 if req.tokens > r.tpm else retry_window
+
+        admitted = kind == 0
+        add_n = add_r = add_t = 0
+        if admitted and not dup:
+            add_n, add_r, add_t = amount, 1, req.tokens
+            for bucket in buckets:
+                if amount > 0:
+                    bucket.reserved += amount
+                    bucket.holds[req.request_id] = (amount, now + self.reservation_ttl_s)
+            for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
+                self._windows[(req.team, r.scope, r.owner)] = _Window(minute, nreq + 1, ntok + req.tokens)
+            self._records[rec_key] = _Record(amount, minute, req.tokens, now + self.reservation_ttl_s)
+
+        lim_r = rem_r = lim_t = rem_t = -1
+        for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
+            if r.rpm is not None and (lim_r < 0 or r.rpm - nreq - add_r < rem_r):
+                lim_r, rem_r = r.rpm, r.rpm - nreq - add_r
+            if r.tpm is not None and (lim_t < 0 or r.tpm - ntok - add_t < rem_t):
+                lim_t, rem_t = r.tpm, r.tpm - ntok - add_t
+        rem_n = min((h - add_n for h in heads), default=-1)
+        reply = (int(admitted), amount if admitted else 0, kind, idx, limit, used_, retry,
+                 lim_r, rem_r, lim_t, rem_t, rem_n)
+        return admission_from_reply(p, reply)
+
+    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
+        p = plan(req)
+        check_amount("actual_cost_nano", actual_cost_nano)
+        check_amount("actual_tokens", actual_tokens)
+        now = self._clock()
+        self._sweep(now)
+        key = (req.team, req.request_id)
+        if self._settled.get(key, 0.0) > now:
+            return
+        self._settled[key] = now + self.settled_ttl_s
+        record = self._records.pop(key, None)
+        if record is not None and record.expires_at <= now:
+            record = None
+        for rule, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True):
+            bucket = self._bucket(req.team, rule, pid, end, now)
+            held = bucket.holds.pop(req.request_id, None)
+            if held is not None:
+                bucket.reserved -= held[0]
+            bucket.spent += actual_cost_nano
+        if record is not None:
+            for r in p.rates:
+                w = self._windows.get((req.team, r.scope, r.owner))
+                if w is not None and w.minute == record.minute:
+                    w.tokens = max(0, w.tokens + actual_tokens - record.tokens)
+
+    async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
+        clock_now = self._clock()
+        out = []
+        for rule in budgets:
+            check_budget_rule(rule)
+            pid = period_id(rule.period, now)
+            bucket = self._buckets.get((team, rule.scope, rule.owner, pid))
+            spent = reserved = 0
+            if bucket is not None and bucket.expires_at > clock_now:
+                bucket.purge(clock_now)
+                spent, reserved = bucket.spent, bucket.reserved
+            out.append(BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, spent, reserved))
+        return out
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+

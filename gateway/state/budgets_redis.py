@@ -1,0 +1,168 @@
+"""Redis / Redis Cluster :class:`BudgetStore`: one versioned Lua script does each operation in one round trip.
+
+``budget_script.lua`` is loaded once, best effort, with SCRIPT LOAD (every primary, on a
+cluster) and run with EVALSHA, falling back to EVAL when a node answers NOSCRIPT (restart,
+failover, SCRIPT FLUSH, or a node that was down at load time). ``ARGV[1]`` selects
+reserve, settle or usage; ``ARGV[2]`` carries :data:`SCRIPT_VERSION`, which the script
+checks and which is also part of every key: ``gw:v1:{team:<team>}:...``. The hash tag
+makes all keys of one request (team and key budgets, rate windows, the reservation
+record) share a slot. Names inside keys are
+percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
+Redis and cluster errors surface as :class:`StateUnavailable`; the pipeline picks the
+fail mode. :meth:`RedisBudgetStore.aclose` closes the client it was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from gateway.state.budgets import (
+    Admission,
+    BudgetRule,
+    BudgetUsage,
+    Plan,
+    ReserveRequest,
+    StateUnavailable,
+    admission_from_reply,
+    check_amount,
+    check_budget_rule,
+    period_id,
+    plan,
+)
+from gateway.state.resp import FastRedis
+
+SCRIPT_VERSION = "v1"
+SCRIPT = resources.files("gateway.state").joinpath("budget_script.lua").read_text(encoding="utf-8")
+SCRIPT_SHA = hashlib.sha1(SCRIPT.encode(), usedforsecurity=False).hexdigest()
+PREFIX = "gw"
+_ERRORS = (RedisError, RedisClusterException, OSError)
+
+
+def _q(name: str) -> str:
+    return quote(name, safe="")
+
+
+def team_tag(team: str) -> str:
+    """Prefix of every key of ``team``'s calls; the ``{...}`` part is the cluster hash tag."""
+    return f"{PREFIX}:{SCRIPT_VERSION}:{{team:{_q(team)}}}"
+
+
+def bucket_keys(team: str, rule: BudgetRule, pid: str) -> tuple[str, str]:
+    """(hash of spent/reserved/holds, zset of hold deadlines) of one budget period bucket."""
+    tail = f"{_q(rule.scope)}:{_q(rule.owner)}:{pid}"
+    tag = team_tag(team)
+    return f"{tag}:bud:{tail}", f"{tag}:bres:{tail}"
+
+
+def rate_key(team: str, scope: str, owner: str) -> str:
+    return f"{team_tag(team)}:rl:{_q(scope)}:{_q(owner)}"
+
+
+def request_keys(team: str, request_id: str) -> tuple[str, str]:
+    """(reservation record, settled marker) of one request."""
+    tag = team_tag(team)
+    return f"{tag}:res:{_q(request_id)}", f"{tag}:done:{_q(request_id)}"
+
+
+class RedisBudgetStore:
+    """Budgets and rate limits shared by every worker and replica through one Redis or Redis Cluster."""
+
+    def __init__(self, client: Redis | RedisCluster | FastRedis, reservation_ttl_s: float = 600, *,
+                 settled_ttl_s: int = 86_400, bucket_grace_s: int = 7 * 86_400,
+                 partial_reservations: bool = True) -> None:
+        if reservation_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s must be > 0")
+        self._r = client
+        self.reservation_ttl_s = reservation_ttl_s
+        self.settled_ttl_s = max(int(settled_ttl_s), int(reservation_ttl_s) + 1)
+        self.bucket_grace_s = int(bucket_grace_s)
+        self.partial_reservations = partial_reservations
+        self._loaded = False
+
+    async def _run(self, keys: list[str], args: list[str | int]) -> Any:
+        r: Any = self._r  # redis-py's stubs type commands for sync and async clients alike
+        if not self._loaded:
+            # Once, best effort: a primary that is down must not fail teams living on the others,
+            # and any node without the script answers NOSCRIPT, which the EVAL fallback covers.
+            self._loaded = True
+            with contextlib.suppress(*_ERRORS):
+                await r.script_load(SCRIPT)
+        try:
+            try:
+                return await r.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+            except NoScriptError:
+                return await r.eval(SCRIPT, len(keys), *keys, *args)
+        except _ERRORS as exc:
+            raise StateUnavailable(f"budget store unavailable: {type(exc).__name__}: {exc}") from exc
+
+    def _bucket_keys(self, team: str, p: Plan) -> list[str]:
+        keys: list[str] = []
+        for rule, pid in zip(p.budgets, p.period_ids, strict=True):
+            keys.extend(bucket_keys(team, rule, pid))
+        return keys
+
+    async def reserve(self, req: ReserveRequest) -> Admission:
+        p = plan(req)
+        keys = [*request_keys(req.team, req.request_id), *self._bucket_keys(req.team, p),
+                *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
+        args: list[str | int] = [
+            "reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
+            max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
+            len(p.budgets), len(p.rates)]
+        for rule, end in zip(p.budgets, p.period_ends, strict=True):
+            args += [rule.limit_nano, end + self.bucket_grace_s]
+        for rate in p.rates:
+            args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
+        reply = await self._run(keys, args)
+        return admission_from_reply(p, [int(x) for x in reply])
+
+    def _partial_min(self, req: ReserveRequest) -> int:
+        """0: the whole worst case must fit; n >= 1: admit with a capped hold when the headroom is at least n."""
+        return max(1, min(req.min_cost_nano, req.cost_nano)) if self.partial_reservations else 0
+
+    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
+        p = plan(req)
+        check_amount("actual_cost_nano", actual_cost_nano)
+        check_amount("actual_tokens", actual_tokens)
+        keys = [*request_keys(req.team, req.request_id), *self._bucket_keys(req.team, p),
+                *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
+        args: list[str | int] = [
+            "settle", SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
+            self.bucket_grace_s, len(p.budgets), len(p.rates),
+            *(end + self.bucket_grace_s for end in p.period_ends)]
+        await self._run(keys, args)
+
+    async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
+        if not budgets:
+            return []
+        for rule in budgets:
+            check_budget_rule(rule)
+        pids = [period_id(rule.period, now) for rule in budgets]
+        keys: list[str] = []
+        for rule, pid in zip(budgets, pids, strict=True):
+            keys.extend(bucket_keys(team, rule, pid))
+        reply = [int(x) for x in await self._run(keys, ["usage", SCRIPT_VERSION, len(budgets)])]
+        return [BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, reply[2 * i], reply[2 * i + 1])
+                for i, (rule, pid) in enumerate(zip(budgets, pids, strict=True))]
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._r.ping())
+        except _ERRORS:
+            return False
+
+    async def aclose(self) -> None:
+        await self._r.aclose()
+
+
+__all__ = ["PREFIX", "SCRIPT", "SCRIPT_SHA", "SCRIPT_VERSION", "RedisBudgetStore", "bucket_keys", "rate_key",
+           "request_keys", "team_tag"]

@@ -1,0 +1,238 @@
+"""Budget-store fixtures: private redis-servers (one standalone, one 3-master cluster per session) and
+a harness ``h`` that runs a test against the memory store (fake clock) and the Redis store (real time).
+
+Every server is a fresh ``redis-server`` child with no persistence, bound to 127.0.0.1 on a
+free port chosen here (never 6379), in its own temporary directory, and is stopped by PID.
+Tests isolate themselves with unique team names; only these private servers are ever
+flushed. Also holds the multiprocessing worker of the cross-process budget test (it must
+live in an importable module for the ``spawn`` start method).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from gateway.state.budgets import BudgetStore
+from gateway.state.budgets_memory import MemoryBudgetStore
+from gateway.state.budgets_redis import RedisBudgetStore
+from gateway.state.resp import FastRedis
+
+RESERVED_PORTS = {6379, 16379}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(with_bus: bool = False) -> int:
+    """A free loopback port (and port + 10000 for the cluster bus when ``with_bus``); never 6379."""
+    for _ in range(500):
+        port = random.randrange(20_000, 45_000)
+        if port in RESERVED_PORTS or not _port_free(port):
+            continue
+        if with_bus and not _port_free(port + 10_000):
+            continue
+        return port
+    raise RuntimeError("no free loopback port found")
+
+
+class RedisProc:
+    def __init__(self, port: int, workdir: Path, *extra: str) -> None:
+        self.port = port
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "redis.log"
+        args = ["redis-server", "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1",
+                "--dir", str(workdir), "--logfile", str(self.log), *extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    log = self.log.read_text() if self.log.exists() else ""
+                    raise RuntimeError(f"redis-server on {self.port} exited with {self.proc.returncode}:\n{log}")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise RuntimeError(f"redis-server on {self.port} did not answer within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM to this child's PID only
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Port of a private standalone redis-server for this test session (flushed at start)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    port = free_port()
+    server = RedisProc(port, tmp_path_factory.mktemp("redis"))
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        client.flushall()  # our own private server
+        client.close()
+        yield port
+    finally:
+        server.stop()
+
+
+def _cluster_ok(port: int) -> bool:
+    out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), "cluster", "info"],
+                         capture_output=True, text=True, timeout=10)
+    return "cluster_state:ok" in out.stdout
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """Ports of a private 3-master Redis Cluster (no replicas) for this test session."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not on PATH: cannot create a Redis Cluster")
+    base = tmp_path_factory.mktemp("cluster")
+    nodes: list[RedisProc] = []
+    try:
+        for _ in range(3):
+            port = free_port(with_bus=True)
+            nodes.append(RedisProc(port, base / str(port), "--cluster-enabled", "yes",
+                                   "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000"))
+        ports = [n.port for n in nodes]
+        create = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                                 "--cluster-replicas", "0", "--cluster-yes"],
+                                capture_output=True, text=True, timeout=60)
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
+        deadline = time.monotonic() + 30
+        while not all(_cluster_ok(p) for p in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster did not reach cluster_state:ok within 30s")
+            time.sleep(0.2)
+        yield ports
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def server_time(port: int) -> float:
+    """The private server's clock (unix seconds), which the budget script uses for rate windows."""
+    client = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        sec, usec = client.time()
+        return sec + usec / 1e6
+    finally:
+        client.close()
+
+
+def budget_worker(port: int, team: str, n: int, worker: int, barrier: Any, out: Any) -> None:
+    """One OS process of the cross-process test: ``n`` concurrent $0.05 reserve/settle rounds."""
+    out.put(asyncio.run(_budget_worker(port, team, n, worker, barrier)))
+
+
+async def _budget_worker(port: int, team: str, n: int, worker: int, barrier: Any) -> int:
+    from gateway.state.budgets import BudgetRule, ReserveRequest
+
+    store = RedisBudgetStore(Redis(host="127.0.0.1", port=port, max_connections=n + 4))
+    rule = BudgetRule("team", team, "daily", 1_000_000_000)
+    now = datetime.now(UTC)
+    reqs = [ReserveRequest(f"p{worker}-{i}", team, 50_000_000, 100, (rule,), (), now) for i in range(n)]
+    try:
+        assert await store.ping()
+        barrier.wait(60)  # every process connected: start all requests at once
+
+        async def one(req: ReserveRequest) -> int:
+            admission = await store.reserve(req)
+            if admission.admitted:
+                await store.settle(req, 50_000_000, 100)
+            return int(admission.admitted)
+
+        return sum(await asyncio.gather(*(one(r) for r in reqs)))
+    finally:
+        await store.aclose()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_030.0  # 30 s into a minute
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Harness:
+    """Makes stores of one kind and moves their clock: a fake clock (memory) or real time (Redis)."""
+
+    def __init__(self, kind: str, port: int | None) -> None:
+        self.kind, self.port, self.clock = kind, port, FakeClock()
+        self.stores: list[BudgetStore] = []
+
+    def make(self, ttl_s: float = 600, partial: bool = True) -> BudgetStore:
+        store: BudgetStore
+        if self.kind == "memory":
+            store = MemoryBudgetStore(ttl_s, clock=self.clock, partial_reservations=partial)
+        else:
+            assert self.port is not None
+            client = FastRedis("127.0.0.1", self.port) if self.kind == "redis-fast" else \
+                Redis(host="127.0.0.1", port=self.port)
+            store = RedisBudgetStore(client, ttl_s, partial_reservations=partial)
+        self.stores.append(store)
+        return store
+
+    async def fresh_window(self) -> None:
+        """Make sure the next few seconds stay inside one rate window (minute)."""
+        if self.kind == "memory":
+            self.clock.t = (self.clock.t // 60 + 1) * 60 + 5
+            return
+        assert self.port is not None
+        for _ in range(80):  # at most ~8 s
+            if server_time(self.port) % 60 < 50:
+                return
+            await asyncio.sleep(0.1)
+
+    async def wait_past(self, seconds: float) -> None:
+        if self.kind == "memory":
+            self.clock.t += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+
+@pytest.fixture(params=["memory", "redis", "redis-fast"])
+async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Budget stores in memory, on Redis through redis-py, and on Redis through the pipelining client."""
+    port = request.getfixturevalue("redis_port") if request.param != "memory" else None
+    harness = Harness(request.param, port)
+    yield harness
+    for store in harness.stores:
+        await store.aclose()
