@@ -36,6 +36,7 @@ from gateway.errors import (
     error_headers,
     internal_error,
 )
+from gateway.health import HealthBook
 from gateway.httpclient import HttpClient
 from gateway.metrics import Metrics
 from gateway.pipeline import Inbound, Pipeline, Reply, StreamReply
@@ -43,6 +44,7 @@ from gateway.policy import Policies, load_policies
 from gateway.providers.base import Provider
 from gateway.providers.openai_compat import OpenAICompatProvider
 from gateway.providers.simulated import SimulatedProvider
+from gateway.reloader import PolicyWatcher
 from gateway.settings import Settings
 from gateway.state import State, open_state
 from gateway.state.budgets import StateUnavailable
@@ -67,6 +69,7 @@ class AppState:
     metrics: Metrics
     state: State
     pipeline: Pipeline
+    watcher: PolicyWatcher | None = None
 
     @property
     def policies(self) -> Policies:
@@ -98,8 +101,13 @@ def build_state(settings: Settings, policies: Policies | None = None) -> AppStat
     providers = build_providers(policies, client)
     metrics = Metrics()
     state = open_state(settings)
-    pipeline = Pipeline(policies, providers, metrics, state, settings)
-    return AppState(settings, client, providers, metrics, state, pipeline)
+    openai = providers["openai"]
+    assert isinstance(openai, OpenAICompatProvider)
+    health = HealthBook(policies.health, state.redis, checker=openai.check)
+    pipeline = Pipeline(policies, providers, metrics, state, settings, health)
+    app_state = AppState(settings, client, providers, metrics, state, pipeline)
+    app_state.watcher = PolicyWatcher(settings.config_dir, app_state.reload, settings.policy_watch_s)
+    return app_state
 
 
 class GatewayApp:
@@ -203,6 +211,9 @@ def _fastapi(state: AppState) -> FastAPI:
         log.info("gateway ready: %d models from %s", len(state.policies.unique_models()),
                  state.settings.config_dir)
         state.state.start()
+        health_task = state.pipeline.health.start()
+        if state.watcher is not None:
+            state.watcher.start()
         if state.settings.master_key is None:
             try:
                 open_mode = not await state.state.keys.has_keys()
@@ -211,6 +222,9 @@ def _fastapi(state: AppState) -> FastAPI:
             if open_mode:
                 log.warning("no GATEWAY_MASTER_KEY and no keys: accepting any bearer token as team 'default'")
         yield
+        if state.watcher is not None:
+            await state.watcher.stop()
+        await HealthBook.stop(health_task)
         await state.state.aclose()
         for provider in state.providers.values():
             await provider.aclose()

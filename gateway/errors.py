@@ -96,17 +96,32 @@ class BudgetExceeded(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """An upstream failed; ``retryable`` tells routing whether another candidate may help."""
+    """An upstream failed. ``failure`` names the kind (a route's ``retry_on`` lists the kinds that
+    fall back to the next candidate; metrics use it as a bounded label); ``retryable`` says whether
+    another candidate can help at all."""
 
     status_code = 502
     error_type = "api_error"
     code = "upstream_error"
     retryable = True
+    failure = "server_error"
+
+    def __init__(self, message: str, *, failure: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if failure is not None:
+            self.failure = failure
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream (refused, reset, DNS): nothing was sent, nothing billed."""
+
+    failure = "connection"
 
 
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     code = "upstream_timeout"
+    failure = "timeout"
 
 
 class UpstreamRateLimited(UpstreamError):
@@ -115,6 +130,7 @@ class UpstreamRateLimited(UpstreamError):
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
+    failure = "rate_limit"
 
 
 class UpstreamRejected(UpstreamError):
@@ -124,6 +140,7 @@ class UpstreamRejected(UpstreamError):
     error_type = "invalid_request_error"
     code = "upstream_rejected"
     retryable = False
+    failure = "rejected"
 
 
 class ServiceUnavailable(GatewayError):

@@ -36,18 +36,18 @@ from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
     InvalidRequest,
-    PermissionDenied,
     ServiceUnavailable,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamTimeout,
     internal_error,
 )
+from gateway.health import HealthBook
 from gateway.policy import Deployment, Policies, TeamSpec
 from gateway.policy.teams import DEFAULT_TEAM
 from gateway.pricing import Usage, cost_nano, usage_from_openai
 from gateway.providers.base import Call, Provider
-from gateway.routing import Plan, resolve_policy
+from gateway.routing import Plan, RouteInput, resolve_policy
 from gateway.settings import Settings
 from gateway.state import State
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
@@ -58,6 +58,7 @@ from gateway.validation import validate
 
 log = logging.getLogger("gateway")
 Headers = list[tuple[bytes, bytes]]
+HEALTH_FAILURES = frozenset({"server_error", "timeout", "connection", "rate_limit", "auth"})  # count toward cooldown
 
 
 @dataclass(slots=True)
@@ -70,6 +71,7 @@ class Inbound:
     headers: dict[str, str]        # lower-cased names
     request_id: str
     started: float = field(default_factory=time.perf_counter)
+    policies: Policies | None = None   # the set this request runs on, taken once (hot reload swaps the next)
 
 
 @dataclass(slots=True)
@@ -141,10 +143,11 @@ def nano_float(nano: int) -> float:
 
 class Pipeline:
     def __init__(self, policies: Policies, providers: dict[str, Provider], metrics: Any, state: State,
-                 settings: Settings) -> None:
+                 settings: Settings, health: HealthBook | None = None) -> None:
         self.providers = providers
         self.metrics = metrics
         self.state = state
+        self.health = health or HealthBook(policies.health)
         self.master_key = settings.master_key
         self.upstream_timeout_s = settings.upstream_timeout_s
         self.ids = RequestIds()
@@ -154,9 +157,12 @@ class Pipeline:
         """Swap the policies in force; requests already past ``resolve`` finish on the old ones."""
         self.policies = policies
         self.metrics.set_known_models(policies.models)
+        self.health.spec = policies.health
+        self.health.watch(policies.deployments)
 
     # ------------------------------------------------------------------ stages
     async def handle(self, req: Inbound) -> Reply | StreamReply:
+        req.policies = self.policies
         principal = await self.authenticate(req)
         model = validate(req.endpoint, req.body)
         plan = self.resolve(req, principal, model)
@@ -189,27 +195,29 @@ class Pipeline:
         if not token:
             raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
         if self.master_key is not None and hmac.compare_digest(token, self.master_key):
-            return self.principal(DEFAULT_TEAM, None)
+            return self.principal(DEFAULT_TEAM, None, req.policies)
         try:
             key = await self.state.keys.lookup(token)
             if key is None and self.master_key is None and not await self.state.keys.has_keys():
-                return self.principal(DEFAULT_TEAM, None)   # first run: no master key, no keys yet
+                return self.principal(DEFAULT_TEAM, None, req.policies)   # first run: no master key, no keys yet
         except StateUnavailable as exc:
             raise state_unavailable(exc) from None
         if key is None:
             raise AuthenticationFailed("Invalid API key.")
         if not key.active(time.time()):
             raise AuthenticationFailed(f"The API key {key.id} has been revoked or has expired.")
-        return self.principal(key.team, key)
+        return self.principal(key.team, key, req.policies)
 
-    def principal(self, team: str, key: KeyRecord | None) -> Principal:
-        return Principal(team, self.policies.teams.get(team) or TeamSpec(team), key)
+    def principal(self, team: str, key: KeyRecord | None, policies: Policies | None = None) -> Principal:
+        teams = (policies or self.policies).teams
+        return Principal(team, teams.get(team) or TeamSpec(team), key)
 
     def resolve(self, req: Inbound, principal: Principal, model: str) -> Plan:
-        plan = resolve_policy(self.policies, principal.team, model, req.endpoint, req.body, req.raw_size)
-        if not (principal.spec.allows(plan.model.name) or principal.spec.allows(model)):
-            raise PermissionDenied(f"Team '{principal.team}' may not use the model '{model}'.", param="model")
-        return plan
+        """The routing decision (a pure function of the policies, the request and a health snapshot)."""
+        inp = RouteInput(team=principal.team, model=model, endpoint=req.endpoint, body=req.body,
+                         raw_size=req.raw_size, key_id=principal.key_id, headers=req.headers,
+                         allowed=principal.spec.allowed_models)
+        return resolve_policy(req.policies or self.policies, inp, self.health.view())
 
     async def reserve(self, req: Inbound, principal: Principal, plan: Plan) -> Ticket:
         """Hold the worst case against every budget and take the rate allowance, or refuse."""
@@ -221,8 +229,7 @@ class Pipeline:
         spec = principal.spec
         if (refusal is not None and refusal.kind == "budget" and spec.on_exceed == "downgrade"
                 and spec.downgrade_to and plan.model.name != spec.downgrade_to):
-            cheaper = replace(resolve_policy(self.policies, principal.team, spec.downgrade_to, req.endpoint,
-                                             req.body, req.raw_size), route="downgrade",
+            cheaper = replace(self.resolve(req, principal, spec.downgrade_to), route="downgrade",
                               requested=plan.requested, baseline=plan.baseline)
             ticket = await self.try_reserve(req, principal, cheaper, budgets, rates)
             refusal = ticket.admission.refusal if ticket.admission else None
@@ -255,32 +262,48 @@ class Pipeline:
 
     async def call_with_fallbacks(self, req: Inbound, ticket: Ticket,
                                   outcome: Outcome) -> tuple[Deployment, dict[str, Any]]:
+        plan = ticket.plan
         failures: list[tuple[Deployment, UpstreamError]] = []
-        for deployment in ticket.plan.candidates:
-            call = self.make_call(req, ticket, deployment)
+        for deployment in plan.candidates[:plan.max_attempts]:
+            call = self.make_call(req, ticket, deployment, self.attempt_timeout(req, plan, deployment, failures))
             outcome.deployment = deployment
             started = time.perf_counter()
             try:
                 body = await self.providers[_provider_kind(deployment)].complete(call)
             except UpstreamError as exc:
+                outcome.upstream_s += time.perf_counter() - started
                 self.upstream_failed(deployment, exc, failures)
-                if not exc.retryable:
+                if not falls_back(plan, exc):
                     raise
                 continue
-            finally:
-                outcome.upstream_s += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            outcome.upstream_s += elapsed
+            self.health.succeeded(deployment, elapsed)
             if failures:
                 self.fell_back(failures[-1], deployment)
             return deployment, body
         raise combined_failure(failures)
 
-    def make_call(self, req: Inbound, ticket: Ticket, deployment: Deployment) -> Call:
+    def attempt_timeout(self, req: Inbound, plan: Plan, deployment: Deployment,
+                        failures: list[tuple[Deployment, UpstreamError]]) -> float:
+        """The next attempt's timeout: the deployment's own, cut to what is left of the route's deadline."""
+        timeout = deployment.timeout_s or self.upstream_timeout_s
+        deadline = plan.deadline_s
+        if deadline is None:
+            return timeout
+        left = deadline - (time.perf_counter() - req.started)
+        if left <= 0.001:
+            tried = "; ".join(f"{d.id}: {exc.message}" for d, exc in failures) or "no attempt finished"
+            raise UpstreamTimeout(f"The route '{plan.route}' deadline of {deadline:g}s passed ({tried}).")
+        return min(timeout, left)
+
+    def make_call(self, req: Inbound, ticket: Ticket, deployment: Deployment, timeout_s: float) -> Call:
         body = dict(req.body)
         body["model"] = deployment.upstream_model
         cap = call_output_cap(ticket, req.body, deployment)
         if cap is not None:
             cap_output(body, cap, deployment, req.endpoint)
-        return Call(req.endpoint, body, deployment, deployment.timeout_s or self.upstream_timeout_s)
+        return Call(req.endpoint, body, deployment, timeout_s)
 
     def usage_of(self, req: Inbound, deployment: Deployment, body: dict[str, Any],
                  outcome: Outcome) -> Usage:
@@ -314,7 +337,7 @@ class Pipeline:
         c = m.child
         d = outcome.deployment
         team = outcome.principal.team
-        model = m.model_label(outcome.plan.model.name)
+        model = m.model_label(d.model if d is not None else outcome.plan.requested)
         provider = d.provider if d else "none"
         route = outcome.plan.route
         now = time.perf_counter()
@@ -362,14 +385,16 @@ class Pipeline:
     def upstream_failed(self, deployment: Deployment, exc: UpstreamError,
                         failures: list[tuple[Deployment, UpstreamError]]) -> None:
         failures.append((deployment, exc))
-        self.metrics.upstream_errors.labels(deployment.provider, self.metrics.model_label(deployment.model),
-                                            exc.code or "error").inc()
+        m = self.metrics
+        m.child(m.upstream_errors, deployment.provider, m.model_label(deployment.model), exc.failure).inc()
+        if exc.failure in HEALTH_FAILURES:
+            self.health.failed(deployment)
         log.warning("upstream failure on %s: %s", deployment.id, exc.message)
 
     def fell_back(self, failure: tuple[Deployment, UpstreamError], to: Deployment) -> None:
         frm, exc = failure
-        self.metrics.fallbacks.labels(self.metrics.model_label(frm.model), self.metrics.model_label(to.model),
-                                      exc.code or "error").inc()
+        m = self.metrics
+        m.child(m.fallbacks, m.model_label(frm.model), m.model_label(to.model), exc.failure).inc()
 
     # ---------------------------------------------------------------- streaming
     async def stream(self, req: Inbound, principal: Principal, ticket: Ticket) -> StreamReply:
@@ -377,8 +402,15 @@ class Pipeline:
         wants_usage = isinstance(client_opts, dict) and client_opts.get("include_usage") is True
         outcome = Outcome(principal, ticket.plan, None, stream=True)
         failures: list[tuple[Deployment, UpstreamError]] = []
-        for deployment in ticket.plan.candidates:
-            call = self.make_call(req, ticket, deployment)
+        plan = ticket.plan
+        for deployment in plan.candidates[:plan.max_attempts]:
+            try:
+                timeout = self.attempt_timeout(req, plan, deployment, failures)
+            except UpstreamTimeout:
+                await self.settle(ticket, outcome)
+                self.record(req, outcome, status="upstream_timeout")
+                raise
+            call = self.make_call(req, ticket, deployment, timeout)
             call.body["stream_options"] = {**(client_opts or {}), "include_usage": True}
             outcome.deployment = deployment
             chunks = cast(AsyncGenerator[dict[str, Any], None],
@@ -391,12 +423,13 @@ class Pipeline:
             except UpstreamError as exc:
                 outcome.upstream_s += time.perf_counter() - started
                 self.upstream_failed(deployment, exc, failures)
-                if not exc.retryable:
+                if not falls_back(plan, exc):
                     await self.settle(ticket, outcome)
                     self.record(req, outcome, status=exc.code or "error")
                     raise
                 continue
             outcome.ttft_s = time.perf_counter() - req.started
+            self.health.succeeded(deployment, ttft_s=time.perf_counter() - started)
             if failures:
                 self.fell_back(failures[-1], deployment)
             headers = self.headers(req, ticket, deployment, None)
@@ -486,6 +519,11 @@ def ledger_record(req: Inbound, outcome: Outcome, status: str) -> LedgerRecord:
         savings=savings, latency_ms=round((time.perf_counter() - req.started) * 1000, 3),
         ttft_ms=round(outcome.ttft_s * 1000, 3) if outcome.ttft_s is not None else None, status=status,
         estimated=usage.estimated, stream=outcome.stream)
+
+
+def falls_back(plan: Plan, exc: UpstreamError) -> bool:
+    """Whether a failure moves on to the plan's next candidate (the route's ``retry_on``)."""
+    return exc.retryable and exc.failure in plan.retry_on
 
 
 def _bearer(headers: dict[str, str]) -> str | None:

@@ -69,6 +69,7 @@ class Settings:
     redis_timeout_s: float = 1.0
     reservation_ttl_s: float = 900.0      # a hold whose replica died expires after this
     key_cache_ttl_s: float = 2.0          # revocation is seen everywhere within this
+    policy_watch_s: float = 2.0           # poll the policy files this often and hot-reload them (0: off)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +90,7 @@ class Settings:
             redis_timeout_s=_float(e, "GATEWAY_REDIS_TIMEOUT_S", 1.0),
             reservation_ttl_s=_float(e, "GATEWAY_RESERVATION_TTL_S", 900.0),
             key_cache_ttl_s=_float(e, "GATEWAY_KEY_CACHE_TTL_S", 2.0),
+            policy_watch_s=_float(e, "GATEWAY_POLICY_WATCH_S", 2.0),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -110,6 +112,7 @@ class Settings:
             "GATEWAY_REDIS_TIMEOUT_S": str(self.redis_timeout_s),
             "GATEWAY_RESERVATION_TTL_S": str(self.reservation_ttl_s),
             "GATEWAY_KEY_CACHE_TTL_S": str(self.key_cache_ttl_s),
+            "GATEWAY_POLICY_WATCH_S": str(self.policy_watch_s),
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url

@@ -13,15 +13,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.policy.cases import PolicyCase, parse_cases
 from gateway.policy.models import Deployment, ModelSpec, SimulatedSpec, parse_models
+from gateway.policy.routes import HealthSpec, Route, parse_health, parse_routes
 from gateway.policy.teams import DEFAULT_TEAM, TeamBudget, TeamSpec, parse_teams
-from gateway.policy.yamlsource import Located, PolicyError, load_file
+from gateway.policy.yamlsource import Located, LocatedList, PolicyError, load_file
 from gateway.pricing import PriceBook
 
-__all__ = ["DEFAULT_TEAM", "Deployment", "ModelSpec", "Policies", "PolicyError", "SimulatedSpec", "TeamBudget",
-           "TeamSpec", "load_policies"]
+__all__ = ["DEFAULT_TEAM", "Deployment", "HealthSpec", "ModelSpec", "Policies", "PolicyCase", "PolicyError", "Route",
+           "SimulatedSpec", "TeamBudget", "TeamSpec", "load_policies", "policy_files"]
 
-SECTIONS = ("models", "teams")
+SECTIONS = ("models", "routes", "health", "teams", "tests")
+LIST_SECTIONS = ("routes", "tests")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,10 @@ class Policies:
     files: tuple[str, ...] = ()
     deployments: tuple[Deployment, ...] = field(default=())
     teams: dict[str, TeamSpec] = field(default_factory=lambda: {DEFAULT_TEAM: TeamSpec(DEFAULT_TEAM)})
+    routes: tuple[Route, ...] = ()
+    route_names: frozenset[str] = frozenset()   # names clients may ask for that only routes define (e.g. auto)
+    health: HealthSpec = field(default_factory=HealthSpec)
+    cases: tuple[PolicyCase, ...] = ()          # policy test cases, run by `gateway check`
 
     def model(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
@@ -52,7 +59,7 @@ def load_policies(config_dir: str, env: dict[str, str] | None = None) -> Policie
     files = policy_files(config_dir)
     if not files:
         raise PolicyError(config_dir, 0, "<config>", "no *.yaml policy files found")
-    merged: dict[str, Located] = {}
+    merged: dict[str, Any] = {}
     for path in files:
         doc = load_file(path)
         if doc is None:
@@ -66,12 +73,25 @@ def load_policies(config_dir: str, env: dict[str, str] | None = None) -> Policie
     if not models:
         raise PolicyError(config_dir, 0, "models", "no models defined")
     deployments = tuple(d for spec in {s.name: s for s in models.values()}.values() for d in spec.deployments)
-    teams = parse_teams(merged["teams"], frozenset(models)) if "teams" in merged \
+    routes = parse_routes(merged["routes"], models) if "routes" in merged else ()
+    route_names = frozenset(n for r in routes for n in (r.match.models or ()) if n not in models)
+    teams = parse_teams(merged["teams"], frozenset(models) | route_names) if "teams" in merged \
         else {DEFAULT_TEAM: TeamSpec(DEFAULT_TEAM)}
-    return Policies(models=models, files=tuple(files), deployments=deployments, teams=teams)
+    health = parse_health(merged["health"]) if "health" in merged else HealthSpec()
+    cases = parse_cases(merged["tests"]) if "tests" in merged else ()
+    return Policies(models=models, files=tuple(files), deployments=deployments, teams=teams, routes=routes,
+                    route_names=route_names, health=health, cases=cases)
 
 
-def _merge(merged: dict[str, Located], section: str, value: Any, doc: Located) -> None:
+def _merge(merged: dict[str, Any], section: str, value: Any, doc: Located) -> None:
+    if section in LIST_SECTIONS:    # rules and cases: concatenated in file order
+        if not isinstance(value, LocatedList):
+            raise doc.error(section, "must be a list")
+        if section in merged:
+            merged[section].extend(value)
+        else:
+            merged[section] = value
+        return
     if not isinstance(value, Located):
         raise doc.error(section, "must be a mapping")
     target = merged.get(section)

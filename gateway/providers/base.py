@@ -49,12 +49,16 @@ def error_for_status(status: int, message: str, deployment: Deployment, *,
         headers = {"retry-after": retry_after} if retry_after else None
         return UpstreamRateLimited(f"{where} is rate limited by the provider: {message}", headers=headers)
     if status in (400, 413, 422):
-        return UpstreamRejected(f"{where} rejected the request: {message}",
-                                code=code or "upstream_rejected", param=param)
+        rejected = UpstreamRejected(f"{where} rejected the request: {message}",
+                                    code=code or "upstream_rejected", param=param)
+        if rejected.code == "context_length_exceeded":   # a candidate with a larger window may still fit
+            rejected.failure, rejected.retryable = "context_length", True
+        return rejected
     if status in (408, 504):
         return UpstreamTimeout(f"{where} timed out upstream (HTTP {status}): {message}")
     if status in (401, 403):
-        return UpstreamError(f"{where}: the provider refused the gateway's credentials (HTTP {status}): {message}")
+        return UpstreamError(f"{where}: the provider refused the gateway's credentials (HTTP {status}): {message}",
+                             failure="auth")
     return UpstreamError(f"{where} failed with HTTP {status}: {message}")
 
 

@@ -253,7 +253,7 @@ def _translate(exc: Exception, deployment: Deployment) -> UpstreamError:
     elif isinstance(exc, litellm.PermissionDeniedError):
         status = 403
     elif isinstance(exc, litellm.APIConnectionError):   # also litellm's catch-all for unexpected failures
-        return UpstreamError(f"{where} failed: {message}")
+        return UpstreamError(f"{where} failed: {message}", failure="connection")
     else:
         status = getattr(exc, "status_code", None)
     if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import UpstreamError, UpstreamTimeout
-from gateway.httpclient import HttpClient, HttpClientError, Origin, Response, Timeout
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from gateway.httpclient import ConnectFailed, HttpClient, HttpClientError, Origin, Response, Timeout
 from gateway.policy import Deployment
 from gateway.providers.base import ENDPOINT_PATHS, Call, error_for_status, upstream_message
 
@@ -100,6 +100,18 @@ class OpenAICompatProvider:
         finally:
             resp.close()
 
+    async def check(self, deployment: Deployment, timeout_s: float) -> None:
+        """A health check: ``GET {api_base}/models`` must answer 2xx within ``timeout_s``."""
+        target = self._target(deployment)
+        try:
+            resp = await self.client.request("GET", target.origin, target.origin.base_path + "/models",
+                                             target.headers, b"", timeout_s)
+            await resp.read(timeout_s)
+        except HttpClientError as exc:
+            raise _translate(exc, deployment) from None
+        if resp.status >= 300:
+            raise UpstreamError(f"deployment {deployment.id} health check answered HTTP {resp.status}")
+
     async def aclose(self) -> None:
         self._targets.clear()
 
@@ -143,4 +155,6 @@ def _status_error(resp: Response, raw: bytes, deployment: Deployment) -> Upstrea
 def _translate(exc: HttpClientError, deployment: Deployment) -> UpstreamError:
     if isinstance(exc, Timeout):
         return UpstreamTimeout(f"deployment {deployment.id} timed out")
-    return UpstreamError(f"deployment {deployment.id} is unreachable: {exc}")
+    if isinstance(exc, ConnectFailed):
+        return UpstreamUnreachable(f"deployment {deployment.id} is unreachable: {exc}")
+    return UpstreamError(f"deployment {deployment.id} broke the connection: {exc}")
