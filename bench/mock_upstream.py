@@ -32,6 +32,8 @@ Behaviour knobs, per request; the most specific source wins:
     x-mock-cached-tokens: N      cachedN       prompt_tokens_details.cached_tokens
     x-mock-reasoning-tokens: N   reasoningN    completion_tokens_details.reasoning_tokens
     x-mock-completion-tokens: N  tokensN       completion tokens (non-streaming)
+    x-mock-context-window: N     ctxN          chat: a prompt over N tokens gets 400
+                                               context_length_exceeded
 
 Model tokens are the parts of the model name split on anything that is not a
 letter or digit, e.g. "mock-lat0-chunks20-delay5" or "mock-cached40-reasoning7".
@@ -94,7 +96,7 @@ DEFAULT_EMBED_DIM = 8
 MAX_EMBED_DIM = 4096
 NON_TEXT_PART_TOKENS = 85
 
-_TOKEN_RE = re.compile(r"^(lat|chunks|delay|status|cut|cached|reasoning|tokens)(\d+)$")
+_TOKEN_RE = re.compile(r"^(lat|chunks|delay|status|cut|cached|reasoning|tokens|ctx)(\d+)$")
 _SPLIT_RE = re.compile(r"[^a-z0-9]+")
 _HEADER_KNOBS = {
     b"x-mock-latency-ms": "latency_ms",
@@ -106,9 +108,10 @@ _HEADER_KNOBS = {
     b"x-mock-cached-tokens": "cached",
     b"x-mock-reasoning-tokens": "reasoning",
     b"x-mock-completion-tokens": "tokens",
+    b"x-mock-context-window": "context",
 }
 _MODEL_KNOBS = {"lat": "latency_ms", "chunks": "chunks", "delay": "chunk_delay_ms", "status": "status",
-                "cut": "cut", "cached": "cached", "reasoning": "reasoning", "tokens": "tokens"}
+                "cut": "cut", "cached": "cached", "reasoning": "reasoning", "tokens": "tokens", "ctx": "context"}
 _FLOAT_KNOBS = ("latency_ms", "chunk_delay_ms")
 
 ENDPOINTS = ("chat.completions", "completions", "embeddings", "models", "other")
@@ -608,6 +611,11 @@ class MockProtocol(asyncio.Protocol):
         if status and status != 200:
             err, extra = error_body(status)
             return (now, "json", status, (err,), extra, delay)
+        window = knobs.get("context")
+        if window and endpoint == "chat.completions" and chat_prompt_tokens(body.get("messages")) > window:
+            err = json_error(400, f"mock: this model's maximum context length is {window} tokens",
+                             code="context_length_exceeded", param="messages")
+            return (now, "json", 400, (err,), None, delay)
         if body.get("stream") is True and endpoint != "embeddings":
             return (now, "stream", endpoint, body, model, knobs)
         if endpoint == "chat.completions":

@@ -257,8 +257,10 @@ def _fastapi(state: AppState) -> FastAPI:
         """The model names (and aliases) the caller's key may use."""
         principal = await state.pipeline.authenticate(Inbound("models", None, 0, _lower(request), ""))
         policies = state.policies
-        return sorted(name for name, spec in policies.models.items()
-                      if principal.spec.allows(spec.name) or principal.spec.allows(name))
+        names = {name for name, spec in policies.models.items()
+                 if principal.spec.allows(spec.name) or principal.spec.allows(name)}
+        names.update(name for name in policies.route_names if principal.spec.allows(name))
+        return sorted(names)
 
     async def models(request: Request) -> Response:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "gateway"}
@@ -292,9 +294,22 @@ def _fastapi(state: AppState) -> FastAPI:
     @api.get("/metrics")
     async def metrics() -> Response:
         await refresh_budget_gauges(state)
+        refresh_health_gauge(state)
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return api
+
+
+def refresh_health_gauge(state: AppState) -> None:
+    """``gateway_deployment_healthy`` per (model, provider): 0 while any of its deployments is cooled down."""
+    m = state.metrics
+    healthy = state.pipeline.health.healthy()
+    labels: dict[tuple[str, str], int] = {}
+    for d in state.policies.deployments:
+        key = (m.model_label(d.model), d.provider)
+        labels[key] = min(labels.get(key, 1), int(healthy.get(d.id, True)))
+    for (model, provider), value in labels.items():
+        m.child(m.deployment_healthy, model, provider).set(value)
 
 
 async def refresh_budget_gauges(state: AppState) -> None:

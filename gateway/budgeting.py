@@ -48,8 +48,10 @@ def call_output_cap(ticket: Ticket, body: dict[str, Any], deployment: Deployment
     return None if cap == requested_output(body) else cap
 
 
-def budget_rules(team: TeamSpec, key: KeyRecord | None) -> tuple[BudgetRule, ...]:
-    rules = [BudgetRule("team", team.name, cast(Period, b.period), b.limit_nano) for b in team.budgets]
+def budget_rules(team: TeamSpec, key: KeyRecord | None, soft: bool = False) -> tuple[BudgetRule, ...]:
+    """The budgets that bind a request; with ``soft``, the team's carry its soft-alert threshold."""
+    rules = [BudgetRule("team", team.name, cast(Period, b.period), b.limit_nano,
+                        int(b.limit_nano * team.soft_alert) if soft else None) for b in team.budgets]
     if key is not None and key.budget_usd is not None:
         rules.append(BudgetRule("key", key.id, cast(Period, key.budget_period or "monthly"),
                                 usd_to_nano(key.budget_usd)))
@@ -142,6 +144,10 @@ def cap_output(body: dict[str, Any], cap: int, deployment: Deployment, endpoint:
 
 def refusal_error(refusal: Refusal, admission: Admission) -> GatewayError:
     who = f"team '{refusal.owner}'" if refusal.scope == "team" else f"key {refusal.owner}"
+    if refusal.kind == "budget_soft":
+        return BudgetExceeded(
+            f"The {refusal.period} budget of {who} is past its soft threshold: "
+            f"spent and reserved ${refusal.used / 1e9:.6f} of ${refusal.limit / 1e9:.6f}.")
     if refusal.kind == "budget":
         return BudgetExceeded(
             f"The {refusal.period} budget of {who} cannot cover this request: "

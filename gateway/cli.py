@@ -8,6 +8,7 @@ names file, line and key and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,8 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 4000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
-    check = sub.add_parser("check", help="validate the policy files and print what they define")
+    check = sub.add_parser("check", help="validate the policy files, print what they define, run their test cases")
     check.add_argument("--config", help="policy directory (default: policies/)")
+    route = sub.add_parser("route", help="explain how a request would be routed")
+    route.add_argument("--config", help="policy directory (default: policies/)")
+    route.add_argument("--team", default="default", help="the caller's team (default: default)")
+    route.add_argument("--model", help="the requested model (default: the request file's \"model\")")
+    route.add_argument("--key", help="the caller's key id, for rules that match on keys")
+    route.add_argument("--file", help="a JSON request body (default: one short user message)")
+    route.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"])
+    route.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                       help="a request header, e.g. x-gateway-tags:batch (repeatable)")
     return p
 
 
@@ -45,8 +55,53 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "check":
         print(describe(policies))
-        return 0
+        return check_cases(policies)
+    if args.command == "route":
+        return route(policies, args)
     return serve(settings, policies)
+
+
+def check_cases(policies: Policies) -> int:
+    from gateway.explain import run_cases
+
+    results = run_cases(policies)
+    if not results:
+        return 0
+    print(f"policy tests: {sum(r.ok for r in results)} of {len(results)} pass")
+    for r in results:
+        print(f"  {r.line()}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def route(policies: Policies, args: argparse.Namespace) -> int:
+    from gateway.explain import explain, route_input
+
+    body: dict[str, object] = {"messages": [{"role": "user", "content": "Hello"}]}
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                loaded = json.load(fh)
+        except (OSError, ValueError) as exc:
+            print(f"gateway: cannot read a JSON request from {args.file}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(loaded, dict):
+            print(f"gateway: {args.file} must hold a JSON object", file=sys.stderr)
+            return 2
+        body = loaded
+    model = args.model or body.get("model")
+    if not isinstance(model, str) or not model:
+        print("gateway: give --model, or a \"model\" in the request file", file=sys.stderr)
+        return 2
+    headers = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            print(f"gateway: --header wants NAME:VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    text, plan = explain(policies, route_input(policies, args.team, model, body, args.endpoint, headers, args.key))
+    print(text)
+    return 0 if plan is not None else 1
 
 
 def describe(policies: Policies) -> str:
@@ -61,7 +116,11 @@ def describe(policies: Policies) -> str:
             key = f" key from ${d.api_key_env}{'' if d.api_key else ' (NOT SET)'}" if d.api_key_env else ""
             lines.append(f"    - {d.id}: provider {d.provider}, weight {d.weight:g}, "
                          f"context {d.context_window or '?'}, {price}{key}")
-    lines.append("routes: default (each model's deployments, weighted, with fallback)")
+    lines.append("routes (first match wins):")
+    for r in policies.routes:
+        cands = ", ".join(d.id for d in r.candidates)
+        lines.append(f"  {r.name}: {r.strategy} over [{cands}]")
+    lines.append("  default: the requested model's own deployments, weighted, with fallback")
     lines.append("teams:")
     for team in policies.teams.values():
         budgets = ", ".join(f"${b.limit_nano / 1e9:g} {b.period}" for b in team.budgets) or "no budget"

@@ -220,34 +220,40 @@ class Pipeline:
         return resolve_policy(req.policies or self.policies, inp, self.health.view())
 
     async def reserve(self, req: Inbound, principal: Principal, plan: Plan) -> Ticket:
-        """Hold the worst case against every budget and take the rate allowance, or refuse."""
-        budgets, rates = budget_rules(principal.spec, principal.key), rate_rules(principal.spec, principal.key)
+        """Hold the worst case against every budget and take the rate allowance, or refuse.
+
+        A team whose policy says ``downgrade`` goes to its cheaper model once it is past its
+        soft threshold or its budget cannot cover the whole worst case on the requested model."""
+        spec, key = principal.spec, principal.key
+        downgrades = (spec.on_exceed == "downgrade" and spec.downgrade_to is not None
+                      and any(d.model != spec.downgrade_to for d in plan.candidates))
+        budgets, rates = budget_rules(spec, key, soft=downgrades), rate_rules(spec, key)
         if not budgets and not rates:
             return Ticket(plan)
-        ticket = await self.try_reserve(req, principal, plan, budgets, rates)
+        ticket = await self.try_reserve(req, principal, plan, budgets, rates, partial=not downgrades)
         refusal = ticket.admission.refusal if ticket.admission else None
-        spec = principal.spec
-        if (refusal is not None and refusal.kind == "budget" and spec.on_exceed == "downgrade"
-                and spec.downgrade_to and plan.model.name != spec.downgrade_to):
+        if refusal is not None and refusal.kind in ("budget", "budget_soft") and downgrades:
+            assert spec.downgrade_to is not None
             cheaper = replace(self.resolve(req, principal, spec.downgrade_to), route="downgrade",
                               requested=plan.requested, baseline=plan.baseline)
-            ticket = await self.try_reserve(req, principal, cheaper, budgets, rates)
+            ticket = await self.try_reserve(req, principal, cheaper, budget_rules(spec, key), rates)
             refusal = ticket.admission.refusal if ticket.admission else None
         if refusal is not None:
             assert ticket.admission is not None
             m = self.metrics
-            m.child(m.budget_rejections if refusal.kind == "budget" else m.rate_limited, principal.team).inc()
+            m.child(m.budget_rejections if refusal.kind.startswith("budget") else m.rate_limited,
+                    principal.team).inc()
             raise refusal_error(refusal, ticket.admission)
         return ticket
 
-    async def try_reserve(self, req: Inbound, principal: Principal, plan: Plan,
-                          budgets: tuple[BudgetRule, ...], rates: tuple[RateRule, ...]) -> Ticket:
+    async def try_reserve(self, req: Inbound, principal: Principal, plan: Plan, budgets: tuple[BudgetRule, ...],
+                          rates: tuple[RateRule, ...], partial: bool = True) -> Ticket:
         prompt = plan.prompt_tokens
         if prompt is None:
             prompt = count_prompt(req.body, req.endpoint, plan.candidates[0].upstream_model)
         worst, least, tokens = worst_case(req.body, plan.candidates, prompt, req.endpoint)
         reservation = ReserveRequest(req.request_id, principal.team, worst, tokens, budgets, rates,
-                                     datetime.now(UTC), least)
+                                     datetime.now(UTC), least, partial)
         ticket = Ticket(plan, reservation, capped=bool(budgets) and req.endpoint != "embeddings")
         try:
             ticket.admission = admission = await self.state.budgets.reserve(reservation)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.detectors import detect, request_text
-from gateway.errors import InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy import Deployment, ModelSpec, Policies
 from gateway.policy.routes import DEFAULT_RETRY_ON, DEFAULT_ROUTE, Route
 from gateway.pricing import Price
@@ -242,7 +242,20 @@ def _note(notes: list[str] | None, text: str) -> None:
 
 def resolve_policy(policies: Policies, inp: RouteInput, health: HealthView = NO_HEALTH,
                    pick: float | None = None, explain: bool = False) -> Plan:
+    """The plan for ``inp``; raises the client-facing error when no deployment may serve it.
+
+    With ``explain`` the plan's ``notes`` (or, on a refusal, the exception's notes) say why."""
     notes: list[str] | None = [] if explain else None
+    try:
+        return _resolve(policies, inp, health, random.random() if pick is None else pick, notes)
+    except GatewayError as exc:
+        if notes:
+            exc.add_note("\n".join(notes))
+        raise
+
+
+def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: float,
+             notes: list[str] | None) -> Plan:
     spec = policies.model(inp.model)
     if spec is not None and inp.allowed is not None and spec.name not in inp.allowed \
             and inp.model not in inp.allowed:
@@ -287,7 +300,7 @@ def resolve_policy(policies: Policies, inp: RouteInput, health: HealthView = NO_
         raise InvalidRequest(
             f"No candidate for '{inp.model}' supports {', '.join(sorted(facts.needs))}.",
             code="unsupported_capability", param="model")
-    ordered = _order(rule, fitting, inp, facts, health, random.random() if pick is None else pick, notes)
+    ordered = _order(rule, fitting, inp, facts, health, pick, notes)
     if notes is not None:
         strategy = rule.strategy if rule is not None else "weighted"
         notes.append(f"order ({strategy}): " + ", ".join(

@@ -167,6 +167,27 @@ async def test_team_and_key_budgets_tighter_one_refuses(h: Harness, partial: boo
     assert await store.usage(team, [team_rule, key_rule], NOW) == before
 
 
+async def test_soft_threshold_refuses_as_budget_soft_and_strict_requests_never_shrink(h: Harness) -> None:
+    store, team = h.make(), team_name()
+    soft = BudgetRule("team", team, "monthly", USD // 10, soft_nano=USD // 20)   # $0.10, soft at $0.05
+    hard = BudgetRule("team", team, "monthly", USD // 10)
+    first = req(team, 4 * USD // 100, (soft,))
+    assert (await store.reserve(first)).admitted                  # $0.00 used < $0.05 soft
+    await store.settle(first, 4 * USD // 100, 10)
+    second = req(team, 4 * USD // 100, (soft,))
+    assert (await store.reserve(second)).admitted                 # $0.04 < $0.05: still under the threshold
+    await store.settle(second, 4 * USD // 100, 10)
+    adm = await store.reserve(req(team, USD // 100, (soft,)))     # $0.08 >= $0.05
+    assert not adm.admitted and adm.refusal is not None
+    assert (adm.refusal.kind, adm.refusal.limit, adm.refusal.used) == ("budget_soft", USD // 20, 8 * USD // 100)
+    assert await used(store, team, hard) == (8 * USD // 100, 0)   # the soft refusal held nothing
+    # without the threshold (the downgraded retry), a strict request must fit whole: $0.03 > $0.02 left
+    strict = ReserveRequest(uuid.uuid4().hex, team, 3 * USD // 100, 10, (hard,), (), NOW, 1, partial=False)
+    adm = await store.reserve(strict)
+    assert not adm.admitted and adm.refusal is not None and adm.refusal.kind == "budget"
+    assert (await store.reserve(req(team, 3 * USD // 100, (hard,)))).reserved_nano == 2 * USD // 100  # partial
+
+
 async def test_exhausted_key_budget_refuses_in_both_modes(h: Harness) -> None:
     store, team, key = h.make(), team_name(), "k:{odd}/id"  # names with separators are encoded in keys
     rules = (BudgetRule("team", team, "daily", USD), BudgetRule("key", key, "monthly", 10 * USD // 100))

@@ -216,6 +216,20 @@ async def test_downgrade_instead_of_refusal(gateway: GatewayFactory, mock_reset:
     await client.close()
 
 
+async def test_downgrade_past_the_soft_threshold(gateway: GatewayFactory, mock_reset: str) -> None:
+    teams = ("  default: {budgets: [{period: monthly, usd: 1}], soft_alert: 0.5, on_exceed: downgrade, "
+             "downgrade_to: cheap}")
+    server = gateway(policy(mock_reset, teams))
+    client = client_for(server, "anything")
+    results = [await ask(client) for _ in range(12)]
+    models = [r[1][1]["x-gateway-model"] for r in results]
+    assert models == ["pricey-mock"] * 10 + ["cheap-mock"] * 2       # $0.50 spent = half of $1: downgraded
+    assert [r[1][1]["x-gateway-route"] for r in results[10:]] == ["downgrade"] * 2
+    assert sum(cost_of(r) for r in results) == Decimal("0.50")
+    assert results[-1][1][1]["x-gateway-budget-remaining-usd"] == "0.5"
+    await client.close()
+
+
 async def test_rpm_and_tpm_limits_under_concurrency(gateway: GatewayFactory, mock_reset: str,
                                                     redis_port: int) -> None:
     rpm_team, tpm_team = team_name(), team_name()

@@ -49,25 +49,30 @@ local op = ARGV[1]
 
 if op == 'reserve' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr
-  -- ARGV: op, ver, rid, cost, tokens, ttl_ms, partial_min (0: no partial holds), grace_s, nb, nr, (limit, expireat) * nb, (rpm, tpm) * nr
+  -- ARGV: op, ver, rid, cost, tokens, ttl_ms, partial_min (0: no partial holds), grace_s, nb, nr,
+  --       (limit, expireat, soft (-1: none)) * nb, (rpm, tpm) * nr
   local rid, cost, tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local ttl_ms, partial_min, grace = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local nb, nr = tonumber(ARGV[9]), tonumber(ARGV[10])
-  local rk, ra = 2 + 2 * nb, 10 + 2 * nb
+  local rk, ra = 2 + 2 * nb, 10 + 3 * nb
   -- a repeated call for a live or settled request is a no-op that reports the current state
   local dup = redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1
   local amount = cost
   if dup then amount = num(redis.call('HGET', KEYS[1], 'c')) end
 
   local kind, idx, rlimit, rused, retry = 0, 0, 0, 0, -1
-  local used, limits, bi, bh = {}, {}, 0, 0
+  local used, limits, bi, bh, si = {}, {}, 0, 0, 0
   for i = 1, nb do
     local sp, rs = purge(KEYS[2 * i + 1], KEYS[2 * i + 2])
-    used[i], limits[i] = sp + rs, tonumber(ARGV[9 + 2 * i])
+    used[i], limits[i] = sp + rs, tonumber(ARGV[8 + 3 * i])
     local h = limits[i] - used[i]
     if bi == 0 or h < bh then bi, bh = i, h end                  -- the tightest budget decides
+    local soft = tonumber(ARGV[10 + 3 * i])
+    if si == 0 and soft >= 0 and used[i] >= soft then si = i end -- past a soft threshold
   end
-  if not dup and bi > 0 and cost > bh then
+  if not dup and si > 0 then
+    kind, idx, rlimit, rused = 4, si, tonumber(ARGV[10 + 3 * si]), used[si]
+  elseif not dup and bi > 0 and cost > bh then
     if partial_min > 0 and bh >= partial_min then
       amount = bh                                                 -- cap the hold at the headroom
     else
@@ -106,7 +111,7 @@ if op == 'reserve' then
         redis.call('HSET', bud, 'r:' .. rid, s(amount))
         redis.call('ZADD', bres, s(now_ms + ttl_ms), rid)
       end
-      local at = s(math.max(tonumber(ARGV[10 + 2 * i]), now_s + grace))
+      local at = s(math.max(tonumber(ARGV[9 + 3 * i]), now_s + grace))
       redis.call('EXPIREAT', bud, at)
       redis.call('EXPIREAT', bres, at)
     end

@@ -25,7 +25,7 @@ Period = Literal["daily", "weekly", "monthly"]
 PERIODS: tuple[str, ...] = get_args(Period)
 SCOPES = ("team", "key")
 MAX_AMOUNT = 2**53 - 1  # Lua numbers are doubles: every amount must stay exactly representable
-KIND_NAMES = {1: "budget", 2: "rate_requests", 3: "rate_tokens"}
+KIND_NAMES = {1: "budget", 2: "rate_requests", 3: "rate_tokens", 4: "budget_soft"}
 WINDOW_S = 60
 
 
@@ -78,6 +78,7 @@ class BudgetRule:
     owner: str  # team name or key id
     period: Period
     limit_nano: int
+    soft_nano: int | None = None  # refuse as "budget_soft" once spent+reserved reached this (for downgrades)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +99,12 @@ class ReserveRequest:
     rates: tuple[RateRule, ...]
     now: datetime  # for period ids only
     min_cost_nano: int = 0  # partial mode: the least hold worth admitting (e.g. input plus one output token)
+    partial: bool = True  # False: the whole worst case must fit (a team that downgrades instead)
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    kind: str  # "budget" | "rate_requests" | "rate_tokens"
+    kind: str  # "budget" | "budget_soft" | "rate_requests" | "rate_tokens"
     scope: str
     owner: str
     period: str | None  # budget period, or "minute"
@@ -178,6 +180,8 @@ def check_budget_rule(rule: BudgetRule) -> None:
     if rule.period not in PERIODS:
         raise ValueError(f"unknown budget period {rule.period!r}")
     check_amount("limit_nano", rule.limit_nano)
+    if rule.soft_nano is not None:
+        check_amount("soft_nano", rule.soft_nano)
 
 
 def plan(req: ReserveRequest) -> Plan:
@@ -229,9 +233,9 @@ def admission_from_reply(p: Plan, reply: Sequence[int]) -> Admission:
     admitted, reserved, kind, idx, limit, used, retry, lim_r, rem_r, lim_t, rem_t, rem_n = (int(x) for x in reply)
     refusal = None
     if not admitted:
-        if kind == 1:
+        if kind in (1, 4):
             b = p.budgets[idx - 1]
-            refusal = Refusal("budget", b.scope, b.owner, b.period, limit, used, None)
+            refusal = Refusal(KIND_NAMES[kind], b.scope, b.owner, b.period, limit, used, None)
         else:
             r = p.rates[idx - 1]
             refusal = Refusal(KIND_NAMES[kind], r.scope, r.owner, "minute", limit, used, retry if retry >= 0 else None)

@@ -117,11 +117,16 @@ class MemoryBudgetStore:
                    for b, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True)]
         used = [b.spent + b.reserved for b in buckets]
         heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
-        if heads and not dup:
+        soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
+                if rule.soft_nano is not None and u >= rule.soft_nano]
+        if soft and not dup:
+            si = soft[0]
+            kind, idx, limit, used_ = 4, si + 1, p.budgets[si].soft_nano or 0, used[si]
+        elif heads and not dup:
             bi = heads.index(min(heads))
             if req.cost_nano > heads[bi]:
                 least = max(1, min(req.min_cost_nano, req.cost_nano))
-                if self.partial_reservations and heads[bi] >= least:
+                if self.partial_reservations and req.partial and heads[bi] >= least:
                     amount = heads[bi]
                 else:
                     kind, idx, limit, used_ = 1, bi + 1, p.budgets[bi].limit_nano, used[bi]

@@ -119,7 +119,7 @@ class RedisBudgetStore:
             max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
             len(p.budgets), len(p.rates)]
         for rule, end in zip(p.budgets, p.period_ends, strict=True):
-            args += [rule.limit_nano, end + self.bucket_grace_s]
+            args += [rule.limit_nano, end + self.bucket_grace_s, -1 if rule.soft_nano is None else rule.soft_nano]
         for rate in p.rates:
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
         reply = await self._run(keys, args)
@@ -127,7 +127,7 @@ class RedisBudgetStore:
 
     def _partial_min(self, req: ReserveRequest) -> int:
         """0: the whole worst case must fit; n >= 1: admit with a capped hold when the headroom is at least n."""
-        return max(1, min(req.min_cost_nano, req.cost_nano)) if self.partial_reservations else 0
+        return max(1, min(req.min_cost_nano, req.cost_nano)) if self.partial_reservations and req.partial else 0
 
     async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
         p = plan(req)

@@ -1,0 +1,255 @@
+"""Routing rules and strategies as pure functions: policies from YAML text, decisions checked exactly."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.detectors import detect, has_card_number, has_email, has_phone, has_secret, request_text
+from gateway.errors import GatewayError
+from gateway.explain import explain, route_input, run_cases
+from gateway.policy import Policies, PolicyError, load_policies
+from gateway.routing import HealthView, RouteInput, resolve_policy
+
+MODELS = """
+models:
+  big:
+    deployments:
+      - {provider: simulated, name: big-a, model: big-1, context_window: 100000,
+         price: {input_per_mtok: 10, output_per_mtok: 30}}
+      - {provider: simulated, name: big-b, model: big-2, context_window: 100000, weight: 0,
+         price: {input_per_mtok: 10, output_per_mtok: 30}}
+  small:
+    deployments:
+      - {provider: simulated, name: small-a, model: small-1, context_window: 60,
+         price: {input_per_mtok: 1, output_per_mtok: 2}}
+  local:
+    deployments:
+      - {provider: simulated, name: local-a, model: local-1, self_hosted: true, context_window: 8000,
+         capabilities: [chat], price: {gpu_hour_usd: 3.6, output_tokens_per_second: 1000}}
+  embedder:
+    deployments:
+      - {provider: simulated, name: embed-a, model: embed-1, capabilities: [embeddings],
+         price: {input_per_mtok: 0.1, output_per_mtok: 0}}
+"""
+
+
+def load(tmp_path: Path, routes: str = "", extra: str = "") -> Policies:
+    (tmp_path / "models.yaml").write_text(textwrap.dedent(MODELS))
+    if routes:
+        (tmp_path / "routes.yaml").write_text("routes:\n" + textwrap.indent(textwrap.dedent(routes), "  "))
+    if extra:
+        (tmp_path / "extra.yaml").write_text(textwrap.dedent(extra))
+    return load_policies(str(tmp_path))
+
+
+def ask(model: str, text: str = "hello", team: str = "default", **kw: Any) -> RouteInput:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], **kw.pop("body", {})}
+    return RouteInput(team=team, model=model, endpoint=kw.pop("endpoint", "chat"), body=body,
+                      raw_size=len(str(body)), **kw)
+
+
+def ids(policies: Policies, inp: RouteInput, **kw: Any) -> tuple[str, list[str]]:
+    plan = resolve_policy(policies, inp, pick=kw.pop("pick", 0.0), **kw)
+    return plan.route, [d.id for d in plan.candidates]
+
+
+def test_no_rule_uses_the_models_own_deployments_weighted(tmp_path: Path) -> None:
+    p = load(tmp_path)
+    assert ids(p, ask("big")) == ("default", ["big-a", "big-b"])   # big-b has weight 0: never drawn first
+    assert ids(p, ask("big"), pick=0.99) == ("default", ["big-a", "big-b"])
+
+
+RULES = """
+- name: by-team
+  match: {teams: [legal]}
+  candidates: [local]
+- name: by-key
+  match: {keys: [key_abc]}
+  candidates: [small]
+- name: by-header
+  match: {headers: {X-Tier: gold}, models: [auto]}
+  candidates: [big]
+- name: by-tag
+  match: {tags: [batch], models: [auto]}
+  candidates: [local, small]
+- name: pii
+  match: {contains: [personal_data]}
+  candidates: [local]
+- name: tools
+  match: {capabilities: [tools], models: [auto]}
+  candidates: [big]
+- name: long
+  match: {models: [auto], min_prompt_tokens: 40}
+  candidates: [big]
+- name: short
+  match: {models: [auto]}
+  candidates: [small, big]
+"""
+
+
+def test_first_matching_rule_wins_on_each_condition(tmp_path: Path) -> None:
+    p = load(tmp_path, RULES)
+    assert ids(p, ask("big", team="legal"))[0] == "by-team"
+    assert ids(p, ask("big", key_id="key_abc"))[0] == "by-key"
+    assert ids(p, ask("auto", headers={"x-tier": "gold"}))[0] == "by-header"
+    assert ids(p, ask("auto", headers={"x-tier": "silver"}))[0] == "short"
+    assert ids(p, ask("auto", headers={"x-gateway-tags": "nightly, batch"})) == ("by-tag", ["local-a", "small-a"])
+    assert ids(p, ask("big", "write to jane@example.org")) == ("pii", ["local-a"])
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert ids(p, ask("auto", body={"tools": tools}))[0] == "tools"
+    assert ids(p, ask("auto", " ".join(["word"] * 60)))[0] == "long"
+    assert ids(p, ask("auto", "hi"))[0] == "short"
+    assert ids(p, ask("big"))[0] == "default"
+
+
+def test_route_only_names_and_unknown_models(tmp_path: Path) -> None:
+    p = load(tmp_path, RULES)
+    assert p.route_names == frozenset({"auto"})
+    with pytest.raises(GatewayError) as err:
+        resolve_policy(p, ask("nope"))
+    assert (err.value.status_code, err.value.code) == (404, "model_not_found")
+    only_rules = load(tmp_path, "- {name: a, match: {models: [auto], teams: [x]}, candidates: [big]}")
+    with pytest.raises(GatewayError) as err:
+        resolve_policy(only_rules, ask("auto", team="y"))
+    assert err.value.code == "model_not_found" and "No routing rule" in err.value.message
+
+
+def test_candidates_must_fit_capabilities_window_and_permissions(tmp_path: Path) -> None:
+    p = load(tmp_path, """
+        - name: all
+          match: {models: [auto]}
+          candidates: [local, small, big]
+        """)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert ids(p, ask("auto", body={"tools": tools}))[1] == ["small-a", "big-a", "big-b"]   # local: no tools
+    long_text = " ".join(["word"] * 80)                                                      # > small's 60 window
+    assert ids(p, ask("auto", long_text))[1] == ["local-a", "big-a", "big-b"]
+    allowed = frozenset({"auto", "small"})
+    assert ids(p, ask("auto", allowed=allowed))[1] == ["small-a"]
+    with pytest.raises(GatewayError) as err:
+        resolve_policy(p, ask("big", allowed=allowed))
+    assert (err.value.status_code, err.value.code) == (403, "model_not_allowed")
+    with pytest.raises(GatewayError) as err:
+        resolve_policy(p, ask("auto", " ".join(["word"] * 200_000)))
+    assert (err.value.status_code, err.value.code) == (400, "context_length_exceeded")
+
+
+def test_strategies(tmp_path: Path) -> None:
+    p = load(tmp_path, """
+        - name: cheap
+          match: {models: [cheap]}
+          candidates: [big, local, small]
+          strategy: cheapest
+        - name: fast
+          match: {models: [fast]}
+          candidates: [big]
+          strategy: latency
+        - name: weighted
+          match: {models: [spread]}
+          candidates: [big-b, small, big-a]
+          strategy: weighted
+        - name: ordered
+          match: {models: [ordered]}
+          candidates: [small, big-b, big-a]
+        """)
+    # cheapest: 9 prompt tokens + 256 expected output; GPU-hour local: $3.6/h at 1000 out tok/s = $1/Mtok out,
+    # 10000 in tok/s = $0.1/Mtok in, so local < small ($1 in, $2 out) < big.
+    assert ids(p, ask("cheap"))[1] == ["local-a", "small-a", "big-a", "big-b"]
+    assert ids(p, ask("ordered"))[1] == ["small-a", "big-b", "big-a"]
+    # weighted: weights 0 (big-b), 1 (small), 1 (big-a); the draw picks the first, the rest keep their order
+    assert ids(p, ask("spread"), pick=0.2)[1] == ["small-a", "big-b", "big-a"]
+    assert ids(p, ask("spread"), pick=0.7)[1] == ["big-a", "big-b", "small-a"]
+    seen = HealthView(latency={"big-a": 0.9, "big-b": 0.1}, ttft={"big-a": 0.05, "big-b": 0.3})
+    assert ids(p, ask("fast"), health=seen)[1] == ["big-b", "big-a"]
+    assert ids(p, ask("fast", body={"stream": True}), health=seen)[1] == ["big-a", "big-b"]
+    assert ids(p, ask("fast"), health=HealthView(latency={"big-a": 0.9}))[1] == ["big-b", "big-a"]  # unknown first
+
+
+def test_cooled_down_deployments_go_last(tmp_path: Path) -> None:
+    p = load(tmp_path, "- {name: r, match: {models: [auto]}, candidates: [small, big]}")
+    health = HealthView(cooled=frozenset({"small-a"}))
+    assert ids(p, ask("auto"), health=health)[1] == ["big-a", "big-b", "small-a"]
+
+
+def test_retry_settings_attempts_and_baseline(tmp_path: Path) -> None:
+    p = load(tmp_path, """
+        - name: r
+          match: {models: [auto]}
+          candidates: [small, big]
+          retry_on: [timeout]
+          max_attempts: 2
+          deadline_s: 1.5
+          baseline: big
+        """)
+    plan = resolve_policy(p, ask("auto"), pick=0.0)
+    assert plan.retry_on == frozenset({"timeout"}) and plan.max_attempts == 2 and plan.deadline_s == 1.5
+    assert plan.baseline.id == "big-a" and plan.model.name == "big"
+    assert resolve_policy(p, ask("small"), pick=0.0).baseline.id == "small-a"   # default route: the model itself
+
+
+@pytest.mark.parametrize(("routes", "key", "message"), [
+    ("- {name: r, candidates: [big], colour: red}", "routes[0].colour", "unknown key"),
+    ("- {name: r, candidates: [nope]}", "routes[0].candidates", "neither a model"),
+    ("- {name: r, candidates: [big], strategy: random}", "routes[0].strategy", "must be one of"),
+    ("- {name: r, candidates: [big], match: {contains: [gossip]}}", "routes[0].match.contains", "unknown value"),
+    ("- {name: r, candidates: [big], match: {min_prompt_tokens: 9, max_prompt_tokens: 3}}",
+     "routes[0].match.max_prompt_tokens", "below"),
+    ("- {name: r, candidates: [big]}\n- {name: r, candidates: [small]}", "routes[1].name", "used twice"),
+    ("- {name: default, candidates: [big]}", "routes[0].name", "reserved"),
+    ("- {name: r, candidates: [big], retry_on: [weather]}", "routes[0].retry_on", "unknown value"),
+])
+def test_route_validation_names_file_line_and_key(tmp_path: Path, routes: str, key: str, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        load(tmp_path, routes)
+    assert err.value.key == key and message in err.value.message
+    assert err.value.file.endswith("routes.yaml") and err.value.line >= 2
+
+
+def test_detectors() -> None:
+    assert has_email("reach me at first.last+tag@mail.example.co.uk please")
+    assert not has_email("an @ sign alone, or user@localhost")
+    assert has_phone("call +44 20 7946 0958") and has_phone("(415) 555-0100") and has_phone("415-555-0100")
+    assert not has_phone("version 1.2.3 of 2024") and not has_phone("order 12345")
+    assert has_card_number("card 4111 1111 1111 1111 exp 12/29")
+    assert not has_card_number("4111 1111 1111 1112")   # fails the Luhn check
+    assert has_secret("key=sk-proj-abcdefghijklmnopqrstuvwxyz012345")
+    assert has_secret("AKIAIOSFODNN7EXAMPLE") and has_secret("-----BEGIN RSA PRIVATE KEY-----\nMIIE")
+    assert has_secret("ghp_" + "a" * 36)
+    assert not has_secret("sk-short and a skeleton key")
+    assert detect(frozenset({"personal_data"}), "mail a@b.io, card 4111111111111111") == ["email", "card_number"]
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi a@b.io"}]},
+                         {"role": "assistant", "tool_calls": [{"function": {"arguments": '{"to": "x"}'}}]}]}
+    assert request_text("chat", body) == 'hi a@b.io\n{"to": "x"}'
+    assert request_text("embeddings", {"input": ["one", "two"]}) == "one\ntwo"
+
+
+def test_explain_and_policy_cases(tmp_path: Path) -> None:
+    p = load(tmp_path, RULES, extra="""
+        tests:
+          - name: legal stays local
+            team: legal
+            model: big
+            request: {messages: [{role: user, content: hi}]}
+            expect: {route: by-team, deployment: local-a}
+          - name: wrong on purpose
+            model: auto
+            request: {messages: [{role: user, content: hi}]}
+            expect: {route: long}
+          - name: unknown
+            model: nope
+            request: {messages: [{role: user, content: hi}]}
+            expect: {error: model_not_found}
+        """)
+    results = run_cases(p)
+    assert [r.ok for r in results] == [True, False, True]
+    assert "expected route long" in results[1].line() and "extra.yaml" in results[1].line()
+    text, plan = explain(p, route_input(p, "default", "auto", {"messages": [{"role": "user", "content": "hi"}]}))
+    assert plan is not None and plan.route == "short"
+    assert "rule by-team" in text and "no, team 'default' not in ['legal']" in text
+    assert "rule short" in text and "matches" in text and "decision: route short" in text
+    text, plan = explain(p, route_input(p, "default", "nope", {"messages": []}))
+    assert plan is None and "404 model_not_found" in text and "rule by-team" in text
