@@ -517,7 +517,7 @@ def ledger_record(req: Inbound, outcome: Outcome, status: str) -> LedgerRecord:
         savings["routing"] = outcome.baseline_nano - outcome.cost_nano   # negative: routing cost extra
     return LedgerRecord(
         request_id=req.request_id, ts=time.time(), team=outcome.principal.team, key_id=outcome.principal.key_id,
-        requested_model=plan.requested, model=plan.model.name, deployment=d.id if d else "",
+        requested_model=plan.requested, model=d.model if d else plan.model.name, deployment=d.id if d else "",
         provider=d.provider if d else "", route=plan.route, input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens + usage.cache_write_1h_tokens,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -253,3 +256,30 @@ def test_explain_and_policy_cases(tmp_path: Path) -> None:
     assert "rule short" in text and "matches" in text and "decision: route short" in text
     text, plan = explain(p, route_input(p, "default", "nope", {"messages": []}))
     assert plan is None and "404 model_not_found" in text and "rule by-team" in text
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def test_gateway_route_and_check_commands(tmp_path: Path) -> None:
+    load(tmp_path, RULES)
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}))
+    out = run_cli("route", "--config", str(tmp_path), "--file", str(request), "--header", "x-gateway-tags:batch")
+    assert out.returncode == 0, out.stderr
+    assert "rule by-tag" in out.stdout and "decision: route by-tag, first deployment local-a" in out.stdout
+    out = run_cli("route", "--config", str(tmp_path), "--model", "nope")
+    assert out.returncode == 1 and "404 model_not_found" in out.stdout
+    assert run_cli("check", "--config", str(tmp_path)).returncode == 0      # no cases: nothing to fail
+    (tmp_path / "tests.yaml").write_text(textwrap.dedent("""
+        tests:
+          - {name: ok, model: auto, request: {messages: [{role: user, content: hi}]}, expect: {route: short}}
+          - {name: mismatch, model: auto, file: req.json, expect: {deployment: big-a}}
+        """))
+    out = run_cli("check", "--config", str(tmp_path))
+    assert out.returncode == 1 and "policy tests: 1 of 2 pass" in out.stdout
+    assert "FAIL mismatch" in out.stdout and "expected deployment big-a" in out.stdout
+    shipped = run_cli("check")
+    assert shipped.returncode == 0 and "policy tests: 5 of 5 pass" in shipped.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from redis_fixtures import free_port
 
 from conftest import GatewayFactory, Server
 from gateway.state.keys import RedisKeyStore
+from gateway.state.ledger import RedisLedger
 
 HEALTH = "health: {failures: 3, window_s: 30, cooldown_s: 60, sync_interval_s: 0.2, check_interval_s: 0}"
 
@@ -151,6 +153,31 @@ def test_cheapest_routing_records_savings_against_the_baseline(gw: Server) -> No
         baseline = Decimal(usage.prompt_tokens * 10 + usage.completion_tokens * 30) / 10**6
         saved += baseline - cost
     assert metric(gw, "gateway_savings_usd_total", source="routing") == pytest.approx(float(saved), abs=1e-12)
+
+
+async def test_routing_savings_in_the_ledger(gateway: GatewayFactory, mock_reset: str, redis_port: int) -> None:
+    team = f"t{uuid.uuid4().hex[:8]}"
+    server = gateway(policy(mock_reset, ROUTES), env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+    rc = Redis(host="127.0.0.1", port=redis_port)
+    _, secret = await RedisKeyStore(rc).create(team, "savings")
+    since = time.time() - 1
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0, timeout=20)
+    usages = [(await client.chat.completions.create(model="auto", messages=MSG)).usage for _ in range(3)]
+    ledger = RedisLedger(rc)
+    deadline = time.monotonic() + 10
+    while len(records := await ledger.read(since, team=team)) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert len(records) == 3
+    for record, usage in zip(sorted(records, key=lambda r: r.ts), usages, strict=True):
+        assert usage is not None
+        cost = usage.prompt_tokens * 1000 + usage.completion_tokens * 2000           # nano-USD
+        baseline = usage.prompt_tokens * 10_000 + usage.completion_tokens * 30_000
+        assert (record.route, record.requested_model, record.model, record.deployment) == \
+            ("cheap", "auto", "healthy", "healthy")
+        assert (record.cost_nano, record.baseline_nano, record.savings) == (cost, baseline,
+                                                                            {"routing": baseline - cost})
+    await client.close()
+    await rc.aclose()
 
 
 def test_latency_strategy_prefers_the_faster_deployment(gw: Server) -> None:
