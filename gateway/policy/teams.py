@@ -17,6 +17,7 @@ from gateway.policy.yamlsource import Located, PolicyError
 from gateway.pricing import usd_to_nano
 
 PERIODS = frozenset({"daily", "weekly", "monthly"})
+MAX_BUDGET_USD = (2**53 - 1) // 10**9   # budgets are nano-USD and must stay exact in the budget script
 DEFAULT_TEAM = "default"
 
 
@@ -65,7 +66,7 @@ def _parse_team(name: str, body: Any, model_names: frozenset[str]) -> TeamSpec:
         if period in seen:
             raise b.error("period", f"a {period} budget is already defined for this team")
         seen.add(period)
-        usd = b.take_number("usd", minimum=0)
+        usd = b.take_number("usd", minimum=0, maximum=MAX_BUDGET_USD)
         b.finish()
         budgets.append(TeamBudget(period, usd_to_nano(str(usd))))
     on_exceed = f.take_str("on_exceed", "block")
