@@ -90,7 +90,8 @@ async def test_expiry_and_validation(store: Any) -> None:
     cached = CachedKeys(store)
     assert await cached.lookup_active(secret, now=now) == rec
     assert await cached.lookup_active(secret, now=now + 61) is None  # cached record, expiry still checked
-    for bad in ({"budget_usd": "ten"}, {"budget_usd": "-1"}, {"rpm": 0}, {"tpm": 1.5}):
+    for bad in ({"budget_usd": "ten"}, {"budget_usd": "-1"}, {"budget_usd": "1e7"}, {"rpm": 0}, {"tpm": 1.5},
+                {"rpm": 2**53}, {"budget_usd": "1", "budget_period": "month"}):
         with pytest.raises(ValueError):
             await store.create("acme", "bad", **bad)
     with pytest.raises(ValueError):

@@ -3,8 +3,9 @@
 A team's budgets are USD amounts per UTC calendar period (``daily``, ``weekly``,
 ``monthly``); past one, requests are refused (``on_exceed: block``) or sent to a
 cheaper model (``on_exceed: downgrade`` with ``downgrade_to``). ``soft_alert`` is
-the fraction of a budget at which alerts fire and downgrades start. Amounts are
-converted to integer nano-USD here, once.
+the fraction of a budget at which the team counts as about to run out (reported by
+``/admin/teams``; it does not change request handling). Amounts are converted to
+integer nano-USD here, once, and bounded so they stay exact in the budget script.
 """
 
 from __future__ import annotations
