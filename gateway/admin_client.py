@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -226,7 +225,6 @@ def run(settings: Settings, args: Any, known_teams: Callable[[], Collection[str]
         finally:
             await backend.aclose()
 
-    started = time.monotonic()
     try:
         out = asyncio.run(go())
     except GatewayError as exc:
@@ -236,7 +234,7 @@ def run(settings: Settings, args: Any, known_teams: Callable[[], Collection[str]
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gateway: interrupted after {time.monotonic() - started:.1f}s", file=sys.stderr)
+        print("gateway: interrupted", file=sys.stderr)
         return 130
     sys.stdout.write(out)
     return 0

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from admin_helpers import MASTER, NANO, admin, admin_policy, admin_redis, nano, redis_url, sdk, traffic
+from redis_fixtures import RedisProc, free_port
 
 from conftest import GatewayFactory, Server
 
@@ -260,4 +261,25 @@ def test_bad_admin_parameters_are_400s(gateway: GatewayFactory, mock_reset: str)
     envelope(admin(server, "GET", "/admin/nothing"), 404, "not_found")
     ok = admin(server, "POST", "/admin/keys", json={"team": "a", "budget_usd": 0.1, "expires_in_days": 0.5})
     assert ok.status_code == 201 and ok.json()["key"]["budget_usd"] == "0.1"
+    assert "Traceback" not in server.output()
+
+
+def test_admin_answers_503_while_redis_is_down(gateway: GatewayFactory, mock_reset: str, tmp_path: Path) -> None:
+    port = free_port()
+    redis_proc = RedisProc(port, tmp_path / "redis")
+    try:
+        server = gateway(admin_policy(mock_reset), env={"GATEWAY_MASTER_KEY": MASTER,
+                                                        "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+        assert admin(server, "POST", "/admin/keys", json={"team": "alpha"}).status_code == 201
+        redis_proc.stop()
+        for method, path, kw in [("POST", "/admin/keys", {"json": {"team": "alpha"}}), ("GET", "/admin/keys", {}),
+                                 ("DELETE", "/admin/keys/key_000000000000", {}), ("GET", "/admin/teams", {}),
+                                 ("GET", "/admin/spend", {})]:
+            err = envelope(admin(server, method, path, **kw), 503, "state_unavailable")
+            assert "unreachable" in err["message"] and err["type"] == "api_error", (path, err)
+        envelope(admin(server, "GET", "/admin/spend?since=never"), 400, "invalid_value")   # still validated
+        redis_proc = RedisProc(port, tmp_path / "redis")
+        assert admin(server, "GET", "/admin/keys").status_code == 200
+    finally:
+        redis_proc.stop()
     assert "Traceback" not in server.output()
