@@ -4,7 +4,8 @@
 providers, metrics, the pipeline) and returns an ASGI callable. The proxy
 endpoints (chat completions, completions, embeddings, with or without ``/v1``)
 are parsed here and handed to the pipeline; its reply is rendered as JSON or
-SSE. Every other route (models, health, metrics) is a FastAPI route. This is
+SSE. Every other route (models, health, metrics, and the admin API of
+``gateway/admin.py``) is a FastAPI route. This is
 the only place where errors become HTTP responses.
 """
 
@@ -24,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from gateway.admin import AdminApi
 from gateway.budgeting import budget_rules
 from gateway.errors import (
     GatewayError,
@@ -206,6 +208,8 @@ async def send_stream(reply: StreamReply, receive: Receive, send: Send) -> None:
 
 
 def _fastapi(state: AppState) -> FastAPI:
+    admin = AdminApi(state)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("gateway ready: %d models from %s", len(state.policies.unique_models()),
@@ -214,6 +218,7 @@ def _fastapi(state: AppState) -> FastAPI:
         health_task = state.pipeline.health.start()
         if state.watcher is not None:
             state.watcher.start()
+        await admin.start()
         if state.settings.master_key is None:
             try:
                 open_mode = not await state.state.keys.has_keys()
@@ -225,12 +230,14 @@ def _fastapi(state: AppState) -> FastAPI:
         if state.watcher is not None:
             await state.watcher.stop()
         await HealthBook.stop(health_task)
+        await admin.aclose()
         await state.state.aclose()
         for provider in state.providers.values():
             await provider.aclose()
         await state.client.aclose()
 
     api = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api.include_router(admin.router)
 
     @api.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -1,8 +1,9 @@
-"""The ``gateway`` command: ``serve`` and ``check``.
+"""The ``gateway`` command: ``serve``, ``check``, ``keys`` and ``spend``.
 
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
 ``check`` validates the policy files and prints what they define; any error
-names file, line and key and exits non-zero.
+names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
+:mod:`gateway.admin_client` (on Redis directly, or through the admin API).
 """
 
 from __future__ import annotations
@@ -36,6 +37,31 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"])
     route.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                        help="a request header, e.g. x-gateway-tags:batch (repeatable)")
+    keys = sub.add_parser("keys", help="create, list and revoke virtual keys")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key; its secret is printed once")
+    create.add_argument("--team", required=True, help="the team the key's traffic belongs to")
+    create.add_argument("--name", help="a label for the key")
+    create.add_argument("--budget-usd", help="the key's own budget in USD (inside its team's)")
+    create.add_argument("--budget-period", help="daily, weekly or monthly (default monthly)")
+    create.add_argument("--rpm", type=int, help="requests per minute for this key")
+    create.add_argument("--tpm", type=int, help="tokens per minute for this key")
+    create.add_argument("--expires-in-days", type=float, help="the key stops working after this many days")
+    listing = actions.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--team", help="only this team's keys")
+    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("id", help="the key id (key_...)")
+    spend = sub.add_parser("spend", help="spend report from the ledger, with savings")
+    spend.add_argument("--team", help="only this team")
+    spend.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
+    spend.add_argument("--by", default="team", choices=("team", "model", "day"))
+    spend.add_argument("--format", default="table", choices=("table", "csv", "json"))
+    for admin in (create, listing, revoke, spend):
+        admin.add_argument("--url", help="the gateway's address when GATEWAY_REDIS_URL is not set "
+                                         "(default http://GATEWAY_HOST:GATEWAY_PORT)")
+        admin.add_argument("--config", help="policy directory, to warn about unknown teams (default: policies/)")
+    for action in (create, listing, revoke):
+        action.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -48,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    if args.command in ("keys", "spend"):
+        from gateway.admin_client import run
+
+        return run(settings, args, lambda: policy_teams(settings.config_dir))
     try:
         policies = load_policies(settings.config_dir)
     except PolicyError as exc:
@@ -102,6 +132,14 @@ def route(policies: Policies, args: argparse.Namespace) -> int:
     text, plan = explain(policies, route_input(policies, args.team, model, body, args.endpoint, headers, args.key))
     print(text)
     return 0 if plan is not None else 1
+
+
+def policy_teams(config_dir: str) -> frozenset[str] | None:
+    """The teams the policies define, or None when they cannot be read here (no warning then)."""
+    try:
+        return frozenset(load_policies(config_dir).teams)
+    except (PolicyError, OSError, UnicodeError):
+        return None
 
 
 def describe(policies: Policies) -> str:

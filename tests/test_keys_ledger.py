@@ -66,7 +66,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
 
 async def test_create_lookup_get_list_revoke(store: Any) -> None:
-    rec, secret = await store.create("acme", "ci", budget_usd="12.50", budget_period="month", rpm=60, tpm=1000)
+    rec, secret = await store.create("acme", "ci", budget_usd="12.50", budget_period="monthly", rpm=60, tpm=1000)
     other, other_secret = await store.create("globex", "web")
     assert re.fullmatch(r"key_[0-9a-f]{12}", rec.id) and secret.startswith("sk-gw-") and len(secret) > 40
     assert rec.prefix == secret[:8] and rec.budget_usd == "12.50" and (rec.rpm, rec.tpm) == (60, 1000)
@@ -90,7 +90,8 @@ async def test_expiry_and_validation(store: Any) -> None:
     cached = CachedKeys(store)
     assert await cached.lookup_active(secret, now=now) == rec
     assert await cached.lookup_active(secret, now=now + 61) is None  # cached record, expiry still checked
-    for bad in ({"budget_usd": "ten"}, {"budget_usd": "-1"}, {"rpm": 0}, {"tpm": 1.5}):
+    for bad in ({"budget_usd": "ten"}, {"budget_usd": "-1"}, {"budget_usd": "1e7"}, {"rpm": 0}, {"tpm": 1.5},
+                {"rpm": 2**53}, {"budget_usd": "1", "budget_period": "month"}):
         with pytest.raises(ValueError):
             await store.create("acme", "bad", **bad)
     with pytest.raises(ValueError):

@@ -152,6 +152,7 @@ def test_teams_section(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("team", "key", "message"), [
     ("budgets:\n      - {period: yearly, usd: 5}", "teams.t.budgets[0].period", "must be one of"),
     ("budgets:\n      - {period: daily, usd: -1}", "teams.t.budgets[0].usd", "at least"),
+    ("budgets:\n      - {period: daily, usd: 10000000}", "teams.t.budgets[0].usd", "at most 9007199"),
     ("on_exceed: downgrade", "teams.t.downgrade_to", "needs the model"),
     ("allowed_models: [demo, nope]", "teams.t.allowed_models", "unknown model"),
     ("rpm: fast", "teams.t.rpm", "integer"),

@@ -3,8 +3,10 @@
 A team's budgets are USD amounts per UTC calendar period (``daily``, ``weekly``,
 ``monthly``); past one, requests are refused (``on_exceed: block``) or sent to a
 cheaper model (``on_exceed: downgrade`` with ``downgrade_to``). ``soft_alert`` is
-the fraction of a budget at which alerts fire and downgrades start. Amounts are
-converted to integer nano-USD here, once.
+the fraction of a budget at which the team counts as about to run out: reported by
+``/admin/teams``, and for a ``downgrade`` team the point from which it is sent to the
+cheaper model. Amounts are converted to
+integer nano-USD here, once, and bounded so they stay exact in the budget script.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from gateway.policy.yamlsource import Located, PolicyError
 from gateway.pricing import usd_to_nano
 
 PERIODS = frozenset({"daily", "weekly", "monthly"})
+MAX_BUDGET_USD = (2**53 - 1) // 10**9   # budgets are nano-USD and must stay exact in the budget script
 DEFAULT_TEAM = "default"
 
 
@@ -65,7 +68,7 @@ def _parse_team(name: str, body: Any, model_names: frozenset[str]) -> TeamSpec:
         if period in seen:
             raise b.error("period", f"a {period} budget is already defined for this team")
         seen.add(period)
-        usd = b.take_number("usd", minimum=0)
+        usd = b.take_number("usd", minimum=0, maximum=MAX_BUDGET_USD)
         b.finish()
         budgets.append(TeamBudget(period, usd_to_nano(str(usd))))
     on_exceed = f.take_str("on_exceed", "block")

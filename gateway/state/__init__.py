@@ -65,12 +65,13 @@ class State:
         """Records and settles not yet written to the store."""
         return len(self._records) + self.ledger.pending + len(self._settles)
 
-    async def flush(self) -> None:
-        """Write queued ledger records and replay queued settles (oldest first) as far as the store allows."""
+    async def flush(self, wait: bool = False) -> None:
+        """Write queued ledger records and replay queued settles (oldest first) as far as the store allows;
+        ``wait``: also wait for a ledger write already in progress (see :meth:`BufferedLedger.flush`)."""
         if self._records:
             batch, self._records = self._records, []
             await self.ledger.append(batch)
-        await self.ledger.flush()
+        await self.ledger.flush(wait)
         while self._settles:
             req, cost, tokens = self._settles[0]
             try:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.state.budgets import StateUnavailable
+from gateway.state.budgets import MAX_AMOUNT, PERIODS, StateUnavailable
 
 PREFIX = "gw:v1:"
 _KEY = PREFIX + "key:"  # + secret hash -> record JSON
@@ -81,11 +81,13 @@ def _new_record(team: str, name: str, secret: str, expires_at: float | None, bud
             value = Decimal(str(budget_usd))
         except InvalidOperation:
             raise ValueError(f"budget_usd must be a decimal amount, got {budget_usd!r}") from None
-        if not value.is_finite() or value < 0:
-            raise ValueError(f"budget_usd must be a finite amount >= 0, got {budget_usd!r}")
+        if not value.is_finite() or value < 0 or value * 10**9 > MAX_AMOUNT:
+            raise ValueError(f"budget_usd must be an amount from 0 to {MAX_AMOUNT // 10**9}, got {budget_usd!r}")
         budget = str(value)
+    if budget_period is not None and budget_period not in PERIODS:
+        raise ValueError(f"budget_period must be one of {', '.join(PERIODS)}, got {budget_period!r}")
     for label, limit in (("rpm", rpm), ("tpm", tpm)):
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_AMOUNT):
             raise ValueError(f"{label} must be a positive integer, got {limit!r}")
     return KeyRecord(id="key_" + secrets.token_hex(6), team=team, name=name, created_at=time.time(),
                      expires_at=expires_at, revoked_at=None, budget_usd=budget, budget_period=budget_period,
@@ -282,7 +284,9 @@ class CachedKeys:
         return record if record is not None and record.active(time.time() if now is None else now) else None
 
     def clear(self) -> None:
+        """Forget every cached lookup (and ``has_keys``): this process sees a new or revoked key at once."""
         self._cache.clear()
+        self._has_keys = (0.0, False)
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -332,9 +332,11 @@ class BufferedLedger:
             if len(self._batches) == 1:  # no backlog: write now; behind one, wait for flush()
                 await self.flush()
 
-    async def flush(self) -> int:
-        """Write queued batches oldest first until one fails; returns how many records were written."""
-        if self._lock.locked():
+    async def flush(self, wait: bool = False) -> int:
+        """Write queued batches oldest first until one fails; returns how many records were written.
+        If a flush is already running, return at once, or with ``wait`` let it finish and then flush
+        (a reader that needs every record queued so far to be written, or to have failed)."""
+        if self._lock.locked() and not wait:
             return 0  # a flush is running and will take the new batches too
         written = 0
         async with self._lock:
