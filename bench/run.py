@@ -454,6 +454,32 @@ def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------
 
 
+def bench_key(redis_port: int) -> str:
+    """Create the virtual key of the --budgets run in the private Redis (waits for it to answer)."""
+    import asyncio
+
+    sys.path.insert(0, str(ROOT))
+    from redis.asyncio import Redis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from gateway.state.keys import RedisKeyStore
+
+    async def create() -> str:
+        client = Redis(host="127.0.0.1", port=redis_port)
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except RedisConnectionError:
+                await asyncio.sleep(0.05)
+        _, secret = await RedisKeyStore(client).create("bench", "bench", budget_usd="500000",
+                                                       budget_period="monthly", rpm=100_000_000, tpm=10**11)
+        await client.aclose()
+        return secret
+
+    return asyncio.run(create())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario (default 10)")
@@ -504,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(config).mkdir()
         Path(config, "models.yaml").write_text((BENCH / "policies" / "models.yaml").read_text())
         Path(config, "teams.yaml").write_text(
-            "teams:\n  default:\n    budgets: [{period: monthly, usd: 1000000}]\n"
+            "teams:\n  bench:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
             "    rpm: 100000000\n    tpm: 100000000000\n")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -514,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "--dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         gw_env["GATEWAY_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
         log(f"redis-server pid {redis_proc.pid} on 127.0.0.1:{redis_port}")
+        secret = bench_key(redis_port)   # a virtual key with its own budget and limits, inside team "bench"
+        args.header = [h for h in args.header if h.split(":", 1)[0].strip().lower() != "authorization"]
+        args.header.append(f"Authorization: Bearer {secret}")
     gateway_cmd = args.gateway_cmd or (f"taskset -c 1 {shlex.quote(sys.executable)} -m gateway serve "
                                        f"--config {config} --port 4100")
     gw_port = urlsplit(args.gateway_url).port or 80
