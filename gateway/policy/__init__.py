@@ -13,15 +13,26 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.policy.caching import (
+    CacheSettings,
+    CompressionSettings,
+    Layered,
+    PromptCacheSettings,
+    ResponseCachePolicy,
+    parse_cache,
+    parse_compression,
+    parse_prompt_cache,
+)
 from gateway.policy.models import Deployment, ModelSpec, SimulatedSpec, parse_models
 from gateway.policy.teams import DEFAULT_TEAM, TeamBudget, TeamSpec, parse_teams
 from gateway.policy.yamlsource import Located, PolicyError, load_file
 from gateway.pricing import PriceBook
 
-__all__ = ["DEFAULT_TEAM", "Deployment", "ModelSpec", "Policies", "PolicyError", "SimulatedSpec", "TeamBudget",
-           "TeamSpec", "load_policies"]
+__all__ = ["DEFAULT_TEAM", "CacheSettings", "CompressionSettings", "Deployment", "Layered", "ModelSpec", "Policies",
+           "PolicyError", "PromptCacheSettings", "ResponseCachePolicy", "SimulatedSpec", "TeamBudget", "TeamSpec",
+           "load_policies"]
 
-SECTIONS = ("models", "teams")
+SECTIONS = ("models", "teams", "cache", "prompt_cache", "compression")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +41,9 @@ class Policies:
     files: tuple[str, ...] = ()
     deployments: tuple[Deployment, ...] = field(default=())
     teams: dict[str, TeamSpec] = field(default_factory=lambda: {DEFAULT_TEAM: TeamSpec(DEFAULT_TEAM)})
+    cache: ResponseCachePolicy = field(default_factory=ResponseCachePolicy)
+    prompt_cache: Layered[PromptCacheSettings] = field(default_factory=lambda: Layered(PromptCacheSettings()))
+    compression: Layered[CompressionSettings] = field(default_factory=lambda: Layered(CompressionSettings()))
 
     def model(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
@@ -68,7 +82,14 @@ def load_policies(config_dir: str, env: dict[str, str] | None = None) -> Policie
     deployments = tuple(d for spec in {s.name: s for s in models.values()}.values() for d in spec.deployments)
     teams = parse_teams(merged["teams"], frozenset(models)) if "teams" in merged \
         else {DEFAULT_TEAM: TeamSpec(DEFAULT_TEAM)}
-    return Policies(models=models, files=tuple(files), deployments=deployments, teams=teams)
+    names = frozenset(models)
+    return Policies(
+        models=models, files=tuple(files), deployments=deployments, teams=teams,
+        cache=parse_cache(merged["cache"]) if "cache" in merged else ResponseCachePolicy(),
+        prompt_cache=parse_prompt_cache(merged["prompt_cache"]) if "prompt_cache" in merged
+        else Layered(PromptCacheSettings()),
+        compression=parse_compression(merged["compression"], names) if "compression" in merged
+        else Layered(CompressionSettings()))
 
 
 def _merge(merged: dict[str, Located], section: str, value: Any, doc: Located) -> None:
