@@ -80,9 +80,13 @@ class SavingStages:
         from gateway.pipeline import Outcome, Reply, StreamReply
 
         p = self.pipeline
-        ticket = await self.admit_hit(req, principal, plan)
-        deployment = next((d for d in plan.model.deployments if d.id == entry.deployment), plan.baseline)
         stream = req.body.get("stream") is True and req.endpoint != "embeddings"
+        try:
+            ticket = await self.admit_hit(req, principal, plan)
+        except GatewayError as exc:   # a rate limit: recorded at $0 like any refusal
+            p.record(req, Outcome(principal, plan, None, stream=stream), exc.code or "error")
+            raise
+        deployment = next((d for d in plan.model.deployments if d.id == entry.deployment), plan.baseline)
         outcome = Outcome(principal, plan, deployment, stream=stream)
         accounting = hit_accounting(entry.input_tokens, entry.output_tokens, plan.baseline.price)
         outcome.baseline_nano, outcome.savings = accounting.baseline_nano, accounting.savings

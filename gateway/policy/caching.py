@@ -91,13 +91,21 @@ class ResponseCachePolicy:
         return self.layers.for_request(team, route)
 
 
+def _take_choice(f: Fields, key: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices``; a bare ``off`` (which YAML reads as false) counts as ``"off"``."""
+    if f.data.get(key) is False and "off" in choices:
+        f.take_bool(key)
+        return "off"
+    value = f.take_str(key)
+    if value not in choices:
+        raise f.error(key, f"must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
 def _take_cache(f: Fields) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if f.has("mode"):
-        mode = f.take_str("mode")
-        if mode not in CACHE_MODES:
-            raise f.error("mode", f"must be one of {list(CACHE_MODES)}, got {mode!r}")
-        out["mode"] = mode
+        out["mode"] = _take_choice(f, "mode", CACHE_MODES)
     if f.has("ttl_s"):
         out["ttl_s"] = float(f.take_number("ttl_s", minimum=0.001))
     if f.has("max_entry_bytes"):
@@ -110,19 +118,13 @@ def _take_prompt_cache(f: Fields) -> dict[str, Any]:
     if f.has("enabled"):
         out["enabled"] = f.take_bool("enabled")
     if f.has("ttl"):
-        ttl = f.take_str("ttl")
-        if ttl not in PROMPT_CACHE_TTLS:
-            raise f.error("ttl", f"must be one of {list(PROMPT_CACHE_TTLS)}, got {ttl!r}")
-        out["ttl"] = ttl
+        out["ttl"] = _take_choice(f, "ttl", PROMPT_CACHE_TTLS)
     if f.has("min_tokens"):
         out["min_tokens"] = f.take_int("min_tokens", minimum=1)
     if f.has("conversation"):
         out["conversation"] = f.take_bool("conversation")
     if f.has("openai_cache_key"):
-        key = f.take_str("openai_cache_key")
-        if key not in OPENAI_CACHE_KEYS:
-            raise f.error("openai_cache_key", f"must be one of {list(OPENAI_CACHE_KEYS)}, got {key!r}")
-        out["openai_cache_key"] = key
+        out["openai_cache_key"] = _take_choice(f, "openai_cache_key", OPENAI_CACHE_KEYS)
     return out
 
 
