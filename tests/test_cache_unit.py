@@ -4,6 +4,7 @@ policy sections."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,27 @@ def test_errors_name_file_line_and_key(tmp_path: Path, extra: str, line: int, ke
     err = error(tmp_path, extra)
     assert err.file.endswith("models.yaml") and err.key == key and message in err.message
     assert err.line == line, str(err)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_examples_load_when_uncommented(tmp_path: Path) -> None:
+    lines = (ROOT / "policies" / "caching.yaml").read_text().splitlines()
+    example = re.compile(r"^( *)# ( *[a-z_]+:.*)$")
+    uncommented = "\n".join(m.group(1) + m.group(2) if (m := example.match(line)) else line for line in lines)
+    assert uncommented.count("\n") == len(lines) - 1 and "# compression:" not in uncommented
+    (tmp_path / "caching.yaml").write_text(uncommented)
+    p = load(tmp_path, "")
+    assert p.cache.for_request("legal").mode == "off" and p.cache.for_request("batch").ttl_s == 86400
+    assert p.prompt_cache.for_request("research").ttl == "1h" and p.compression.for_request("agents").enabled
+    assert p.compression.for_request("x").summary_model == "demo"
+    text = (ROOT / "policies" / "README.md").read_text()
+    section = text[text.index("## Caching and compression"):]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    for i, block in enumerate(blocks):
+        d = tmp_path / f"readme{i}"
+        d.mkdir()
+        (d / "models.yaml").write_text(MODELS + block)
+        load_policies(str(d))
