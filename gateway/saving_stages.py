@@ -29,7 +29,7 @@ from gateway import cache_stream, compression, prompt_cache
 from gateway.budgeting import Ticket, budget_rules, rate_rules, refusal_error
 from gateway.cache import Entry, Lookup, MemoryStore, RedisStore, ResponseCache, Store, answer_for_storage
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.policy import CompressionSettings, Deployment, Policies
+from gateway.policy import CompressionSettings, Deployment, Policies, PromptCacheSettings
 from gateway.routing import Plan
 from gateway.savings import hit_accounting
 from gateway.state import State
@@ -210,7 +210,7 @@ class SavingStages:
 
     async def run_compression(self, req: Inbound, principal: Principal, settings: CompressionSettings,
                               deployment: Deployment, tokens: int, limit: int,
-                              caching: Any) -> None:
+                              caching: PromptCacheSettings) -> None:
         protected = prompt_cache.protected_messages(req.body, deployment, caching)
 
         async def summarise(text: str) -> tuple[str, int] | None:

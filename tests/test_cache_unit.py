@@ -224,3 +224,13 @@ def test_shipped_examples_load_when_uncommented(tmp_path: Path) -> None:
         d.mkdir()
         (d / "models.yaml").write_text(MODELS + block)
         load_policies(str(d))
+
+
+def test_ledger_records_written_before_these_fields_still_load() -> None:
+    from gateway.state.ledger import LedgerRecord
+    old = {"request_id": "r", "ts": 1.0, "team": "t", "key_id": None, "requested_model": "m", "model": "m",
+           "deployment": "d", "provider": "p", "route": "default", "input_tokens": 1, "output_tokens": 2}
+    record = LedgerRecord.from_json(orjson.dumps(old))
+    assert (record.cache, record.compressed, record.compression_saved_tokens) == ("bypass", False, 0)
+    new = LedgerRecord(**{**old, "cache": "hit", "compressed": True, "compression_saved_tokens": 7})
+    assert LedgerRecord.from_json(new.to_json()) == new
