@@ -34,6 +34,8 @@ Behaviour knobs, per request; the most specific source wins:
     x-mock-completion-tokens: N  tokensN       completion tokens (non-streaming)
     x-mock-context-window: N     ctxN          chat: a prompt over N tokens gets 400
                                                context_length_exceeded
+    x-mock-prefix-cache: N       apcN          automatic prefix caching in blocks of N
+                                               words (chat; see "Prefix caching" below)
 
 Model tokens are the parts of the model name split on anything that is not a
 letter or digit, e.g. "mock-lat0-chunks20-delay5" or "mock-cached40-reasoning7".
@@ -54,6 +56,15 @@ Token accounting (deterministic, no tokenizer):
     cached_tokens        = cachedN, never more than prompt_tokens
 Words are whitespace-separated (str.split()).
 
+Prefix caching (apcN, like vLLM's automatic prefix caching or OpenAI's): the
+words of a chat request's messages (text content, in order) are cut into
+blocks of N; each full block is identified by a hash chained over the model
+name and every block before it. cached_tokens is N times the number of leading
+blocks already seen (by any earlier request, since start or /_reset), then
+every full block of this request is remembered (no eviction; up to 1M blocks,
+then the memory starts over). A partial last block is never cached. Such
+answers are never reused from the mock's own answer memo.
+
 Tools: when the request has "tools", tool_choice is not "none" and the last
 message is not a tool result, the answer is a call to the first tool (or the
 one named by tool_choice) with arguments {"q": "mock"}; streams send it in two
@@ -72,6 +83,7 @@ import base64
 import collections
 import functools
 import gc
+import hashlib
 import re
 import signal
 import struct
@@ -96,7 +108,7 @@ DEFAULT_EMBED_DIM = 8
 MAX_EMBED_DIM = 4096
 NON_TEXT_PART_TOKENS = 85
 
-_TOKEN_RE = re.compile(r"^(lat|chunks|delay|status|cut|cached|reasoning|tokens|ctx)(\d+)$")
+_TOKEN_RE = re.compile(r"^(lat|chunks|delay|status|cut|cached|reasoning|tokens|ctx|apc)(\d+)$")
 _SPLIT_RE = re.compile(r"[^a-z0-9]+")
 _HEADER_KNOBS = {
     b"x-mock-latency-ms": "latency_ms",
@@ -109,9 +121,11 @@ _HEADER_KNOBS = {
     b"x-mock-reasoning-tokens": "reasoning",
     b"x-mock-completion-tokens": "tokens",
     b"x-mock-context-window": "context",
+    b"x-mock-prefix-cache": "apc",
 }
 _MODEL_KNOBS = {"lat": "latency_ms", "chunks": "chunks", "delay": "chunk_delay_ms", "status": "status",
-                "cut": "cut", "cached": "cached", "reasoning": "reasoning", "tokens": "tokens", "ctx": "context"}
+                "cut": "cut", "cached": "cached", "reasoning": "reasoning", "tokens": "tokens", "ctx": "context",
+                "apc": "apc"}
 _FLOAT_KNOBS = ("latency_ms", "chunk_delay_ms")
 
 ENDPOINTS = ("chat.completions", "completions", "embeddings", "models", "other")
@@ -138,6 +152,7 @@ class State:
         self.log: collections.deque[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes]] = \
             collections.deque(maxlen=LOG_SIZE)
         self.seq = 0
+        self.prefix_blocks: set[bytes] = set()   # chained hashes of the prompt blocks seen (apcN)
         self.reset()
 
     def reset(self) -> None:
@@ -151,6 +166,31 @@ class State:
         self.statuses: dict[int, int] = {}
         self.started = time.time()
         self.log.clear()
+        self.prefix_blocks.clear()
+
+    def prefix_cached(self, model: str, messages: Any, block: int) -> int:
+        """Words of this prompt's leading full blocks seen before; remembers every full block."""
+        words: list[str] = []
+        for m in messages if isinstance(messages, list) else ():
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, str):
+                words.extend(c.split())
+            elif isinstance(c, list):
+                for part in c:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        words.extend(part["text"].split())
+        if len(self.prefix_blocks) > 1_000_000:
+            self.prefix_blocks.clear()
+        chain = hashlib.blake2b(model.encode(), digest_size=16).digest()
+        cached, leading = 0, True
+        for start in range(0, len(words) - block + 1, block):
+            chain = hashlib.blake2b(chain + " ".join(words[start:start + block]).encode(), digest_size=16).digest()
+            if leading and chain in self.prefix_blocks:
+                cached += block
+            else:
+                leading = False
+                self.prefix_blocks.add(chain)
+        return cached
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -561,8 +601,8 @@ class MockProtocol(asyncio.Protocol):
         key = (req.method, endpoint, req.body, None if kh is None else tuple(sorted(kh.items())))
         answer = st.answers.get(key)
         if answer is None or answer[0] != now:
-            answer = self._prepare(req, endpoint, now)
-            if answer[1] != "models" and len(req.body) <= 65536:
+            answer, reusable = self._prepare(req, endpoint, now)
+            if reusable and answer[1] != "models" and len(req.body) <= 65536:
                 if len(st.answers) > 4096:
                     st.answers.clear()
                 st.answers[key] = answer
@@ -583,15 +623,15 @@ class MockProtocol(asyncio.Protocol):
             return None
         return self._models(req)
 
-    def _prepare(self, req: Request, endpoint: str, now: int) -> tuple[Any, ...]:
-        """Everything about the answer that depends only on (endpoint, body, knob headers)."""
+    def _prepare(self, req: Request, endpoint: str, now: int) -> tuple[tuple[Any, ...], bool]:
+        """The answer, and whether it depends only on (endpoint, body, knob headers) so it may be reused."""
         st = self.state
         if endpoint == "other":
             raise MockError(404, f"mock: no endpoint {req.path.decode('latin-1')}", code="not_found")
         if endpoint == "models":
             if req.method != b"GET":
                 raise MockError(405, "mock: use GET", code="method_not_allowed")
-            return (now, "models")
+            return (now, "models"), True
         if req.method != b"POST":
             raise MockError(405, "mock: use POST", code="method_not_allowed")
         if not req.body:
@@ -610,21 +650,25 @@ class MockProtocol(asyncio.Protocol):
         status = knobs["status"]
         if status and status != 200:
             err, extra = error_body(status)
-            return (now, "json", status, (err,), extra, delay)
+            return (now, "json", status, (err,), extra, delay), True
         window = knobs.get("context")
         if window and endpoint == "chat.completions" and chat_prompt_tokens(body.get("messages")) > window:
             err = json_error(400, f"mock: this model's maximum context length is {window} tokens",
                              code="context_length_exceeded", param="messages")
-            return (now, "json", 400, (err,), None, delay)
+            return (now, "json", 400, (err,), None, delay), True
+        reusable = True
+        if knobs.get("apc") and endpoint == "chat.completions":   # depends on what came before: never reused
+            knobs = {**knobs, "cached": st.prefix_cached(model, body.get("messages"), knobs["apc"])}
+            reusable = False
         if body.get("stream") is True and endpoint != "embeddings":
-            return (now, "stream", endpoint, body, model, knobs)
+            return (now, "stream", endpoint, body, model, knobs), reusable
         if endpoint == "chat.completions":
             payload = self._chat(body, model, knobs, now)
         elif endpoint == "completions":
             payload = self._text(body, model, knobs, now)
         else:
             payload = self._embeddings(body, model)
-        return (now, "json", 200, tuple(orjson.dumps(payload).split(RID_MARK)), None, delay)
+        return (now, "json", 200, tuple(orjson.dumps(payload).split(RID_MARK)), None, delay), reusable
 
     def _respond(self, data: bytes, keep_alive: bool, delay: float) -> None:
         if delay <= 0:
@@ -887,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backlog", type=int, default=4096)
     args = p.parse_args(argv)
     defaults = {"latency_ms": args.latency_ms, "chunks": args.chunks, "chunk_delay_ms": args.chunk_delay_ms,
-                "status": 0, "usage": True, "cut": None, "cached": 0, "reasoning": 0,
+                "status": 0, "usage": True, "cut": None, "cached": 0, "reasoning": 0, "apc": 0,
                 "tokens": args.completion_tokens}
     state = State(defaults)
     if uvloop is not None:

@@ -51,6 +51,17 @@ class InvalidRequest(GatewayError):
     code = "invalid_request"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt fits no candidate's context window; ``candidates`` are those it was too long for
+    (compression may still shrink it to fit one)."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, message: str, candidates: tuple[Any, ...] = (), **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.candidates = candidates
+
+
 class RequestTooLarge(InvalidRequest):
     status_code = 413
     code = "request_too_large"

@@ -1,7 +1,9 @@
 """The request path, one function per stage, read top to bottom in :meth:`Pipeline.handle`.
 
-authenticate → validate → resolve policy (pure) → call the upstream with
-fallbacks → price → record. Non-streaming requests return a :class:`Reply`;
+authenticate → validate → resolve policy (pure) → serve from the response cache
+→ compress → reserve → call the upstream with fallbacks (prompt-cache breakpoints
+per deployment) → price → settle → record → store in the response cache. The
+saving stages live in :mod:`gateway.saving_stages`. Non-streaming requests return a :class:`Reply`;
 streaming ones a :class:`StreamReply` whose event iterator prices and records
 the stream when it ends, however it ends (finished, failed upstream, or the
 client went away). The HTTP edge only parses and renders.
@@ -32,6 +34,8 @@ from gateway.budgeting import (
     refusal_error,
     worst_case,
 )
+from gateway.cache import Lookup
+from gateway.compression import Report
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -43,11 +47,13 @@ from gateway.errors import (
     internal_error,
 )
 from gateway.health import HealthBook
-from gateway.policy import Deployment, Policies, TeamSpec
+from gateway.policy import Deployment, Policies, PromptCacheSettings, TeamSpec
 from gateway.policy.teams import DEFAULT_TEAM
-from gateway.pricing import Usage, cost_nano, usage_from_openai
+from gateway.pricing import Usage, usage_from_openai
 from gateway.providers.base import Call, Provider
 from gateway.routing import Plan, RouteInput, resolve_policy
+from gateway.saving_stages import SavingStages, build_store
+from gateway.savings import SavingsMeter, account
 from gateway.settings import Settings
 from gateway.state import State
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
@@ -72,6 +78,14 @@ class Inbound:
     request_id: str
     started: float = field(default_factory=time.perf_counter)
     policies: Policies | None = None   # the set this request runs on, taken once (hot reload swaps the next)
+    cache: Lookup | None = None            # the response cache's decision (None: not looked up)
+    compression: Report | None = None      # what compression did, if it ran
+    original_body: Any = None              # the body before compression
+    prompt_cache: tuple[PromptCacheSettings, str] | None = None   # settings and team, when asked for
+
+    @property
+    def cache_result(self) -> str:
+        return self.cache.result if self.cache is not None else "bypass"
 
 
 @dataclass(slots=True)
@@ -116,6 +130,9 @@ class Outcome:
     status: str = "ok"
     upstream_s: float = 0.0
     ttft_s: float | None = None
+    savings: dict[str, int] = field(default_factory=dict)
+    compression: Report | None = None
+    overhead: bool = False                 # a compression summary call: baseline 0 (see gateway.savings)
 
 
 class RequestIds:
@@ -151,6 +168,8 @@ class Pipeline:
         self.master_key = settings.master_key
         self.upstream_timeout_s = settings.upstream_timeout_s
         self.ids = RequestIds()
+        self.savings = SavingsMeter(metrics)
+        self.savers = SavingStages(self, build_store(state, policies))
         self.use_policies(policies)
 
     def use_policies(self, policies: Policies) -> None:
@@ -159,21 +178,31 @@ class Pipeline:
         self.metrics.set_known_models(policies.models)
         self.health.spec = policies.health
         self.health.watch(policies.deployments)
+        self.savers.use_policies(policies)
 
     # ------------------------------------------------------------------ stages
     async def handle(self, req: Inbound) -> Reply | StreamReply:
         req.policies = self.policies
         principal = await self.authenticate(req)
         model = validate(req.endpoint, req.body)
-        plan = self.resolve(req, principal, model)
+        try:
+            plan = self.resolve(req, principal, model)
+        except InvalidRequest as exc:   # too long for every deployment: compression may still fit it
+            plan = await self.savers.compress_to_fit(req, principal, model, exc)
+        cached = await self.savers.serve_from_cache(req, principal, plan)
+        if cached is not None:
+            return cached
+        plan = await self.savers.compress(req, principal, plan)
+        self.savers.mark_prompt_caching(req, principal, plan)
         try:
             ticket = await self.reserve(req, principal, plan)
         except GatewayError as exc:   # refused before any upstream call: recorded at $0
-            self.record(req, Outcome(principal, plan, None, stream=req.body.get("stream") is True), exc.code or "error")
+            self.record(req, Outcome(principal, plan, None, stream=req.body.get("stream") is True,
+                                     compression=req.compression), exc.code or "error")
             raise
         if req.body.get("stream") is True and req.endpoint != "embeddings":
             return await self.stream(req, principal, ticket)
-        outcome = Outcome(principal, ticket.plan, None, stream=False)
+        outcome = Outcome(principal, ticket.plan, None, stream=False, compression=req.compression)
         try:
             deployment, body = await self.call_with_fallbacks(req, ticket, outcome)
         except GatewayError as exc:
@@ -186,6 +215,7 @@ class Pipeline:
             body["usage"]["cost_usd"] = nano_float(outcome.cost_nano)
         await self.settle(ticket, outcome)
         self.record(req, outcome, status="ok")
+        await self.savers.store(req, ticket, deployment, body, outcome)
         headers = self.headers(req, ticket, deployment, outcome)
         headers.append((b"x-gateway-cost-usd", usd_str(outcome.cost_nano).encode()))
         return Reply(orjson.dumps(body), headers)
@@ -309,6 +339,7 @@ class Pipeline:
         cap = call_output_cap(ticket, req.body, deployment)
         if cap is not None:
             cap_output(body, cap, deployment, req.endpoint)
+        body = self.savers.prompt_caching(req, deployment, body)
         return Call(req.endpoint, body, deployment, timeout_s)
 
     def usage_of(self, req: Inbound, deployment: Deployment, body: dict[str, Any],
@@ -325,9 +356,13 @@ class Pipeline:
                      estimated=True)
 
     def price(self, outcome: Outcome, deployment: Deployment, usage: Usage) -> None:
+        """Cost, baseline and savings by source (routing, prompt_cache, compression): gateway.savings."""
         outcome.usage = usage
-        outcome.cost_nano = cost_nano(usage, deployment.price)
-        outcome.baseline_nano = cost_nano(usage, outcome.plan.baseline.price)
+        removed = outcome.compression.removed if outcome.compression is not None else 0
+        priced = account(usage, deployment.price, outcome.plan.baseline.price, removed_tokens=removed,
+                         overhead=outcome.overhead)
+        outcome.cost_nano, outcome.baseline_nano, outcome.savings = priced.cost_nano, priced.baseline_nano, \
+            priced.savings
 
     async def settle(self, ticket: Ticket, outcome: Outcome) -> None:
         """Charge what the request really cost (0 if it failed unbilled) and release the rest of the hold."""
@@ -347,11 +382,19 @@ class Pipeline:
         provider = d.provider if d else "none"
         route = outcome.plan.route
         now = time.perf_counter()
-        c(m.requests, team, model, provider, route, status, "bypass").inc()
+        cache = req.cache_result
+        c(m.requests, team, model, provider, route, status, cache).inc()
+        if req.cache is not None:
+            c(m.cache_requests, team, cache).inc()
+        if outcome.compression is not None:
+            for strategy, tokens in outcome.compression.saved.items():
+                c(m.compression_saved, team, strategy).inc(tokens)
         c(m.overhead, route).observe(max(0.0, now - req.started - outcome.upstream_s))
         c(m.request_duration, team, model, provider, "true" if outcome.stream else "false").observe(
             now - req.started)
-        if d is not None:
+        if outcome.savings:
+            self.savings.add(team, outcome.savings)
+        if d is not None and cache != "hit":
             c(m.upstream_duration, model, provider).observe(outcome.upstream_s)
             if outcome.ttft_s is not None:
                 c(m.ttft, model, provider).observe(outcome.ttft_s)
@@ -365,9 +408,6 @@ class Pipeline:
                     c(m.tokens, team, model, provider, kind).inc(n)
             if outcome.cost_nano:
                 c(m.cost, team, model, provider).inc(outcome.cost_nano / 1e9)
-            saved = outcome.baseline_nano - outcome.cost_nano
-            if saved > 0 and d is not None and d is not outcome.plan.baseline:
-                c(m.savings, team, "routing").inc(saved / 1e9)
 
     def headers(self, req: Inbound, ticket: Ticket, deployment: Deployment, outcome: Outcome | None) -> Headers:
         headers = [
@@ -376,8 +416,10 @@ class Pipeline:
             (b"x-gateway-model", deployment.id.encode()),
             (b"x-gateway-provider", deployment.provider.encode()),
             (b"x-gateway-route", ticket.plan.route.encode()),
-            (b"x-gateway-cache", b"bypass"),
+            (b"x-gateway-cache", req.cache_result.encode()),
         ]
+        if req.compression is not None:
+            headers.append((b"x-gateway-compression", req.compression.header.encode()))
         admission = ticket.admission
         if admission is not None:
             if admission.remaining_nano is not None:   # after settling; for a stream, with its hold still out
@@ -406,7 +448,7 @@ class Pipeline:
     async def stream(self, req: Inbound, principal: Principal, ticket: Ticket) -> StreamReply:
         client_opts = req.body.get("stream_options")
         wants_usage = isinstance(client_opts, dict) and client_opts.get("include_usage") is True
-        outcome = Outcome(principal, ticket.plan, None, stream=True)
+        outcome = Outcome(principal, ticket.plan, None, stream=True, compression=req.compression)
         failures: list[tuple[Deployment, UpstreamError]] = []
         plan = ticket.plan
         for deployment in plan.candidates[:plan.max_attempts]:
@@ -456,9 +498,12 @@ class Pipeline:
         usage_chunk: dict[str, Any] | None = None
         error: GatewayError | None = None
         finished = False
+        assembler = self.savers.assembler(req)     # a miss to store once the stream completes
         try:
             chunk = first
             while chunk is not None:
+                if assembler is not None:
+                    assembler.add(chunk)
                 usage = chunk.get("usage")
                 if isinstance(usage, dict):
                     reported = usage
@@ -497,6 +542,8 @@ class Pipeline:
             finally:
                 await self.settle(ticket, outcome)
                 self.record(req, outcome, status=status)
+        if finished and assembler is not None:
+            await self.savers.store_stream(req, ticket, deployment, assembler, outcome)
         if wants_usage:
             if usage_chunk is None:
                 usage_chunk = {"id": f"chatcmpl-{req.request_id}", "object": "chat.completion.chunk",
@@ -512,9 +559,7 @@ class Pipeline:
 
 def ledger_record(req: Inbound, outcome: Outcome, status: str) -> LedgerRecord:
     d, usage, plan = outcome.deployment, outcome.usage or Usage(), outcome.plan
-    savings = {}
-    if d is not None and d is not plan.baseline and outcome.baseline_nano != outcome.cost_nano:
-        savings["routing"] = outcome.baseline_nano - outcome.cost_nano   # negative: routing cost extra
+    report = outcome.compression
     return LedgerRecord(
         request_id=req.request_id, ts=time.time(), team=outcome.principal.team, key_id=outcome.principal.key_id,
         requested_model=plan.requested, model=d.model if d else plan.model.name, deployment=d.id if d else "",
@@ -522,8 +567,10 @@ def ledger_record(req: Inbound, outcome: Outcome, status: str) -> LedgerRecord:
         output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
         cache_write_tokens=usage.cache_write_tokens + usage.cache_write_1h_tokens,
         reasoning_tokens=usage.reasoning_tokens, cost_nano=outcome.cost_nano, baseline_nano=outcome.baseline_nano,
-        savings=savings, latency_ms=round((time.perf_counter() - req.started) * 1000, 3),
+        savings=dict(outcome.savings), latency_ms=round((time.perf_counter() - req.started) * 1000, 3),
         ttft_ms=round(outcome.ttft_s * 1000, 3) if outcome.ttft_s is not None else None, status=status,
+        cache=req.cache_result, compressed=report is not None,
+        compression_saved_tokens=report.removed if report is not None else 0,
         estimated=usage.estimated, stream=outcome.stream)
 
 

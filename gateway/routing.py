@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.detectors import detect, request_text
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
+from gateway.errors import ContextLengthExceeded, GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy import Deployment, ModelSpec, Policies
 from gateway.policy.routes import DEFAULT_RETRY_ON, DEFAULT_ROUTE, Route
 from gateway.pricing import Price
@@ -210,8 +210,9 @@ def _order(rule: Route | None, fitting: tuple[Deployment, ...], inp: RouteInput,
 
 
 def _fit(candidates: tuple[Deployment, ...], facts: _Facts, inp: RouteInput,
-         notes: list[str] | None) -> tuple[tuple[Deployment, ...], int]:
-    """Candidates with the request's capabilities, the team's permission and a big enough window."""
+         notes: list[str] | None) -> tuple[tuple[Deployment, ...], int, tuple[Deployment, ...]]:
+    """(candidates with the request's capabilities, the team's permission and a big enough window;
+    the largest window among the capable ones; the capable ones whatever their window)."""
     fitting: list[Deployment] = []
     for d in candidates:
         if inp.allowed is not None and d.model not in inp.allowed:
@@ -220,6 +221,7 @@ def _fit(candidates: tuple[Deployment, ...], facts: _Facts, inp: RouteInput,
             _note(notes, f"  {d.id}: skipped, lacks {', '.join(sorted(facts.needs - d.capabilities))}")
         else:
             fitting.append(d)
+    capable = tuple(fitting)
     windows = [d.context_window for d in fitting if d.context_window]
     largest = max(windows, default=0)
     # A prompt's tokens never outnumber its bytes by much, so small bodies skip counting.
@@ -232,7 +234,7 @@ def _fit(candidates: tuple[Deployment, ...], facts: _Facts, inp: RouteInput,
             else:
                 kept.append(d)
         fitting = kept
-    return tuple(fitting), largest
+    return tuple(fitting), largest, capable
 
 
 def _note(notes: list[str] | None, text: str) -> None:
@@ -287,13 +289,13 @@ def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: floa
     else:
         baseline = candidates[0]
     _note(notes, "candidates:")
-    fitting, largest = _fit(candidates, facts, inp, notes)
+    fitting, largest, capable = _fit(candidates, facts, inp, notes)
     if not fitting:
         if facts.counted is not None and largest and facts.counted >= largest:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"This request has about {facts.counted} prompt tokens, more than the context window "
                 f"of every candidate for '{inp.model}' ({largest} at most).",
-                code="context_length_exceeded", param="messages")
+                candidates=capable, param="messages")
         if inp.allowed is not None and all(d.model not in inp.allowed for d in candidates):
             raise PermissionDenied(f"Team '{inp.team}' may not use any model that '{inp.model}' routes to.",
                                    param="model")

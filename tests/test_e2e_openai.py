@@ -56,7 +56,7 @@ def test_chat_non_streaming_cost_and_headers(gw: Server, mock_reset: str) -> Non
     assert raw.headers["x-gateway-model"] == "openai/mock"
     assert raw.headers["x-gateway-provider"] == "openai"
     assert raw.headers["x-gateway-route"] == "default"
-    assert raw.headers["x-gateway-cache"] == "bypass"
+    assert raw.headers["x-gateway-cache"] == "miss"   # temperature 0: cacheable, first time
     assert re.match(r"^req_[0-9a-f]+$", raw.headers["x-request-id"])
     # the upstream saw the upstream model name and every field we don't interpret
     seen = mock_requests(mock_reset)[-1]

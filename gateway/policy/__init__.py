@@ -10,9 +10,19 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gateway.policy.caching import (
+    CacheSettings,
+    CompressionSettings,
+    Layered,
+    PromptCacheSettings,
+    ResponseCachePolicy,
+    parse_cache,
+    parse_compression,
+    parse_prompt_cache,
+)
 from gateway.policy.cases import PolicyCase, parse_cases
 from gateway.policy.models import Deployment, ModelSpec, SimulatedSpec, parse_models
 from gateway.policy.routes import HealthSpec, Route, parse_health, parse_routes
@@ -20,10 +30,11 @@ from gateway.policy.teams import DEFAULT_TEAM, TeamBudget, TeamSpec, parse_teams
 from gateway.policy.yamlsource import Located, LocatedList, PolicyError, load_file
 from gateway.pricing import PriceBook
 
-__all__ = ["DEFAULT_TEAM", "Deployment", "HealthSpec", "ModelSpec", "Policies", "PolicyCase", "PolicyError", "Route",
+__all__ = ["DEFAULT_TEAM", "CacheSettings", "CompressionSettings", "Deployment", "HealthSpec", "Layered", "ModelSpec",
+           "Policies", "PolicyCase", "PolicyError", "PromptCacheSettings", "ResponseCachePolicy", "Route",
            "SimulatedSpec", "TeamBudget", "TeamSpec", "load_policies", "policy_files"]
 
-SECTIONS = ("models", "routes", "health", "teams", "tests")
+SECTIONS = ("models", "routes", "health", "teams", "tests", "cache", "prompt_cache", "compression")
 LIST_SECTIONS = ("routes", "tests")
 
 
@@ -37,6 +48,9 @@ class Policies:
     route_names: frozenset[str] = frozenset()   # names clients may ask for that only routes define (e.g. auto)
     health: HealthSpec = field(default_factory=HealthSpec)
     cases: tuple[PolicyCase, ...] = ()          # policy test cases, run by `gateway check`
+    cache: ResponseCachePolicy = field(default_factory=ResponseCachePolicy)
+    prompt_cache: Layered[PromptCacheSettings] = field(default_factory=lambda: Layered(PromptCacheSettings()))
+    compression: Layered[CompressionSettings] = field(default_factory=lambda: Layered(CompressionSettings()))
 
     def model(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
@@ -79,8 +93,23 @@ def load_policies(config_dir: str, env: dict[str, str] | None = None) -> Policie
         else {DEFAULT_TEAM: TeamSpec(DEFAULT_TEAM)}
     health = parse_health(merged["health"]) if "health" in merged else HealthSpec()
     cases = parse_cases(merged["tests"]) if "tests" in merged else ()
+    names = frozenset(models)
+    cache = parse_cache(merged["cache"]) if "cache" in merged else ResponseCachePolicy()
+    prompt_cache = parse_prompt_cache(merged["prompt_cache"]) if "prompt_cache" in merged \
+        else Layered(PromptCacheSettings())
+    compression = parse_compression(merged["compression"], names) if "compression" in merged \
+        else Layered(CompressionSettings())
+    for route in routes:                      # route overrides: global < team < route
+        for kind, override in route.overrides:
+            if kind == "cache":
+                cache = replace(cache, layers=cache.layers.with_route(route.name, override))
+            elif kind == "prompt_cache":
+                prompt_cache = prompt_cache.with_route(route.name, override)
+            else:
+                compression = compression.with_route(route.name, override)
     return Policies(models=models, files=tuple(files), deployments=deployments, teams=teams, routes=routes,
-                    route_names=route_names, health=health, cases=cases)
+                    route_names=route_names, health=health, cases=cases, cache=cache, prompt_cache=prompt_cache,
+                    compression=compression)
 
 
 def _merge(merged: dict[str, Any], section: str, value: Any, doc: Located) -> None:

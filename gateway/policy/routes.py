@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.policy.caching import parse_override
 from gateway.policy.models import CAPABILITIES, Deployment, ModelSpec
 from gateway.policy.reader import Fields
 from gateway.policy.yamlsource import Located, PolicyError
@@ -24,6 +25,7 @@ FAILURE_KINDS = frozenset({"rate_limit", "server_error", "timeout", "connection"
 DEFAULT_RETRY_ON = frozenset({"rate_limit", "server_error", "timeout", "connection", "auth", "context_length"})
 DETECTORS = frozenset({"personal_data", "email", "phone", "card_number", "secrets"})
 DEFAULT_ROUTE = "default"
+OVERRIDE_KINDS = ("cache", "prompt_cache", "compression")   # per-route settings of the saving stages
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class Route:
     deadline_s: float | None = None                   # overall, across attempts
     baseline: ModelSpec | None = None                 # the model savings are measured against
     expected_output_tokens: int = 256                 # for "cheapest" when max_tokens is absent
+    overrides: tuple[tuple[str, dict[str, Any]], ...] = ()   # (cache | prompt_cache | compression, settings)
     file: str = ""
     line: int = 0
 
@@ -119,6 +122,11 @@ def _parse_route(data: Any, path: str, models: dict[str, ModelSpec], by_id: dict
     deadline_s = f.take_number("deadline_s", None, minimum=0.01)
     baseline_name = f.take_str("baseline", None)
     expected_output = f.take_int("expected_output_tokens", 256, minimum=1)
+    overrides = []
+    for kind in OVERRIDE_KINDS:
+        section = f.take_mapping(kind)
+        if section is not None:
+            overrides.append((kind, parse_override(kind, section, f"{path}.{kind}", frozenset(models))))
     f.finish()
 
     if not raw_candidates:
@@ -141,7 +149,7 @@ def _parse_route(data: Any, path: str, models: dict[str, ModelSpec], by_id: dict
     return Route(name=name, match=match, candidates=tuple(candidates), strategy=strategy,
                  retry_on=frozenset(retry_on), max_attempts=max_attempts,
                  deadline_s=float(deadline_s) if deadline_s is not None else None,
-                 baseline=baseline, expected_output_tokens=expected_output,
+                 baseline=baseline, expected_output_tokens=expected_output, overrides=tuple(overrides),
                  file=data.file, line=data.line)
 
 

@@ -62,8 +62,9 @@ class LedgerRecord:
     latency_ms: float = 0.0
     ttft_ms: float | None = None
     status: str = "ok"
-    cache: str = "bypass"
+    cache: str = "bypass"              # the response cache: hit, miss or bypass
     compressed: bool = False
+    compression_saved_tokens: int = 0  # prompt tokens compression removed (estimated)
     estimated: bool = False
     stream: bool = False
 
