@@ -52,14 +52,16 @@ class InvalidRequest(GatewayError):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    """The prompt fits no candidate's context window; ``candidates`` are those it was too long for
-    (compression may still shrink it to fit one)."""
+    """The prompt fits no candidate's context window; ``candidates`` are those it was too long for and
+    ``route`` the rule that chose them (compression may still shrink it to fit one)."""
 
     code = "context_length_exceeded"
 
-    def __init__(self, message: str, candidates: tuple[Any, ...] = (), **kwargs: Any) -> None:
+    def __init__(self, message: str, candidates: tuple[Any, ...] = (), route: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
         self.candidates = candidates
+        self.route = route
 
 
 class RequestTooLarge(InvalidRequest):

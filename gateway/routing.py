@@ -295,7 +295,7 @@ def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: floa
             raise ContextLengthExceeded(
                 f"This request has about {facts.counted} prompt tokens, more than the context window "
                 f"of every candidate for '{inp.model}' ({largest} at most).",
-                candidates=capable, param="messages")
+                candidates=capable, route=route, param="messages")
         if inp.allowed is not None and all(d.model not in inp.allowed for d in candidates):
             raise PermissionDenied(f"Team '{inp.team}' may not use any model that '{inp.model}' routes to.",
                                    param="model")

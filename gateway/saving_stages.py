@@ -171,17 +171,18 @@ class SavingStages:
     async def compress_to_fit(self, req: Inbound, principal: Principal, model: str, exc: InvalidRequest) -> Plan:
         """The prompt fits no deployment's window: compress it for the largest one and resolve again."""
         p = self.pipeline
-        settings = p.policies.compression.for_request(principal.team)
-        windowed = [d for d in getattr(exc, "candidates", ()) if d.context_window]
-        if not isinstance(exc, ContextLengthExceeded) or req.endpoint != "chat" or not settings.enabled \
-                or not windowed:
+        if not isinstance(exc, ContextLengthExceeded) or req.endpoint != "chat":
+            raise exc
+        settings = p.policies.compression.for_request(principal.team, exc.route)
+        windowed = [d for d in exc.candidates if d.context_window]
+        if not settings.enabled or not windowed:
             raise exc
         widest = max(windowed, key=lambda d: d.context_window or 0)
         limit = compression.threshold(settings, widest.context_window)
         assert limit is not None
         tokens = count_prompt(req.body, "chat", widest.upstream_model)
         await self.run_compression(req, principal, settings, widest, tokens, limit,
-                                   p.policies.prompt_cache.for_request(principal.team))
+                                   p.policies.prompt_cache.for_request(principal.team, exc.route))
         if req.compression is None or req.compression.removed == 0:
             raise exc
         req.raw_size = len(orjson.dumps(req.body))

@@ -245,3 +245,37 @@ async def test_too_long_for_every_window_is_compressed_to_fit(h: InProcess, mock
     with pytest.raises(openai.BadRequestError) as err:
         await other.chat.completions.create(model="small", messages=long)
     assert err.value.code == "context_length_exceeded"
+
+
+ROUTED = textwrap.dedent("""\
+    routes:
+      - name: squeeze-auto
+        match: {models: [auto]}
+        candidates: [small]
+        baseline: small
+        cache: {mode: "off"}
+        compression: {enabled: true, trigger_fraction: 0.5, strategies: [clear_tool_outputs, drop_middle],
+                      keep_tool_outputs: 1, keep_last_turns: 1}
+    """)
+
+
+async def test_route_overrides_apply_to_route_only_names(tmp_path: Path, mock_reset: str) -> None:
+    (tmp_path / "models.yaml").write_text(mock_policy(mock_reset) + EXTRA.format(mock=mock_reset))
+    (tmp_path / "routes.yaml").write_text(ROUTED)
+    harness = InProcess(tmp_path)
+    try:
+        client = harness.client(await harness.key("nobody"))      # no team-level compression or cache setting
+        raw = await client.chat.completions.with_raw_response.create(model="auto", messages=conversation(),
+                                                                     temperature=0)
+        before, after = (int(x) for x in raw.headers["x-gateway-compression"].split("->"))
+        assert before > 1000 >= after and raw.headers["x-gateway-route"] == "squeeze-auto"
+        assert raw.headers["x-gateway-cache"] == "bypass"          # the route turned the cache off
+        long = conversation()
+        long[5] = {"role": "assistant", "content": "first answer " * 700}   # > the 2000-token window
+        raw = await client.chat.completions.with_raw_response.create(model="auto", messages=long)
+        assert int(raw.headers["x-gateway-compression"].split("->")[1]) <= 1000   # compressed to fit
+        plain = await client.chat.completions.with_raw_response.create(model="mock", messages=conversation(),
+                                                                       temperature=0)
+        assert "x-gateway-compression" not in plain.headers and plain.headers["x-gateway-cache"] == "miss"
+    finally:
+        await harness.aclose()

@@ -204,6 +204,9 @@ def test_retry_settings_attempts_and_baseline(tmp_path: Path) -> None:
     ("- {name: r, candidates: [big]}\n- {name: r, candidates: [small]}", "routes[1].name", "used twice"),
     ("- {name: default, candidates: [big]}", "routes[0].name", "reserved"),
     ("- {name: r, candidates: [big], retry_on: [weather]}", "routes[0].retry_on", "unknown value"),
+    ("- {name: r, candidates: [big], cache: {mode: sometimes}}", "routes[0].cache.mode", "must be one of"),
+    ("- {name: r, candidates: [big], compression: {enabled: true, colour: red}}", "routes[0].compression.colour",
+     "unknown key"),
 ])
 def test_route_validation_names_file_line_and_key(tmp_path: Path, routes: str, key: str, message: str) -> None:
     with pytest.raises(PolicyError) as err:
