@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 
 from gateway.policy import Policies, PolicyError, load_policies
 from gateway.settings import Settings, SettingsError
@@ -79,13 +80,20 @@ def serve(settings: Settings, policies: Policies) -> int:
         print("gateway: --workers > 1 needs shared state: set GATEWAY_REDIS_URL", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.update(settings.to_env())
     common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                   access_log=False, log_level=settings.log_level, lifespan="on",
                   proxy_headers=False, server_header=False)
     if settings.workers > 1:
-        uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+        from gateway.metrics import multiprocess_dir
+
+        with multiprocess_dir(settings.metrics_dir) as metrics_dir:   # the workers' metrics, summed at scrape
+            os.environ.update(replace(settings, metrics_dir=metrics_dir).to_env())
+            uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
     else:
+        # one process keeps its metrics in memory; prometheus-client reads this variable on import
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        settings = replace(settings, metrics_dir=None)
+        os.environ.update(settings.to_env())
         from gateway.app import create_app
 
         uvicorn.run(create_app(settings, policies), **common)  # type: ignore[arg-type]

@@ -154,6 +154,13 @@ class Pipeline:
         """Swap the policies in force; requests already past ``resolve`` finish on the old ones."""
         self.policies = policies
         self.metrics.set_known_models(policies.models)
+        self.metrics.set_known_teams(policies.teams)
+
+    def deployment_health(self) -> dict[tuple[str, str, str], bool]:
+        """Whether each configured deployment is usable, keyed (model, provider, deployment id); read at
+        scrape time for ``gateway_deployment_healthy``. A seam for routing health: until deployments
+        have cooldowns, every configured deployment counts as healthy."""
+        return {(d.model, d.provider, d.id): True for d in self.policies.deployments}
 
     # ------------------------------------------------------------------ stages
     async def handle(self, req: Inbound) -> Reply | StreamReply:
@@ -229,7 +236,8 @@ class Pipeline:
         if refusal is not None:
             assert ticket.admission is not None
             m = self.metrics
-            m.child(m.budget_rejections if refusal.kind == "budget" else m.rate_limited, principal.team).inc()
+            m.child(m.budget_rejections if refusal.kind == "budget" else m.rate_limited,
+                    m.team_label(principal.team)).inc()
             raise refusal_error(refusal, ticket.admission)
         return ticket
 
@@ -313,12 +321,12 @@ class Pipeline:
         m = self.metrics
         c = m.child
         d = outcome.deployment
-        team = outcome.principal.team
+        team = m.team_label(outcome.principal.team)
         model = m.model_label(outcome.plan.model.name)
         provider = d.provider if d else "none"
         route = outcome.plan.route
         now = time.perf_counter()
-        c(m.requests, team, model, provider, route, status, "bypass").inc()
+        c(m.requests, team, model, provider, route, m.code_label(status), "bypass").inc()
         c(m.overhead, route).observe(max(0.0, now - req.started - outcome.upstream_s))
         c(m.request_duration, team, model, provider, "true" if outcome.stream else "false").observe(
             now - req.started)
@@ -362,14 +370,15 @@ class Pipeline:
     def upstream_failed(self, deployment: Deployment, exc: UpstreamError,
                         failures: list[tuple[Deployment, UpstreamError]]) -> None:
         failures.append((deployment, exc))
-        self.metrics.upstream_errors.labels(deployment.provider, self.metrics.model_label(deployment.model),
-                                            exc.code or "error").inc()
+        m = self.metrics
+        m.child(m.upstream_errors, deployment.provider, m.model_label(deployment.model),
+                m.code_label(exc.code or "error")).inc()
         log.warning("upstream failure on %s: %s", deployment.id, exc.message)
 
     def fell_back(self, failure: tuple[Deployment, UpstreamError], to: Deployment) -> None:
         frm, exc = failure
-        self.metrics.fallbacks.labels(self.metrics.model_label(frm.model), self.metrics.model_label(to.model),
-                                      exc.code or "error").inc()
+        m = self.metrics
+        m.child(m.fallbacks, m.model_label(frm.model), m.model_label(to.model), m.code_label(exc.code or "error")).inc()
 
     # ---------------------------------------------------------------- streaming
     async def stream(self, req: Inbound, principal: Principal, ticket: Ticket) -> StreamReply:
