@@ -1,4 +1,4 @@
-"""The ``gateway`` command: ``serve`` and ``check``.
+"""The ``gateway`` command: ``serve``, ``check`` and ``demo`` (in :mod:`gateway.demo`).
 
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
 ``check`` validates the policy files and prints what they define; any error
@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import replace
 
+from gateway import demo
 from gateway.policy import Policies, PolicyError, load_policies
 from gateway.settings import Settings, SettingsError
 
@@ -27,11 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
     check = sub.add_parser("check", help="validate the policy files and print what they define")
     check.add_argument("--config", help="policy directory (default: policies/)")
+    demo.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        return demo.run(args)
     try:
         settings = Settings.from_env().with_overrides(
             config_dir=args.config, host=getattr(args, "host", None), port=getattr(args, "port", None),
