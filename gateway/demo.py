@@ -139,7 +139,10 @@ def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple
             used = 100 * u.spent_nano / u.limit_nano if u.limit_nano else 100.0
             lines.append(f"  {team:<10} {u.period:<8} spent ${usd_str(u.spent_nano)} of ${usd_str(u.limit_nano)} "
                          f"({used:.1f}%)")
-    lines.append(f"\nMetrics: {url}/metrics   (columns: budget = refused by a budget, limited = rate limited)")
+    charged = traffic.total().cost_nano
+    lines.append(f"\nClients were charged ${usd_str(charged)} in all (the cost_usd the gateway returned); "
+                 f"the ledger says ${usd_str(spend)}.")
+    lines.append(f"Metrics: {url}/metrics   (columns: budget = refused by a budget, limited = rate limited)")
     return "\n".join(lines)
 
 
