@@ -29,6 +29,8 @@ USERS_PER_TEAM = 2
 WORDS = ("budget", "latency", "gateway", "invoice", "customer", "refund", "policy", "cluster", "token",
          "quarter", "forecast", "contract", "release", "incident", "summary", "report", "region", "model",
          "pricing", "capacity", "review", "schedule", "support", "ticket", "draft", "account", "metric")
+HANDBOOK = " ".join(  # the support bot's long, fixed system prompt: a knowledge-base excerpt
+    f"Section {i}: " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(40)) + "." for i in range(30))
 FAQ = ("How do I reset my password?", "What is the refund policy for annual plans?",
        "How do I export my invoices as CSV?", "Which regions host my data?",
        "How do I add a teammate to my workspace?", "What are the API rate limits?")
@@ -186,7 +188,7 @@ class User:
                                                                  for _ in range(rng.randint(1, 4))]}
         if step.kind == "faq":   # the same few questions, deterministic: a response cache answers these
             return "chat", {"model": step.model, "temperature": 0, "max_tokens": 200,
-                            "messages": [{"role": "system", "content": "You answer customer questions briefly."},
+                            "messages": [{"role": "system", "content": "Answer from this handbook. " + HANDBOOK},
                                          {"role": "user", "content": rng.choice(FAQ)}]}
         if step.kind == "conversation":
             return "chat", self.next_turn(step.model)
