@@ -12,6 +12,7 @@ the only place where errors become HTTP responses.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from starlette.responses import Response
 from gateway.admin import AdminApi
 from gateway.budgeting import budget_rules
 from gateway.errors import (
+    AuthenticationFailed,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -40,7 +42,7 @@ from gateway.errors import (
 )
 from gateway.health import HealthBook
 from gateway.httpclient import HttpClient
-from gateway.metrics import Metrics
+from gateway.metrics import BudgetGauge, Metrics
 from gateway.pipeline import Inbound, Pipeline, Reply, StreamReply
 from gateway.policy import Policies, load_policies
 from gateway.providers.base import Provider
@@ -101,7 +103,7 @@ def build_state(settings: Settings, policies: Policies | None = None) -> AppStat
     policies = policies or load_policies(settings.config_dir)
     client = HttpClient(connect_timeout=settings.connect_timeout_s)
     providers = build_providers(policies, client)
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_dir if settings.workers > 1 else None)
     state = open_state(settings)
     openai = providers["openai"]
     assert isinstance(openai, OpenAICompatProvider)
@@ -299,39 +301,36 @@ def _fastapi(state: AppState) -> FastAPI:
                         media_type="application/json")
 
     @api.get("/metrics")
-    async def metrics() -> Response:
-        await refresh_budget_gauges(state)
-        refresh_health_gauge(state)
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request) -> Response:
+        key = state.settings.metrics_key
+        if key is not None and not hmac.compare_digest(_bearer_token(request).encode(), key.encode()):
+            raise AuthenticationFailed("GET /metrics needs 'Authorization: Bearer <GATEWAY_METRICS_KEY>'.")
+        body = state.metrics.render(await budget_gauges(state), state.pipeline.deployment_health())
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return api
 
 
-def refresh_health_gauge(state: AppState) -> None:
-    """``gateway_deployment_healthy`` per (model, provider): 0 while any of its deployments is cooled down."""
-    m = state.metrics
-    healthy = state.pipeline.health.healthy()
-    labels: dict[tuple[str, str], int] = {}
-    for d in state.policies.deployments:
-        key = (m.model_label(d.model), d.provider)
-        labels[key] = min(labels.get(key, 1), int(healthy.get(d.id, True)))
-    for (model, provider), value in labels.items():
-        m.child(m.deployment_healthy, model, provider).set(value)
-
-
-async def refresh_budget_gauges(state: AppState) -> None:
-    """Budget limit and spend per team and period, read from the budget store at scrape time."""
-    m, now = state.metrics, datetime.now(UTC)
+async def budget_gauges(state: AppState) -> list[BudgetGauge]:
+    """Budget limit, spend and soft limit per team and period, read from the budget store at scrape time."""
+    now = datetime.now(UTC)
+    out: list[BudgetGauge] = []
     for team in state.policies.teams.values():
         if not team.budgets:
             continue
         try:
             usage = await state.state.budgets.usage(team.name, budget_rules(team, None), now)
         except StateUnavailable:
-            return   # scraped again soon; the request path reports the outage
-        for u in usage:
-            m.child(m.budget_limit, team.name, u.period).set(u.limit_nano / 1e9)
-            m.child(m.budget_spent, team.name, u.period).set(u.spent_nano / 1e9)
+            break   # scraped again soon; the request path reports the outage
+        label = state.metrics.team_label(team.name)
+        out.extend(BudgetGauge(label, u.period, u.limit_nano, u.spent_nano, round(u.limit_nano * team.soft_alert))
+                   for u in usage)
+    return out
+
+
+def _bearer_token(request: Request) -> str:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
 
 
 def _lower(request: Request) -> dict[str, str]:

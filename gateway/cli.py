@@ -1,4 +1,4 @@
-"""The ``gateway`` command: ``serve``, ``check``, ``keys`` and ``spend``.
+"""The ``gateway`` command: ``serve``, ``check``, ``route``, ``keys``, ``spend`` and ``demo``.
 
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
 ``check`` validates the policy files and prints what they define; any error
@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 
+from gateway import demo
 from gateway.policy import Policies, PolicyError, load_policies
 from gateway.settings import Settings, SettingsError
 
@@ -62,11 +64,14 @@ def _parser() -> argparse.ArgumentParser:
         admin.add_argument("--config", help="policy directory, to warn about unknown teams (default: policies/)")
     for action in (create, listing, revoke):
         action.add_argument("--json", action="store_true", help="print JSON")
+    demo.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "demo":
+        return demo.run(args)
     try:
         settings = Settings.from_env().with_overrides(
             config_dir=args.config, host=getattr(args, "host", None), port=getattr(args, "port", None),
@@ -176,13 +181,20 @@ def serve(settings: Settings, policies: Policies) -> int:
         print("gateway: --workers > 1 needs shared state: set GATEWAY_REDIS_URL", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.update(settings.to_env())
     common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
                   access_log=False, log_level=settings.log_level, lifespan="on",
                   proxy_headers=False, server_header=False)
     if settings.workers > 1:
-        uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+        from gateway.metrics import multiprocess_dir
+
+        with multiprocess_dir(settings.metrics_dir) as metrics_dir:   # the workers' metrics, summed at scrape
+            os.environ.update(replace(settings, metrics_dir=metrics_dir).to_env())
+            uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
     else:
+        # one process keeps its metrics in memory; prometheus-client reads this variable on import
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        settings = replace(settings, metrics_dir=None)
+        os.environ.update(settings.to_env())
         from gateway.app import create_app
 
         uvicorn.run(create_app(settings, policies), **common)  # type: ignore[arg-type]

@@ -1,29 +1,96 @@
-"""Every Prometheus metric the gateway exports, defined once, and the one place that updates them.
+"""Every Prometheus metric the gateway exports, defined once, and how they are rendered.
 
 Names follow the product contract (prefix ``gateway_``, base units, ``_total``
-counters). Label values are bounded: model names not in the loaded policies
-become ``other``. Each app owns its own registry, so tests and several apps in
-one process never share counters.
+counters). Counters and histograms are updated on the request path through
+:class:`Metrics`; with several workers they live in prometheus-client's
+multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, prepared fresh by
+``gateway serve``), so a scrape of any worker returns the sum over all of them.
+Gauges describe shared state, not one process (budget limit, spend and soft
+limit from the budget store, deployment health from the pipeline): they are
+read when ``/metrics`` is scraped and rendered from a per-scrape registry,
+never from the multiprocess files, so no worker's stale value can win. Label
+values are bounded: model and team names not in the loaded policies become
+``other`` (teams past a generous cap), error codes are capped the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import glob
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
-# Latency buckets: sub-millisecond gateway overhead up to minute-long generations.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Request, upstream and first-token latency: 0.1 ms up to 10-minute generations.
 DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Time in the gateway itself: resolves tens of microseconds around the 0.3 ms target.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005,
                     0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_write", "reasoning")
+OTHER = "other"
+EXTRA_TEAMS = 200          # teams outside the policies (named by keys) that still get their own label
+EXTRA_CODES = 32           # status/error codes beyond the known ones that still get their own label
+KNOWN_CODES = frozenset({
+    "ok", "error", "client_closed", "internal_error", "invalid_request", "invalid_json", "missing_field",
+    "invalid_type", "unsupported_content", "unsupported_capability", "unsupported_parameter",
+    "context_length_exceeded", "request_too_large", "model_not_found", "model_not_allowed",
+    "invalid_api_key", "rate_limit_exceeded", "budget_exceeded", "upstream_error", "upstream_timeout",
+    "upstream_rejected", "content_policy_violation", "service_unavailable", "state_unavailable",
+    "no_deployment",
+})
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
+
+
+class BoundedValues:
+    """A label's values: the preset ones, then the first ``extra`` distinct well-formed others; the rest
+    (and anything malformed or too long) become ``other``."""
+
+    def __init__(self, extra: int, preset: Iterable[str] = ()) -> None:
+        self._extra = extra
+        self._preset: frozenset[str] = frozenset(preset)
+        self._seen: set[str] = set()
+
+    def preset(self, values: Iterable[str]) -> None:
+        self._preset = frozenset(values)
+
+    def __call__(self, value: str | None) -> str:
+        if value is None:
+            return OTHER
+        if value in self._preset or value in self._seen:
+            return value
+        if len(self._seen) < self._extra and _LABEL_VALUE.fullmatch(value):
+            self._seen.add(value)
+            return value
+        return OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGauge:
+    """One team budget as the budget store reports it at scrape time (nano-USD)."""
+
+    team: str
+    period: str
+    limit_nano: int
+    spent_nano: int
+    soft_limit_nano: int
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self, multiproc_dir: str | None = None) -> None:
+        """``multiproc_dir``: render the sum over every worker's files in it (several workers)."""
+        self.multiproc_dir = multiproc_dir
+        self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("gateway_requests", "Proxied requests.",
                                 ["team", "model", "provider", "route", "status", "cache"], registry=r)
@@ -42,8 +109,6 @@ class Metrics:
                               ["model", "provider"], buckets=DURATION_BUCKETS, registry=r)
         self.overhead = Histogram("gateway_overhead_seconds", "Time spent in the gateway itself.",
                                   ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
-        self.budget_limit = Gauge("gateway_budget_limit_usd", "Budget limit.", ["team", "period"], registry=r)
-        self.budget_spent = Gauge("gateway_budget_spent_usd", "Budget spent.", ["team", "period"], registry=r)
         self.budget_rejections = Counter("gateway_budget_rejections", "Requests refused by a budget.",
                                          ["team"], registry=r)
         self.rate_limited = Counter("gateway_rate_limited", "Requests refused by a rate limit.",
@@ -56,9 +121,9 @@ class Metrics:
                                  ["from_model", "to_model", "reason"], registry=r)
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures.",
                                        ["provider", "model", "error"], registry=r)
-        self.deployment_healthy = Gauge("gateway_deployment_healthy", "1 when a deployment is usable.",
-                                        ["model", "provider"], registry=r)
         self._known_models: frozenset[str] = frozenset()
+        self.team_label = BoundedValues(EXTRA_TEAMS)
+        self.code_label = BoundedValues(EXTRA_CODES, KNOWN_CODES)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -72,8 +137,74 @@ class Metrics:
     def set_known_models(self, names: Iterable[str]) -> None:
         self._known_models = frozenset(names)
 
-    def model_label(self, name: str) -> str:
-        return name if name in self._known_models else "other"
+    def set_known_teams(self, names: Iterable[str]) -> None:
+        self.team_label.preset(names)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def model_label(self, name: str) -> str:
+        return name if name in self._known_models else OTHER
+
+    def render(self, budgets: Iterable[BudgetGauge] = (),
+               health: Mapping[tuple[str, str, str], bool] | None = None) -> bytes:
+        """The exposition text: counters and histograms (every worker's, summed, in multiprocess
+        mode), then the state gauges from this scrape's readings."""
+        if self.multiproc_dir is not None:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=self.multiproc_dir)
+            text = generate_latest(merged)
+        else:
+            text = generate_latest(self.registry)
+        scrape = CollectorRegistry()
+        scrape.register(_StateGauges(list(budgets), self._health_by_model(health or {})))
+        return text + generate_latest(scrape)
+
+    def _health_by_model(self, health: Mapping[tuple[str, str, str], bool]) -> dict[tuple[str, str], int]:
+        """Per (model, provider), as SPEC labels it: 1 when every deployment there is healthy, else 0."""
+        out: dict[tuple[str, str], int] = {}
+        for (model, provider, _deployment), healthy in health.items():
+            key = (self.model_label(model), provider)
+            out[key] = min(out.get(key, 1), 1 if healthy else 0)
+        return out
+
+
+class _StateGauges:
+    """A collector for one scrape: the budget gauges and deployment health it was handed."""
+
+    def __init__(self, budgets: list[BudgetGauge], health: dict[tuple[str, str], int]) -> None:
+        self.budgets, self.health = budgets, health
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        limit = GaugeMetricFamily("gateway_budget_limit_usd", "Budget limit for the current period.",
+                                  labels=["team", "period"])
+        spent = GaugeMetricFamily("gateway_budget_spent_usd", "Settled spend in the current period.",
+                                  labels=["team", "period"])
+        soft = GaugeMetricFamily("gateway_budget_soft_limit_usd",
+                                 "Spend at which the team's soft alert fires (limit x soft_alert).",
+                                 labels=["team", "period"])
+        for b in self.budgets:
+            limit.add_metric([b.team, b.period], b.limit_nano / 1e9)
+            spent.add_metric([b.team, b.period], b.spent_nano / 1e9)
+            soft.add_metric([b.team, b.period], b.soft_limit_nano / 1e9)
+        healthy = GaugeMetricFamily("gateway_deployment_healthy",
+                                    "1 when every deployment of the model on the provider is usable.",
+                                    labels=["model", "provider"])
+        for (model, provider), value in sorted(self.health.items()):
+            healthy.add_metric([model, provider], value)
+        yield from (limit, spent, soft, healthy)
+
+
+@contextmanager
+def multiprocess_dir(path: str | None) -> Iterator[str]:
+    """A clean directory for the workers' metric files: ``path`` emptied of old ``*.db`` files (left in
+    place afterwards), or a new temporary one (removed afterwards). Counters start from zero either way,
+    so a previous run's counts never leak into this one."""
+    if path is None:
+        created = tempfile.mkdtemp(prefix="gateway-metrics-")
+        try:
+            yield created
+        finally:
+            shutil.rmtree(created, ignore_errors=True)
+        return
+    os.makedirs(path, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.db")):
+        os.remove(stale)
+    yield path

@@ -179,6 +179,13 @@ class Pipeline:
         self.health.spec = policies.health
         self.health.watch(policies.deployments)
         self.savers.use_policies(policies)
+        self.metrics.set_known_teams(policies.teams)
+
+    def deployment_health(self) -> dict[tuple[str, str, str], bool]:
+        """Whether each configured deployment is usable (not cooled down), keyed (model, provider,
+        deployment id); read at scrape time for ``gateway_deployment_healthy``."""
+        healthy = self.health.healthy()
+        return {(d.model, d.provider, d.id): healthy.get(d.id, True) for d in self.policies.deployments}
 
     # ------------------------------------------------------------------ stages
     async def handle(self, req: Inbound) -> Reply | StreamReply:
@@ -272,7 +279,7 @@ class Pipeline:
             assert ticket.admission is not None
             m = self.metrics
             m.child(m.budget_rejections if refusal.kind.startswith("budget") else m.rate_limited,
-                    principal.team).inc()
+                    m.team_label(principal.team)).inc()
             raise refusal_error(refusal, ticket.admission)
         return ticket
 
@@ -377,13 +384,13 @@ class Pipeline:
         m = self.metrics
         c = m.child
         d = outcome.deployment
-        team = outcome.principal.team
+        team = m.team_label(outcome.principal.team)
         model = m.model_label(d.model if d is not None else outcome.plan.requested)
         provider = d.provider if d else "none"
         route = outcome.plan.route
         now = time.perf_counter()
         cache = req.cache_result
-        c(m.requests, team, model, provider, route, status, cache).inc()
+        c(m.requests, team, model, provider, route, m.code_label(status), cache).inc()
         if req.cache is not None:
             c(m.cache_requests, team, cache).inc()
         if outcome.compression is not None:

@@ -128,7 +128,7 @@ class SavingStages:
                 return Ticket(plan, reservation, admission)
             if refusal.kind != "budget":
                 m = p.metrics
-                m.child(m.rate_limited, principal.team).inc()
+                m.child(m.rate_limited, m.team_label(principal.team)).inc()
                 raise refusal_error(refusal, admission)
         return Ticket(plan)   # not reached: the second pass has no budgets to refuse
 

@@ -1,8 +1,10 @@
 """Process settings, read once from ``GATEWAY_*`` environment variables.
 
 Everything an operator sets per process (not per policy) lives here: where the
-policies are, where to listen, Redis, the master key, limits and timeouts. The
-CLI overrides a few of them from flags; nothing else reads the environment.
+policies are, where to listen, Redis, the master key, limits and timeouts (and
+prometheus-client's own ``PROMETHEUS_MULTIPROC_DIR``, which ``gateway serve``
+prepares for its workers). The CLI overrides a few of them from flags; nothing
+else reads the environment.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class Settings:
     reservation_ttl_s: float = 900.0      # a hold whose replica died expires after this
     key_cache_ttl_s: float = 2.0          # revocation is seen everywhere within this
     policy_watch_s: float = 2.0           # poll the policy files this often and hot-reload them (0: off)
+    metrics_key: str | None = None        # when set, GET /metrics needs "Authorization: Bearer <it>"
+    metrics_dir: str | None = None        # PROMETHEUS_MULTIPROC_DIR: the workers' metric files (workers > 1)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +95,8 @@ class Settings:
             reservation_ttl_s=_float(e, "GATEWAY_RESERVATION_TTL_S", 900.0),
             key_cache_ttl_s=_float(e, "GATEWAY_KEY_CACHE_TTL_S", 2.0),
             policy_watch_s=_float(e, "GATEWAY_POLICY_WATCH_S", 2.0),
+            metrics_key=e.get("GATEWAY_METRICS_KEY") or None,
+            metrics_dir=e.get("PROMETHEUS_MULTIPROC_DIR") or None,
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -118,4 +124,8 @@ class Settings:
             env["GATEWAY_REDIS_URL"] = self.redis_url
         if self.master_key:
             env["GATEWAY_MASTER_KEY"] = self.master_key
+        if self.metrics_key:
+            env["GATEWAY_METRICS_KEY"] = self.metrics_key
+        if self.metrics_dir:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         return env

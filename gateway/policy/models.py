@@ -38,6 +38,7 @@ class SimulatedSpec:
     failure_rate: float = 0.0      # fraction of requests that fail, deterministic sequence
     failure_status: int = 503      # HTTP status of an injected failure
     fail_after_tokens: int = 0     # >0: streams break after this many tokens (an injected cut)
+    prompt_cache: bool = False     # report cached_tokens for prompt prefixes seen before (like OpenAI's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +191,7 @@ def _parse_simulated(data: Located | None, path: str) -> SimulatedSpec:
         failure_rate=float(f.take_number("failure_rate", 0.0, minimum=0, maximum=1)),
         failure_status=f.take_int("failure_status", 503, minimum=400),
         fail_after_tokens=f.take_int("fail_after_tokens", 0, minimum=0),
+        prompt_cache=bool(f.take_bool("prompt_cache", False)),
     )
     f.finish()
     return spec

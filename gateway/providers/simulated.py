@@ -5,7 +5,10 @@ first token, pace, answer length and failures come from the deployment's
 ``simulated:`` section. Answers are made of words that are one token each in
 OpenAI's encodings, so the usage it reports matches what the gateway would
 count. Tool calls, JSON mode, ``n``, embeddings and legacy completions are
-answered in OpenAI's shapes.
+answered in OpenAI's shapes. With ``prompt_cache: true`` it models automatic
+prompt caching as OpenAI documents it: a chat prompt of 1024 tokens or more whose
+leading messages it has seen before reports that prefix (in 128-token steps) as
+``cached_tokens``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import hashlib
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +28,9 @@ from gateway.policy import Deployment, SimulatedSpec
 from gateway.providers.base import Call, error_for_status
 from gateway.tokens import count_prompt
 
+PROMPT_CACHE_MIN_TOKENS = 1024
+PROMPT_CACHE_STEP = 128
+PROMPT_CACHE_ENTRIES = 50_000   # message prefixes remembered per process, oldest forgotten first
 WORDS = (" the", " gateway", " routes", " every", " request", " to", " a", " model", " and",
          " counts", " its", " cost", " in", " real", " time", " for", " each", " team")
 
@@ -35,6 +42,31 @@ def _answer_tokens(n: int) -> list[str]:
 class SimulatedProvider:
     def __init__(self) -> None:
         self._calls: dict[str, int] = {}
+        self._prefixes: OrderedDict[bytes, None] = OrderedDict()
+
+    def _cached_tokens(self, call: Call, spec: SimulatedSpec, prompt_tokens: int) -> int:
+        """Tokens of the longest message prefix this deployment has seen before (0 below the minimum)."""
+        messages = call.body.get("messages")
+        if not spec.prompt_cache or call.endpoint != "chat" or prompt_tokens < PROMPT_CACHE_MIN_TOKENS \
+                or not isinstance(messages, list):
+            return 0
+        digest = hashlib.sha256(call.deployment.id.encode())
+        known = 0
+        for i, message in enumerate(messages):
+            digest.update(orjson.dumps(message))
+            key = digest.digest()
+            if key in self._prefixes:
+                known = i + 1
+                self._prefixes.move_to_end(key)
+            else:
+                self._prefixes[key] = None
+        while len(self._prefixes) > PROMPT_CACHE_ENTRIES:
+            self._prefixes.popitem(last=False)
+        if not known:
+            return 0
+        tokens = count_prompt({**call.body, "messages": messages[:known]}, "chat", call.deployment.upstream_model)
+        cached = min(tokens, prompt_tokens - 1) // PROMPT_CACHE_STEP * PROMPT_CACHE_STEP
+        return cached if cached >= PROMPT_CACHE_MIN_TOKENS else 0
 
     def _spec(self, deployment: Deployment) -> SimulatedSpec:
         return deployment.simulated or SimulatedSpec()
@@ -79,12 +111,13 @@ class SimulatedProvider:
                        for i in range(n_choices)]
             obj, cid = "chat.completion", "chatcmpl-sim"
         completion_tokens = length * n_choices
+        cached = self._cached_tokens(call, spec, prompt_tokens)
         return {
             "id": f"{cid}-{created}-{self._calls.get(call.deployment.id, 0)}",
             "object": obj, "created": created, "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens,
-                      "prompt_tokens_details": {"cached_tokens": 0},
+                      "prompt_tokens_details": {"cached_tokens": cached},
                       "completion_tokens_details": {"reasoning_tokens": 0}},
             "system_fingerprint": "fp_simulated",
         }
@@ -134,13 +167,17 @@ class SimulatedProvider:
                 yield chunk({"content": word}, _finish(body, length, spec) if last else None)
         opts = body.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
+            usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": length,
+                                     "total_tokens": prompt_tokens + length}
+            cached = self._cached_tokens(call, spec, prompt_tokens)
+            if cached:
+                usage["prompt_tokens_details"] = {"cached_tokens": cached}
             yield {"id": cid, "object": "chat.completion.chunk" if chat else "text_completion",
-                   "created": created, "model": model, "choices": [],
-                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": length,
-                             "total_tokens": prompt_tokens + length}}
+                   "created": created, "model": model, "choices": [], "usage": usage}
 
     async def aclose(self) -> None:
         self._calls.clear()
+        self._prefixes.clear()
 
 
 def _choices(body: dict[str, Any]) -> int:

@@ -1,0 +1,276 @@
+"""``gateway demo``: the gateway on the simulated provider, a minute of mixed traffic, a spend summary.
+
+The gateway runs on the demo policy set shipped in ``gateway/demo_policies/`` (models
+at different prices and speeds, a self-hosted model priced by the GPU hour, injected
+failures, a model whose first deployment fails, teams with budgets, a downgrade and a
+rate limit). With one worker it runs in this process on embedded state (or on Redis
+when ``GATEWAY_REDIS_URL`` is set); with ``--workers N`` it runs as a ``gateway serve``
+child on shared Redis. A key is created per team in the key store, the traffic in
+:mod:`gateway.demo_traffic` runs for ``--duration`` seconds, and the closing summary
+reports spend by team from the ledger. ``--keep-serving`` leaves the gateway up for
+Prometheus and Grafana afterwards. No API key is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from gateway.settings import Settings, SettingsError
+
+DEMO_POLICIES = Path(__file__).with_name("demo_policies")
+TEAMS = ("research", "support", "marketing", "platform")
+
+
+class DemoError(Exception):
+    pass
+
+
+def add_parser(sub: Any) -> None:
+    demo = sub.add_parser("demo", help="run the gateway on simulated models and drive a minute of mixed traffic")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (default 60)")
+    demo.add_argument("--host", help="listen address (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, help="listen port (default 4000)")
+    demo.add_argument("--workers", type=int, help="worker processes (default 1; more need Redis)")
+    demo.add_argument("--redis-url", help="shared state (default GATEWAY_REDIS_URL; none: in memory)")
+    demo.add_argument("--keep-serving", action="store_true",
+                      help="leave the gateway up after the traffic (for Prometheus and Grafana); Ctrl-C stops it")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env().with_overrides(
+            config_dir=str(DEMO_POLICIES), host=args.host, port=args.port, workers=args.workers,
+            redis_url=args.redis_url)
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    if settings.workers > 1 and not settings.redis_url:
+        print("gateway: demo --workers > 1 needs shared state: pass --redis-url or set GATEWAY_REDIS_URL",
+              file=sys.stderr)
+        return 2
+    if args.duration <= 0:
+        print("gateway: --duration must be positive", file=sys.stderr)
+        return 2
+    import uvloop
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(demo(settings, args.duration, args.keep_serving))
+    except DemoError as exc:
+        print(f"gateway: demo: {exc}", file=sys.stderr)
+        return 1
+
+
+async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
+    from gateway.budgeting import budget_rules
+    from gateway.demo_traffic import Run, drive
+    from gateway.policy import load_policies
+
+    policies = load_policies(settings.config_dir)
+    windows = {spec.name: min(d.context_window or 0 for d in spec.deployments) for spec in policies.unique_models()}
+    _check_port(settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gateway: InProcessGateway | WorkerGateway = \
+        WorkerGateway(settings) if settings.workers > 1 else InProcessGateway(settings)
+    await gateway.start()
+    try:
+        keys = {team: (await gateway.state.key_store.create(team, "demo"))[1] for team in TEAMS}
+        where = f"{settings.workers} workers on Redis" if settings.workers > 1 else \
+            "1 worker on Redis" if settings.redis_url else "1 worker, in-memory state"
+        print(f"gateway demo: {gateway.url} ({where}); {duration:g}s of traffic from {', '.join(TEAMS)}",
+              file=sys.stderr, flush=True)
+        since = time.time()
+        traffic = Run(duration, stop)
+        await drive(gateway.url, keys, traffic, windows)
+        await gateway.written(since - 1, traffic.total().requests)
+        totals = {row["key"]: row for row in await gateway.state.ledger.totals(since - 1, by="team")}
+        now = datetime.now(UTC)
+        budgets = []
+        for team in TEAMS:
+            spec = policies.teams.get(team)
+            if spec is not None and spec.budgets:
+                budgets += [(team, u) for u in await gateway.state.budgets.usage(team, budget_rules(spec, None), now)]
+        print(summary(traffic, totals, budgets, gateway.url), flush=True)
+        if keep_serving and not stop.is_set():
+            print(f"gateway still serving on {gateway.url} (metrics: {gateway.url}/metrics); Ctrl-C stops it",
+                  flush=True)
+            await gateway.serve_until(stop)
+    finally:
+        await gateway.stop()
+    return 0
+
+
+def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple[str, Any]], url: str) -> str:
+    from gateway.pipeline import usd_str
+
+    head = f"{'team':<10} {'requests':>8} {'ok':>6} {'budget':>6} {'limited':>7} {'failed':>6} " \
+           f"{'spend USD':>12} {'saved USD':>12}"
+    lines = [f"\nSpend by team (from the ledger), {traffic.total().requests} requests in "
+             f"{min(traffic.elapsed(), traffic.duration_s):.0f}s:", head, "-" * len(head)]
+    spend = saved = 0
+    for team in sorted(traffic.tallies):
+        t, row = traffic.tallies[team], totals.get(team, {})
+        cost, savings = row.get("cost_nano", 0), sum(row.get("savings_nano", {}).values())
+        spend, saved = spend + cost, saved + savings
+        lines.append(f"{team:<10} {row.get('requests', 0):>8} {t.ok:>6} {t.budget:>6} {t.rate_limited:>7} "
+                     f"{t.failed:>6} {usd_str(cost):>12} {_signed_usd(savings):>12}")
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<10} {sum(r.get('requests', 0) for r in totals.values()):>8} {'':>6} {'':>6} {'':>7} "
+                 f"{'':>6} {usd_str(spend):>12} {_signed_usd(saved):>12}")
+    if budgets:
+        lines.append("\nBudgets now:")
+        for team, u in budgets:
+            used = 100 * u.spent_nano / u.limit_nano if u.limit_nano else 100.0
+            lines.append(f"  {team:<10} {u.period:<8} spent ${usd_str(u.spent_nano)} of ${usd_str(u.limit_nano)} "
+                         f"({used:.1f}%)")
+    charged = traffic.total().cost_nano
+    lines.append(f"\nClients were charged ${usd_str(charged)} in all (the cost_usd the gateway returned); "
+                 f"the ledger says ${usd_str(spend)}.")
+    lines.append(f"Metrics: {url}/metrics   (columns: budget = refused by a budget, limited = rate limited)")
+    return "\n".join(lines)
+
+
+def _signed_usd(nano: int) -> str:
+    from gateway.pipeline import usd_str
+
+    return usd_str(nano) if nano >= 0 else "-" + usd_str(-nano)
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise DemoError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+
+
+class InProcessGateway:
+    """One worker in this process, on the state the settings name (embedded, or Redis)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import logging
+
+        import uvicorn
+
+        from gateway.app import GatewayApp, build_state
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("gateway").setLevel(logging.ERROR)   # injected upstream failures are expected here
+        self.app_state = build_state(settings)
+        self.state = self.app_state.state
+        self.url = f"http://{_connect_host(settings.host)}:{settings.port}"
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield   # the demo handles SIGINT/SIGTERM itself
+
+        self.server = Server(uvicorn.Config(GatewayApp(self.app_state), host=settings.host, port=settings.port,
+                                            http="httptools", lifespan="on", log_level="warning",
+                                            access_log=False, server_header=False))
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.ensure_future(self.server.serve())
+        for _ in range(600):
+            if self.server.started:
+                return
+            if self.task.done():
+                break
+            await asyncio.sleep(0.05)
+        raise DemoError(f"the gateway did not start on {self.url}")
+
+    async def written(self, since: float, requests: int) -> None:
+        await self.state.flush()
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            with contextlib.suppress(Exception):
+                await self.task
+
+
+class WorkerGateway:
+    """``gateway serve --workers N`` as a child process on shared Redis; keys and the ledger are read
+    from the same Redis here."""
+
+    def __init__(self, settings: Settings) -> None:
+        from gateway.state import open_state
+
+        self.settings = settings
+        self.state = open_state(settings)
+        self.url = f"http://{_connect_host(settings.host)}:{settings.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
+
+    async def start(self) -> None:
+        import httpx
+
+        s = self.settings
+        self.log = tempfile.NamedTemporaryFile(prefix="gateway-demo-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", s.config_dir, "--host", s.host,
+             "--port", str(s.port), "--workers", str(s.workers)],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **s.to_env()})
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            for _ in range(1200):
+                if self.proc.poll() is not None:
+                    break
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.url}/health/ready")).status_code == 200:
+                        print(f"gateway demo: gateway log in {self.log.name}", file=sys.stderr)
+                        return
+                await asyncio.sleep(0.05)
+        await self.stop()
+        raise DemoError(f"the gateway did not start on {self.url}; see {self.log.name}")
+
+    async def written(self, since: float, requests: int) -> None:
+        """Wait (10 s at most) until the workers' ledger writers have stored this run's records."""
+        for _ in range(100):
+            rows = await self.state.ledger.totals(since, by="team")
+            if sum(r["requests"] for r in rows) >= requests:
+                return
+            await asyncio.sleep(0.1)
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            for _ in range(300):
+                if self.proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.log is not None:
+            self.log.close()
+        await self.state.aclose()
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
