@@ -78,6 +78,7 @@ async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
     from gateway.budgeting import budget_rules
     from gateway.demo_traffic import Run, drive
     from gateway.policy import load_policies
+    from gateway.saving_stages import SUMMARY_ROUTE
 
     policies = load_policies(settings.config_dir)
     windows = {spec.name: min(d.context_window or 0 for d in spec.deployments) for spec in policies.unique_models()}
@@ -100,13 +101,15 @@ async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
         await drive(gateway.url, keys, traffic, windows)
         await gateway.written(since - 1, traffic.total().requests)
         totals = {row["key"]: row for row in await gateway.state.ledger.totals(since - 1, by="team")}
+        summaries = [r.cost_nano for r in await gateway.state.ledger.read(since - 1)
+                     if r.route == SUMMARY_ROUTE]
         now = datetime.now(UTC)
         budgets = []
         for team in TEAMS:
             spec = policies.teams.get(team)
             if spec is not None and spec.budgets:
                 budgets += [(team, u) for u in await gateway.state.budgets.usage(team, budget_rules(spec, None), now)]
-        print(summary(traffic, totals, budgets, gateway.url), flush=True)
+        print(summary(traffic, totals, budgets, gateway.url, summaries), flush=True)
         if keep_serving and not stop.is_set():
             print(f"gateway still serving on {gateway.url} (metrics: {gateway.url}/metrics); Ctrl-C stops it",
                   flush=True)
@@ -116,7 +119,8 @@ async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
     return 0
 
 
-def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple[str, Any]], url: str) -> str:
+def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple[str, Any]], url: str,
+            summaries: list[int] | None = None) -> str:
     from gateway.pipeline import usd_str
 
     head = f"{'team':<10} {'requests':>8} {'ok':>6} {'budget':>6} {'limited':>7} {'failed':>6} " \
@@ -140,8 +144,11 @@ def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple
             lines.append(f"  {team:<10} {u.period:<8} spent ${usd_str(u.spent_nano)} of ${usd_str(u.limit_nano)} "
                          f"({used:.1f}%)")
     charged = traffic.total().cost_nano
-    lines.append(f"\nClients were charged ${usd_str(charged)} in all (the cost_usd the gateway returned); "
-                 f"the ledger says ${usd_str(spend)}.")
+    summaries = summaries or []
+    extra = (f" plus ${usd_str(sum(summaries))} for the {len(summaries)} compression summaries it ran for them"
+             if summaries else "")
+    lines.append(f"\nClients were charged ${usd_str(charged)} in all (the cost_usd the gateway returned){extra}; "
+                 f"that is ${usd_str(charged + sum(summaries))}, and the ledger says ${usd_str(spend)}.")
     lines.append(f"Metrics: {url}/metrics   (columns: budget = refused by a budget, limited = rate limited)")
     return "\n".join(lines)
 

@@ -287,10 +287,10 @@ def test_cost_counter_equals_the_ledger_to_the_micro_dollar(observed: Observed) 
     for team, row in observed.ledger.items():
         assert abs(by_team.get(team, 0.0) - row["cost_nano"] / 1e9) < 1e-6, team
     assert observed.scalar("sum(gateway_requests_total)") == sum(r["requests"] for r in observed.ledger.values())
-    charged = re.search(r"Clients were charged \$([0-9.]+) in all .* the ledger says \$([0-9.]+)\.",
-                        observed.demo_output)
-    assert charged and charged.group(1) == charged.group(2)
-    assert round(float(charged.group(2)) * 1e9) == ledger_nano
+    charged = re.search(r"Clients were charged \$([0-9.]+) in all .* that is \$([0-9.]+), and the ledger says "
+                        r"\$([0-9.]+)\.", observed.demo_output)
+    assert charged and charged.group(2) == charged.group(3)      # returned cost_usd + summaries = the ledger
+    assert round(float(charged.group(3)) * 1e9) == ledger_nano
 
 
 def test_the_demo_shows_refusals_fallbacks_savings_and_caching(observed: Observed) -> None:
@@ -309,7 +309,9 @@ def test_the_demo_shows_refusals_fallbacks_savings_and_caching(observed: Observe
     models = {s["metric"]["model"] for s in observed.query("sum by (model) (gateway_requests_total)", instant=True)}
     assert {"frontier", "workhorse", "reasoner", "local-llama", "resilient", "embed"} <= models
     healthy = observed.query("gateway_deployment_healthy", instant=True)
-    assert len(healthy) == 6 and all(float(s["value"][1]) == 1.0 for s in healthy)
+    assert len(healthy) == 6 and all(float(s["value"][1]) in (0.0, 1.0) for s in healthy)
+    never_failing = {"reasoner", "local-llama", "embed"}          # no injected failures: never cooled down
+    assert all(float(s["value"][1]) == 1.0 for s in healthy if s["metric"]["model"] in never_failing)
     rules = httpx.get(f"{observed.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {r["name"] for g in rules for r in g["rules"]} >= {"GatewayBudgetExhausted", "GatewayDown"}
     assert all(r["health"] == "ok" for g in rules for r in g["rules"]), rules   # every rule evaluates
