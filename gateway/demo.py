@@ -252,11 +252,17 @@ class WorkerGateway:
         raise DemoError(f"the gateway did not start on {self.url}; see {self.log.name}")
 
     async def written(self, since: float, requests: int) -> None:
-        """Wait (10 s at most) until the workers' ledger writers have stored this run's records."""
+        """Wait (10 s at most) until the workers' ledger writers have stored this run's records: at least
+        one per client request (compression summaries add more), and no new ones for half a second
+        (the writers flush every 0.1 s)."""
+        seen, steady = -1, 0
         for _ in range(100):
             rows = await self.state.ledger.totals(since, by="team")
-            if sum(r["requests"] for r in rows) >= requests:
+            count = sum(r["requests"] for r in rows)
+            steady = steady + 1 if count == seen else 0
+            if count >= requests and steady >= 5:
                 return
+            seen = count
             await asyncio.sleep(0.1)
 
     async def serve_until(self, stop: asyncio.Event) -> None:
