@@ -121,7 +121,9 @@ class HealthBook:
         if self._dirty or now >= self._view_until:
             live = {d: u for d, u in self._cool.items() if u > now}
             self._cool = live
-            self._view = HealthView(cooled=frozenset(live), latency=dict(self._dur), ttft=dict(self._ttft))
+            # the latency tables are shared, not copied: routing only reads them, and a new sample
+            # must not cost every request a rebuild
+            self._view = HealthView(cooled=frozenset(live), latency=self._dur, ttft=self._ttft)
             self._view_until = min(live.values(), default=math.inf)
             self._dirty = False
         return self._view
@@ -164,7 +166,6 @@ class HealthBook:
         old = table.get(key)
         a = self.spec.latency_alpha
         table[key] = sample if old is None else old * (1 - a) + sample * a
-        self._dirty = True
 
     def healthy(self) -> dict[str, bool]:
         """Deployment id -> not cooled down, for every known deployment (the health gauge)."""
@@ -203,7 +204,6 @@ class HealthBook:
         for table, shared in ((self._ttft, shared_ttft), (self._dur, shared_dur)):
             for d, value in _pairs(shared):
                 table[d] = float(value)
-        self._dirty = True
 
     async def check(self) -> None:
         """Active checks of self-hosted deployments: a failed one is cooled down until it passes again."""

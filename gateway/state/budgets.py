@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from typing import Literal, Protocol, get_args
 
 Period = Literal["daily", "weekly", "monthly"]
@@ -191,14 +192,21 @@ def plan(req: ReserveRequest) -> Plan:
     check_amount("cost_nano", req.cost_nano)
     check_amount("tokens", req.tokens)
     check_amount("min_cost_nano", req.min_cost_nano)
+    return _plan(req.budgets, req.rates, _utc(req.now).date())
+
+
+@lru_cache(maxsize=4096)
+def _plan(rules: tuple[BudgetRule, ...], rate_rules: tuple[RateRule, ...], day: date) -> Plan:
+    """The rules' part of :func:`plan`: the same for every request of a key on one UTC day, so memoised."""
+    now = datetime(day.year, day.month, day.day, tzinfo=UTC)
     budgets: dict[tuple[str, str, str], BudgetRule] = {}
-    for b in req.budgets:
+    for b in rules:
         check_budget_rule(b)
         k = (b.scope, b.owner, b.period)
         if k not in budgets or b.limit_nano < budgets[k].limit_nano:
             budgets[k] = b
     rates: dict[tuple[str, str], RateRule] = {}
-    for r in req.rates:
+    for r in rate_rules:
         if r.scope not in SCOPES:
             raise ValueError(f"rate scope must be one of {SCOPES}, got {r.scope!r}")
         for name, v in (("rpm", r.rpm), ("tpm", r.tpm)):
@@ -212,8 +220,8 @@ def plan(req: ReserveRequest) -> Plan:
     return Plan(
         budgets=bs,
         rates=tuple(r for r in rates.values() if r.rpm is not None or r.tpm is not None),
-        period_ids=tuple(period_id(b.period, req.now) for b in bs),
-        period_ends=tuple(int(period_end(b.period, req.now).timestamp()) for b in bs),
+        period_ids=tuple(period_id(b.period, now) for b in bs),
+        period_ends=tuple(int(period_end(b.period, now).timestamp()) for b in bs),
     )
 
 
