@@ -131,7 +131,9 @@ class GatewayApp:
 
     async def proxy(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = self.state.pipeline.ids.next(headers.get("x-request-id"))
+        pipeline = self.state.pipeline
+        request_id = pipeline.ids.next(headers.get("x-request-id"))
+        inbound: Inbound | None = None
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"Use POST for {scope['path']}.")
@@ -141,12 +143,15 @@ class GatewayApp:
             except orjson.JSONDecodeError as exc:
                 raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json",
                                      param="body") from None
-            reply = await self.state.pipeline.handle(Inbound(endpoint, body, len(raw), headers, request_id))
+            inbound = Inbound(endpoint, body, len(raw), headers, request_id)
+            reply = await pipeline.handle(inbound)
         except GatewayError as exc:
+            pipeline.refused(inbound, exc.code or "error")
             await send_error(send, exc, request_id)
             return
         except Exception:
             log.exception("request %s failed", request_id)
+            pipeline.refused(inbound, "internal_error")
             await send_error(send, internal_error(), request_id)
             return
         if isinstance(reply, Reply):

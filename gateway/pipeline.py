@@ -64,6 +64,7 @@ from gateway.validation import validate
 
 log = logging.getLogger("gateway")
 Headers = list[tuple[bytes, bytes]]
+OTHER_MODEL = "other"
 HEALTH_FAILURES = frozenset({"server_error", "timeout", "connection", "rate_limit", "auth"})  # count toward cooldown
 
 
@@ -82,6 +83,8 @@ class Inbound:
     compression: Report | None = None      # what compression did, if it ran
     original_body: Any = None              # the body before compression
     prompt_cache: tuple[PromptCacheSettings, str] | None = None   # settings and team, when asked for
+    team: str | None = None                # once authenticated
+    recorded: bool = False                 # the record stage ran (metrics and ledger)
 
     @property
     def cache_result(self) -> str:
@@ -191,6 +194,7 @@ class Pipeline:
     async def handle(self, req: Inbound) -> Reply | StreamReply:
         req.policies = self.policies
         principal = await self.authenticate(req)
+        req.team = principal.team
         model = validate(req.endpoint, req.body)
         try:
             plan = self.resolve(req, principal, model)
@@ -380,6 +384,7 @@ class Pipeline:
         await self.state.settle(ticket.reservation, outcome.cost_nano, tokens)
 
     def record(self, req: Inbound, outcome: Outcome, status: str) -> None:
+        req.recorded = True
         self.state.record(ledger_record(req, outcome, status))
         m = self.metrics
         c = m.child
@@ -415,6 +420,17 @@ class Pipeline:
                     c(m.tokens, team, model, provider, kind).inc(n)
             if outcome.cost_nano:
                 c(m.cost, team, model, provider).inc(outcome.cost_nano / 1e9)
+
+    def refused(self, req: Inbound | None, status: str) -> None:
+        """Count a request refused before any plan was made (bad JSON, bad key, unknown model, ...):
+        ``gateway_requests_total`` with route and provider ``none``; no ledger record (nothing was spent)."""
+        if req is not None and req.recorded:
+            return
+        m = self.metrics
+        requested = req.body.get("model") if req is not None and isinstance(req.body, dict) else None
+        team = m.team_label(req.team) if req is not None and req.team is not None else "none"
+        model = m.model_label(requested) if isinstance(requested, str) else OTHER_MODEL
+        m.child(m.requests, team, model, "none", "none", m.code_label(status), "bypass").inc()
 
     def headers(self, req: Inbound, ticket: Ticket, deployment: Deployment, outcome: Outcome | None) -> Headers:
         headers = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import Server, mock_policy
+from conftest import GatewayFactory, Server, mock_policy
 
 AUTH = {"Authorization": "Bearer sk-test"}
 
@@ -140,3 +140,25 @@ def test_no_input_yields_500(gw: Server, body: bytes) -> None:
         assert resp.status_code < 500, (path, body, resp.text)
         if resp.status_code >= 400:
             envelope(resp)
+
+
+def test_refusals_before_routing_are_counted(gateway: GatewayFactory, mock_reset: str) -> None:
+    server = gateway(mock_policy(mock_reset))
+
+    def count(**labels: str) -> float:
+        total = 0.0
+        for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+            if line.startswith("gateway_requests_total{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    assert post(server, "/v1/chat/completions", b"{oops").status_code == 400
+    unknown = b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}'
+    assert post(server, "/v1/chat/completions", unknown).status_code == 404
+    assert post(server, "/v1/chat/completions", b'{"model": "mock", "messages": 5}').status_code == 400
+    assert httpx.post(f"{server.url}/v1/chat/completions", content=b"{}", timeout=10).status_code == 401
+    assert count(status="invalid_json", route="none", team="none", model="other") == 1
+    assert count(status="model_not_found", route="none", team="default", model="other") == 1
+    assert count(status="invalid_type", route="none", team="default", model="mock") == 1
+    assert count(status="invalid_api_key", route="none") == 1
+    assert count(route="none") == 4
