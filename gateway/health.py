@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
@@ -30,25 +29,40 @@ from gateway.routing import HealthView
 log = logging.getLogger("gateway.health")
 Checker = Callable[[Deployment, float], Awaitable[None]]
 
-# KEYS: cool (hash id -> until_ms), ttft (hash id -> avg s), dur (hash id -> avg s), then one fails zset per failed id
-# ARGV: now_ms, window_ms, threshold, cooldown_ms, alpha, worker, nf, (id, count, forced_until_ms) * nf,
-#       nt, (id, sum, n) * nt, nd, (id, sum, n) * nd
+# KEYS: cool (hash id -> until_ms), ttft (hash id -> avg s), dur (hash id -> avg s), then one outcome window
+#       hash per deployment reported (fields "<bucket>o" / "<bucket>f": successes and failures per bucket)
+# ARGV: now_ms, bucket_ms, buckets kept, threshold, min_ratio, cooldown_ms, alpha, nw,
+#       (id, ok, failed, forced_until_ms) * nw, nt, (id, sum, n) * nt, nd, (id, sum, n) * nd
 SYNC_SCRIPT = """
-local now, window, threshold, cooldown, alpha = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
-  tonumber(ARGV[4]), tonumber(ARGV[5])
-local worker = ARGV[6]
-local i = 7
-local nf = tonumber(ARGV[i]); i = i + 1
-for f = 1, nf do
-  local id, count, forced = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]); i = i + 3
-  local fails = KEYS[3 + f]
-  for c = 1, count do redis.call('ZADD', fails, now, worker .. ':' .. now .. ':' .. c) end
-  redis.call('ZREMRANGEBYSCORE', fails, '-inf', now - window)
-  redis.call('PEXPIRE', fails, window)
+local now, bucket_ms, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local threshold, ratio, cooldown, alpha = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local cur = math.floor(now / bucket_ms)
+local i = 8
+local nw = tonumber(ARGV[i]); i = i + 1
+for w = 1, nw do
+  local id, ok, bad, forced = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  i = i + 4
+  local win = KEYS[3 + w]
+  if ok > 0 then redis.call('HINCRBY', win, cur .. 'o', ok) end
+  if bad > 0 then redis.call('HINCRBY', win, cur .. 'f', bad) end
+  local fields = redis.call('HGETALL', win)
+  local oks, fails = 0, 0
+  for f = 1, #fields, 2 do
+    local name = fields[f]
+    local b = tonumber(string.sub(name, 1, -2))
+    if b == nil or b <= cur - keep then
+      redis.call('HDEL', win, name)
+    elseif string.sub(name, -1) == 'o' then
+      oks = oks + tonumber(fields[f + 1])
+    else
+      fails = fails + tonumber(fields[f + 1])
+    end
+  end
+  redis.call('PEXPIRE', win, bucket_ms * keep)
   local until_ms = forced
-  if redis.call('ZCARD', fails) >= threshold then
+  if fails >= threshold and fails >= ratio * (oks + fails) then
     until_ms = math.max(until_ms, now + cooldown)
-    redis.call('DEL', fails)
+    redis.call('DEL', win)
   end
   if until_ms > now then
     local old = tonumber(redis.call('HGET', KEYS[1], id) or '0')
@@ -63,8 +77,8 @@ local function fold(key)
     local old = redis.call('HGET', key, id)
     local new = mean
     if old then
-      local keep = math.pow(1 - alpha, cnt)
-      new = tonumber(old) * keep + mean * (1 - keep)
+      local stay = math.pow(1 - alpha, cnt)
+      new = tonumber(old) * stay + mean * (1 - stay)
     end
     redis.call('HSET', key, id, string.format('%.6f', new))
   end
@@ -82,7 +96,28 @@ for c = 1, #cool, 2 do
 end
 return {live, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3])}
 """
+BUCKETS = 10   # the failure window is kept in this many buckets
 PREFIX = "gw:v1:{health}"
+
+
+class _Outcomes:
+    """Successes and failures of one deployment over the window, in ``BUCKETS`` buckets."""
+
+    __slots__ = ("buckets",)
+
+    def __init__(self) -> None:
+        self.buckets: deque[list[int]] = deque()   # [bucket number, ok, failed], oldest first
+
+    def add(self, bucket: int, ok: int, failed: int) -> tuple[int, int]:
+        """Count one outcome; returns the (ok, failed) totals of the window."""
+        b = self.buckets
+        if not b or b[-1][0] != bucket:
+            b.append([bucket, 0, 0])
+        b[-1][1] += ok
+        b[-1][2] += failed
+        while b[0][0] <= bucket - BUCKETS:
+            b.popleft()
+        return sum(x[1] for x in b), sum(x[2] for x in b)
 
 
 class _Samples:
@@ -100,12 +135,11 @@ class HealthBook:
         self.redis = redis
         self.checker = checker
         self.clock = clock
-        self.worker = f"{os.getpid()}-{os.urandom(3).hex()}"
         self._cool: dict[str, float] = {}                  # deployment id -> until (unix s)
-        self._recent: dict[str, deque[float]] = defaultdict(deque)   # local failure times
+        self._window: dict[str, _Outcomes] = defaultdict(_Outcomes)   # this process's outcomes
         self._ttft: dict[str, float] = {}
         self._dur: dict[str, float] = {}
-        self._out_fail: dict[str, list[float]] = {}        # to send: id -> [count, forced_until_s]
+        self._out: dict[str, list[float]] = {}             # to send: id -> [ok, failed, forced_until_s]
         self._out_ttft: dict[str, _Samples] = defaultdict(_Samples)
         self._out_dur: dict[str, _Samples] = defaultdict(_Samples)
         self._check_down: set[str] = set()
@@ -129,7 +163,13 @@ class HealthBook:
         return self._view
 
     def succeeded(self, deployment: Deployment, duration_s: float | None = None, ttft_s: float | None = None) -> None:
-        """A latency sample: the whole call's duration (non-streaming) or a stream's time to first token."""
+        """A call that worked, with its latency: the whole call's duration (non-streaming) or a stream's
+        time to first token."""
+        self._window[deployment.id].add(self._bucket(self.clock()), 1, 0)
+        out = self._out.get(deployment.id)
+        if out is None:
+            out = self._out[deployment.id] = [0, 0, 0.0]
+        out[0] += 1
         if duration_s is not None:
             self._fold_local(self._dur, deployment.id, duration_s)
             s = self._out_dur[deployment.id]
@@ -142,18 +182,25 @@ class HealthBook:
             t.n += 1
 
     def failed(self, deployment: Deployment) -> None:
-        """A retryable failure: counted here at once, and sent to the other replicas at the next sync."""
+        """A retryable failure: counted here at once, and sent to the other replicas at the next sync.
+        Past ``failures`` failures that are at least ``min_failure_ratio`` of the window's calls (this
+        process's calls here; every replica's in the shared window), the deployment is cooled down."""
         now = self.clock()
-        recent = self._recent[deployment.id]
-        recent.append(now)
-        while recent and recent[0] < now - self.spec.window_s:
-            recent.popleft()
-        out = self._out_fail.setdefault(deployment.id, [0, 0.0])
-        out[0] += 1
-        if len(recent) >= self.spec.failures:
-            recent.clear()
+        ok, bad = self._window[deployment.id].add(self._bucket(now), 0, 1)
+        out = self._out.setdefault(deployment.id, [0, 0, 0.0])
+        out[1] += 1
+        if self._trips(ok, bad):   # here at once; the other replicas decide on the shared window at the next sync
+            self._window.pop(deployment.id, None)
             self._cool_down(deployment.id, now + self.spec.cooldown_s)
-            out[1] = max(out[1], now + self.spec.cooldown_s)
+
+    def _trips(self, ok: int, failed: int) -> bool:
+        return failed >= self.spec.failures and failed >= self.spec.min_failure_ratio * (ok + failed)
+
+    def _bucket(self, now: float) -> int:
+        return int(now * 1000) // self._bucket_ms()
+
+    def _bucket_ms(self) -> int:
+        return max(1, int(self.spec.window_s * 1000) // BUCKETS)
 
     def _cool_down(self, deployment_id: str, until: float) -> None:
         if until > self._cool.get(deployment_id, 0.0):
@@ -181,15 +228,16 @@ class HealthBook:
         """Exchange buffered failures and latency samples with Redis, and adopt the shared view."""
         if self.redis is None:
             return
-        fails, self._out_fail = self._out_fail, {}
+        outcomes, self._out = self._out, {}
         ttft, self._out_ttft = self._out_ttft, defaultdict(_Samples)
         dur, self._out_dur = self._out_dur, defaultdict(_Samples)
         now_ms = int(self.clock() * 1000)
-        keys = [f"{PREFIX}:cool", f"{PREFIX}:ttft", f"{PREFIX}:dur", *(f"{PREFIX}:fail:{d}" for d in fails)]
-        args: list[Any] = [now_ms, int(self.spec.window_s * 1000), self.spec.failures,
-                           int(self.spec.cooldown_s * 1000), self.spec.latency_alpha, self.worker, len(fails)]
-        for d, (count, forced) in fails.items():
-            args += [d, int(count), int(forced * 1000)]
+        keys = [f"{PREFIX}:cool", f"{PREFIX}:ttft", f"{PREFIX}:dur", *(f"{PREFIX}:win:{d}" for d in outcomes)]
+        spec = self.spec
+        args: list[Any] = [now_ms, self._bucket_ms(), BUCKETS, spec.failures, spec.min_failure_ratio,
+                           int(spec.cooldown_s * 1000), spec.latency_alpha, len(outcomes)]
+        for d, (ok, bad, forced) in outcomes.items():
+            args += [d, int(ok), int(bad), int(forced * 1000)]
         for samples in (ttft, dur):
             args.append(len(samples))
             for d, s in samples.items():
@@ -221,8 +269,8 @@ class HealthBook:
                 self._check_down.add(d.id)
                 until = self.clock() + max(self.spec.check_interval_s * 2, self.spec.cooldown_s)
                 self._cool_down(d.id, until)
-                out = self._out_fail.setdefault(d.id, [0, 0.0])
-                out[1] = max(out[1], until)
+                out = self._out.setdefault(d.id, [0, 0, 0.0])
+                out[2] = max(out[2], until)
 
     async def _check_one(self, deployment: Deployment) -> bool:
         assert self.checker is not None

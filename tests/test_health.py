@@ -51,6 +51,20 @@ def test_cooldown_after_failures_within_the_window_and_expiry() -> None:
     assert book.view().cooled == frozenset()
 
 
+def test_rare_failures_among_many_successes_do_not_cool_a_deployment_down() -> None:
+    clock, d = Clock(), deployment()
+    book = HealthBook(SPEC, clock=clock)                 # 3 failures, at least half of the window's calls
+    for _ in range(20):
+        book.succeeded(d, duration_s=0.1)
+    for _ in range(5):
+        book.failed(d)
+    assert not book.view().cooled                        # 5 of 25: 20%
+    clock.t += 11                                        # the successes age out of the 10 s window
+    for _ in range(3):
+        book.failed(d)
+    assert book.view().cooled == frozenset({d.id})       # 3 of 3 within the window
+
+
 def test_latency_moving_averages() -> None:
     d = deployment()
     book = HealthBook(SPEC, clock=Clock())
@@ -82,6 +96,18 @@ async def test_two_replicas_share_cooldowns_and_latency(redis_port: int) -> None
         await b.sync()
         await a.sync()
         assert a.view().latency[d.id] == pytest.approx(2.0)   # 1.0 folded with 3.0 at alpha 0.5
+        busy = deployment()                                   # successes on one replica, failures on the other
+        for _ in range(10):
+            a.succeeded(busy, duration_s=0.1)
+        await a.sync()
+        for _ in range(2):
+            b.failed(busy)
+        await b.sync()
+        b.failed(busy)
+        await b.sync()
+        await a.sync()
+        assert busy.id not in a.view().cooled        # 3 of all 13 calls failed: not cooled down for everyone
+        assert busy.id in b.view().cooled            # but b saw only its own 3 failures and stops using it
     finally:
         for client in clients:
             await client.aclose()

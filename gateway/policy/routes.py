@@ -66,6 +66,7 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class HealthSpec:
     failures: int = 3                # this many retryable failures ...
+    min_failure_ratio: float = 0.5   # ... that are at least this share of its calls ...
     window_s: float = 30.0           # ... within this window cool a deployment down ...
     cooldown_s: float = 30.0         # ... for this long, on every replica
     check_interval_s: float = 10.0   # active checks of self-hosted deployments (0: off)
@@ -81,6 +82,7 @@ def parse_health(section: Any) -> HealthSpec:
     f = Fields(section, "health")
     spec = HealthSpec(
         failures=f.take_int("failures", 3, minimum=1),
+        min_failure_ratio=float(f.take_number("min_failure_ratio", 0.5, minimum=0.0, maximum=1.0)),
         window_s=float(f.take_number("window_s", 30.0, minimum=0.1)),
         cooldown_s=float(f.take_number("cooldown_s", 30.0, minimum=0.0)),
         check_interval_s=float(f.take_number("check_interval_s", 10.0, minimum=0.0)),
