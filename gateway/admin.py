@@ -29,8 +29,8 @@ from starlette.responses import Response
 
 from gateway import adminops
 from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
-from gateway.pipeline import _bearer
 from gateway.policy import PolicyError
+from gateway.request import bearer_token
 from gateway.spend_report import FORMATS, MEDIA_TYPES, check_choice, render
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class AdminApi:
         if master is None:
             raise PermissionDenied("The admin API is disabled: set GATEWAY_MASTER_KEY to enable it.",
                                    code="admin_disabled")
-        token = _bearer({k.lower(): v for k, v in request.headers.items()})
+        token = bearer_token({k.lower(): v for k, v in request.headers.items()})
         if not token:
             raise AuthenticationFailed("Missing master key: send 'Authorization: Bearer <GATEWAY_MASTER_KEY>'.")
         if not hmac.compare_digest(token.encode(), master.encode()):

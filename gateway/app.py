@@ -43,12 +43,13 @@ from gateway.errors import (
 from gateway.health import HealthBook
 from gateway.httpclient import HttpClient
 from gateway.metrics import BudgetGauge, Metrics
-from gateway.pipeline import Inbound, Pipeline, Reply, StreamReply
+from gateway.pipeline import Pipeline
 from gateway.policy import Policies, load_policies
 from gateway.providers.base import Provider
 from gateway.providers.openai_compat import OpenAICompatProvider
 from gateway.providers.simulated import SimulatedProvider
 from gateway.reloader import PolicyWatcher
+from gateway.request import Inbound, Reply, StreamReply, bearer_token
 from gateway.settings import Settings
 from gateway.state import State, open_state
 from gateway.state.budgets import StateUnavailable
@@ -308,7 +309,7 @@ def _fastapi(state: AppState) -> FastAPI:
     @api.get("/metrics")
     async def metrics(request: Request) -> Response:
         key = state.settings.metrics_key
-        if key is not None and not hmac.compare_digest(_bearer_token(request).encode(), key.encode()):
+        if key is not None and not hmac.compare_digest((bearer_token(_lower(request)) or "").encode(), key.encode()):
             raise AuthenticationFailed("GET /metrics needs 'Authorization: Bearer <GATEWAY_METRICS_KEY>'.")
         body = state.metrics.render(await budget_gauges(state), state.pipeline.deployment_health())
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -331,11 +332,6 @@ async def budget_gauges(state: AppState) -> list[BudgetGauge]:
         out.extend(BudgetGauge(label, u.period, u.limit_nano, u.spent_nano, round(u.limit_nano * team.soft_alert))
                    for u in usage)
     return out
-
-
-def _bearer_token(request: Request) -> str:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
 
 
 def _lower(request: Request) -> dict[str, str]:

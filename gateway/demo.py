@@ -121,7 +121,7 @@ async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
 
 def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple[str, Any]], url: str,
             summaries: list[int] | None = None) -> str:
-    from gateway.pipeline import usd_str
+    from gateway.request import usd_str
 
     head = f"{'team':<10} {'requests':>8} {'ok':>6} {'budget':>6} {'limited':>7} {'failed':>6} " \
            f"{'spend USD':>12} {'saved USD':>12}"
@@ -154,7 +154,7 @@ def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple
 
 
 def _signed_usd(nano: int) -> str:
-    from gateway.pipeline import usd_str
+    from gateway.request import usd_str
 
     return usd_str(nano) if nano >= 0 else "-" + usd_str(-nano)
 

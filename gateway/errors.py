@@ -175,3 +175,9 @@ def error_headers(exc: GatewayError) -> list[tuple[bytes, bytes]]:
 def internal_error() -> GatewayError:
     """What a client sees for a bug in the gateway: no traceback, a stable envelope."""
     return GatewayError("The gateway hit an internal error; it has been logged.")
+
+
+def state_unavailable(exc: Exception) -> ServiceUnavailable:
+    """Redis is down and the fail mode is ``refuse``."""
+    return ServiceUnavailable(f"Budget and key state is unreachable, so requests are refused "
+                              f"(GATEWAY_REDIS_FAIL_MODE=refuse): {exc}", code="state_unavailable")

@@ -1,25 +1,22 @@
-"""The request path, one function per stage, read top to bottom in :meth:`Pipeline.handle`.
+"""The request path, one method per stage, read top to bottom in :meth:`Pipeline.handle`.
 
-authenticate → validate → resolve policy (pure) → serve from the response cache
-→ compress → reserve → call the upstream with fallbacks (prompt-cache breakpoints
-per deployment) → price → settle → record → store in the response cache. The
-saving stages live in :mod:`gateway.saving_stages`. Non-streaming requests return a :class:`Reply`;
-streaming ones a :class:`StreamReply` whose event iterator prices and records
-the stream when it ends, however it ends (finished, failed upstream, or the
-client went away). The HTTP edge only parses and renders.
+authenticate → validate → resolve policy (pure) → serve from the response cache →
+compress → reserve → call the upstream with fallbacks (prompt-cache breakpoints per
+deployment) → price → settle → record → store in the response cache. The saving stages
+live in :mod:`gateway.saving_stages`, the streaming ones in :mod:`gateway.streaming`,
+the data they pass around in :mod:`gateway.request`. Non-streaming requests return a
+:class:`Reply`; streaming ones a :class:`StreamReply` whose events price and record the
+stream when it ends, however it ends. The HTTP edge only parses and renders.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
 import time
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
-from itertools import count
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
@@ -34,23 +31,35 @@ from gateway.budgeting import (
     refusal_error,
     worst_case,
 )
-from gateway.cache import Lookup
-from gateway.compression import Report
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
     InvalidRequest,
-    ServiceUnavailable,
     UpstreamError,
-    UpstreamRateLimited,
     UpstreamTimeout,
-    internal_error,
+    state_unavailable,
 )
 from gateway.health import HealthBook
-from gateway.policy import Deployment, Policies, PromptCacheSettings, TeamSpec
+from gateway.policy import Deployment, Policies, TeamSpec
 from gateway.policy.teams import DEFAULT_TEAM
 from gateway.pricing import Usage, usage_from_openai
 from gateway.providers.base import Call, Provider
+from gateway.request import (
+    Headers,
+    Inbound,
+    Outcome,
+    Principal,
+    Reply,
+    RequestIds,
+    StreamReply,
+    bearer_token,
+    choice_text,
+    combined_failure,
+    falls_back,
+    nano_float,
+    provider_kind,
+    usd_str,
+)
 from gateway.routing import Plan, RouteInput, resolve_policy
 from gateway.saving_stages import SavingStages, build_store
 from gateway.savings import SavingsMeter, account
@@ -59,106 +68,13 @@ from gateway.state import State
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
 from gateway.state.keys import KeyRecord
 from gateway.state.ledger import LedgerRecord
+from gateway.streaming import StreamStages
 from gateway.tokens import count_completion_text, count_prompt
 from gateway.validation import validate
 
 log = logging.getLogger("gateway")
-Headers = list[tuple[bytes, bytes]]
 OTHER_MODEL = "other"
 HEALTH_FAILURES = frozenset({"server_error", "timeout", "connection", "rate_limit", "auth"})  # count toward cooldown
-
-
-@dataclass(slots=True)
-class Inbound:
-    """A parsed request as the edge hands it over."""
-
-    endpoint: str                  # "chat" | "completions" | "embeddings"
-    body: Any
-    raw_size: int
-    headers: dict[str, str]        # lower-cased names
-    request_id: str
-    started: float = field(default_factory=time.perf_counter)
-    policies: Policies | None = None   # the set this request runs on, taken once (hot reload swaps the next)
-    cache: Lookup | None = None            # the response cache's decision (None: not looked up)
-    compression: Report | None = None      # what compression did, if it ran
-    original_body: Any = None              # the body before compression
-    prompt_cache: tuple[PromptCacheSettings, str] | None = None   # settings and team, when asked for
-    team: str | None = None                # once authenticated
-    recorded: bool = False                 # the record stage ran (metrics and ledger)
-
-    @property
-    def cache_result(self) -> str:
-        return self.cache.result if self.cache is not None else "bypass"
-
-
-@dataclass(slots=True)
-class Principal:
-    team: str
-    spec: TeamSpec
-    key: KeyRecord | None = None
-
-    @property
-    def key_id(self) -> str | None:
-        return self.key.id if self.key is not None else None
-
-
-@dataclass(slots=True)
-class Reply:
-    body: bytes
-    headers: Headers
-    status: int = 200
-
-
-@dataclass(slots=True)
-class StreamReply:
-    """An SSE reply: its first event, already produced (so the event generator has started and
-    closing it always runs its settle-and-record cleanup), then the rest."""
-
-    headers: Headers
-    first: bytes
-    events: AsyncGenerator[bytes, None]
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What one request did, for pricing and recording."""
-
-    principal: Principal
-    plan: Plan
-    deployment: Deployment | None
-    stream: bool
-    usage: Usage | None = None
-    cost_nano: int = 0
-    baseline_nano: int = 0
-    status: str = "ok"
-    upstream_s: float = 0.0
-    ttft_s: float | None = None
-    savings: dict[str, int] = field(default_factory=dict)
-    compression: Report | None = None
-    overhead: bool = False                 # a compression summary call: baseline 0 (see gateway.savings)
-
-
-class RequestIds:
-    """Unique, cheap request ids: a per-process random prefix and a counter."""
-
-    def __init__(self) -> None:
-        self._prefix = f"req_{os.urandom(6).hex()}"
-        self._seq = count(1)
-
-    def next(self, offered: str | None = None) -> str:
-        if offered and len(offered) <= 128 and offered.isprintable():
-            return offered
-        return f"{self._prefix}{next(self._seq):x}"
-
-
-def usd_str(nano: int) -> str:
-    whole, frac = divmod(nano, 1_000_000_000)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else f"{whole}"
-
-
-def nano_float(nano: int) -> float:
-    """Nano-USD as a JSON number; the division is correctly rounded, so its repr is the exact decimal."""
-    return nano / 1e9
 
 
 class Pipeline:
@@ -173,6 +89,7 @@ class Pipeline:
         self.ids = RequestIds()
         self.savings = SavingsMeter(metrics)
         self.savers = SavingStages(self, build_store(state, policies))
+        self.streams = StreamStages(self)
         self.use_policies(policies)
 
     def use_policies(self, policies: Policies) -> None:
@@ -212,7 +129,7 @@ class Pipeline:
                                      compression=req.compression), exc.code or "error")
             raise
         if req.body.get("stream") is True and req.endpoint != "embeddings":
-            return await self.stream(req, principal, ticket)
+            return await self.streams.open(req, principal, ticket)
         outcome = Outcome(principal, ticket.plan, None, stream=False, compression=req.compression)
         try:
             deployment, body = await self.call_with_fallbacks(req, ticket, outcome)
@@ -232,7 +149,7 @@ class Pipeline:
         return Reply(orjson.dumps(body), headers)
 
     async def authenticate(self, req: Inbound) -> Principal:
-        token = _bearer(req.headers)
+        token = bearer_token(req.headers)
         if not token:
             raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
         if self.master_key is not None and hmac.compare_digest(token, self.master_key):
@@ -316,7 +233,7 @@ class Pipeline:
             outcome.deployment = deployment
             started = time.perf_counter()
             try:
-                body = await self.providers[_provider_kind(deployment)].complete(call)
+                body = await self.providers[provider_kind(deployment)].complete(call)
             except UpstreamError as exc:
                 outcome.upstream_s += time.perf_counter() - started
                 self.upstream_failed(deployment, exc, failures)
@@ -362,7 +279,7 @@ class Pipeline:
         output = 0
         for choice in body.get("choices") or ():
             if isinstance(choice, dict):
-                output += count_completion_text(_choice_text(choice), model)
+                output += count_completion_text(choice_text(choice), model)
         return Usage(input_tokens=count_prompt(req.body, req.endpoint, model), output_tokens=output,
                      estimated=True)
 
@@ -467,119 +384,6 @@ class Pipeline:
         m = self.metrics
         m.child(m.fallbacks, m.model_label(frm.model), m.model_label(to.model), exc.failure).inc()
 
-    # ---------------------------------------------------------------- streaming
-    async def stream(self, req: Inbound, principal: Principal, ticket: Ticket) -> StreamReply:
-        client_opts = req.body.get("stream_options")
-        wants_usage = isinstance(client_opts, dict) and client_opts.get("include_usage") is True
-        outcome = Outcome(principal, ticket.plan, None, stream=True, compression=req.compression)
-        failures: list[tuple[Deployment, UpstreamError]] = []
-        plan = ticket.plan
-        for deployment in plan.candidates[:plan.max_attempts]:
-            try:
-                timeout = self.attempt_timeout(req, plan, deployment, failures)
-            except UpstreamTimeout:
-                await self.settle(ticket, outcome)
-                self.record(req, outcome, status="upstream_timeout")
-                raise
-            call = self.make_call(req, ticket, deployment, timeout)
-            call.body["stream_options"] = {**(client_opts or {}), "include_usage": True}
-            outcome.deployment = deployment
-            chunks = cast(AsyncGenerator[dict[str, Any], None],
-                          self.providers[_provider_kind(deployment)].stream(call))
-            started = time.perf_counter()
-            try:
-                first = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = None
-            except UpstreamError as exc:
-                outcome.upstream_s += time.perf_counter() - started
-                self.upstream_failed(deployment, exc, failures)
-                if not falls_back(plan, exc):
-                    await self.settle(ticket, outcome)
-                    self.record(req, outcome, status=exc.code or "error")
-                    raise
-                continue
-            outcome.ttft_s = time.perf_counter() - req.started
-            self.health.succeeded(deployment, ttft_s=time.perf_counter() - started)
-            if failures:
-                self.fell_back(failures[-1], deployment)
-            headers = self.headers(req, ticket, deployment, None)
-            headers[0] = (b"content-type", b"text/event-stream")
-            headers.append((b"cache-control", b"no-cache"))
-            events = self.stream_events(req, ticket, outcome, deployment, first, chunks, wants_usage, started)
-            return StreamReply(headers, await events.__anext__(), events)
-        failure = combined_failure(failures)
-        await self.settle(ticket, outcome)
-        self.record(req, outcome, status=failure.code or "error")
-        raise failure
-
-    async def stream_events(self, req: Inbound, ticket: Ticket, outcome: Outcome, deployment: Deployment,
-                            first: dict[str, Any] | None, chunks: AsyncGenerator[dict[str, Any], None],
-                            wants_usage: bool, started: float) -> AsyncGenerator[bytes, None]:
-        texts: dict[int, list[str]] = {}
-        reported: dict[str, Any] | None = None
-        usage_chunk: dict[str, Any] | None = None
-        error: GatewayError | None = None
-        finished = False
-        assembler = self.savers.assembler(req)     # a miss to store once the stream completes
-        try:
-            chunk = first
-            while chunk is not None:
-                if assembler is not None:
-                    assembler.add(chunk)
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    reported = usage
-                choices = chunk.get("choices")
-                if isinstance(usage, dict) and not choices:
-                    usage_chunk = chunk           # held back: priced, then sent last if asked for
-                else:
-                    if isinstance(choices, list):
-                        _collect_text(choices, texts)
-                    if usage is not None and not wants_usage:
-                        chunk = {k: v for k, v in chunk.items() if k != "usage"}
-                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    chunk = None
-            finished = True
-        except GatewayError as exc:
-            error = exc
-        except Exception:  # a bug or a foreign error mid-stream: the client gets an event, not a hang
-            log.exception("stream failed")
-            error = internal_error()
-        finally:
-            outcome.upstream_s += time.perf_counter() - started
-            usage_obj = usage_from_openai(reported) if reported else None
-            if usage_obj is None:
-                model = deployment.upstream_model
-                out = sum(count_completion_text("".join(parts), model) for parts in texts.values())
-                usage_obj = Usage(input_tokens=count_prompt(req.body, req.endpoint, model),
-                                  output_tokens=out, estimated=True)
-            self.price(outcome, deployment, usage_obj)
-            status = "ok" if finished else (error.code or "error") if error else "client_closed"
-            try:
-                if not finished:
-                    await chunks.aclose()
-            finally:
-                await self.settle(ticket, outcome)
-                self.record(req, outcome, status=status)
-        if finished and assembler is not None:
-            await self.savers.store_stream(req, ticket, deployment, assembler, outcome)
-        if wants_usage:
-            if usage_chunk is None:
-                usage_chunk = {"id": f"chatcmpl-{req.request_id}", "object": "chat.completion.chunk",
-                               "created": int(time.time()), "model": deployment.upstream_model,
-                               "choices": [], "usage": _usage_dict(usage_obj)}
-            usage_chunk["usage"] = {**usage_chunk["usage"], "cost_usd": nano_float(outcome.cost_nano)}
-            yield b"data: " + orjson.dumps(usage_chunk) + b"\n\n"
-        if error is not None:
-            yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
-        else:
-            yield b"data: [DONE]\n\n"
-
-
 def ledger_record(req: Inbound, outcome: Outcome, status: str) -> LedgerRecord:
     d, usage, plan = outcome.deployment, outcome.usage or Usage(), outcome.plan
     report = outcome.compression
@@ -595,68 +399,3 @@ def ledger_record(req: Inbound, outcome: Outcome, status: str) -> LedgerRecord:
         cache=req.cache_result, compressed=report is not None,
         compression_saved_tokens=report.removed if report is not None else 0,
         estimated=usage.estimated, stream=outcome.stream)
-
-
-def falls_back(plan: Plan, exc: UpstreamError) -> bool:
-    """Whether a failure moves on to the plan's next candidate (the route's ``retry_on``)."""
-    return exc.retryable and exc.failure in plan.retry_on
-
-
-def _bearer(headers: dict[str, str]) -> str | None:
-    auth = headers.get("authorization")
-    if auth is not None:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return headers.get("x-api-key") or None
-
-
-def state_unavailable(exc: Exception) -> ServiceUnavailable:
-    return ServiceUnavailable(f"Budget and key state is unreachable, so requests are refused "
-                              f"(GATEWAY_REDIS_FAIL_MODE=refuse): {exc}", code="state_unavailable")
-
-
-def _provider_kind(deployment: Deployment) -> str:
-    if deployment.openai_compatible:
-        return "openai"
-    if deployment.provider == "simulated":
-        return "simulated"
-    return "litellm"
-
-
-def _choice_text(choice: dict[str, Any]) -> str:
-    if isinstance(choice.get("text"), str):
-        return str(choice["text"])
-    message = choice.get("message") or choice.get("delta") or {}
-    parts = [message.get("content") or ""]
-    for call in message.get("tool_calls") or ():
-        fn = call.get("function") or {} if isinstance(call, dict) else {}
-        parts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
-    return "".join(p if isinstance(p, str) else "" for p in parts)
-
-
-def _collect_text(choices: list[Any], texts: dict[int, list[str]]) -> None:
-    for choice in choices:
-        if isinstance(choice, dict):
-            index = choice.get("index", 0)
-            texts.setdefault(index if isinstance(index, int) else 0, []).append(_choice_text(choice))
-
-
-def _usage_dict(usage: Usage) -> dict[str, Any]:
-    return {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
-            "total_tokens": usage.input_tokens + usage.output_tokens, "estimated": usage.estimated}
-
-
-def combined_failure(failures: list[tuple[Deployment, UpstreamError]]) -> GatewayError:
-    """One error for a request whose every candidate failed."""
-    if not failures:
-        return InvalidRequest("No deployment can serve this request.", code="no_deployment")
-    if len(failures) == 1:
-        return failures[0][1]
-    kinds = {type(exc) for _, exc in failures}
-    listing = "; ".join(f"{d.id}: {exc.message}" for d, exc in failures)
-    if kinds == {UpstreamTimeout}:
-        return UpstreamTimeout(f"Every candidate deployment timed out: {listing}")
-    if kinds == {UpstreamRateLimited}:
-        return UpstreamRateLimited(f"Every candidate deployment is rate limited: {listing}")
-    return UpstreamError(f"Every candidate deployment failed: {listing}")

@@ -28,8 +28,9 @@ import orjson
 from gateway import cache_stream, compression, prompt_cache
 from gateway.budgeting import Ticket, budget_rules, rate_rules, refusal_error
 from gateway.cache import Entry, Lookup, MemoryStore, RedisStore, ResponseCache, Store, answer_for_storage
-from gateway.errors import ContextLengthExceeded, GatewayError, InvalidRequest
+from gateway.errors import ContextLengthExceeded, GatewayError, InvalidRequest, state_unavailable
 from gateway.policy import CompressionSettings, Deployment, Policies, PromptCacheSettings
+from gateway.request import Inbound, Outcome, Principal, Reply, StreamReply
 from gateway.routing import Plan
 from gateway.savings import hit_accounting
 from gateway.state import State
@@ -37,7 +38,7 @@ from gateway.state.budgets import ReserveRequest, StateUnavailable
 from gateway.tokens import count_prompt
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Inbound, Outcome, Pipeline, Principal, Reply, StreamReply
+    from gateway.pipeline import Pipeline
 
 log = logging.getLogger("gateway")
 SUMMARY_ROUTE = "compression_summary"
@@ -77,8 +78,6 @@ class SavingStages:
         return await self.answer_hit(req, principal, plan, lookup.entry)
 
     async def answer_hit(self, req: Inbound, principal: Principal, plan: Plan, entry: Entry) -> Reply | StreamReply:
-        from gateway.pipeline import Outcome, Reply, StreamReply
-
         p = self.pipeline
         stream = req.body.get("stream") is True and req.endpoint != "embeddings"
         try:
@@ -119,8 +118,6 @@ class SavingStages:
                 admission = await p.state.budgets.reserve(reservation)
             except StateUnavailable as exc:
                 if not p.state.fail_open:
-                    from gateway.pipeline import state_unavailable
-
                     raise state_unavailable(exc) from None
                 return Ticket(plan)
             refusal = admission.refusal
@@ -226,8 +223,6 @@ class SavingStages:
     async def summarise(self, req: Inbound, principal: Principal, settings: CompressionSettings,
                         text: str) -> tuple[str, int] | None:
         """The summary of ``text`` by the policy's summary model, through routing, paid by the team."""
-        from gateway.pipeline import Inbound, Outcome
-
         p = self.pipeline
         assert settings.summary_model is not None
         body = compression.summary_request(settings, text)

@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
+from gateway.state.budgets import StateUnavailable
 from gateway.state.keys import CachedKeys, KeyRecord, MemoryKeyStore, RedisKeyStore, hash_secret
 from gateway.state.ledger import (
     DAY_S,
@@ -389,3 +390,33 @@ async def test_redis_cluster_keys_and_ledger(redis_cluster_ports: list[int]) -> 
             assert await led.totals(start, start + 2 * DAY_S, by=by, source="stream") == want
     finally:
         await cluster.aclose()
+
+
+async def test_concurrent_lookups_of_one_key_share_one_store_call() -> None:
+    store = MemoryKeyStore()
+    record, secret = await store.create("acme", "busy")
+    calls = 0
+    real = store.lookup
+
+    async def slow_lookup(value: str) -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return await real(value)
+
+    store.lookup = slow_lookup  # type: ignore[method-assign]
+    cached = CachedKeys(store, ttl_s=60)
+    found = await asyncio.gather(*(cached.lookup(secret) for _ in range(200)))
+    assert calls == 1 and all(r is not None and r.id == record.id for r in found)
+    assert (await cached.lookup(secret)) is not None and calls == 1          # then from the cache
+
+    async def failing(value: str) -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        raise ConnectionError("down")
+
+    store.lookup = failing  # type: ignore[method-assign]
+    cold = CachedKeys(store, ttl_s=60)
+    results = await asyncio.gather(*(cold.lookup(secret) for _ in range(50)), return_exceptions=True)
+    assert calls == 2 and all(isinstance(r, StateUnavailable) for r in results)

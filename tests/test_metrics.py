@@ -218,6 +218,8 @@ async def test_cardinality_stays_bounded_with_thousands_of_random_model_names(
     async with httpx.AsyncClient(base_url=server.url, timeout=30,
                                  limits=httpx.Limits(max_connections=32)) as c:
         assert await chat(c, "anything", "cheap") == 200
+        assert await chat(c, "anything", "first-unknown") == 404   # its series: status model_not_found, model other
+        assert await chat(c, "anything", "second-unknown", stream=True) == 404
         before = families((await c.get("/metrics")).text)
         names = ["".join(rng.choices(string.ascii_lowercase + string.digits + "-/.:", k=rng.randint(3, 60)))
                  for _ in range(3000)]

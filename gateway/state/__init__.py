@@ -27,6 +27,7 @@ from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
 log = logging.getLogger("gateway.state")
 FLUSH_EVERY_S = 0.1
 MAX_QUEUED_SETTLES = 1_000_000
+MAX_REDIS_CONNECTIONS = 256    # per process, for keys, ledger, cache and admin (the budget script has its own)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class State:
 def redis_client(settings: Settings) -> Any:
     """A ``redis.asyncio`` client for the settings' URL: short timeouts, few retries, so a dead
     Redis costs a request milliseconds rather than seconds before the fail mode decides."""
-    from redis.asyncio import Redis, RedisCluster
+    from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
 
@@ -122,8 +123,11 @@ def redis_client(settings: Settings) -> Any:
                                    socket_connect_timeout=settings.redis_timeout_s,
                                    retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1))
     if settings.redis_cluster:
-        return RedisCluster.from_url(settings.redis_url, **options)
-    return Redis.from_url(settings.redis_url, **options)
+        return RedisCluster.from_url(settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS, **options)
+    # A burst beyond the pool's size waits (up to the timeout) for a connection instead of failing.
+    pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS,
+                                           timeout=settings.redis_timeout_s, **options)
+    return Redis(connection_pool=pool)
 
 
 def open_state(settings: Settings) -> State:

@@ -11,6 +11,7 @@ replica within that time.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import secrets
@@ -246,6 +247,7 @@ class CachedKeys:
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
         self._has_keys: tuple[float, bool] = (0.0, False)
+        self._inflight: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     async def has_keys(self) -> bool:
         until, value = self._has_keys
@@ -266,12 +268,34 @@ class CachedKeys:
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
+        # One store lookup per key at a time: when a busy key's entry expires, the requests that
+        # arrive meanwhile wait for that lookup instead of each asking Redis (a burst of hundreds).
+        pending = self._inflight.get(digest)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise                    # this request itself was cancelled
+            if digest in self._inflight:     # the lookup it waited for was cancelled: ask again
+                return await self.lookup(secret)
+        future: asyncio.Future[KeyRecord | None] = asyncio.get_running_loop().create_future()
+        self._inflight[digest] = future
         try:
             record = await self.store.lookup(secret)
+            future.set_result(record)
         except Exception as exc:
             if self.stale_ok and hit is not None:
+                future.set_result(hit[1])
                 return hit[1]
-            raise StateUnavailable(f"key store unavailable: {exc!r}") from exc
+            error = StateUnavailable(f"key store unavailable: {exc!r}")
+            future.set_exception(error)
+            future.exception()   # retrieved here, so a lookup nobody else waited for is not "never retrieved"
+            raise error from exc
+        finally:
+            del self._inflight[digest]
+            if not future.done():   # cancelled while waiting on the store: so are the ones waiting here
+                future.cancel()
         self._cache.pop(digest, None)
         self._cache[digest] = (self._clock() + self.ttl_s, record)
         while len(self._cache) > self.max_entries:
