@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway import adminops
+from gateway.background import cancel
 from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from gateway.policy import PolicyError
 from gateway.request import bearer_token
@@ -182,8 +183,5 @@ class AdminApi:
                     log.error("policy reload %d announced but refused here, last good set kept: %s", current, exc)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None

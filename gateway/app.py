@@ -223,7 +223,7 @@ def _fastapi(state: AppState) -> FastAPI:
         log.info("gateway ready: %d models from %s", len(state.policies.unique_models()),
                  state.settings.config_dir)
         state.state.start()
-        health_task = state.pipeline.health.start()
+        state.pipeline.health.start()
         if state.watcher is not None:
             state.watcher.start()
         await admin.start()
@@ -237,7 +237,7 @@ def _fastapi(state: AppState) -> FastAPI:
         yield
         if state.watcher is not None:
             await state.watcher.stop()
-        await HealthBook.stop(health_task)
+        await state.pipeline.health.aclose()
         await admin.aclose()
         await state.state.aclose()
         for provider in state.providers.values():

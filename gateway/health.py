@@ -15,7 +15,6 @@ deployments. Without Redis the same book works for the one process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.background import cancel
 from gateway.policy import Deployment, HealthSpec
 from gateway.routing import HealthView
 
@@ -147,6 +147,7 @@ class HealthBook:
         self._view_until = math.inf
         self._dirty = True
         self._deployments: tuple[Deployment, ...] = ()
+        self._task: asyncio.Task[None] | None = None
 
     # -------------------------------------------------------------- request path
     def view(self) -> HealthView:
@@ -293,15 +294,13 @@ class HealthBook:
                 log.exception("health loop failed")
             await asyncio.sleep(self.spec.sync_interval_s)
 
-    def start(self) -> asyncio.Task[None]:
-        return asyncio.get_running_loop().create_task(self.run())
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run())
 
-    @staticmethod
-    async def stop(task: asyncio.Task[None] | None) -> None:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def aclose(self) -> None:
+        await cancel(self._task)
+        self._task = None
 
 
 def _pairs(flat: Any) -> list[tuple[str, Any]]:

@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from gateway.background import cancel
 from gateway.policy import PolicyError
 from gateway.policy import policy_files as list_policy_files
 
@@ -70,8 +71,5 @@ class PolicyWatcher:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None

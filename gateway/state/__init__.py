@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.background import cancel
 from gateway.settings import Settings
 from gateway.state.budgets import BudgetStore, ReserveRequest, StateUnavailable
 from gateway.state.budgets_memory import MemoryBudgetStore
@@ -97,11 +98,8 @@ class State:
         return await self.budgets.ping()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             await self.flush()
         if self.pending:
