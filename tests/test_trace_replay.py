@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,7 +32,18 @@ from conftest import ROOT, Server, start_gateway, stop
 from gateway.state.keys import RedisKeyStore
 from gateway.state.ledger import RedisLedger
 
-TRACE = ROOT.parent / "shared" / "data" / "mooncake-synthetic-trace.jsonl"
+TRACE_NAME = "mooncake-synthetic-trace.jsonl"
+
+
+def _trace_path() -> Path:
+    """The shared trace: $GATEWAY_SHARED_DATA, else ../shared/data next to the checkout, else /work/shared/data."""
+    for base in (os.environ.get("GATEWAY_SHARED_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"):
+        if base and (Path(base) / TRACE_NAME).exists():
+            return Path(base) / TRACE_NAME
+    return ROOT.parent / "shared" / "data" / TRACE_NAME
+
+
+TRACE = _trace_path()
 START, COUNT, BLOCK = 3600, 300, 512
 IN, CACHED, OUT = 2000, 500, 8000          # nano-USD per token
 FRAMING = 6                                # the mock's chat framing: 3 per request + 3 per message
