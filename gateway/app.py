@@ -156,6 +156,7 @@ class GatewayApp:
             await send_error(send, internal_error(), request_id)
             return
         if isinstance(reply, Reply):
+            reply.headers.append((b"content-length", str(len(reply.body)).encode()))   # no chunked framing
             await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
             await send({"type": "http.response.body", "body": reply.body})
         else:
@@ -184,8 +185,10 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
 async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
     headers = error_headers(exc)
     headers.append((b"x-request-id", request_id.encode()))
+    body = error_body(exc)
+    headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": error_body(exc)})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def send_stream(reply: StreamReply, receive: Receive, send: Send) -> None:

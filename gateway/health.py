@@ -108,16 +108,20 @@ class _Outcomes:
     def __init__(self) -> None:
         self.buckets: deque[list[int]] = deque()   # [bucket number, ok, failed], oldest first
 
-    def add(self, bucket: int, ok: int, failed: int) -> tuple[int, int]:
-        """Count one outcome; returns the (ok, failed) totals of the window."""
+    def add(self, bucket: int, ok: int, failed: int) -> None:
         b = self.buckets
         if not b or b[-1][0] != bucket:
             b.append([bucket, 0, 0])
-        b[-1][1] += ok
-        b[-1][2] += failed
-        while b[0][0] <= bucket - BUCKETS:
-            b.popleft()
-        return sum(x[1] for x in b), sum(x[2] for x in b)
+            while b[0][0] <= bucket - BUCKETS:
+                b.popleft()
+        last = b[-1]
+        last[1] += ok
+        last[2] += failed
+
+    def totals(self, bucket: int) -> tuple[int, int]:
+        """(ok, failed) over the buckets still inside the window at ``bucket``."""
+        live = [x for x in self.buckets if x[0] > bucket - BUCKETS]
+        return sum(x[1] for x in live), sum(x[2] for x in live)
 
 
 class _Samples:
@@ -166,7 +170,7 @@ class HealthBook:
     def succeeded(self, deployment: Deployment, duration_s: float | None = None, ttft_s: float | None = None) -> None:
         """A call that worked, with its latency: the whole call's duration (non-streaming) or a stream's
         time to first token."""
-        self._window[deployment.id].add(self._bucket(self.clock()), 1, 0)
+        self._window[deployment.id].add(int(self.clock() * 1000) // self._bucket_ms, 1, 0)
         out = self._out.get(deployment.id)
         if out is None:
             out = self._out[deployment.id] = [0, 0, 0.0]
@@ -187,7 +191,10 @@ class HealthBook:
         Past ``failures`` failures that are at least ``min_failure_ratio`` of the window's calls (this
         process's calls here; every replica's in the shared window), the deployment is cooled down."""
         now = self.clock()
-        ok, bad = self._window[deployment.id].add(self._bucket(now), 0, 1)
+        bucket = int(now * 1000) // self._bucket_ms
+        window = self._window[deployment.id]
+        window.add(bucket, 0, 1)
+        ok, bad = window.totals(bucket)
         out = self._out.setdefault(deployment.id, [0, 0, 0.0])
         out[1] += 1
         if self._trips(ok, bad):   # here at once; the other replicas decide on the shared window at the next sync
@@ -197,11 +204,15 @@ class HealthBook:
     def _trips(self, ok: int, failed: int) -> bool:
         return failed >= self.spec.failures and failed >= self.spec.min_failure_ratio * (ok + failed)
 
-    def _bucket(self, now: float) -> int:
-        return int(now * 1000) // self._bucket_ms()
+    @property
+    def spec(self) -> HealthSpec:
+        return self._spec
 
-    def _bucket_ms(self) -> int:
-        return max(1, int(self.spec.window_s * 1000) // BUCKETS)
+    @spec.setter
+    def spec(self, spec: HealthSpec) -> None:
+        """New settings (a policy reload); the window's bucket length follows."""
+        self._spec = spec
+        self._bucket_ms = max(1, int(spec.window_s * 1000) // BUCKETS)
 
     def _cool_down(self, deployment_id: str, until: float) -> None:
         if until > self._cool.get(deployment_id, 0.0):
@@ -235,7 +246,7 @@ class HealthBook:
         now_ms = int(self.clock() * 1000)
         keys = [f"{PREFIX}:cool", f"{PREFIX}:ttft", f"{PREFIX}:dur", *(f"{PREFIX}:win:{d}" for d in outcomes)]
         spec = self.spec
-        args: list[Any] = [now_ms, self._bucket_ms(), BUCKETS, spec.failures, spec.min_failure_ratio,
+        args: list[Any] = [now_ms, self._bucket_ms, BUCKETS, spec.failures, spec.min_failure_ratio,
                            int(spec.cooldown_s * 1000), spec.latency_alpha, len(outcomes)]
         for d, (ok, bad, forced) in outcomes.items():
             args += [d, int(ok), int(bad), int(forced * 1000)]

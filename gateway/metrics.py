@@ -86,6 +86,50 @@ class BudgetGauge:
     soft_limit_nano: int
 
 
+class RequestChildren:
+    """The labelled children one finished request of a (team, model, provider, route, status, cache,
+    stream) updates: the request counter and duration histograms at once, the rest (upstream and
+    first-token latency, tokens by kind, cost) on first use, so no empty series appear."""
+
+    __slots__ = ("requests", "overhead", "duration", "_lazy", "_metrics", "_labels")
+
+    def __init__(self, m: Metrics, team: str, model: str, provider: str, route: str, status: str, cache: str,
+                 stream: bool) -> None:
+        self.requests = m.child(m.requests, team, model, provider, route, status, cache)
+        self.overhead = m.child(m.overhead, route)
+        self.duration = m.child(m.request_duration, team, model, provider, "true" if stream else "false")
+        self._lazy: dict[str, Any] = {}
+        self._metrics = m
+        self._labels = (team, model, provider)
+
+    def _get(self, name: str) -> Any:
+        found = self._lazy.get(name)
+        if found is None:
+            m, (team, model, provider) = self._metrics, self._labels
+            if name == "upstream":
+                found = m.child(m.upstream_duration, model, provider)
+            elif name == "ttft":
+                found = m.child(m.ttft, model, provider)
+            elif name == "cost":
+                found = m.child(m.cost, team, model, provider)
+            else:
+                found = m.child(m.tokens, team, model, provider, name)
+            self._lazy[name] = found
+        return found
+
+    def upstream(self) -> Any:
+        return self._get("upstream")
+
+    def ttft(self) -> Any:
+        return self._get("ttft")
+
+    def cost(self) -> Any:
+        return self._get("cost")
+
+    def tokens(self, kind: str) -> Any:
+        return self._get(kind)
+
+
 class Metrics:
     def __init__(self, multiproc_dir: str | None = None) -> None:
         """``multiproc_dir``: render the sum over every worker's files in it (several workers)."""
@@ -125,6 +169,7 @@ class Metrics:
         self.team_label = BoundedValues(EXTRA_TEAMS)
         self.code_label = BoundedValues(EXTRA_CODES, KNOWN_CODES)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._requests: dict[tuple[str, str, str, str, str, str, bool], RequestChildren] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised: label lookups are the costly part on the hot path."""
@@ -132,6 +177,15 @@ class Metrics:
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def for_request(self, team: str, model: str, provider: str, route: str, status: str, cache: str,
+                    stream: bool) -> RequestChildren:
+        """The children one finished request updates, looked up once per label combination."""
+        key = (team, model, provider, route, status, cache, stream)
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = RequestChildren(self, team, model, provider, route, status, cache, stream)
         return found
 
     def set_known_models(self, names: Iterable[str]) -> None:

@@ -304,29 +304,27 @@ class Pipeline:
         req.recorded = True
         self.state.record(ledger_record(req, outcome, status))
         m = self.metrics
-        c = m.child
         d = outcome.deployment
         team = m.team_label(outcome.principal.team)
         model = m.model_label(d.model if d is not None else outcome.plan.requested)
         provider = d.provider if d else "none"
-        route = outcome.plan.route
-        now = time.perf_counter()
         cache = req.cache_result
-        c(m.requests, team, model, provider, route, m.code_label(status), cache).inc()
+        now = time.perf_counter()
+        c = m.for_request(team, model, provider, outcome.plan.route, m.code_label(status), cache, outcome.stream)
+        c.requests.inc()
         if req.cache is not None:
-            c(m.cache_requests, team, cache).inc()
+            m.child(m.cache_requests, team, cache).inc()
         if outcome.compression is not None:
             for strategy, tokens in outcome.compression.saved.items():
-                c(m.compression_saved, team, strategy).inc(tokens)
-        c(m.overhead, route).observe(max(0.0, now - req.started - outcome.upstream_s))
-        c(m.request_duration, team, model, provider, "true" if outcome.stream else "false").observe(
-            now - req.started)
+                m.child(m.compression_saved, team, strategy).inc(tokens)
+        c.overhead.observe(max(0.0, now - req.started - outcome.upstream_s))
+        c.duration.observe(now - req.started)
         if outcome.savings:
             self.savings.add(team, outcome.savings)
         if d is not None and cache != "hit":
-            c(m.upstream_duration, model, provider).observe(outcome.upstream_s)
+            c.upstream().observe(outcome.upstream_s)
             if outcome.ttft_s is not None:
-                c(m.ttft, model, provider).observe(outcome.ttft_s)
+                c.ttft().observe(outcome.ttft_s)
         usage = outcome.usage
         if usage is not None:
             for kind, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
@@ -334,9 +332,9 @@ class Pipeline:
                             ("cache_write", usage.cache_write_tokens + usage.cache_write_1h_tokens),
                             ("reasoning", usage.reasoning_tokens)):
                 if n:
-                    c(m.tokens, team, model, provider, kind).inc(n)
+                    c.tokens(kind).inc(n)
             if outcome.cost_nano:
-                c(m.cost, team, model, provider).inc(outcome.cost_nano / 1e9)
+                c.cost().inc(outcome.cost_nano / 1e9)
 
     def refused(self, req: Inbound | None, status: str) -> None:
         """Count a request refused before any plan was made (bad JSON, bad key, unknown model, ...):
