@@ -148,7 +148,7 @@ class GatewayApp:
             reply = await pipeline.handle(inbound)
         except GatewayError as exc:
             pipeline.refused(inbound, exc.code or "error")
-            await send_error(send, exc, request_id)
+            await send_error(send, exc, request_id, inbound.route if inbound is not None else None)
             return
         except Exception:
             log.exception("request %s failed", request_id)
@@ -182,9 +182,11 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def send_error(send: Send, exc: GatewayError, request_id: str) -> None:
+async def send_error(send: Send, exc: GatewayError, request_id: str, route: str | None = None) -> None:
     headers = error_headers(exc)
     headers.append((b"x-request-id", request_id.encode()))
+    if route is not None:   # refused or failed after routing: which rule decided
+        headers.append((b"x-gateway-route", route.encode()))
     body = error_body(exc)
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})

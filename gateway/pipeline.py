@@ -117,6 +117,7 @@ class Pipeline:
             plan = self.resolve(req, principal, model)
         except InvalidRequest as exc:   # too long for every deployment: compression may still fit it
             plan = await self.savers.compress_to_fit(req, principal, model, exc)
+        req.route = plan.route
         cached = await self.savers.serve_from_cache(req, principal, plan)
         if cached is not None:
             return cached
@@ -194,6 +195,7 @@ class Pipeline:
             assert spec.downgrade_to is not None
             cheaper = replace(self.resolve(req, principal, spec.downgrade_to), route="downgrade",
                               requested=plan.requested, baseline=plan.baseline)
+            req.route = cheaper.route
             ticket = await self.try_reserve(req, principal, cheaper, budget_rules(spec, key), rates)
             refusal = ticket.admission.refusal if ticket.admission else None
         if refusal is not None:
@@ -210,11 +212,11 @@ class Pipeline:
         if prompt is None:
             prompt = count_prompt(req.body, req.endpoint, plan.candidates[0].upstream_model)
         worst, least, tokens = worst_case(req.body, plan.candidates, prompt, req.endpoint)
-        reservation = ReserveRequest(req.request_id, principal.team, worst, tokens, budgets, rates,
+        reservation = ReserveRequest(self.ids.hold(), principal.team, worst, tokens, budgets, rates,
                                      datetime.now(UTC), least, partial)
         ticket = Ticket(plan, reservation, capped=bool(budgets) and req.endpoint != "embeddings")
         try:
-            ticket.admission = admission = await self.state.budgets.reserve(reservation)
+            ticket.admission = admission = await self.state.reserve(reservation)
         except StateUnavailable as exc:
             if not self.state.fail_open:
                 raise state_unavailable(exc) from None

@@ -44,6 +44,7 @@ class Inbound:
     original_body: Any = None              # the body before compression
     prompt_cache: tuple[PromptCacheSettings, str] | None = None   # settings and team, when asked for
     team: str | None = None                # once authenticated
+    route: str | None = None               # once routed: the rule that decided (also on error replies)
     recorded: bool = False                 # the record stage ran (metrics and ledger)
 
     @property
@@ -99,7 +100,12 @@ class Outcome:
 
 
 class RequestIds:
-    """Unique, cheap request ids: a per-process random prefix and a counter."""
+    """Unique, cheap ids: a per-process random prefix and a counter.
+
+    A request id may be the client's own ``x-request-id`` (for tracing across systems), so it
+    is not unique; a budget hold always gets a fresh gateway id from :meth:`hold`, since the
+    budget script treats a repeated hold id as a retry of the same request (a client resending
+    one id must not ride on its first request's hold)."""
 
     def __init__(self) -> None:
         self._prefix = f"req_{os.urandom(6).hex()}"
@@ -108,6 +114,9 @@ class RequestIds:
     def next(self, offered: str | None = None) -> str:
         if offered and len(offered) <= 128 and offered.isprintable():
             return offered
+        return f"{self._prefix}{next(self._seq):x}"
+
+    def hold(self) -> str:
         return f"{self._prefix}{next(self._seq):x}"
 
 

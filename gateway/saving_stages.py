@@ -61,6 +61,10 @@ class SavingStages:
         self.pipeline = pipeline
         self.cache = ResponseCache(store)
 
+    def policies(self, req: Inbound) -> Policies:
+        """The policies ``req`` runs on: those in force when it arrived (a reload swaps only the next)."""
+        return req.policies or self.pipeline.policies
+
     def use_policies(self, policies: Policies) -> None:
         store = self.cache.store
         if isinstance(store, MemoryStore):
@@ -69,7 +73,7 @@ class SavingStages:
     # ------------------------------------------------------------ response cache
     async def serve_from_cache(self, req: Inbound, principal: Principal, plan: Plan) -> Reply | StreamReply | None:
         """Look the request up; on a hit, answer it (no upstream call, $0), else note the miss or bypass."""
-        settings = self.pipeline.policies.cache.for_request(principal.team, plan.route)
+        settings = self.policies(req).cache.for_request(principal.team, plan.route)
         body = req.original_body if req.original_body is not None else req.body
         req.cache = lookup = await self.cache.lookup(settings, principal.team, plan.model.name, req.endpoint,
                                                      body, req.headers)
@@ -113,9 +117,9 @@ class SavingStages:
         for rules in (budgets, ()):
             if not rules and not rates:
                 return Ticket(plan)
-            reservation = ReserveRequest(req.request_id, principal.team, 0, 0, rules, rates, now)
+            reservation = ReserveRequest(p.ids.hold(), principal.team, 0, 0, rules, rates, now)
             try:
-                admission = await p.state.budgets.reserve(reservation)
+                admission = await p.state.reserve(reservation)
             except StateUnavailable as exc:
                 if not p.state.fail_open:
                     raise state_unavailable(exc) from None
@@ -170,7 +174,7 @@ class SavingStages:
         p = self.pipeline
         if not isinstance(exc, ContextLengthExceeded) or req.endpoint != "chat":
             raise exc
-        settings = p.policies.compression.for_request(principal.team, exc.route)
+        settings = self.policies(req).compression.for_request(principal.team, exc.route)
         windowed = [d for d in exc.candidates if d.context_window]
         if not settings.enabled or not windowed:
             raise exc
@@ -179,7 +183,7 @@ class SavingStages:
         assert limit is not None
         tokens = count_prompt(req.body, "chat", widest.upstream_model)
         await self.run_compression(req, principal, settings, widest, tokens, limit,
-                                   p.policies.prompt_cache.for_request(principal.team, exc.route))
+                                   self.policies(req).prompt_cache.for_request(principal.team, exc.route))
         if req.compression is None or req.compression.removed == 0:
             raise exc
         req.raw_size = len(orjson.dumps(req.body))
@@ -189,8 +193,7 @@ class SavingStages:
         """Compress a chat request whose prompt passes the policy's threshold (the plan, updated)."""
         if req.endpoint != "chat" or req.compression is not None:
             return plan
-        p = self.pipeline
-        settings = p.policies.compression.for_request(principal.team, plan.route)
+        settings = self.policies(req).compression.for_request(principal.team, plan.route)
         if not settings.enabled:
             return plan
         chosen = plan.candidates[0]
@@ -203,7 +206,7 @@ class SavingStages:
         if tokens <= limit:
             return plan
         await self.run_compression(req, principal, settings, chosen, tokens, limit,
-                                   p.policies.prompt_cache.for_request(principal.team, plan.route))
+                                   self.policies(req).prompt_cache.for_request(principal.team, plan.route))
         return plan if req.compression is None else replace(plan, prompt_tokens=req.compression.after)
 
     async def run_compression(self, req: Inbound, principal: Principal, settings: CompressionSettings,
@@ -226,7 +229,7 @@ class SavingStages:
         p = self.pipeline
         assert settings.summary_model is not None
         body = compression.summary_request(settings, text)
-        sub = Inbound("chat", body, len(orjson.dumps(body)), {}, f"{req.request_id}-summary")
+        sub = Inbound("chat", body, len(orjson.dumps(body)), {}, f"{req.request_id}-summary", policies=req.policies)
         try:
             plan = replace(p.resolve(sub, principal, settings.summary_model), route=SUMMARY_ROUTE)
         except GatewayError as exc:
@@ -257,7 +260,7 @@ class SavingStages:
     # ------------------------------------------------------------ prompt caching
     def mark_prompt_caching(self, req: Inbound, principal: Principal, plan: Plan) -> None:
         if req.endpoint == "chat":
-            settings = self.pipeline.policies.prompt_cache.for_request(principal.team, plan.route)
+            settings = self.policies(req).prompt_cache.for_request(principal.team, plan.route)
             if settings.enabled:
                 req.prompt_cache = (settings, principal.team)
 

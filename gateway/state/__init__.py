@@ -6,7 +6,9 @@ stores for the single-process default, or Redis (single node or Redis Cluster) w
 but need not delay a response: ledger records are batched and written by a
 background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage
-in memory and is drained at shutdown.
+in memory and is drained at shutdown. ``State`` also keeps the holds of requests still
+running and renews those older than a third of the reservation TTL (a long stream), so a
+hold lapses only when its replica is gone, not while its request is alive.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.background import cancel
 from gateway.settings import Settings
-from gateway.state.budgets import BudgetStore, ReserveRequest, StateUnavailable
+from gateway.state.budgets import Admission, BudgetStore, ReserveRequest, StateUnavailable
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
 from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
@@ -29,6 +32,7 @@ log = logging.getLogger("gateway.state")
 FLUSH_EVERY_S = 0.1
 MAX_QUEUED_SETTLES = 1_000_000
 MAX_REDIS_CONNECTIONS = 256    # per process, for keys, ledger, cache and admin (the budget script has its own)
+MAX_HOLD_S = 6 * 3600          # a request still unsettled after this is taken as stuck: its hold is let lapse
 
 
 @dataclass
@@ -39,6 +43,9 @@ class State:
     ledger: BufferedLedger
     fail_open: bool                       # fail mode "allow": admit while Redis is down, reconcile later
     redis: Any | None = None              # the shared client, None on embedded state
+    hold_ttl_s: float = 900.0             # the stores' reservation TTL: a hold not renewed lapses after it
+    _holds: dict[str, tuple[ReserveRequest, float, float]] = field(default_factory=dict)  # id -> (req, taken, renewed)
+    _next_renewal: float = 0.0
     _records: list[LedgerRecord] = field(default_factory=list)
     _settles: deque[tuple[ReserveRequest, int, int]] = field(default_factory=deque)
     _task: asyncio.Task[None] | None = None
@@ -51,8 +58,17 @@ class State:
         """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S``."""
         self._records.append(record)
 
+    async def reserve(self, req: ReserveRequest) -> Admission:
+        """Reserve through the budget store and keep an admitted hold alive until it is settled."""
+        admission = await self.budgets.reserve(req)
+        if admission.admitted:
+            now = time.monotonic()
+            self._holds[req.request_id] = (req, now, now)
+        return admission
+
     async def settle(self, req: ReserveRequest, cost_nano: int, tokens: int) -> None:
         """Settle now; if the store is down, queue the settle and replay it when it returns."""
+        self._holds.pop(req.request_id, None)
         try:
             await self.budgets.settle(req, cost_nano, tokens)
         except StateUnavailable as exc:
@@ -82,11 +98,42 @@ class State:
                 break
             self._settles.popleft()
 
+    @property
+    def live_holds(self) -> int:
+        return len(self._holds)
+
+    async def renew_holds(self) -> int:
+        """Renew every live hold last renewed a third of the TTL ago; returns how many were renewed."""
+        now = time.monotonic()
+        due = [(rid, req, taken) for rid, (req, taken, renewed) in self._holds.items()
+               if now - renewed >= self.hold_ttl_s / 3]
+        renewed = 0
+        for rid, req, taken in due:
+            if now - taken > MAX_HOLD_S:
+                log.error("request hold %s unsettled after %ds: no longer renewed", rid, MAX_HOLD_S)
+                self._holds.pop(rid, None)
+                continue
+            try:
+                alive = await self.budgets.renew(req)
+            except StateUnavailable as exc:
+                log.warning("could not renew hold %s: %s", rid, exc)
+                continue
+            if rid in self._holds:   # not settled meanwhile
+                if alive:
+                    self._holds[rid] = (req, taken, now)
+                    renewed += 1
+                else:
+                    self._holds.pop(rid, None)
+        return renewed
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
             try:
                 await self.flush()
+                if self._holds and time.monotonic() >= self._next_renewal:
+                    self._next_renewal = time.monotonic() + min(self.hold_ttl_s / 6, 60.0)
+                    await self.renew_holds()
             except Exception:  # the writer must outlive any one failure
                 log.exception("state flush failed")
 
@@ -133,7 +180,7 @@ def open_state(settings: Settings) -> State:
     if not settings.redis_url:
         keys = MemoryKeyStore()
         return State(MemoryBudgetStore(settings.reservation_ttl_s), keys, CachedKeys(keys, ttl_s=0.0),
-                     BufferedLedger(MemoryLedger()), fail_open)
+                     BufferedLedger(MemoryLedger()), fail_open, hold_ttl_s=settings.reservation_ttl_s)
     from gateway.state.budgets_redis import RedisBudgetStore
     from gateway.state.keys import RedisKeyStore
     from gateway.state.ledger import RedisLedger
@@ -145,4 +192,5 @@ def open_state(settings: Settings) -> State:
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
     return State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
                  CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
-                 BufferedLedger(RedisLedger(client)), fail_open, redis=client)
+                 BufferedLedger(RedisLedger(client)), fail_open, redis=client,
+                 hold_ttl_s=settings.reservation_ttl_s)

@@ -1,5 +1,5 @@
 -- Gateway budgets + rate limits, script version v1 (also in every key prefix: gw:v1:{team:<team>}:...).
--- ARGV[1] selects the operation (reserve | settle | usage); ARGV[2] must equal VERSION.
+-- ARGV[1] selects the operation (reserve | settle | renew | usage); ARGV[2] must equal VERSION.
 -- All keys of one call share the team's hash tag, so the script works on Redis Cluster.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
 --
@@ -168,6 +168,19 @@ elseif op == 'settle' then
         redis.call('HSET', rl, 't', s(math.max(0, num(v[2]) + atok - est)))
       end
     end
+  end
+  return 1
+
+elseif op == 'renew' then
+  -- KEYS: res, (bud, bres) * nb; ARGV: op, ver, rid, ttl_ms, nb
+  -- Push a live hold's expiry ttl_ms past now (a request still running, e.g. a long stream), so it
+  -- does not lapse as if its replica had died. 0 when nothing is left to renew (settled or lapsed).
+  local rid, ttl_ms, nb = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+  redis.call('PEXPIRE', KEYS[1], s(ttl_ms))
+  for i = 1, nb do
+    local bres = KEYS[2 * i + 1]
+    if redis.call('ZSCORE', bres, rid) then redis.call('ZADD', bres, 'XX', s(now_ms + ttl_ms), rid) end
   end
   return 1
 

@@ -190,6 +190,22 @@ class MemoryBudgetStore:
                 if w is not None and w.minute == record.minute:
                     w.tokens = max(0, w.tokens + actual_tokens - record.tokens)
 
+    async def renew(self, req: ReserveRequest) -> bool:
+        p = plan(req)
+        now = self._clock()
+        key = (req.team, req.request_id)
+        record = self._records.get(key)
+        if record is None or record.expires_at <= now:
+            return False
+        expires = now + self.reservation_ttl_s
+        self._records[key] = _Record(record.amount, record.minute, record.tokens, expires)
+        for rule, pid in zip(p.budgets, p.period_ids, strict=True):
+            bucket = self._buckets.get((req.team, rule.scope, rule.owner, pid))
+            held = bucket.holds.get(req.request_id) if bucket is not None else None
+            if bucket is not None and held is not None and held[1] > now:
+                bucket.holds[req.request_id] = (held[0], expires)
+        return True
+
     async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
         clock_now = self._clock()
         out = []

@@ -3,7 +3,7 @@
 ``budget_script.lua`` is loaded once, best effort, with SCRIPT LOAD (every primary, on a
 cluster) and run with EVALSHA, falling back to EVAL when a node answers NOSCRIPT (restart,
 failover, SCRIPT FLUSH, or a node that was down at load time). ``ARGV[1]`` selects
-reserve, settle or usage; ``ARGV[2]`` carries :data:`SCRIPT_VERSION`, which the script
+reserve, settle, renew or usage; ``ARGV[2]`` carries :data:`SCRIPT_VERSION`, which the script
 checks and which is also part of every key: ``gw:v1:{team:<team>}:...``. The hash tag
 makes all keys of one request (team and key budgets, rate windows, the reservation
 record) share a slot. Names inside keys are
@@ -140,6 +140,13 @@ class RedisBudgetStore:
             self.bucket_grace_s, len(p.budgets), len(p.rates),
             *(end + self.bucket_grace_s for end in p.period_ends)]
         await self._run(keys, args)
+
+    async def renew(self, req: ReserveRequest) -> bool:
+        p = plan(req)
+        keys = [request_keys(req.team, req.request_id)[0], *self._bucket_keys(req.team, p)]
+        args: list[str | int] = ["renew", SCRIPT_VERSION, req.request_id,
+                                 max(1, round(self.reservation_ttl_s * 1000)), len(p.budgets)]
+        return int(await self._run(keys, args)) == 1
 
     async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
         if not budgets:
