@@ -5,9 +5,10 @@ or ``trigger_fraction`` (default 0.8) of the chosen deployment's context window,
 lower. The strategies named in ``strategies`` run in that order until the prompt is at or below
 the target (``target_tokens``, default the threshold):
 
-- ``clear_tool_outputs``: replace old tool results with a one-line placeholder, oldest first,
-  keeping the last ``keep_tool_outputs`` results (the ``tool`` message and its ``tool_call_id``
-  stay, so every call keeps its result);
+- ``clear_tool_outputs``: replace tool results with a one-line placeholder, oldest first, keeping
+  the last ``keep_tool_outputs`` (the ``tool`` message and its ``tool_call_id`` stay, so every call
+  keeps its result); it may reach into the first and last turns (an agent loop is one long turn),
+  never into the head or past a mid-conversation system message;
 - ``summarize``: replace the compressible turns with one summary written by ``summary_model``,
   called through the gateway's own routing and paid for by the same team (the caller passes that
   call in as ``summarise``), as a user message (the summary) and a short assistant reply, so roles
@@ -16,10 +17,11 @@ the target (``target_tokens``, default the threshold):
 
 Messages are grouped into turns: a turn starts at a user message and holds everything up to the
 next one (assistant replies, tool calls and their results), so dropping or summarising whole turns
-never separates a tool call from its result. Never touched: the leading system prompt, the
-messages a provider prompt-cache breakpoint relies on (``protected``), anything before the first
-user message after those, the first ``keep_first_turns`` and the last ``keep_last_turns`` turns, and
-every turn from a mid-conversation system message on. Token counts are the gateway's estimates
+never separates a tool call from its result. Never touched, by any strategy (the head): the leading
+system prompt, the messages a provider prompt-cache breakpoint relies on (``protected``) and anything
+before the first user message after those; nor every turn from a mid-conversation system message on.
+``summarize`` and ``drop_middle`` also keep the first ``keep_first_turns`` and the last
+``keep_last_turns`` turns whole. Token counts are the gateway's estimates
 (:func:`gateway.tokens.count_prompt`) for the deployment's model.
 """
 
@@ -166,10 +168,14 @@ class _Work:
 
 
 def _clear_tool_outputs(work: _Work, settings: CompressionSettings, goal: int) -> int:
-    spots = [(t, i) for t in work.turns for i, m in enumerate(t.messages) if m.get("role") in TOOL_ROLES]
-    keep = settings.keep_tool_outputs
+    """Clear tool results, oldest first, keeping the last ``keep_tool_outputs``: in every turn before a
+    mid-conversation system message, whatever ``keep_first_turns`` and ``keep_last_turns`` say (an agent
+    loop is one long turn, and its old tool outputs are what this strategy is for)."""
+    barrier = next((i for i, t in enumerate(work.turns) if t.barrier), len(work.turns))
+    spots = [(turn, i) for turn in work.turns[:barrier]
+             for i, m in enumerate(turn.messages) if m.get("role") in TOOL_ROLES]
     saved = 0
-    for turn, i in spots[:len(spots) - keep] if keep else spots:
+    for turn, i in spots[:max(0, len(spots) - settings.keep_tool_outputs)]:
         if work.total <= goal:
             break
         old = turn.tokens[i]

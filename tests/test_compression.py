@@ -79,14 +79,77 @@ async def test_clear_tool_outputs_keeps_the_last_and_every_pair() -> None:
     body = {"messages": conversation()}
     before = tokens(body["messages"])
     goal = before - 300
-    out, report = await compress(body, settings(strategies=("clear_tool_outputs",), keep_tool_outputs=1), MODEL,
-                                 before, goal)
+    s = settings(strategies=("clear_tool_outputs",), keep_tool_outputs=1, keep_last_turns=1)
+    out, report = await compress(body, s, MODEL, before, goal)
     msgs = out["messages"]
     assert len(msgs) == len(body["messages"]) and pairs_intact(msgs)
     assert msgs[4]["content"].startswith("[tool output removed by the gateway") and msgs[8] == body["messages"][8]
     assert report.after == tokens(msgs) <= goal and report.saved == {"clear_tool_outputs": before - report.after}
     assert report.header == f"{before}->{report.after}"
     assert body["messages"][4]["content"] == "row " * 500            # the request itself is not modified
+
+
+def agent_loop(steps: int, words: int = 300) -> list[dict[str, Any]]:
+    """The system prompt, then ``steps`` turns, each a user message, a tool call, its result and a reply."""
+    out = [SYSTEM]
+    for k in range(steps):
+        out += [{"role": "user", "content": f"Step {k}: look it up."}, call(f"c{k}"),
+                {"role": "tool", "tool_call_id": f"c{k}", "content": f"out{k} " * words},
+                {"role": "assistant", "content": f"Step {k} done."}]
+    return out
+
+
+def results(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """tool_call_id -> the content of its result."""
+    return {m["tool_call_id"]: m["content"] for m in messages if m["role"] == "tool"}
+
+
+def cleared(content: Any) -> bool:
+    return isinstance(content, str) and content.startswith("[tool output removed by the gateway")
+
+
+async def test_clear_tool_outputs_reaches_old_outputs_in_any_turn_keeping_the_last() -> None:
+    messages = agent_loop(6)                 # turns 0..5, one tool result each
+    original = results(messages)
+    s = settings(strategies=("clear_tool_outputs",), keep_tool_outputs=2, keep_first_turns=1, keep_last_turns=2)
+    out, report = await compress({"messages": messages}, s, MODEL, tokens(messages), 10)   # unreachable goal
+    got = results(out["messages"])
+    # the turn limits are for summarize and drop_middle: old outputs go wherever they are, the last two stay
+    assert [cid for cid, content in got.items() if cleared(content)] == ["c0", "c1", "c2", "c3"]
+    assert {cid: got[cid] for cid in ("c4", "c5")} == {cid: original[cid] for cid in ("c4", "c5")}
+    assert len(out["messages"]) == len(messages) and pairs_intact(out["messages"]) and set(got) == set(original)
+    assert [m for m in out["messages"] if m["role"] != "tool"] == [m for m in messages if m["role"] != "tool"]
+    assert report.after == tokens(out["messages"]) and report.saved == {"clear_tool_outputs": report.before
+                                                                        - report.after}
+    # an agent loop: one user message, then many tool calls (a single turn, both first and last)
+    loop = [SYSTEM, {"role": "user", "content": "Find the cheapest drill."}]
+    for k in range(5):
+        loop += [call(f"a{k}"), {"role": "tool", "tool_call_id": f"a{k}", "content": f"page{k} " * 300}]
+    out, _ = await compress({"messages": loop}, settings(strategies=("clear_tool_outputs",), keep_tool_outputs=1),
+                            MODEL, tokens(loop), 10)
+    assert [cid for cid, content in results(out["messages"]).items() if cleared(content)] == ["a0", "a1", "a2", "a3"]
+    assert out["messages"][-1] == loop[-1] and pairs_intact(out["messages"])
+    # oldest first, and only as far as the goal needs
+    goal = tokens(loop) - 250
+    out, report = await compress({"messages": loop}, settings(strategies=("clear_tool_outputs",)), MODEL,
+                                 tokens(loop), goal)
+    assert [cid for cid, content in results(out["messages"]).items() if cleared(content)] == ["a0"]
+    assert report.after <= goal
+
+
+async def test_clear_tool_outputs_spares_the_protected_prefix_and_barriers() -> None:
+    messages = agent_loop(6)
+    s = settings(strategies=("clear_tool_outputs",), keep_tool_outputs=0, keep_first_turns=0, keep_last_turns=1)
+    # a prompt-cache breakpoint relies on messages[:9]: turns 0 and 1, with their tool results
+    out, _ = await compress({"messages": messages}, s, MODEL, tokens(messages), 10, protected=9)
+    assert out["messages"][:9] == messages[:9]
+    assert [cid for cid, content in results(out["messages"]).items() if cleared(content)] == ["c2", "c3", "c4", "c5"]
+    assert pairs_intact(out["messages"]) and set(results(out["messages"])) == set(results(messages))
+    # a mid-conversation system message in turn 3: that turn and every later one are kept
+    barrier = [*messages[:14], {"role": "system", "content": "Policy update: be terse."}, *messages[14:]]
+    out, _ = await compress({"messages": barrier}, s, MODEL, tokens(barrier), 10)
+    assert [cid for cid, content in results(out["messages"]).items() if cleared(content)] == ["c0", "c1", "c2"]
+    assert out["messages"][13:] == barrier[13:] and pairs_intact(out["messages"])
 
 
 async def test_summary_replaces_middle_turns_keeping_system_first_and_last() -> None:

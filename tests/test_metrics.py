@@ -51,8 +51,8 @@ SPEC_METRICS = {
     "gateway_upstream_errors_total": ("counter", {"provider", "model", "error"}),
     "gateway_deployment_healthy": ("gauge", {"model", "provider"}),
 }
-# metrics the traffic below must produce samples for (the response cache and compression are not built here)
-EXPECT_SAMPLES = set(SPEC_METRICS) - {"gateway_cache_requests_total", "gateway_compression_tokens_saved_total"}
+# the traffic below produces samples for every one of them
+EXPECT_SAMPLES = set(SPEC_METRICS)
 
 
 def policy(suffix: str) -> str:
@@ -101,6 +101,15 @@ def policy(suffix: str) -> str:
             rpm: 3
           tiny-{suffix}:
             budgets: [{{period: daily, usd: 0.0005}}]
+        compression:
+          teams:
+            squeeze-{suffix}:
+              enabled: true
+              trigger_tokens: 300
+              strategies: [clear_tool_outputs]
+              keep_first_turns: 0
+              keep_last_turns: 1
+              keep_tool_outputs: 0
         """)
 
 
@@ -128,12 +137,21 @@ def total(fams: dict[str, tuple[str, list[tuple[str, dict[str, str], float]]]], 
     return sum(v for n, _, v in samples if n == (sample or name))
 
 
-async def chat(client: httpx.AsyncClient, key: str, model: str, stream: bool = False) -> int:
-    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": "hello there"}]}
+async def chat(client: httpx.AsyncClient, key: str, model: str, stream: bool = False, **extra: object) -> int:
+    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": "hello there"}], **extra}
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     resp = await client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
     return resp.status_code
+
+
+def tool_conversation() -> list[dict[str, object]]:
+    """A request over the squeeze team's 300-token trigger, mostly one old tool result."""
+    call = {"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{}"}}
+    return [{"role": "user", "content": "Find the drills."}, {"role": "assistant", "content": None,
+                                                              "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "drill " * 400},
+            {"role": "assistant", "content": "Found them."}, {"role": "user", "content": "Which is cheapest?"}]
 
 
 @pytest.fixture
@@ -144,10 +162,12 @@ def suffix() -> str:
 async def test_metric_names_and_label_sets_follow_the_spec(gateway: GatewayFactory, redis_port: int,
                                                            suffix: str) -> None:
     server = gateway(policy(suffix), env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{DB}"})
-    big, small, limited, tiny = [await make_key(redis_port, f"{t}-{suffix}")
-                                 for t in ("big", "small", "limited", "tiny")]
+    big, small, limited, tiny, squeeze = [await make_key(redis_port, f"{t}-{suffix}")
+                                          for t in ("big", "small", "limited", "tiny", "squeeze")]
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
         statuses = [await chat(c, big, m, stream=s) for m in ("cheap", "flaky", "broken") for s in (False, True)]
+        statuses += [await chat(c, big, "cheap", temperature=0) for _ in range(2)]     # cache miss, then hit
+        statuses += [await chat(c, squeeze, "cheap", messages=tool_conversation())]    # compressed
         statuses += [await chat(c, small, "pricey") for _ in range(4)]        # capped, then downgraded
         statuses += [await chat(c, tiny, "pricey") for _ in range(2)]         # refused: not even one token fits
         statuses += [await chat(c, limited, "cheap") for _ in range(8)]       # 3 a minute: >= 2 refused
@@ -170,10 +190,16 @@ async def test_metric_names_and_label_sets_follow_the_spec(gateway: GatewayFacto
     assert {"ok", "upstream_error", "budget_exceeded", "rate_limit_exceeded"} <= statuses_seen
     fallbacks = fams["gateway_fallbacks_total"][1]
     assert {(lab["from_model"], lab["to_model"]) for _, lab, _ in fallbacks} == {("flaky", "flaky")}
-    routes = {lab["source"] for _, lab, _ in fams["gateway_savings_usd_total"][1]}
-    assert routes == {"routing"}                       # the downgrade from pricey to cheap saved money
+    sources = {lab["source"] for _, lab, _ in fams["gateway_savings_usd_total"][1]}
+    assert sources == {"routing", "cache", "compression"}   # the downgrade from pricey to cheap, the hit, squeeze
     health = {(lab["model"], lab["provider"]): v for _, lab, v in fams["gateway_deployment_healthy"][1]}
     assert health == {(m, "simulated"): 1.0 for m in ("cheap", "pricey", "flaky", "broken")}
+    lookups = {(lab["team"], lab["result"]): v for n, lab, v in fams["gateway_cache_requests_total"][1]
+               if n == "gateway_cache_requests_total"}
+    assert lookups[(f"big-{suffix}", "miss")] == 1 and lookups[(f"big-{suffix}", "hit")] == 1
+    saved = {(lab["team"], lab["strategy"]): v for n, lab, v in fams["gateway_compression_tokens_saved_total"][1]
+             if n == "gateway_compression_tokens_saved_total"}
+    assert list(saved) == [(f"squeeze-{suffix}", "clear_tool_outputs")] and saved[next(iter(saved))] > 300
 
 
 async def test_budget_gauges_come_from_the_budget_store_at_scrape_time(gateway: GatewayFactory, redis_port: int,

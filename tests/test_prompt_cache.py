@@ -1,6 +1,6 @@
 """Provider prompt caching: where breakpoints go (planner), that they reach Anthropic's Messages API
-through litellm (the mock records the body it received), OpenAI's ``prompt_cache_key``, and the
-``prompt_cache`` savings, priced by hand."""
+through litellm (the mock records the body it received), OpenAI's ``prompt_cache_key``, the
+``prompt_cache`` savings, priced by hand, and compression leaving the cached prefix as it was."""
 
 from __future__ import annotations
 
@@ -159,6 +159,16 @@ async def anthropic_gw(tmp_path: Path, mock_anthropic: MockAnthropic,  # noqa: F
           teams:
             hourly: {{ttl: 1h}}
             plain: {{enabled: false}}
+        compression:
+          teams:
+            squeeze:
+              enabled: true
+              trigger_tokens: 5000
+              target_tokens: 4500
+              strategies: [clear_tool_outputs, drop_middle]
+              keep_first_turns: 0
+              keep_last_turns: 1
+              keep_tool_outputs: 1
         """))
     h = InProcess(tmp_path)
     yield h
@@ -225,3 +235,75 @@ async def test_prompt_cache_key_reaches_an_openai_compatible_upstream(
         seen = [r["body"]["prompt_cache_key"] for r in (await c.get(f"{mock_reset}/_requests")).json()]
     expected = ["gw-" + hashlib.sha256(orjson.dumps([t])).hexdigest()[:32] for t in ("research", "ops")]
     assert seen == [*expected, "client-chosen"]
+
+
+def lookup_call(cid: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": cid, "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}
+
+
+def long_conversation() -> list[dict[str, Any]]:
+    """A stable prefix heavy enough for breakpoints (system prompt, a long document, a long tool result),
+    then five short tool-using turns, then the question."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": LONG},
+        {"role": "user", "content": "Read this document: " + "gamma " * 1200},
+        lookup_call("c0"),
+        {"role": "tool", "tool_call_id": "c0", "content": "delta " * 1100},
+        {"role": "assistant", "content": "I have read it."}]
+    for k in range(1, 6):
+        messages += [{"role": "user", "content": f"Check item {k}."}, lookup_call(f"c{k}"),
+                     {"role": "tool", "tool_call_id": f"c{k}", "content": f"row{k} " * 300},
+                     {"role": "assistant", "content": f"Item {k} checked."}]
+    messages.append({"role": "user", "content": "Which item should I pick?"})
+    return messages
+
+
+async def test_compression_keeps_the_cached_prefix_byte_for_byte(
+        anthropic_gw: InProcess, mock_anthropic: MockAnthropic) -> None:  # noqa: F811
+    h = anthropic_gw
+    small_tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object",
+                                                                                   "properties": {}}}}
+    kw: dict[str, Any] = {"model": "sonnet", "max_tokens": 50, "tools": [small_tool],
+                          "messages": long_conversation()}
+    first = await h.client(await h.key("research")).chat.completions.with_raw_response.create(**kw)
+    assert "x-gateway-compression" not in first.headers
+    full = mock_anthropic.last.body
+    mock_anthropic.set(input=25, cache_read=3000)
+    raw = await h.client(await h.key("squeeze")).chat.completions.with_raw_response.create(**kw)
+    sent = mock_anthropic.last.body
+    before, after = (int(x) for x in raw.headers["x-gateway-compression"].split("->"))
+    assert before > 5000 and after <= 4500                       # trigger_tokens, target_tokens
+    # the protected prefix (system prompt, document, first tool result) arrives exactly as without
+    # compression, its breakpoints included; so does the question, which carries the last one
+    assert sent["system"] == full["system"] and sent["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert sent["messages"][:4] == full["messages"][:4] and sent["messages"][-1] == full["messages"][-1]
+    assert sent["messages"][0]["content"][-1] == {"type": "text", "text": "Read this document: " + "gamma " * 1200,
+                                                  "cache_control": {"type": "ephemeral"}}
+    assert sent["messages"][2]["content"][-1]["tool_use_id"] == "c0" \
+        and sent["messages"][2]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert sent["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert controls_in(sent) == controls_in(full) == 4
+    # the middle was compressed: its older tool results cleared (every call keeps a result), c5 kept
+    results = {b["tool_use_id"]: b["content"] for m in sent["messages"] for b in m["content"]
+               if b["type"] == "tool_result"}
+    originals = {b["tool_use_id"]: b["content"] for m in full["messages"] for b in m["content"]
+                 if b["type"] == "tool_result"}
+    assert set(results) == set(originals) == {f"c{k}" for k in range(6)}
+    assert [c for c in sorted(results) if results[c] != originals[c]] == ["c1", "c2", "c3", "c4"]
+    assert all(str(results[c]).startswith("[tool output removed by the gateway") for c in ("c1", "c2", "c3", "c4"))
+    assert len(orjson.dumps(sent)) < len(orjson.dumps(full)) - 4 * 1000
+    # priced and recorded: compression saved the removed tokens, prompt caching the cache reads
+    [record] = await h.records(0, "squeeze", 1)
+    removed = before - after
+    cost = 25 * IN + 3000 * READ + 12 * OUT
+    assert record.compressed and record.compression_saved_tokens == removed
+    assert (record.cost_nano, record.baseline_nano) == (cost, (25 + 3000 + removed) * IN + 12 * OUT)
+    assert record.savings == {"compression": removed * IN, "prompt_cache": 3000 * (IN - READ)}
+    text = await h.metrics()
+    assert metric(text, "gateway_compression_tokens_saved_total", team="squeeze",
+                  strategy="clear_tool_outputs") == removed
+
+
+def controls_in(anthropic_body: dict[str, Any]) -> int:
+    return orjson.dumps(anthropic_body).count(b'"cache_control"')

@@ -34,11 +34,21 @@ cache:
     always: {mode: always}
     nocache: {mode: off}
     short: {ttl_s: 1}
+    tiny: {max_entry_bytes: 64}         # smaller than any answer
+    sized: {max_entry_bytes: 2048}      # holds a short answer, not a 400-word one
+"""
+LONG_ANSWERS = """
+mock-long:
+  deployments:
+    - provider: openai
+      model: mock-tokens400
+      api_base: {mock}/v1
+      price: {{input_per_mtok: 1.0, output_per_mtok: 2.0}}
 """
 
 
 def policy(mock: str) -> str:
-    return mock_policy(mock) + TEAMS
+    return mock_policy(mock, long=LONG_ANSWERS.format(mock=mock)) + TEAMS
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +218,11 @@ async def test_streamed_miss_is_served_as_json_and_as_stream(h: Harness) -> None
     assert answer.usage is not None and streamed.usage is not None
     assert answer.usage.prompt_tokens == streamed.usage.prompt_tokens
     assert answer.usage.completion_tokens == streamed.usage.completion_tokens
-    again, _ = await stream_final(client, **kw)
-    assert again.choices[0].message.content == streamed.choices[0].message.content
+    again = await client.chat.completions.with_raw_response.create(**kw, stream=True)
+    assert again.headers["x-gateway-cache"] == "hit"
+    replayed = [c async for c in again.parse()]
+    assert "".join(c.choices[0].delta.content or "" for c in replayed if c.choices) \
+        == streamed.choices[0].message.content
 
 
 async def test_ttl_expiry(h: Harness) -> None:
@@ -219,6 +232,23 @@ async def test_ttl_expiry(h: Harness) -> None:
     assert (await ask(client, text, temperature=0)).headers["x-gateway-cache"] == "hit"
     await asyncio.sleep(1.3)
     assert (await ask(client, text, temperature=0)).headers["x-gateway-cache"] == "miss"
+
+
+async def test_answers_over_max_entry_bytes_are_never_stored(h: Harness, mock_upstream: str) -> None:
+    tiny, sized = h.client(await h.key("tiny")), h.client(await h.key("sized"))
+    text = f"sizes {unique()}"
+    calls = await upstream_calls(mock_upstream)
+    over = [await ask(tiny, text, temperature=0) for _ in range(3)]
+    assert [r.headers["x-gateway-cache"] for r in over] == ["miss"] * 3 and len(over[0].content) > 64
+    assert await upstream_calls(mock_upstream) == calls + 3                 # every one went upstream
+    big = [await ask(sized, text, temperature=0, model="mock-long") for _ in range(2)]
+    assert [r.headers["x-gateway-cache"] for r in big] == ["miss", "miss"] and len(big[0].content) > 2048
+    assert big[0].parse().usage.completion_tokens == 400
+    small = [await ask(sized, text, temperature=0, max_tokens=2) for _ in range(2)]
+    assert len(small[0].content) < 2048 - 512                              # room for the entry's own fields
+    assert [r.headers["x-gateway-cache"] for r in small] == ["miss", "hit"]
+    assert small[1].parse().choices[0].message.content == small[0].parse().choices[0].message.content
+    assert await upstream_calls(mock_upstream) == calls + 6
 
 
 async def test_team_modes_always_and_off(h: Harness) -> None:
