@@ -3,10 +3,11 @@
 A rule with ``match.contains: [personal_data]`` (or ``email``, ``phone``,
 ``card_number``, ``secrets``) matches when a detector fires on the text the model
 would read: message contents (text parts), tool-call arguments, a legacy prompt or
-embedding inputs. Detection is deliberately conservative about false negatives
-(a phone-like or e-mail-like string is enough) and cheap about false positives
-where it can be (card numbers must pass the Luhn check). Pure functions, run only
-when a rule asks for them.
+embedding inputs. Detection leans towards firing (a phone-like or e-mail-like
+string is enough) but keeps cheap guards against false positives: card numbers
+must pass the Luhn check, and phone numbers must have a phone's shape and length
+and stand apart from words, longer digit runs, dates, versions and IPs. Pure
+functions, run only when a rule asks for them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,27 @@ from collections.abc import Iterator
 from typing import Any
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-# International (+CC ...) or North-American style numbers, with the usual separators.
-_PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,4}"
-    r"|\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4})(?![\w])")
+# Phone numbers. Every shape is bounded so that it is not part of a word, of a longer run of
+# digits or of a dotted or dashed code (order numbers, card numbers, IPs, versions, dates).
+# Shapes that are phone-like by their grouping alone: North-American 3-3-4 with separators,
+# a bare 10-digit North-American number, a bare 10-11 digit national number with a trunk 0.
+# Shapes that must also have a phone's number of digits: international (+CC or 00CC, 8-15
+# digits) and national with a trunk 0 and separators (UK 07700 900123, DE 030 12345678,
+# FR 01 23 45 67 89: 10-12 digits; groups after the area code share one separator, a space or a
+# dash; dots only in the French 01.23.45.67.89 form, so that zero-padded IPs do not count).
+_LEFT = r"(?<![\w+#/.-])(?<!\d )"
+_RIGHT = r"(?![\w/]|[.:/-]\w|[ ,]\d)"
+_PHONE_SHAPED = re.compile(
+    _LEFT + r"(?:(?:1[ .-])?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}"
+    r"|[2-9]\d{2}[2-9]\d{6}"
+    r"|0[1-9]\d{8,9}"
+    r"|0[1-9](?:\.\d{2}){4})" + _RIGHT)
+_PHONE_COUNTED = (
+    (re.compile(_LEFT + r"(?:\+\d{1,3}[ .-]?|00[1-9]\d{0,2}[ .-])(?:\(\d{1,4}\)[ .-]?)?\d{1,4}"
+                r"(?:[ .-]?\d{2,4}){1,4}" + _RIGHT), 8, 15),
+    (re.compile(_LEFT + r"(?:\(0[1-9]\d{0,3}\) ?|0[1-9]\d{0,3}[ /-])\d{2,8}"
+                r"(?:([ -])\d{2,8}(?:\1\d{2,8}){0,3})?" + _RIGHT), 10, 12),
+)
 _CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
 _SECRETS = re.compile(
     r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----"
@@ -57,7 +75,10 @@ def has_email(text: str) -> bool:
 
 
 def has_phone(text: str) -> bool:
-    return _PHONE.search(text) is not None
+    if _PHONE_SHAPED.search(text) is not None:
+        return True
+    return any(low <= sum(ch.isdigit() for ch in m.group()) <= high
+               for pattern, low, high in _PHONE_COUNTED for m in pattern.finditer(text))
 
 
 def has_secret(text: str) -> bool:

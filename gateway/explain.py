@@ -4,8 +4,8 @@
 request, the candidates in order and why each was or was not chosen;
 ``gateway check`` runs the ``tests:`` cases kept next to the policies and fails on a
 mismatch. Both call the same pure :func:`~gateway.routing.resolve_policy` the request
-path uses (with no health data: every deployment counts as healthy), so what they say
-is what the gateway does.
+path uses (with no health data unless one is passed: every deployment counts as
+healthy), so what they say is what the gateway does.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.policy import Policies, PolicyCase
 from gateway.policy.teams import TeamSpec
-from gateway.routing import Plan, RouteInput, resolve_policy
+from gateway.routing import NO_HEALTH, HealthView, Plan, RouteInput, resolve_policy
 
 
 def route_input(policies: Policies, team: str, model: str, body: dict[str, Any], endpoint: str = "chat",
@@ -26,11 +26,13 @@ def route_input(policies: Policies, team: str, model: str, body: dict[str, Any],
                       key_id=key_id, headers=headers or {}, allowed=spec.allowed_models)
 
 
-def explain(policies: Policies, inp: RouteInput) -> tuple[str, Plan | None]:
-    """The routing decision for ``inp`` as text, and the plan (None when the request is refused)."""
+def explain(policies: Policies, inp: RouteInput, health: HealthView = NO_HEALTH) -> tuple[str, Plan | None]:
+    """The routing decision for ``inp`` as text, and the plan (None when the request is refused).
+
+    ``health`` is a snapshot of cooled-down deployments and observed latencies to decide with."""
     lines = [f"request: team {inp.team}, model {inp.model}, endpoint {inp.endpoint}"]
     try:
-        plan = resolve_policy(policies, inp, pick=0.0, explain=True)
+        plan = resolve_policy(policies, inp, health, pick=0.0, explain=True)
     except GatewayError as exc:
         lines.extend(getattr(exc, "__notes__", ()))
         lines.append(f"refused: {exc.status_code} {exc.code}: {exc.message}")

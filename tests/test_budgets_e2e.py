@@ -416,3 +416,66 @@ async def test_failures_release_their_hold_and_cut_streams_pay_for_what_was_deli
     assert result[1][1]["x-gateway-budget-remaining-usd"] == "0.925"
     assert await spent() == "0.075"
     await client.close()
+
+
+async def test_downgrade_on_redis_when_the_budget_cannot_cover_the_request(
+        gateway: GatewayFactory, mock_reset: str, redis_port: int) -> None:
+    """No soft path (soft_alert 1.0): the team is downgraded only once the rest of its $0.12 cannot cover
+    a $0.05 request on the priced model; every record and header shows what was served and what it cost."""
+    team = team_name()
+    teams = (f"  {team}: {{budgets: [{{period: monthly, usd: 0.12}}], soft_alert: 1.0, on_exceed: downgrade, "
+             "downgrade_to: cheap}")
+    server = gateway(policy(mock_reset, teams), env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+    key_id, secret = await new_key(redis_port, team)
+    since = time.time() - 1
+    client = client_for(server, secret)
+    results = [await ask(client) for _ in range(4)]
+    assert [r[0] for r in results] == ["ok"] * 4
+    headers = [r[1][1] for r in results]
+    assert [cost_of(r) for r in results] == [Decimal("0.05"), Decimal("0.05"), Decimal(0), Decimal(0)]
+    assert [(h["x-gateway-route"], h["x-gateway-model"]) for h in headers] == \
+        [("default", "pricey-mock")] * 2 + [("downgrade", "cheap-mock")] * 2
+    assert [h["x-gateway-budget-remaining-usd"] for h in headers] == ["0.07", "0.02", "0.02", "0.02"]
+    assert [Decimal(h["x-gateway-cost-usd"]) for h in headers] == [cost_of(r) for r in results]
+    assert await mock_calls(mock_reset) == 4
+    rc = Redis(host="127.0.0.1", port=redis_port)
+    try:
+        assert await budget_used(rc, team, "team", team, 12 * USD // 100) == (2 * CENTS_5, 0)
+        records = sorted(await ledger_records(rc, since, team, 4), key=lambda r: r.ts)
+        assert len(records) == 4
+        assert [(r.route, r.requested_model, r.model, r.deployment, r.key_id, r.status) for r in records] == \
+            [("default", "pricey", "pricey", "pricey-mock", key_id, "ok")] * 2 + \
+            [("downgrade", "pricey", "cheap", "cheap-mock", key_id, "ok")] * 2
+        assert [(r.output_tokens, r.cost_nano, r.baseline_nano) for r in records] == \
+            [(10, CENTS_5, CENTS_5)] * 2 + [(10, 0, CENTS_5)] * 2   # baseline: the model asked for
+        assert [r.savings.get("routing", 0) for r in records] == [0, 0, CENTS_5, CENTS_5]
+    finally:
+        await rc.aclose()
+    await client.close()
+
+
+async def test_key_rpm_inside_a_team_without_limits(gateway: GatewayFactory, mock_reset: str,
+                                                    redis_port: int) -> None:
+    team = team_name()
+    server = gateway(policy(mock_reset, f"  {team}: {{}}"),
+                     env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+    if 60 - server_time(redis_port) % 60 < 8:       # keep the requests inside one rate window
+        await asyncio.sleep(60 - server_time(redis_port) % 60 + 0.5)
+    _, limited = await new_key(redis_port, team, rpm=3)
+    _, free = await new_key(redis_port, team)
+    limited_client, free_client = client_for(server, limited), client_for(server, free)
+    results = [await ask(limited_client, model="cheap") for _ in range(4)]
+    assert [r[0] for r in results] == ["ok"] * 3 + ["error"]
+    assert [r[1][1]["x-ratelimit-remaining-requests"] for r in results[:3]] == ["2", "1", "0"]
+    assert all(r[1][1]["x-ratelimit-limit-requests"] == "3" for r in results[:3])
+    status, code, headers = results[3][1]
+    assert (status, code) == (429, "rate_limit_exceeded")
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("3", "0")
+    assert await mock_calls(mock_reset) == 3           # the refusal never reached the upstream
+    # the limit is the key's: another key of the same team is not limited
+    others = [await ask(free_client, model="cheap") for _ in range(5)]
+    assert [r[0] for r in others] == ["ok"] * 5
+    assert "x-ratelimit-limit-requests" not in others[0][1][1]
+    await limited_client.close()
+    await free_client.close()

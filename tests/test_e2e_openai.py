@@ -4,21 +4,55 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from decimal import Decimal
+from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
+from redis.asyncio import Redis
 
 from conftest import GatewayFactory, Server, mock_policy
+from gateway.state.ledger import LedgerRecord, RedisLedger
 
 # Prices in the mock policy: $1/Mtok in, $2/Mtok out, $0.5/Mtok cached reads => nano-USD per token.
 IN_NANO, OUT_NANO, CACHED_NANO = 1000, 2000, 500
+MASTER = "sk-e2e-openai-master"
+LEDGER_DB = 5   # this module's logical database on the session's private redis-server
 
 
 @pytest.fixture
 def gw(gateway: GatewayFactory, mock_reset: str) -> Server:
     return gateway(mock_policy(mock_reset))
+
+
+@pytest.fixture
+def gw_ledger(gateway: GatewayFactory, mock_reset: str, redis_port: int) -> Server:
+    """The same gateway, writing its ledger to the private redis-server so tests can read each record."""
+    return gateway(mock_policy(mock_reset), env={
+        "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{LEDGER_DB}", "GATEWAY_MASTER_KEY": MASTER})
+
+
+def ledger_record(redis_port: int, request_id: str, timeout: float = 15.0) -> LedgerRecord:
+    """The ledger record of one request, read back from Redis once the gateway's writer has flushed it."""
+    async def find() -> LedgerRecord:
+        client = Redis(host="127.0.0.1", port=redis_port, db=LEDGER_DB)
+        try:
+            ledger = RedisLedger(client)
+            deadline = time.monotonic() + timeout
+            while True:
+                found = [r for r in await ledger.read(time.time() - 3600) if r.request_id == request_id]
+                if found:
+                    [record] = found
+                    return record
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no ledger record for {request_id} after {timeout}s")
+                await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+    return asyncio.run(find())
 
 
 def client(server: Server) -> openai.OpenAI:
@@ -64,6 +98,76 @@ def test_chat_non_streaming_cost_and_headers(gw: Server, mock_reset: str) -> Non
     assert metric_value(gw, "gateway_cost_usd_total", model="mock") == pytest.approx(expected_nano / 1e9)
 
 
+IMAGE_MESSAGES: list[dict[str, Any]] = [
+    {"role": "system", "content": "You describe images."},
+    {"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUg==",
+                                            "detail": "low"}}]},
+]
+
+
+def without_ids(payload: dict[str, Any]) -> dict[str, Any]:
+    """A response body minus what differs between two calls (id, created) and the gateway's cost_usd."""
+    out = {k: v for k, v in payload.items() if k not in ("id", "created")}
+    if isinstance(out.get("usage"), dict):
+        out["usage"] = {k: v for k, v in out["usage"].items() if k != "cost_usd"}
+    return out
+
+
+def test_image_parts_stop_and_unknown_fields_reach_the_upstream_unchanged(gw: Server, mock_reset: str) -> None:
+    client(gw).chat.completions.create(
+        model="mock", messages=IMAGE_MESSAGES, stop=["\n\n", "END"],  # type: ignore[arg-type]
+        extra_body={"x_vendor_option": {"level": 3, "tags": ["a", "b"]}, "top_k": 40})
+    [seen] = mock_requests(mock_reset)
+    assert seen["body"]["messages"] == IMAGE_MESSAGES
+    assert seen["body"]["stop"] == ["\n\n", "END"]
+    assert seen["body"]["x_vendor_option"] == {"level": 3, "tags": ["a", "b"]}
+    assert seen["body"]["top_k"] == 40
+
+
+def test_streamed_request_fields_reach_the_upstream_unchanged(gw: Server, mock_reset: str) -> None:
+    list(client(gw).chat.completions.create(
+        model="mock", messages=IMAGE_MESSAGES, stop="END", stream=True,  # type: ignore[arg-type]
+        extra_body={"x_vendor_option": "keep me"}))
+    [seen] = mock_requests(mock_reset)
+    assert seen["body"]["messages"] == IMAGE_MESSAGES and seen["body"]["stop"] == "END"
+    assert seen["body"]["x_vendor_option"] == "keep me" and seen["body"]["stream"] is True
+
+
+def test_response_fields_come_back_unchanged(gw: Server, mock_reset: str) -> None:
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+    direct = httpx.post(f"{mock_reset}/v1/chat/completions", json=body).json()
+    via = httpx.post(f"{gw.url}/v1/chat/completions", json=body,
+                     headers={"Authorization": "Bearer sk-anything"}).json()
+    # fields the gateway does not interpret (system_fingerprint, logprobs, refusal, the usage details) as sent
+    assert via["system_fingerprint"] == "fp_mock"
+    assert via["choices"][0]["logprobs"] is None and via["choices"][0]["message"]["refusal"] is None
+    assert via["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == 0
+    assert without_ids(via) == without_ids(direct)
+    assert "cost_usd" in via["usage"] and "cost_usd" not in direct["usage"]
+    sdk_reply = client(gw).chat.completions.create(**body)  # type: ignore[call-overload]
+    assert sdk_reply.system_fingerprint == "fp_mock"
+
+
+def test_stream_chunk_fields_come_back_unchanged(gw: Server, mock_reset: str) -> None:
+    body = {"model": "mock", "messages": [{"role": "user", "content": "hello there"}], "stream": True,
+            "max_tokens": 4}
+
+    def events(url: str, headers: dict[str, str]) -> list[dict[str, Any]]:
+        with httpx.stream("POST", url, json=body, headers=headers) as resp:
+            lines = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [without_ids(orjson.loads(line)) for line in lines[:-1]]
+
+    direct = events(f"{mock_reset}/v1/chat/completions", {})
+    via = events(f"{gw.url}/v1/chat/completions", {"Authorization": "Bearer sk-anything"})
+    assert len(via) == 5 and all(chunk["system_fingerprint"] == "fp_mock" for chunk in via)
+    assert via == direct   # the chunks as the upstream sent them; the usage chunk it was asked for is removed
+    streamed = list(client(gw).chat.completions.create(**body))  # type: ignore[call-overload]
+    assert streamed and all(chunk.system_fingerprint == "fp_mock" for chunk in streamed)
+
+
 def test_cached_and_reasoning_tokens_priced(gw: Server) -> None:
     completion = client(gw).chat.completions.create(
         model="mock-cached", messages=[{"role": "user", "content": "one two three " * 30}])
@@ -101,12 +205,39 @@ def test_streaming_without_usage_strips_usage_chunk(gw: Server, mock_reset: str)
     assert metric_value(gw, "gateway_cost_usd_total", model="mock") > 0
 
 
-def test_upstream_without_usage_is_estimated(gw: Server) -> None:
-    completion = client(gw).chat.completions.create(
-        model="mock-nousage", messages=[{"role": "user", "content": "count me"}])
+# Hand-worked token counts (cl100k_base, the encoding for model names tiktoken does not know; OpenAI
+# cookbook rules: 3 per message + role + content, then 3 for the reply priming):
+#   [{"role": "user", "content": "count me"}]        3 + (3 + "user" 1 + "count"," me" 2) = 9
+#   [{"role": "user", "content": "tell me a story"}] 3 + (3 + "user" 1 + "tell"," me"," a"," story" 4) = 11
+# The mock's answers: 16 words non-streaming, "Mock answer from the benchmark upstream with plain words
+# and steady timing for every request it", each word one cl100k token (16); a stream cut after 5
+# chunks delivers "Mock answer from the benchmark" (5 tokens).
+
+
+def test_upstream_without_usage_is_estimated(gw_ledger: Server, redis_port: int) -> None:
+    raw = openai.OpenAI(base_url=f"{gw_ledger.url}/v1", api_key=MASTER, max_retries=0) \
+        .chat.completions.with_raw_response.create(model="mock-nousage",
+                                                   messages=[{"role": "user", "content": "count me"}])
+    completion = raw.parse()
     assert completion.usage is None  # nothing invented in the body
-    assert metric_value(gw, "gateway_tokens_total", model="mock-nousage", type="input") > 0
-    assert metric_value(gw, "gateway_cost_usd_total", model="mock-nousage") > 0
+    assert completion.choices[0].message.content == ("Mock answer from the benchmark upstream with plain words "
+                                                     "and steady timing for every request it")
+    assert raw.headers["x-gateway-cost-usd"] == "0.000041"   # 9 x 1000 + 16 x 2000 nano-USD
+    record = ledger_record(redis_port, raw.headers["x-request-id"])
+    assert (record.input_tokens, record.output_tokens) == (9, 16)
+    assert record.cost_nano == 9 * 1000 + 16 * 2000 == 41_000
+    assert record.estimated is True and record.status == "ok" and record.model == "mock-nousage"
+
+
+def test_upstream_usage_is_not_marked_estimated(gw_ledger: Server, redis_port: int) -> None:
+    raw = openai.OpenAI(base_url=f"{gw_ledger.url}/v1", api_key=MASTER, max_retries=0) \
+        .chat.completions.with_raw_response.create(model="mock", messages=[{"role": "user", "content": "count me"}])
+    usage = raw.parse().usage
+    # the mock's own counting rule (bench/mock_upstream.py): 3 + (3 + 2 words) = 8 prompt tokens, 16 completion
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (8, 16)
+    record = ledger_record(redis_port, raw.headers["x-request-id"])
+    assert (record.input_tokens, record.output_tokens, record.cost_nano) == (8, 16, 40_000)
+    assert record.estimated is False
 
 
 def test_tools_round_trip(gw: Server) -> None:
@@ -200,19 +331,20 @@ def test_upstream_errors_map_to_openai_errors(gw: Server) -> None:
     assert metric_value(gw, "gateway_requests_total", model="mock-500", status="upstream_error") == 1
 
 
-def test_stream_cut_becomes_error_event_and_is_charged(gw: Server) -> None:
-    from gateway.tokens import count_completion_text, count_prompt
-
+def test_stream_cut_becomes_error_event_and_is_charged(gw_ledger: Server, redis_port: int) -> None:
     messages = [{"role": "user", "content": "tell me a story"}]
+    sdk = openai.OpenAI(base_url=f"{gw_ledger.url}/v1", api_key=MASTER, max_retries=0)
+    raw = sdk.chat.completions.with_raw_response.create(model="mock-cut", messages=messages, stream=True)
     received = []
     with pytest.raises(openai.APIError) as err:
-        for chunk in client(gw).chat.completions.create(model="mock-cut", messages=messages, stream=True):
+        for chunk in raw.parse():
             if chunk.choices and chunk.choices[0].delta.content:
                 received.append(chunk.choices[0].delta.content)
     assert "mid-response" in str(err.value) or "failed" in str(err.value)
-    assert len(received) == 5
-    # charged for what was delivered: estimated prompt + the 5 delivered tokens' text
-    prompt = count_prompt({"messages": messages}, "chat", "mock-cut5")
-    output = count_completion_text("".join(received), "mock-cut5")
-    expected = prompt * IN_NANO + output * OUT_NANO
-    assert metric_value(gw, "gateway_cost_usd_total", model="mock-cut") == pytest.approx(expected / 1e9)
+    assert "".join(received) == "Mock answer from the benchmark"
+    # charged for what was delivered, counted by the gateway (the upstream never sent usage):
+    # 11 prompt tokens at $1/Mtok (1000 nano-USD each) + 5 output tokens at $2/Mtok (2000 each)
+    record = ledger_record(redis_port, raw.headers["x-request-id"])
+    assert (record.input_tokens, record.output_tokens) == (11, 5)
+    assert record.cost_nano == 21_000
+    assert record.estimated is True and record.stream is True and record.status == "upstream_error"

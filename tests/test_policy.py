@@ -165,3 +165,108 @@ def test_team_errors(tmp_path: Path, team: str, key: str, message: str) -> None:
         load_policies(str(tmp_path))
     assert info.value.key == key and message in info.value.message
     assert info.value.file.endswith("teams.yaml")
+
+
+def _error_in(tmp_path: Path, files: dict[str, str]) -> PolicyError:
+    """Load exactly ``files`` (in a fresh directory) and return the policy error they cause."""
+    config = tmp_path / f"config-{len(list(tmp_path.iterdir()))}"
+    config.mkdir()
+    for name, text in files.items():
+        write(config, text, name)
+    with pytest.raises(PolicyError) as info:
+        load_policies(str(config))
+    return info.value
+
+
+def test_scalar_deployment_names_its_file_and_line(tmp_path: Path) -> None:
+    err = _error_in(tmp_path, {"models.yaml": """\
+        # a comment, so the item is not on line 1
+        models:
+          m:
+            description: a model
+            deployments: [simulated]
+        """})
+    assert (Path(err.file).name, err.line) == ("models.yaml", 5)
+    assert err.key == "models.m.deployments[0]" and "expected a mapping" in err.message
+    err = _error_in(tmp_path, {"models.yaml": """\
+        models:
+          m:
+            deployments:
+              - provider: simulated
+                name: one
+              - simulated
+        """})
+    assert (Path(err.file).name, err.line, err.key) == ("models.yaml", 6, "models.m.deployments[1]")
+
+
+def test_scalar_model_and_team_bodies_name_their_file_and_line(tmp_path: Path) -> None:
+    err = _error_in(tmp_path, {"models.yaml": "models:\n  ok:\n    deployments:\n      - provider: simulated\n"
+                                              "  m: simulated\n"})
+    assert (Path(err.file).name, err.line, err.key) == ("models.yaml", 5, "models.m")
+    err = _error_in(tmp_path, {"models.yaml": TEAM_MODELS, "teams.yaml": "teams:\n  a:\n  b: 5\n"})
+    assert (Path(err.file).name, err.line, err.key) == ("teams.yaml", 3, "teams.b")
+
+
+def test_scalar_budget_names_its_file_and_line(tmp_path: Path) -> None:
+    err = _error_in(tmp_path, {"models.yaml": TEAM_MODELS, "teams.yaml": """\
+        teams:
+          t:
+            on_exceed: block
+            budgets:
+              - {period: daily, usd: 5}
+              - monthly
+        """})
+    assert (Path(err.file).name, err.line) == ("teams.yaml", 6)
+    assert err.key == "teams.t.budgets[1]" and "expected a mapping" in err.message
+
+
+def test_scalar_route_names_its_file_and_line_across_files(tmp_path: Path) -> None:
+    # routes from two files are concatenated; the bad item must still point into its own file
+    err = _error_in(tmp_path, {
+        "models.yaml": TEAM_MODELS,
+        "routes-a.yaml": "routes:\n  - name: first\n    candidates: [demo]\n",
+        "routes-b.yaml": "\n\nroutes:\n  - just-a-name\n",
+    })
+    assert (Path(err.file).name, err.line) == ("routes-b.yaml", 4)
+    assert err.key == "routes[1]" and "expected a mapping" in err.message
+
+
+def test_scalar_route_override_and_cache_team_name_their_file_and_line(tmp_path: Path) -> None:
+    err = _error_in(tmp_path, {"models.yaml": TEAM_MODELS, "routes.yaml": """\
+        routes:
+          - name: r
+            candidates: [demo]
+            cache: deterministic
+        """})
+    # `cache: deterministic` is a scalar, so take_mapping refuses it at the key's own line
+    assert (Path(err.file).name, err.line, err.key) == ("routes.yaml", 4, "routes[0].cache")
+    err = _error_in(tmp_path, {"models.yaml": TEAM_MODELS, "caching.yaml": """\
+        cache:
+          mode: deterministic
+          teams:
+            research: always
+        """})
+    assert (Path(err.file).name, err.line) == ("caching.yaml", 4)
+    assert err.key == "cache.teams.research" and "expected a mapping" in err.message
+
+
+def test_scalar_policy_case_names_its_file_and_line(tmp_path: Path) -> None:
+    err = _error_in(tmp_path, {"models.yaml": TEAM_MODELS, "tests.yaml": """\
+        tests:
+          - name: fine
+            model: demo
+            request: {messages: [{role: user, content: hi}]}
+            expect: {route: default}
+
+          - demo goes to demo
+        """})
+    assert (Path(err.file).name, err.line) == ("tests.yaml", 7)
+    assert err.key == "tests[1]" and "expected a mapping" in err.message
+    err = _error_in(tmp_path, {"models.yaml": TEAM_MODELS, "tests.yaml": """\
+        tests:
+          - name: fine
+            model: demo
+            request: {messages: [{role: user, content: hi}]}
+            expect: [default]
+        """})
+    assert (Path(err.file).name, err.line, err.key) == ("tests.yaml", 5, "tests[0].expect")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from gateway.detectors import detect, has_card_number, has_email, has_phone, has
 from gateway.errors import GatewayError
 from gateway.explain import explain, route_input, run_cases
 from gateway.policy import Policies, PolicyError, load_policies
-from gateway.routing import HealthView, RouteInput, resolve_policy
+from gateway.routing import HealthView, RouteInput, required_capabilities, resolve_policy
 
 MODELS = """
 models:
@@ -194,6 +195,111 @@ def test_retry_settings_attempts_and_baseline(tmp_path: Path) -> None:
     assert resolve_policy(p, ask("small"), pick=0.0).baseline.id == "small-a"   # default route: the model itself
 
 
+CAPABLE = """
+models:
+  seer:                              # sees images, no JSON mode
+    deployments:
+      - {provider: simulated, name: seer-a, model: seer-1, capabilities: [chat, vision],
+         price: {input_per_mtok: 2, output_per_mtok: 4}}
+  structured:                        # JSON mode, no images
+    deployments:
+      - {provider: simulated, name: json-a, model: json-1, capabilities: [chat, json],
+         price: {input_per_mtok: 2, output_per_mtok: 4}}
+"""
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+def looking(text: str = "what is in this picture?") -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, IMAGE]}]
+
+
+def test_required_capabilities_of_vision_and_json_requests() -> None:
+    assert required_capabilities("chat", {"messages": looking()}) == {"chat", "vision"}
+    for kind in ("json_object", "json_schema"):
+        assert required_capabilities("chat", {"messages": [], "response_format": {"type": kind}}) == {"chat", "json"}
+    assert required_capabilities("chat", {"messages": [], "response_format": {"type": "text"}}) == {"chat"}
+    text_parts = [{"role": "user", "content": [{"type": "text", "text": "no picture"}]}]
+    assert required_capabilities("chat", {"messages": text_parts}) == {"chat"}
+    both = {"messages": [{"role": "system", "content": "be terse"}, *looking()],
+            "response_format": {"type": "json_object"}}
+    assert required_capabilities("chat", both) == {"chat", "vision", "json"}
+
+
+def test_vision_and_json_requests_match_capability_rules_and_skip_candidates_lacking_them(tmp_path: Path) -> None:
+    p = load(tmp_path, """
+        - name: pictures
+          match: {models: [auto], capabilities: [vision]}
+          candidates: [local, structured, seer, big]
+        - name: json-mode
+          match: {models: [auto], capabilities: [json]}
+          candidates: [local, seer, structured, big]
+        - name: only-seer
+          match: {models: [blind-json]}
+          candidates: [seer]
+        - name: rest
+          match: {models: [auto]}
+          candidates: [local]
+        """, extra=CAPABLE)
+    json_mode = {"response_format": {"type": "json_object"}}
+    # local has chat only, structured lacks vision, seer lacks json: each is left out where it cannot serve
+    assert ids(p, ask("auto", body={"messages": looking()})) == ("pictures", ["seer-a", "big-a", "big-b"])
+    assert ids(p, ask("auto", body=json_mode)) == ("json-mode", ["json-a", "big-a", "big-b"])
+    schema = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}
+    assert ids(p, ask("auto", body=schema)) == ("json-mode", ["json-a", "big-a", "big-b"])
+    # an image *and* JSON mode: the first rule matches, and only big has both
+    assert ids(p, ask("auto", body={"messages": looking(), **json_mode})) == ("pictures", ["big-a", "big-b"])
+    # neither: the capability rules do not match
+    assert ids(p, ask("auto", body={"response_format": {"type": "text"}})) == ("rest", ["local-a"])
+    # no candidate has what the request needs: 400 unsupported_capability, before any upstream call
+    for model, body in (("blind-json", json_mode), ("local", {"messages": looking()}), ("structured",
+                                                                                        {"messages": looking()})):
+        with pytest.raises(GatewayError) as err:
+            resolve_policy(p, ask(model, body=body), pick=0.0)
+        assert (err.value.status_code, err.value.code, err.value.param) == (400, "unsupported_capability", "model")
+        assert f"No candidate for '{model}' supports" in err.value.message
+    with pytest.raises(GatewayError) as err:
+        resolve_policy(p, ask("local", body={"messages": looking()}), pick=0.0)
+    assert err.value.message == "No candidate for 'local' supports chat, vision."
+
+
+ALIASED = """
+models:
+  mini:
+    aliases: [small-talk, quick]
+    deployments:
+      - {provider: simulated, name: mini-a, model: mini-1, price: {input_per_mtok: 1, output_per_mtok: 2}}
+  other:
+    aliases: [second, alt]
+    deployments:
+      - {provider: simulated, name: other-a, model: other-1, price: {input_per_mtok: 1, output_per_mtok: 2}}
+"""
+
+
+def test_rules_on_a_model_match_its_aliases(tmp_path: Path) -> None:
+    p = load(tmp_path, """
+        - name: on-model
+          match: {models: [mini]}
+          candidates: [big]
+        - name: on-alias
+          match: {models: [alt, auto]}
+          candidates: [small]
+        """, extra=ALIASED)
+    # the names are widened once, at load: a request still compares one string with one set
+    assert p.routes[0].match.models == frozenset({"mini", "small-talk", "quick"})
+    assert p.routes[1].match.models == frozenset({"alt", "other", "second", "auto"})
+    assert p.route_names == frozenset({"auto"})           # aliases are models' names, not route-only names
+    for name in ("mini", "small-talk", "quick"):          # a rule on the model: its aliases too
+        assert ids(p, ask(name)) == ("on-model", ["big-a", "big-b"]), name
+    for name in ("alt", "other", "second", "auto"):       # a rule on an alias: still the alias, and the model
+        assert ids(p, ask(name)) == ("on-alias", ["small-a"]), name
+    assert ids(p, ask("big"))[0] == "default"
+    # the baseline of a request for an alias is its model's first deployment
+    assert resolve_policy(p, ask("quick"), pick=0.0).baseline.id == "mini-a"
+    # explain names the rule written on the model for a request that used an alias
+    text, plan = explain(p, route_input(p, "default", "small-talk", {"messages": [{"role": "user", "content": "hi"}]}))
+    assert plan is not None and plan.route == "on-model" and "rule on-model" in text and "matches" in text
+
+
 @pytest.mark.parametrize(("routes", "key", "message"), [
     ("- {name: r, candidates: [big], colour: red}", "routes[0].colour", "unknown key"),
     ("- {name: r, candidates: [nope]}", "routes[0].candidates", "neither a model"),
@@ -261,6 +367,80 @@ def test_explain_and_policy_cases(tmp_path: Path) -> None:
     assert plan is None and "404 model_not_found" in text and "rule by-team" in text
 
 
+TEAMS = """
+teams:
+  interns: {allowed_models: [auto, small, local]}
+"""
+
+
+def test_explain_says_why_each_candidate_was_skipped(tmp_path: Path) -> None:
+    p = load(tmp_path, """
+        - name: all
+          match: {models: [auto]}
+          candidates: [local, small, big]
+        """, extra=TEAMS)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    text, plan = explain(p, route_input(p, "default", "auto", body))
+    assert plan is not None and [d.id for d in plan.candidates] == ["small-a", "big-a", "big-b"]
+    assert "  local-a: skipped, lacks tools" in text.splitlines()
+    assert "order (fallback): small-a, big-a, big-b" in text
+    # a prompt too long for small's 60-token window
+    text, plan = explain(p, route_input(p, "default", "auto", {"messages": [{"role": "user",
+                                                                            "content": " ".join(["word"] * 80)}]}))
+    assert plan is not None and plan.prompt_tokens is not None and plan.prompt_tokens > 60
+    assert f"  small-a: skipped, {plan.prompt_tokens} prompt tokens do not fit its 60 window" in text.splitlines()
+    assert "decision: route all, first deployment local-a" in text
+    # a team that may not use big: its deployments are skipped, each with the reason
+    text, plan = explain(p, route_input(p, "interns", "auto", {"messages": [{"role": "user", "content": "hi"}]}))
+    lines = text.splitlines()
+    assert plan is not None and [d.id for d in plan.candidates] == ["local-a", "small-a"]
+    assert "  big-a: skipped, team may not use model 'big'" in lines
+    assert "  big-b: skipped, team may not use model 'big'" in lines
+    assert "request: team interns, model auto, endpoint chat" == lines[0]
+    # nothing left at all: the refusal carries the reasons too
+    text, plan = explain(p, route_input(p, "interns", "auto", body | {"messages": [{"role": "user", "content": " ".join(
+        ["word"] * 80)}]}))
+    assert plan is None and "  local-a: skipped, lacks tools" in text.splitlines()
+    assert "refused: 400 context_length_exceeded" in text
+
+
+def test_explain_cost_lines_of_the_cheapest_strategy(tmp_path: Path) -> None:
+    p = load(tmp_path, """
+        - name: cheap
+          match: {models: [auto]}
+          candidates: [big, local, small]
+          strategy: cheapest
+        """)
+    text, plan = explain(p, route_input(p, "default", "auto", {"messages": [{"role": "user", "content": "hello"}],
+                                                               "max_tokens": 1000}))
+    assert plan is not None and plan.prompt_tokens is not None
+    n = plan.prompt_tokens
+    # USD per million tokens (input, output); local's come from $3.6 per GPU hour at 1000 output tokens/s
+    # (and 10x that for input): $1 and $0.1 per million tokens
+    prices = {"local-a": ("0.1", "1"), "small-a": ("1", "2"), "big-a": ("10", "30"), "big-b": ("10", "30")}
+    expected = [f"  {d}: estimated ${(n * Decimal(i) + 1000 * Decimal(o)) / 10**6:.6f} for {n} in + 1000 out tokens"
+                for d, (i, o) in prices.items()]
+    lines = text.splitlines()
+    start = lines.index("candidates:") + 1
+    assert lines[start:start + 4] == expected
+    assert "order (cheapest): local-a, small-a, big-a, big-b" in lines
+    # without max_tokens, the rule's expected_output_tokens (default 256) is the output estimate
+    text, _ = explain(p, route_input(p, "default", "auto", {"messages": [{"role": "user", "content": "hello"}]}))
+    assert f"  small-a: estimated ${(n + 256 * 2) / Decimal(10**6):.6f} for {n} in + 256 out tokens" in text
+
+
+def test_explain_shows_cooled_down_candidates_last(tmp_path: Path) -> None:
+    p = load(tmp_path, "- {name: r, match: {models: [auto]}, candidates: [small, big]}")
+    inp = route_input(p, "default", "auto", {"messages": [{"role": "user", "content": "hi"}]})
+    text, plan = explain(p, inp, HealthView(cooled=frozenset({"small-a"})))
+    assert plan is not None and plan.candidates[-1].id == "small-a"
+    assert "order (fallback): big-a, big-b, small-a [cooled down]" in text.splitlines()
+    assert "decision: route r, first deployment big-a" in text
+    text, _ = explain(p, inp)                              # offline, without health data: all count as healthy
+    assert "order (fallback): small-a, big-a, big-b" in text.splitlines() and "[cooled down]" not in text
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60,
                           cwd=str(Path(__file__).resolve().parent.parent))
@@ -275,6 +455,21 @@ def test_gateway_route_and_check_commands(tmp_path: Path) -> None:
     assert "rule by-tag" in out.stdout and "decision: route by-tag, first deployment local-a" in out.stdout
     out = run_cli("route", "--config", str(tmp_path), "--model", "nope")
     assert out.returncode == 1 and "404 model_not_found" in out.stdout
+    out = run_cli("route", "--config", str(tmp_path), "--team", "legal", "--model", "big")
+    assert out.returncode == 0, out.stderr
+    assert "request: team legal, model big" in out.stdout and "rule by-team" in out.stdout
+    assert "decision: route by-team, first deployment local-a" in out.stdout
+    (tmp_path / "teams.yaml").write_text(textwrap.dedent(TEAMS))
+    out = run_cli("route", "--config", str(tmp_path), "--team", "interns", "--file", str(request),
+                  "--header", "x-gateway-tags:batch")
+    assert out.returncode == 0, out.stderr
+    assert "request: team interns, model auto" in out.stdout
+    assert "decision: route by-tag, first deployment local-a" in out.stdout
+    out = run_cli("route", "--config", str(tmp_path), "--team", "interns", "--model", "auto",
+                  "--header", "x-tier:gold")
+    assert out.returncode == 1, out.stdout                     # by-header sends auto to big: not for interns
+    assert "big-a: skipped, team may not use model 'big'" in out.stdout
+    assert "refused: 403 model_not_allowed" in out.stdout
     assert run_cli("check", "--config", str(tmp_path)).returncode == 0      # no cases: nothing to fail
     (tmp_path / "tests.yaml").write_text(textwrap.dedent("""
         tests:

@@ -276,3 +276,62 @@ async def test_hot_reload_under_load(gateway: GatewayFactory, mock_reset: str, t
     assert set(routes_seen) == {"first", "renamed"}     # the invalid set never took over
     assert "keeping the last good set" in server.output() and "routes[0].candidates" in server.output()
     await client.close()
+
+
+async def test_a_route_that_costs_more_records_a_negative_saving(gateway: GatewayFactory, mock_reset: str,
+                                                                 redis_port: int) -> None:
+    """A rule sends `healthy` to the pricier `frontier`: the ledger records baseline - cost < 0 as the routing
+    saving, and the savings counter, which cannot go down, holds it as a debt that later savings pay off."""
+    routes = ("  - {name: pricier, match: {models: [healthy]}, candidates: [frontier]}\n"
+              "  - {name: cheap, match: {models: [auto]}, candidates: [frontier, healthy], strategy: cheapest, "
+              "baseline: frontier}\n")
+    team = f"t{uuid.uuid4().hex[:8]}"
+    server = gateway(policy(mock_reset, routes), env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+    rc = Redis(host="127.0.0.1", port=redis_port)
+    _, secret = await RedisKeyStore(rc).create(team, "negative-savings")
+    since = time.time() - 1
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0, timeout=20)
+
+    async def ask(model: str) -> tuple[Any, Any]:
+        raw = await client.chat.completions.with_raw_response.create(model=model, messages=MSG)
+        usage = raw.parse().usage
+        assert usage is not None
+        return raw.headers, usage
+
+    headers, usage = await ask("healthy")
+    assert (headers["x-gateway-route"], headers["x-gateway-model"]) == ("pricier", "frontier")
+    cost = usage.prompt_tokens * 10_000 + usage.completion_tokens * 30_000       # nano-USD at frontier's prices
+    baseline = usage.prompt_tokens * 1000 + usage.completion_tokens * 2000      # healthy: the requested model
+    extra = cost - baseline
+    assert extra > 0 and Decimal(headers["x-gateway-cost-usd"]) == Decimal(cost) / 10**9
+    assert metric(server, "gateway_savings_usd_total", team=team, source="routing") == 0   # never below zero
+    # `auto` saves exactly that much (the same tokens, frontier's price as its baseline): the debt is paid off
+    headers, same = await ask("auto")
+    assert headers["x-gateway-model"] == "healthy"
+    assert (same.prompt_tokens, same.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert metric(server, "gateway_savings_usd_total", team=team, source="routing") == 0
+    # ... so the next saving counts in full
+    headers, again = await ask("auto")
+    assert headers["x-gateway-model"] == "healthy"
+    assert (again.prompt_tokens, again.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert metric(server, "gateway_savings_usd_total", team=team, source="routing") == \
+        pytest.approx(extra / 1e9, abs=1e-12)
+    records = sorted(await wait_records(rc, since, team, 3), key=lambda r: r.ts)
+    assert [(r.route, r.requested_model, r.model, r.deployment) for r in records] == [
+        ("pricier", "healthy", "frontier", "frontier"), ("cheap", "auto", "healthy", "healthy"),
+        ("cheap", "auto", "healthy", "healthy")]
+    assert [(r.cost_nano, r.baseline_nano, r.savings) for r in records] == [
+        (cost, baseline, {"routing": -extra}), (baseline, cost, {"routing": extra}),
+        (baseline, cost, {"routing": extra})]
+    await client.close()
+    await rc.aclose()
+
+
+async def wait_records(rc: Redis, since: float, team: str, n: int) -> list[Any]:
+    """The team's ledger records once ``n`` are written (the writer batches), or what there is after 10 s."""
+    ledger = RedisLedger(rc)
+    deadline = time.monotonic() + 10
+    while len(records := await ledger.read(since, team=team)) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert len(records) == n
+    return records

@@ -93,6 +93,47 @@ def test_encodings_load_with_network_blocked() -> None:
     assert out.stdout.split() == ["o200k_base", "2", "cl100k_base", "2", "p50k_base", "2"]
 
 
+def test_litellm_provider_import_never_fetches_the_price_map() -> None:
+    """Importing the litellm provider in a fresh interpreter, without LITELLM_LOCAL_MODEL_COST_MAP set and with
+    every socket refused, makes no network attempt and leaves litellm's prices equal to its bundled file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LITELLM_LOCAL_")}
+    env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", NO_PROXY="")
+    code = textwrap.dedent("""
+        import json, os, socket
+        attempts = []
+
+        def refuse(what):
+            def blocked(*args, **kwargs):
+                attempts.append(what)
+                raise OSError("network blocked in this test")
+            return blocked
+
+        socket.socket.connect = refuse("connect")
+        socket.socket.connect_ex = refuse("connect")
+        socket.getaddrinfo = refuse("getaddrinfo")
+        socket.create_connection = refuse("create_connection")
+        import gateway.providers.litellm_provider  # noqa: F401
+        import litellm
+        path = os.path.join(os.path.dirname(litellm.__file__), "model_prices_and_context_window_backup.json")
+        with open(path, encoding="utf-8") as fh:
+            bundled = json.load(fh)
+        cost = litellm.model_cost
+        print(json.dumps({"attempts": attempts, "models": len(cost),
+                          "not_bundled": sorted(set(cost) - set(bundled)),
+                          "changed": sorted(k for k in cost if cost[k] != bundled.get(k)),
+                          "dropped": sorted(set(bundled) - set(cost)),
+                          "gpt-4o-mini": cost["gpt-4o-mini"]["input_cost_per_token"]}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = orjson.loads(out.stdout.strip().splitlines()[-1])
+    assert report["attempts"] == []                        # no DNS lookup, no connection: nothing fetched
+    assert report["models"] > 1000                         # populated ...
+    assert report["not_bundled"] == [] and report["changed"] == []   # ... from the bundled file, entry for entry
+    assert set(report["dropped"]) <= {"fallback_generalizations", "sample_spec"}   # non-model entries litellm pops
+    assert report["gpt-4o-mini"] == 1.5e-07
+
+
 def test_missing_encoding_falls_back_to_cl100k() -> None:
     assert tokens._encoding("r50k_base").name == "cl100k_base"   # r50k is not bundled with litellm
 

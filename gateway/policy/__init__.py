@@ -117,7 +117,7 @@ def _merge(merged: dict[str, Any], section: str, value: Any, doc: Located) -> No
         if not isinstance(value, LocatedList):
             raise doc.error(section, "must be a list")
         if section in merged:
-            merged[section].extend(value)
+            merged[section].extend_located(value)
         else:
             merged[section] = value
         return

@@ -166,9 +166,13 @@ def _check_compression(s: CompressionSettings, f: Fields, given: dict[str, Any])
     return s
 
 
-def parse_override(kind: str, data: Any, path: str, models: frozenset[str]) -> dict[str, Any]:
-    """The keys a route (or team) sets for section ``kind``; for routes parsed elsewhere."""
-    f = Fields(data, path)
+def parse_override(kind: str, data: Any, path: str, where: tuple[str, int],
+                   models: frozenset[str]) -> dict[str, Any]:
+    """The keys a route (or team) sets for section ``kind``; for routes parsed elsewhere.
+
+    ``where`` is the (file, line) at which ``data`` is written, for the error when it is no mapping.
+    """
+    f = Fields(data, path, where)
     if kind == "cache":
         out = _take_cache(f)
     elif kind == "prompt_cache":
@@ -185,7 +189,7 @@ def _section(kind: str, section: Any, base: S, models: frozenset[str]) -> tuple[
     if not isinstance(section, Located):
         raise PolicyError(getattr(section, "file", "<policies>"), getattr(section, "line", 1), kind,
                           "must be a mapping")
-    f = Fields(section, kind)
+    f = Fields(section, kind, (section.file, section.line))
     given = {"cache": _take_cache, "prompt_cache": _take_prompt_cache}[kind](f) if kind != "compression" \
         else _take_compression(f, models)
     glob = replace(base, **given)
@@ -193,14 +197,16 @@ def _section(kind: str, section: Any, base: S, models: frozenset[str]) -> tuple[
         glob = _check_compression(glob, f, given)
     teams: dict[str, S] = {}
     team_section = f.take_mapping("teams")
+    positions = {team: team_section.position(team) for team in team_section} if team_section else {}
     for team, body in (team_section or {}).items():
         if body is None:
             teams[team] = glob
             continue
-        over = parse_override(kind, body, f"{kind}.teams.{team}", models)
+        where = positions[team]
+        over = parse_override(kind, body, f"{kind}.teams.{team}", where, models)
         settings = replace(glob, **over)
         if isinstance(settings, CompressionSettings):
-            settings = _check_compression(settings, Fields(body, f"{kind}.teams.{team}"), {**given, **over})
+            settings = _check_compression(settings, Fields(body, f"{kind}.teams.{team}", where), {**given, **over})
         teams[team] = settings
     return Layered(glob, teams), f
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.policy.reader import Fields
-from gateway.policy.yamlsource import PolicyError
+from gateway.policy.yamlsource import LocatedList, PolicyError
 
 ENDPOINTS = ("chat", "completions", "embeddings")
 
@@ -46,14 +46,14 @@ def _plain(value: Any) -> Any:
 
 
 def parse_cases(section: Any) -> tuple[PolicyCase, ...]:
-    if not isinstance(section, list):
+    if not isinstance(section, LocatedList):
         raise PolicyError(getattr(section, "file", "<policies>"), getattr(section, "line", 1),
                           "tests", "must be a list of cases")
-    return tuple(_parse_case(item, f"tests[{i}]") for i, item in enumerate(section))
+    return tuple(_parse_case(item, f"tests[{i}]", section.position(i)) for i, item in enumerate(section))
 
 
-def _parse_case(data: Any, path: str) -> PolicyCase:
-    f = Fields(data, path)
+def _parse_case(data: Any, path: str, where: tuple[str, int]) -> PolicyCase:
+    f = Fields(data, path, where)
     name = f.take_str("name")
     team = f.take_str("team", "default")
     key_id = f.take_str("key", None)
@@ -82,7 +82,7 @@ def _parse_case(data: Any, path: str) -> PolicyCase:
     body.setdefault("model", model)
     if expect is None:
         raise f.error("expect", "is required: route, deployment and/or error")
-    e = Fields(expect, f"{path}.expect")
+    e = Fields(expect, f"{path}.expect", f.data.position("expect"))
     route = e.take_str("route", None)
     deployment = e.take_str("deployment", None)
     error = e.take_str("error", None)

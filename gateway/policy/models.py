@@ -82,14 +82,15 @@ def parse_models(section: Any, book: PriceBook, env: dict[str, str] | None = Non
                           "models", "must be a mapping of model names")
     out: dict[str, ModelSpec] = {}
     for name, body in section.items():
-        fields = Fields(body, f"models.{name}", file=section.file, line=section.line_of(name))
+        fields = Fields(body, f"models.{name}", section.position(name))
         description = fields.take_str("description", "")
         aliases = fields.take_str_list("aliases", [])
         raw_deployments = fields.take_list("deployments")
         if not raw_deployments:
             raise fields.error("deployments", "at least one deployment is required")
         deployments = tuple(
-            _parse_deployment(item, f"models.{name}.deployments[{i}]", name, book, env)
+            _parse_deployment(item, f"models.{name}.deployments[{i}]", raw_deployments.position(i),
+                              name, book, env)
             for i, item in enumerate(raw_deployments)
         )
         fields.finish()
@@ -110,8 +111,9 @@ def _unique_ids(deployments: tuple[Deployment, ...], fields: Fields) -> None:
         seen.add(d.id)
 
 
-def _parse_deployment(data: Any, path: str, model: str, book: PriceBook, env: dict[str, str]) -> Deployment:
-    f = Fields(data, path)
+def _parse_deployment(data: Any, path: str, where: tuple[str, int], model: str, book: PriceBook,
+                      env: dict[str, str]) -> Deployment:
+    f = Fields(data, path, where)
     provider = f.take_str("provider")
     if not _PROVIDER_RE.match(provider):
         raise f.error("provider", f"not a provider name: {provider!r}")
@@ -163,7 +165,8 @@ def _parse_deployment(data: Any, path: str, model: str, book: PriceBook, env: di
         context_window = context_window or 128_000
         max_output = max_output or 16_384
     capabilities = frozenset(caps) if caps is not None else _default_capabilities(upstream)
-    simulated = _parse_simulated(sim_data, f"{path}.simulated") if provider == "simulated" else None
+    simulated = _parse_simulated(sim_data, f"{path}.simulated", f.data.position("simulated")) \
+        if provider == "simulated" else None
     return Deployment(
         id=name, model=model, provider=provider, upstream_model=upstream, api_base=api_base,
         api_key=api_key, api_key_env=api_key_env, weight=float(weight), context_window=context_window,
@@ -179,10 +182,10 @@ def _default_capabilities(upstream_model: str) -> frozenset[str]:
     return frozenset({"chat", "completions", "tools", "vision", "json"})
 
 
-def _parse_simulated(data: Located | None, path: str) -> SimulatedSpec:
+def _parse_simulated(data: Located | None, path: str, where: tuple[str, int]) -> SimulatedSpec:
     if data is None:
         return SimulatedSpec()
-    f = Fields(data, path)
+    f = Fields(data, path, where)
     spec = SimulatedSpec(
         latency_ms=float(f.take_number("latency_ms", 0.0, minimum=0)),
         ttft_ms=float(f.take_number("ttft_ms", 0.0, minimum=0)),

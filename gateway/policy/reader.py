@@ -15,12 +15,24 @@ from gateway.policy.yamlsource import Located, LocatedList, PolicyError
 _MISSING: Any = object()
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, LocatedList):
+        return "a list"
+    return repr(value)
+
+
 class Fields:
-    def __init__(self, data: Any, path: str, *, file: str = "<policies>", line: int = 1) -> None:
+    """The keys of one mapping; ``where`` is the (file, line) at which that mapping's value is written.
+
+    Callers pass ``where`` from the parent that held the value (:meth:`Located.position` for a
+    key's value, :meth:`LocatedList.position` for a list item), so a value that is not a
+    mapping at all (a scalar or a list) is still reported at its real file and line.
+    """
+
+    def __init__(self, data: Any, path: str, where: tuple[str, int]) -> None:
         if not isinstance(data, Located):
-            raise PolicyError(
-                getattr(data, "file", file), getattr(data, "line", line), path, "expected a mapping"
-            )
+            file, line = where
+            raise PolicyError(file, line, path, f"expected a mapping, got {_describe(data)}")
         self.data = data
         self.path = path
         self._taken: set[str] = set()

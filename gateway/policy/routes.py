@@ -12,13 +12,13 @@ reads the frozen result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.policy.caching import parse_override
 from gateway.policy.models import CAPABILITIES, Deployment, ModelSpec
 from gateway.policy.reader import Fields
-from gateway.policy.yamlsource import Located, PolicyError
+from gateway.policy.yamlsource import Located, LocatedList, PolicyError
 
 STRATEGIES = frozenset({"fallback", "weighted", "cheapest", "latency"})
 FAILURE_KINDS = frozenset({"rate_limit", "server_error", "timeout", "connection", "auth", "context_length"})
@@ -34,7 +34,7 @@ class RouteMatch:
 
     teams: frozenset[str] | None = None
     keys: frozenset[str] | None = None
-    models: frozenset[str] | None = None              # requested model names or aliases
+    models: frozenset[str] | None = None              # requested names; a model's aliases added at load
     headers: tuple[tuple[str, str], ...] = ()         # lower-cased name, exact value
     tags: frozenset[str] | None = None                # any of these in x-gateway-tags
     min_prompt_tokens: int | None = None
@@ -79,7 +79,7 @@ def parse_health(section: Any) -> HealthSpec:
     if not isinstance(section, Located):
         raise PolicyError(getattr(section, "file", "<policies>"), getattr(section, "line", 1),
                           "health", "must be a mapping")
-    f = Fields(section, "health")
+    f = Fields(section, "health", (section.file, section.line))
     spec = HealthSpec(
         failures=f.take_int("failures", 3, minimum=1),
         min_failure_ratio=float(f.take_number("min_failure_ratio", 0.5, minimum=0.0, maximum=1.0)),
@@ -95,24 +95,25 @@ def parse_health(section: Any) -> HealthSpec:
 
 
 def parse_routes(section: Any, models: dict[str, ModelSpec]) -> tuple[Route, ...]:
-    if not isinstance(section, list):
+    if not isinstance(section, LocatedList):
         raise PolicyError(getattr(section, "file", "<policies>"), getattr(section, "line", 1),
                           "routes", "must be a list of rules")
     by_id = {d.id: d for spec in models.values() for d in spec.deployments}
     routes: list[Route] = []
     names: set[str] = set()
     for i, item in enumerate(section):
-        route = _parse_route(item, f"routes[{i}]", models, by_id)
+        route = _parse_route(item, f"routes[{i}]", section.position(i), models, by_id)
         if route.name in names or route.name == DEFAULT_ROUTE:
             why = "reserved" if route.name == DEFAULT_ROUTE else "used twice"
             raise PolicyError(route.file, route.line, f"routes[{i}].name", f"route name {route.name!r} is {why}")
         names.add(route.name)
-        routes.append(route)
+        routes.append(_with_all_model_names(route, models))
     return tuple(routes)
 
 
-def _parse_route(data: Any, path: str, models: dict[str, ModelSpec], by_id: dict[str, Deployment]) -> Route:
-    f = Fields(data, path)
+def _parse_route(data: Any, path: str, where: tuple[str, int], models: dict[str, ModelSpec],
+                 by_id: dict[str, Deployment]) -> Route:
+    f = Fields(data, path, where)
     name = f.take_str("name")
     match_data = f.take_mapping("match")
     raw_candidates = f.take_str_list("candidates")
@@ -128,7 +129,8 @@ def _parse_route(data: Any, path: str, models: dict[str, ModelSpec], by_id: dict
     for kind in OVERRIDE_KINDS:
         section = f.take_mapping(kind)
         if section is not None:
-            overrides.append((kind, parse_override(kind, section, f"{path}.{kind}", frozenset(models))))
+            overrides.append((kind, parse_override(kind, section, f"{path}.{kind}", f.data.position(kind),
+                                                   frozenset(models))))
     f.finish()
 
     if not raw_candidates:
@@ -147,7 +149,8 @@ def _parse_route(data: Any, path: str, models: dict[str, ModelSpec], by_id: dict
         if baseline_name not in models:
             raise f.error("baseline", f"unknown model {baseline_name!r}")
         baseline = models[baseline_name]
-    match = _parse_match(match_data, f"{path}.match") if match_data is not None else RouteMatch()
+    match = _parse_match(match_data, f"{path}.match", f.data.position("match")) if match_data is not None \
+        else RouteMatch()
     return Route(name=name, match=match, candidates=tuple(candidates), strategy=strategy,
                  retry_on=frozenset(retry_on), max_attempts=max_attempts,
                  deadline_s=float(deadline_s) if deadline_s is not None else None,
@@ -159,8 +162,8 @@ def _set(values: list[str] | None) -> frozenset[str] | None:
     return frozenset(values) if values is not None else None
 
 
-def _parse_match(data: Located, path: str) -> RouteMatch:
-    f = Fields(data, path)
+def _parse_match(data: Located, path: str, where: tuple[str, int]) -> RouteMatch:
+    f = Fields(data, path, where)
     teams = f.take_str_list("teams", None)
     keys = f.take_str_list("keys", None)
     model_names = f.take_str_list("models", None)
@@ -177,3 +180,23 @@ def _parse_match(data: Located, path: str) -> RouteMatch:
                       headers=tuple((k.lower(), v) for k, v in headers.items()), tags=_set(tags),
                       min_prompt_tokens=min_tokens, max_prompt_tokens=max_tokens,
                       capabilities=_set(caps), contains=_set(contains))
+
+
+def _with_all_model_names(route: Route, models: dict[str, ModelSpec]) -> Route:
+    """``route`` with ``match.models`` widened to every name of each model it names.
+
+    Aliases are other names for the same model, so a rule written on a model (by its name
+    or by any alias) matches a request for any of its names. Done once per load: the
+    request path still compares one string against one set.
+    """
+    names = route.match.models
+    if names is None:
+        return route
+    wide = set(names)
+    for name in names:
+        spec = models.get(name)
+        if spec is not None:
+            wide.update((spec.name, *spec.aliases))
+    if len(wide) == len(names):
+        return route
+    return replace(route, match=replace(route.match, models=frozenset(wide)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.policy.reader import Fields
-from gateway.policy.yamlsource import Located, PolicyError
+from gateway.policy.yamlsource import Located, LocatedList, PolicyError
 from gateway.pricing import usd_to_nano
 
 PERIODS = frozenset({"daily", "weekly", "monthly"})
@@ -48,20 +48,16 @@ def parse_teams(section: Any, model_names: frozenset[str]) -> dict[str, TeamSpec
     if not isinstance(section, Located):
         raise PolicyError(getattr(section, "file", "<policies>"), getattr(section, "line", 1),
                           "teams", "must be a mapping of team names")
-    teams = {name: _parse_team(name, body, model_names) for name, body in section.items()}
+    teams = {name: _parse_team(name, body, section.position(name), model_names) for name, body in section.items()}
     teams.setdefault(DEFAULT_TEAM, TeamSpec(DEFAULT_TEAM))
     return teams
 
 
-def _parse_team(name: str, body: Any, model_names: frozenset[str]) -> TeamSpec:
-    path = f"teams.{name}"
-    if body is None:
-        return TeamSpec(name)
-    f = Fields(body, path)
-    budgets = []
+def _parse_budgets(items: LocatedList, path: str) -> tuple[TeamBudget, ...]:
+    budgets: list[TeamBudget] = []
     seen: set[str] = set()
-    for i, item in enumerate(f.take_list("budgets") or ()):
-        b = Fields(item, f"{path}.budgets[{i}]")
+    for i, item in enumerate(items):
+        b = Fields(item, f"{path}[{i}]", items.position(i))
         period = b.take_str("period")
         if period not in PERIODS:
             raise b.error("period", f"must be one of {sorted(PERIODS)}, got {period!r}")
@@ -71,6 +67,16 @@ def _parse_team(name: str, body: Any, model_names: frozenset[str]) -> TeamSpec:
         usd = b.take_number("usd", minimum=0, maximum=MAX_BUDGET_USD)
         b.finish()
         budgets.append(TeamBudget(period, usd_to_nano(str(usd))))
+    return tuple(budgets)
+
+
+def _parse_team(name: str, body: Any, where: tuple[str, int], model_names: frozenset[str]) -> TeamSpec:
+    path = f"teams.{name}"
+    if body is None:
+        return TeamSpec(name)
+    f = Fields(body, path, where)
+    raw_budgets = f.take_list("budgets")
+    budgets = _parse_budgets(raw_budgets, f"{path}.budgets") if raw_budgets is not None else ()
     on_exceed = f.take_str("on_exceed", "block")
     if on_exceed not in ("block", "downgrade"):
         raise f.error("on_exceed", f"must be 'block' or 'downgrade', got {on_exceed!r}")
@@ -88,6 +94,6 @@ def _parse_team(name: str, body: Any, model_names: frozenset[str]) -> TeamSpec:
         if unknown:
             raise f.error("allowed_models", f"unknown model(s) {unknown}")
     f.finish()
-    return TeamSpec(name=name, budgets=tuple(budgets), on_exceed=on_exceed, downgrade_to=downgrade_to,
+    return TeamSpec(name=name, budgets=budgets, on_exceed=on_exceed, downgrade_to=downgrade_to,
                     soft_alert=soft_alert, rpm=rpm, tpm=tpm,
                     allowed_models=frozenset(allowed) if allowed is not None else None)

@@ -33,13 +33,35 @@ class Located(dict[str, Any]):
     def line_of(self, key: str) -> int:
         return self.key_lines.get(key, self.line)
 
+    def position(self, key: str) -> tuple[str, int]:
+        """Where the value of ``key`` is written: this file and the key's line."""
+        return self.file, self.line_of(key)
+
     def error(self, key: str, message: str) -> PolicyError:
         return PolicyError(self.file, self.line_of(key.split(".")[-1]), key, message)
 
 
 class LocatedList(list[Any]):
+    """A sequence from policy files, with its own position and the file and line of each item.
+
+    Items keep their own file because list sections (``routes``, ``tests``) are concatenated
+    across files with :meth:`extend_located`.
+    """
+
     file: str
     line: int
+    item_positions: list[tuple[str, int]]
+
+    def position(self, index: int) -> tuple[str, int]:
+        """Where item ``index`` is written (the list's own position if there is no such item)."""
+        if 0 <= index < len(self.item_positions):
+            return self.item_positions[index]
+        return self.file, self.line
+
+    def extend_located(self, other: LocatedList) -> None:
+        """Append another file's items, keeping each item's own position."""
+        self.extend(other)
+        self.item_positions.extend(other.item_positions)
 
 
 def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader, path: str) -> Any:
@@ -62,6 +84,7 @@ def _convert(node: yaml.Node, file: str, loader: yaml.SafeLoader, path: str) -> 
             _convert(item, file, loader, f"{path}[{i}]") for i, item in enumerate(node.value)
         )
         seq.file, seq.line = file, line
+        seq.item_positions = [(file, item.start_mark.line + 1) for item in node.value]
         return seq
     return loader.construct_object(node, deep=True)
 
