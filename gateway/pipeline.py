@@ -68,7 +68,7 @@ from gateway.state import State
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
 from gateway.state.keys import KeyRecord
 from gateway.state.ledger import LedgerRecord
-from gateway.streaming import StreamStages
+from gateway.streaming import StreamStages, usage_dict
 from gateway.tokens import count_completion_text, count_prompt
 from gateway.validation import validate
 
@@ -140,8 +140,9 @@ class Pipeline:
             raise
         usage = self.usage_of(req, deployment, body, outcome)
         self.price(outcome, deployment, usage)
-        if isinstance(body.get("usage"), dict):
-            body["usage"]["cost_usd"] = nano_float(outcome.cost_nano)
+        if not isinstance(body.get("usage"), dict):   # the upstream reported none: the gateway's count
+            body["usage"] = usage_dict(usage)
+        body["usage"]["cost_usd"] = nano_float(outcome.cost_nano)
         await self.settle(ticket, outcome)
         self.record(req, outcome, status="ok")
         await self.savers.store(req, ticket, deployment, body, outcome)

@@ -219,7 +219,10 @@ def test_upstream_without_usage_is_estimated(gw_ledger: Server, redis_port: int)
         .chat.completions.with_raw_response.create(model="mock-nousage",
                                                    messages=[{"role": "user", "content": "count me"}])
     completion = raw.parse()
-    assert completion.usage is None  # nothing invented in the body
+    # the upstream sent no usage: the body carries the gateway's own count, marked estimated, with the cost
+    usage = completion.usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (9, 16, 25)
+    assert usage.model_extra == {"estimated": True, "cost_usd": 0.000041}
     assert completion.choices[0].message.content == ("Mock answer from the benchmark upstream with plain words "
                                                      "and steady timing for every request it")
     assert raw.headers["x-gateway-cost-usd"] == "0.000041"   # 9 x 1000 + 16 x 2000 nano-USD
