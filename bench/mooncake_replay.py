@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from run import stop_process, wait_ready  # bench/run.py: process helpers
+
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_NAME = "mooncake-synthetic-trace.jsonl"
 BLOCK = 512
@@ -99,20 +101,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not answer within {timeout:.0f}s")
+def _ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    why = wait_ready(url, proc, 60.0)
+    if why is not None:
+        raise SystemExit(why)
 
 
 def replay(base_url: str, rows: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
@@ -173,24 +165,20 @@ def main(argv: list[str] | None = None) -> int:
             mock = subprocess.Popen([sys.executable, str(ROOT / "bench" / "mock_upstream.py"), "--port",
                                      str(mock_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(mock)
-            _wait(f"http://127.0.0.1:{mock_port}/health", mock)
+            _ready(f"http://127.0.0.1:{mock_port}/health", mock)
             Path(tmp, "models.yaml").write_text(policy(f"http://127.0.0.1:{mock_port}"))
             env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
             with open(Path(tmp, "gateway.log"), "wb") as log:
                 gw = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", tmp, "--port",
                                        str(gw_port)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
             procs.append(gw)
-            _wait(f"http://127.0.0.1:{gw_port}/health/ready", gw)
+            _ready(f"http://127.0.0.1:{gw_port}/health/ready", gw)
             started = time.monotonic()
             totals = replay(f"http://127.0.0.1:{gw_port}", rows, args.timeout_s)
             totals["seconds"] = round(time.monotonic() - started, 1)
         finally:
             for proc in reversed(procs):
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc, str(proc.args))
     print(report(totals, args.start))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"start": args.start, **totals}, indent=2))
