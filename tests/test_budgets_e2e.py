@@ -292,21 +292,29 @@ async def test_redis_restart_mid_load_loses_no_record(gateway: GatewayFactory, m
         since = time.time() - 1
         client = client_for(server, secret)
         results: list[tuple[str, Any]] = []
+        finished: list[float] = []
+        outage: list[float] = []
 
         async def load(n: int) -> None:
             for i in range(n):
                 results.append(await ask(client, stream=i % 3 == 0))
+                finished.append(time.monotonic())
                 await asyncio.sleep(0.01)
 
         async def restart() -> None:
             await asyncio.sleep(0.5)
             redis_proc.stop()
+            outage.append(time.monotonic())
             await asyncio.sleep(1.5)
+            outage.append(time.monotonic())
             redis_proc.__init__(port, rdir, "--appendonly", "yes", "--appendfsync", "always")  # type: ignore[misc]
 
         await asyncio.gather(*(load(60) for _ in range(4)), restart())
         ok = [r for r in results if r[0] == "ok"]
         assert len(ok) == len(results) == 240               # fail mode "allow": admitted throughout
+        # the load really ran through the outage: requests were answered while Redis was down
+        assert sum(outage[0] + 0.2 < t < outage[1] for t in finished) >= 5, (outage, finished[:3], finished[-3:])
+        assert "unmetered, settling later" in server.output()
         rc = Redis(host="127.0.0.1", port=port)
         try:
             records = await ledger_records(rc, since, team, 240)
