@@ -159,7 +159,9 @@ class MemoryStore:
             return
         if key in self._items:
             self._drop(key)
-        self._items[key] = (self.clock() + ttl_s, value)
+        # an exact-size copy: orjson's output keeps a larger buffer (4 KiB for a few hundred bytes),
+        # which would make ``max_bytes`` count a fraction of the memory really held
+        self._items[key] = (self.clock() + ttl_s, bytes(memoryview(value)))
         self.bytes += len(value)
         self._evict()
 

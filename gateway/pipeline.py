@@ -33,8 +33,8 @@ from gateway.budgeting import (
 )
 from gateway.errors import (
     AuthenticationFailed,
+    ContextLengthExceeded,
     GatewayError,
-    InvalidRequest,
     UpstreamError,
     UpstreamTimeout,
     state_unavailable,
@@ -115,7 +115,10 @@ class Pipeline:
         model = validate(req.endpoint, req.body)
         try:
             plan = self.resolve(req, principal, model)
-        except InvalidRequest as exc:   # too long for every deployment: compression may still fit it
+        except ContextLengthExceeded as exc:   # too long for every deployment: a cached answer or compression
+            req.route = exc.route
+            if exc.plan is not None and (cached := await self.savers.serve_from_cache(req, principal, exc.plan)):
+                return cached
             plan = await self.savers.compress_to_fit(req, principal, model, exc)
         req.route = plan.route
         cached = await self.savers.serve_from_cache(req, principal, plan)

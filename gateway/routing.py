@@ -292,10 +292,13 @@ def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: floa
     fitting, largest, capable = _fit(candidates, facts, inp, notes)
     if not fitting:
         if facts.counted is not None and largest and facts.counted >= largest:
+            model = spec if spec is not None else policies.models[baseline.model]
+            unfit = Plan(model=model, requested=inp.model, candidates=capable, route=route, baseline=baseline,
+                         prompt_tokens=facts.counted, rule=rule)
             raise ContextLengthExceeded(
                 f"This request has about {facts.counted} prompt tokens, more than the context window "
                 f"of every candidate for '{inp.model}' ({largest} at most).",
-                candidates=capable, route=route, param="messages")
+                candidates=capable, route=route, plan=unfit, param="messages")
         if inp.allowed is not None and all(d.model not in inp.allowed for d in candidates):
             raise PermissionDenied(f"Team '{inp.team}' may not use any model that '{inp.model}' routes to.",
                                    param="model")

@@ -28,7 +28,7 @@ import orjson
 from gateway import cache_stream, compression, prompt_cache
 from gateway.budgeting import Ticket, budget_rules, rate_rules, refusal_error
 from gateway.cache import Entry, Lookup, MemoryStore, RedisStore, ResponseCache, Store, answer_for_storage
-from gateway.errors import ContextLengthExceeded, GatewayError, InvalidRequest, state_unavailable
+from gateway.errors import ContextLengthExceeded, GatewayError, state_unavailable
 from gateway.policy import CompressionSettings, Deployment, Policies, PromptCacheSettings
 from gateway.request import Inbound, Outcome, Principal, Reply, StreamReply
 from gateway.routing import Plan
@@ -73,6 +73,8 @@ class SavingStages:
     # ------------------------------------------------------------ response cache
     async def serve_from_cache(self, req: Inbound, principal: Principal, plan: Plan) -> Reply | StreamReply | None:
         """Look the request up; on a hit, answer it (no upstream call, $0), else note the miss or bypass."""
+        if req.cache is not None:   # looked up already, before compressing a prompt too long for every window
+            return None
         settings = self.policies(req).cache.for_request(principal.team, plan.route)
         body = req.original_body if req.original_body is not None else req.body
         req.cache = lookup = await self.cache.lookup(settings, principal.team, plan.model.name, req.endpoint,
@@ -169,10 +171,11 @@ class SavingStages:
         await self.cache.store_answer(req.cache, self._entry(req, deployment, assembled.answer(usage), outcome))
 
     # ------------------------------------------------------------ compression
-    async def compress_to_fit(self, req: Inbound, principal: Principal, model: str, exc: InvalidRequest) -> Plan:
+    async def compress_to_fit(self, req: Inbound, principal: Principal, model: str,
+                              exc: ContextLengthExceeded) -> Plan:
         """The prompt fits no deployment's window: compress it for the largest one and resolve again."""
         p = self.pipeline
-        if not isinstance(exc, ContextLengthExceeded) or req.endpoint != "chat":
+        if req.endpoint != "chat":
             raise exc
         settings = self.policies(req).compression.for_request(principal.team, exc.route)
         windowed = [d for d in exc.candidates if d.context_window]

@@ -28,6 +28,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise SettingsError(f"{name} must be 0 or more, got {value}")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -74,6 +81,7 @@ class Settings:
     policy_watch_s: float = 2.0           # poll the policy files this often and hot-reload them (0: off)
     metrics_key: str | None = None        # when set, GET /metrics needs "Authorization: Bearer <it>"
     metrics_dir: str | None = None        # PROMETHEUS_MULTIPROC_DIR: the workers' metric files (workers > 1)
+    ledger_max_records: int = 0           # records kept in the ledger's log (0: Redis unbounded, embedded 20,000)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +105,7 @@ class Settings:
             policy_watch_s=_float(e, "GATEWAY_POLICY_WATCH_S", 2.0),
             metrics_key=e.get("GATEWAY_METRICS_KEY") or None,
             metrics_dir=e.get("PROMETHEUS_MULTIPROC_DIR") or None,
+            ledger_max_records=_count(e, "GATEWAY_LEDGER_MAX_RECORDS", 0),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -119,6 +128,7 @@ class Settings:
             "GATEWAY_RESERVATION_TTL_S": str(self.reservation_ttl_s),
             "GATEWAY_KEY_CACHE_TTL_S": str(self.key_cache_ttl_s),
             "GATEWAY_POLICY_WATCH_S": str(self.policy_watch_s),
+            "GATEWAY_LEDGER_MAX_RECORDS": str(self.ledger_max_records),
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url

@@ -15,6 +15,8 @@ import hashlib
 import importlib.util
 import math
 import os
+import sys
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
 
@@ -56,7 +58,9 @@ TOOL_CALL_OVERHEAD = 3
 # 768x768 after resizing -> 4 tiles -> 85 + 4 * 170 = 765.
 IMAGE_LOW_TOKENS = 85
 IMAGE_HIGH_DEFAULT_TOKENS = 765
-CACHED_TEXT_CHARS = 16_384   # texts up to this long have their token count cached (4096 of them at most)
+CACHED_TEXT_CHARS = 16_384   # texts up to this long have their token count cached ...
+CACHED_TEXTS = 4096          # ... at most this many of them ...
+CACHED_TEXT_BYTES = 8 << 20  # ... holding at most this much memory in texts (the keys are the texts)
 ROUGH_CHARS_PER_TOKEN = 4    # other parts (input_audio, file, ...): JSON size / 4, a rough estimate
 # Tool definitions: OpenAI does not publish the exact formula; this is an estimate. It follows the
 # cookbook's num_tokens_for_tools(), which matches the API for flat schemas: per function
@@ -122,13 +126,44 @@ def _len(enc: tiktoken.Encoding, value: Any) -> int:
     if not text:
         return 0
     if len(text) <= CACHED_TEXT_CHARS:   # system prompts and conversation history repeat request after request
-        return _cached_len(enc.name, text)
+        return _COUNTS.get(enc, text)
     return len(enc.encode(text, disallowed_special=()))
 
 
-@lru_cache(maxsize=4096)
-def _cached_len(encoding: str, text: str) -> int:
-    return len(_encoding(encoding).encode(text, disallowed_special=()))
+class _CountCache:
+    """Token counts by (encoding, text), least recently used first out, bounded in entries and in the
+    memory of the texts it keeps as keys: a bound in entries alone would let 4096 distinct long prompts
+    (pasted documents) hold 64 MB of ASCII, and two or four times that of other scripts, for good."""
+
+    __slots__ = ("_items", "bytes", "max_items", "max_bytes")
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._items: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self.bytes = 0
+        self.max_items, self.max_bytes = max_items, max_bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, enc: tiktoken.Encoding, text: str) -> int:
+        key = (enc.name, text)
+        n = self._items.get(key)
+        if n is not None:
+            self._items.move_to_end(key)
+            return n
+        n = self._items[key] = len(enc.encode(text, disallowed_special=()))
+        self.bytes += sys.getsizeof(text)
+        while len(self._items) > self.max_items or self.bytes > self.max_bytes:
+            (_, old), _ = self._items.popitem(last=False)
+            self.bytes -= sys.getsizeof(old)
+        return n
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
+_COUNTS = _CountCache(CACHED_TEXTS, CACHED_TEXT_BYTES)
 
 
 def _rough(value: Any) -> int:

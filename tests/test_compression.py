@@ -310,6 +310,23 @@ async def test_too_long_for_every_window_is_compressed_to_fit(h: InProcess, mock
     assert err.value.code == "context_length_exceeded"
 
 
+async def test_a_cached_answer_serves_a_too_long_prompt_before_any_summary_call(h: InProcess, mock_reset: str) -> None:
+    long = conversation()
+    long[5] = {"role": "assistant", "content": "first answer " * 700}   # too long for every window
+    squeeze = h.client(await h.key("squeeze"))
+    first = await squeeze.chat.completions.with_raw_response.create(model="small", messages=long, temperature=0)
+    assert first.headers["x-gateway-cache"] == "miss" and "x-gateway-compression" in first.headers
+    assert len(await upstream_bodies(mock_reset)) == 2                  # the summary call and the answer
+    again = await squeeze.chat.completions.with_raw_response.create(model="small", messages=long, temperature=0)
+    assert again.headers["x-gateway-cache"] == "hit" and "x-gateway-compression" not in again.headers
+    assert again.headers["x-gateway-cost-usd"] == "0" and again.headers["x-gateway-route"] == "default"
+    assert len(await upstream_bodies(mock_reset)) == 2                  # no second summary, no upstream call
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+    summary, main, hit = await h.records(0, "squeeze", 3)
+    assert (summary.route, main.cache, hit.cache) == ("compression_summary", "miss", "hit")
+    assert hit.cost_nano == 0 and not hit.compressed and hit.savings == {"cache": hit.baseline_nano}
+
+
 ROUTED = textwrap.dedent("""\
     routes:
       - name: squeeze-auto

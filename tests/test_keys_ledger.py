@@ -283,6 +283,58 @@ async def test_stream_maxlen_keeps_rollups(rclient: aioredis.Redis) -> None:
     assert rows == expected_totals(records, "team")
 
 
+async def test_memory_ledger_window_evicts_and_rollups_stay_exact() -> None:
+    led = MemoryLedger(max_records=5)
+    records = make_records()  # 24 records every 2 h over two UTC days
+    for i in range(0, 24, 7):
+        await led.append(records[i:i + 7])
+    assert len(led) == 5 and led.evicted == 19 and led.horizon == records[18].ts
+    assert await led.read(DAY0) == records[19:]    # only the window is readable
+    assert await led.read(DAY0, team="acme") == [r for r in records[19:] if r.team == "acme"]
+    for by in ("team", "model", "day"):            # whole UTC days: the rollups, exact
+        for until in (DAY0 + 2 * DAY_S, None):
+            assert await led.totals(DAY0, until, by=by) == expected_totals(records, by), (by, until)
+            assert await led.totals(DAY0, until, team="glo bex:{x}", by=by) == expected_totals(
+                [r for r in records if r.team == "glo bex:{x}"], by)
+        # a range starting after the newest evicted record: the partial day from the window, exact
+        assert await led.totals(records[19].ts, None, by=by) == expected_totals(records[19:], by)
+        assert await led.totals(records[19].ts, records[22].ts, by=by) == expected_totals(records[19:22], by)
+    # the partial first day lost its evicted records; the whole second day is still complete
+    day1 = [r for r in records if r.ts >= DAY0 + DAY_S]
+    assert await led.totals(DAY0 + 1, DAY0 + 2 * DAY_S, by="model") == expected_totals(day1, "model")
+    assert await led.totals(DAY0 + 1, DAY0 + DAY_S) == []
+    with pytest.raises(ValueError):
+        MemoryLedger(max_records=0)
+
+
+async def test_memory_ledger_memory_is_bounded() -> None:
+    """The window holds exact-size copies (orjson's own output buffers are several KB each) and stops
+    growing once full; the rollups grow with (day, team, model), not with requests."""
+    import tracemalloc
+
+    async def fill(led: MemoryLedger, n: int, tag: str) -> None:
+        for i in range(0, n, 100):
+            await led.append(make_records(100, start=DAY0 + i, tag=f"{tag}{i}-"))
+
+    led = MemoryLedger(max_records=2_000)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await fill(led, 2_000, "a")
+        full = tracemalloc.get_traced_memory()[0]
+        await fill(led, 6_000, "b")
+        later = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(led) == 2_000 and led.evicted == 6_000
+    per_record = (full - before) / 2_000
+    assert per_record < 1_500, per_record           # a record's JSON is about 600 bytes
+    assert later - full < 200_000, later - full     # three more windows' worth: no growth
+    for by in ("team", "model", "day"):
+        rows = await led.totals(0, None, by=by)
+        assert sum(row["requests"] for row in rows) == 8_000
+
+
 class FlakyLedger(MemoryLedger):
     def __init__(self) -> None:
         super().__init__()

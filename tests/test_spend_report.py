@@ -104,3 +104,28 @@ async def test_key_operations_validate_and_never_show_secrets() -> None:
         with pytest.raises(InvalidRequest) as err:
             adminops.key_request(body)
         assert err.value.status_code == 400 and err.value.param == param
+
+
+async def test_spend_report_exact_over_whole_days_after_the_window_evicts() -> None:
+    """The embedded ledger keeps only a window of records; a report from a UTC midnight on is still exact,
+    from its per-day rollups, and the same with a team filter."""
+    ledger = MemoryLedger(max_records=3)
+    teams, models = ("a,b", "zed"), ("m1", "m2")
+    records = [record(i, teams[i % 2], models[i // 2 % 2], 123_456_789 * (i + 1) + i, 200_000_001 * (i + 1),
+                      routing=10_000_000 * i) for i in range(40)]
+    for i in range(0, 40, 6):
+        await ledger.append(records[i:i + 6])
+    assert len(ledger) == 3 and ledger.evicted == 37
+    since = datetime.fromtimestamp(NOW, UTC).strftime("%Y-%m-%d")   # the records' UTC midnight
+    for team in (None, "zed"):
+        chosen = [r for r in records if team is None or r.team == team]
+        for by, key in (("team", lambda r: r.team), ("model", lambda r: r.model)):
+            doc = await adminops.spend(ledger, team, since, by)
+            assert doc["total"]["requests"] == len(chosen)
+            assert doc["total"]["cost_nano"] == sum(r.cost_nano for r in chosen)
+            assert doc["total"]["savings_by_source_nano"]["routing"] == sum(r.savings.get("routing", 0)
+                                                                            for r in chosen)
+            rows = {row[by]: row for row in doc["rows"]}
+            assert {k: rows[k]["cost_nano"] for k in rows} == {
+                k: sum(r.cost_nano for r in chosen if key(r) == k) for k in {key(r) for r in chosen}}
+        assert (await adminops.spend(ledger, team, since, "day"))["rows"][0]["day"] == since

@@ -348,3 +348,18 @@ def test_malformed_bodies_never_raise(body: dict[str, Any], endpoint: str) -> No
 def test_non_dict_body_counts_zero() -> None:
     assert count_prompt("nope", "chat", "gpt-4o") == 0  # type: ignore[arg-type]
     assert count_prompt(None, "embeddings", "gpt-4o") == 0  # type: ignore[arg-type]
+
+
+def test_count_cache_is_bounded_in_memory_and_stays_exact() -> None:
+    """Long distinct prompts (pasted documents) cannot pin more than ``CACHED_TEXT_BYTES`` of text, and
+    a count from the cache equals a fresh count."""
+    enc = tiktoken.get_encoding("o200k_base")
+    tokens._COUNTS.clear()
+    texts = [f"document {i}: " + "lorem ipsum dolor sit amet " * 600 for i in range(1200)]   # ~16 KB each
+    assert all(len(t) <= tokens.CACHED_TEXT_CHARS for t in texts)
+    counts = [count_text(t, "gpt-4o") for t in texts]
+    assert tokens._COUNTS.bytes <= tokens.CACHED_TEXT_BYTES < sum(sys.getsizeof(t) for t in texts)
+    assert len(tokens._COUNTS) < len(texts)
+    assert counts[-1] == count_text(texts[-1], "gpt-4o") == len(enc.encode(texts[-1]))   # a hit, exact
+    assert counts[0] == count_text(texts[0], "gpt-4o") == len(enc.encode(texts[0]))      # evicted, recounted
+    tokens._COUNTS.clear()

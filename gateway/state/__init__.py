@@ -180,7 +180,8 @@ def open_state(settings: Settings) -> State:
     if not settings.redis_url:
         keys = MemoryKeyStore()
         return State(MemoryBudgetStore(settings.reservation_ttl_s), keys, CachedKeys(keys, ttl_s=0.0),
-                     BufferedLedger(MemoryLedger()), fail_open, hold_ttl_s=settings.reservation_ttl_s)
+                     BufferedLedger(MemoryLedger(settings.ledger_max_records or 20_000)), fail_open,
+                     hold_ttl_s=settings.reservation_ttl_s)
     from gateway.state.budgets_redis import RedisBudgetStore
     from gateway.state.keys import RedisKeyStore
     from gateway.state.ledger import RedisLedger
@@ -192,5 +193,5 @@ def open_state(settings: Settings) -> State:
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
     return State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
                  CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
-                 BufferedLedger(RedisLedger(client)), fail_open, redis=client,
+                 BufferedLedger(RedisLedger(client, settings.ledger_max_records or None)), fail_open, redis=client,
                  hold_ttl_s=settings.reservation_ttl_s)

@@ -29,6 +29,7 @@ from gateway.state.budgets import (
 )
 
 _SWEEP_EVERY_S = 60.0
+_MAX_SETTLED = 10_000    # a repeated settle comes right after the first: the newest ids suffice
 
 
 @dataclass(slots=True)
@@ -62,12 +63,13 @@ class MemoryBudgetStore:
     """Budgets and rate limits in this process (tests, single-worker deployments)."""
 
     def __init__(self, reservation_ttl_s: float = 600, *, clock: Callable[[], float] = time.time,
-                 settled_ttl_s: float = 86_400, bucket_grace_s: int = 7 * 86_400,
+                 settled_ttl_s: float | None = None, bucket_grace_s: int = 7 * 86_400,
                  partial_reservations: bool = True) -> None:
         if reservation_ttl_s <= 0:
             raise ValueError("reservation_ttl_s must be > 0")
         self.reservation_ttl_s = reservation_ttl_s
-        self.settled_ttl_s = max(settled_ttl_s, reservation_ttl_s)
+        # one process has no lost replies: a second settle can only come while the request is alive
+        self.settled_ttl_s = max(settled_ttl_s or reservation_ttl_s, reservation_ttl_s)
         self.bucket_grace_s = bucket_grace_s
         self.partial_reservations = partial_reservations
         self._clock = clock
@@ -175,6 +177,8 @@ class MemoryBudgetStore:
         if self._settled.get(key, 0.0) > now:
             return
         self._settled[key] = now + self.settled_ttl_s
+        if len(self._settled) > _MAX_SETTLED:         # bounded memory under any request rate: oldest first
+            del self._settled[next(iter(self._settled))]
         record = self._records.pop(key, None)
         if record is not None and record.expires_at <= now:
             record = None

@@ -77,7 +77,7 @@ class RedisBudgetStore:
     """Budgets and rate limits shared by every worker and replica through one Redis or Redis Cluster."""
 
     def __init__(self, client: Redis | RedisCluster | FastRedis, reservation_ttl_s: float = 600, *,
-                 settled_ttl_s: int = 86_400, bucket_grace_s: int = 7 * 86_400,
+                 settled_ttl_s: int = 3_600, bucket_grace_s: int = 7 * 86_400,
                  partial_reservations: bool = True) -> None:
         if reservation_ttl_s <= 0:
             raise ValueError("reservation_ttl_s must be > 0")

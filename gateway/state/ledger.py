@@ -129,24 +129,79 @@ class Ledger(Protocol):
 
 
 class MemoryLedger:
-    """Records in this process only, the newest ``max_records`` of them, kept serialised (bytes are
-    invisible to the garbage collector, so a long run does not slow every collection). Ranges are
-    ``since <= ts < until``; rows are sorted by key."""
+    """The embedded ledger, for one process, in bounded memory. It keeps two things:
 
-    def __init__(self, max_records: int = 500_000) -> None:
-        self._records: deque[bytes] = deque(maxlen=max_records)
+    - exact integer rollups per (UTC day, team, model): the counters of :func:`counters`, the
+      ones Redis keeps per (team, day) and (model, day), here split by both so that every
+      grouping and team filter can be summed from them. They are kept for the life of the
+      process: a few hundred bytes per team and model in use per day.
+    - a window of the newest ``max_records`` records (default 20,000: 10-20 MB), serialised
+      (bytes are invisible to the garbage collector, so a long run does not slow every
+      collection) and copied to exact-size objects (orjson over-allocates its output buffer,
+      8 KB for a 450-byte record). Older records are evicted; ``evicted`` counts them and
+      ``horizon`` is the newest ``ts`` among them.
+
+    ``totals`` takes every whole UTC day in ``since <= ts < until`` from the rollups, so it is
+    exact however many records came before; the partial days at either end of the range come
+    from the window, exact when no evicted record falls in them (always when ``since >
+    horizon``). ``read`` returns records of the window only. Ranges are ``since <= ts < until``;
+    rows are sorted by key."""
+
+    def __init__(self, max_records: int = 20_000) -> None:
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1, got {max_records}")
+        self.max_records = max_records
+        self.evicted = 0
+        self.horizon = float("-inf")
+        self._records: deque[bytes] = deque()
+        self._stamps: deque[float] = deque()   # the ts of each record in the window, in the same order
+        self._rollups: dict[tuple[int, str, str], Counter[str]] = {}   # (days since the epoch, team, model)
 
     async def append(self, records: Sequence[LedgerRecord]) -> None:
-        self._records.extend(r.to_json() for r in records)
+        for r in records:
+            day = int(r.ts // DAY_S)
+            row = self._rollups.get((day, r.team, r.model))
+            if row is None:
+                row = self._rollups[(day, r.team, r.model)] = Counter()
+            row.update(counters(r))
+            self._records.append(bytes(memoryview(r.to_json())))   # an exact-size copy, see the docstring
+            self._stamps.append(r.ts)
+        excess = len(self._records) - self.max_records
+        for _ in range(max(0, excess)):
+            self._records.popleft()
+            self.horizon = max(self.horizon, self._stamps.popleft())
+        self.evicted += max(0, excess)
+
+    def __len__(self) -> int:
+        """Records in the window."""
+        return len(self._records)
+
+    def _window(self, since: float, until: float | None, team: str | None) -> list[LedgerRecord]:
+        if until is not None and until <= since:
+            return []
+        records = (LedgerRecord.from_json(raw) for raw, ts in zip(self._records, self._stamps, strict=True)
+                   if since <= ts and (until is None or ts < until))
+        return [r for r in records if team is None or r.team == team]
 
     async def read(self, since: float, until: float | None = None, team: str | None = None) -> list[LedgerRecord]:
-        records = (LedgerRecord.from_json(raw) for raw in self._records)
-        return sorted((r for r in records if _matches(r, since, until, team)), key=lambda r: r.ts)
+        return sorted(self._window(since, until, team), key=lambda r: r.ts)
 
     async def totals(self, since: float, until: float | None = None, team: str | None = None,
                      by: str = "team") -> list[dict[str, Any]]:
         totals = _Totals(by)
-        for r in await self.read(since, until, team):
+        first = -int(-since // DAY_S)                              # the first whole day in the range
+        end = None if until is None else int(until // DAY_S)      # the day after the last whole one
+        if end is not None and end <= first:                      # no whole day: all from the window
+            records = self._window(since, until, team)
+        else:
+            for (day, row_team, model), row in self._rollups.items():
+                if first <= day and (end is None or day < end) and (team is None or row_team == team):
+                    key = row_team if by == "team" else model if by == "model" else day_of(day * DAY_S, "%Y-%m-%d")
+                    totals.add(key, row)
+            records = self._window(since, first * DAY_S, team)
+            if end is not None:
+                records += self._window(end * DAY_S, until, team)
+        for r in records:
             totals.add_record(r)
         return totals.result()
 
