@@ -156,9 +156,13 @@ class GatewayApp:
             await send_error(send, internal_error(), request_id)
             return
         if isinstance(reply, Reply):
-            reply.headers.append((b"content-length", str(len(reply.body)).encode()))   # no chunked framing
-            await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
-            await send({"type": "http.response.body", "body": reply.body})
+            try:
+                reply.headers.append((b"content-length", str(len(reply.body)).encode()))   # no chunked framing
+                await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+                await send({"type": "http.response.body", "body": reply.body})
+            finally:   # however the write went
+                if reply.after is not None:
+                    reply.after()
         else:
             await send_stream(reply, receive, send)
 

@@ -2,7 +2,8 @@
 
 authenticate → validate → resolve policy (pure) → serve from the response cache →
 compress → reserve → call the upstream with fallbacks (prompt-cache breakpoints per
-deployment) → price → settle → record → store in the response cache. The saving stages
+deployment) → price → settle → store in the response cache → record (for a JSON reply, run by
+the edge once the reply is written, so its cost is off the response's latency). The saving stages
 live in :mod:`gateway.saving_stages`, the streaming ones in :mod:`gateway.streaming`,
 the data they pass around in :mod:`gateway.request`. Non-streaming requests return a
 :class:`Reply`; streaming ones a :class:`StreamReply` whose events price and record the
@@ -16,6 +17,7 @@ import logging
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -147,11 +149,10 @@ class Pipeline:
             body["usage"] = usage_dict(usage)
         body["usage"]["cost_usd"] = nano_float(outcome.cost_nano)
         await self.settle(ticket, outcome)
-        self.record(req, outcome, status="ok")
         await self.savers.store(req, ticket, deployment, body, outcome)
         headers = self.headers(req, ticket, deployment, outcome)
         headers.append((b"x-gateway-cost-usd", usd_str(outcome.cost_nano).encode()))
-        return Reply(orjson.dumps(body), headers)
+        return Reply(orjson.dumps(body), headers, after=partial(self.record, req, outcome, "ok"))
 
     async def authenticate(self, req: Inbound) -> Principal:
         token = bearer_token(req.headers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -68,6 +68,7 @@ class Reply:
     body: bytes
     headers: Headers
     status: int = 200
+    after: Callable[[], None] | None = None   # the record stage: the edge runs it once the reply is written
 
 
 @dataclass(slots=True)
