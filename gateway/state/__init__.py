@@ -98,10 +98,6 @@ class State:
                 break
             self._settles.popleft()
 
-    @property
-    def live_holds(self) -> int:
-        return len(self._holds)
-
     async def renew_holds(self) -> int:
         """Renew every live hold last renewed a third of the TTL ago; returns how many were renewed."""
         now = time.monotonic()
