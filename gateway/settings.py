@@ -82,6 +82,7 @@ class Settings:
     metrics_key: str | None = None        # when set, GET /metrics needs "Authorization: Bearer <it>"
     metrics_dir: str | None = None        # PROMETHEUS_MULTIPROC_DIR: the workers' metric files (workers > 1)
     ledger_max_records: int = 0           # records kept in the ledger's log (0: Redis unbounded, embedded 20,000)
+    spool_dir: str | None = None          # ledger records Redis could not take yet wait here on disk (else memory)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -106,6 +107,7 @@ class Settings:
             metrics_key=e.get("GATEWAY_METRICS_KEY") or None,
             metrics_dir=e.get("PROMETHEUS_MULTIPROC_DIR") or None,
             ledger_max_records=_count(e, "GATEWAY_LEDGER_MAX_RECORDS", 0),
+            spool_dir=e.get("GATEWAY_SPOOL_DIR") or None,
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -136,6 +138,8 @@ class Settings:
             env["GATEWAY_MASTER_KEY"] = self.master_key
         if self.metrics_key:
             env["GATEWAY_METRICS_KEY"] = self.metrics_key
+        if self.spool_dir:
+            env["GATEWAY_SPOOL_DIR"] = self.spool_dir
         if self.metrics_dir:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         return env

@@ -6,7 +6,8 @@ stores for the single-process default, or Redis (single node or Redis Cluster) w
 but need not delay a response: ledger records are batched and written by a
 background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage
-in memory and is drained at shutdown. ``State`` also keeps the holds of requests still
+in memory (ledger records on local disk with ``GATEWAY_SPOOL_DIR``, where a crash loses
+nothing either) and is drained at shutdown. ``State`` also keeps the holds of requests still
 running and renews those older than a third of the reservation TTL (a long stream), so a
 hold lapses only when its replica is gone, not while its request is alive.
 """
@@ -27,6 +28,7 @@ from gateway.state.budgets import Admission, BudgetStore, ReserveRequest, StateU
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
 from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
+from gateway.state.spool import Spool
 
 log = logging.getLogger("gateway.state")
 FLUSH_EVERY_S = 0.1
@@ -171,6 +173,15 @@ def redis_client(settings: Settings) -> Any:
     return Redis(connection_pool=pool)
 
 
+def open_spool(settings: Settings) -> Spool | None:
+    """This process's spool in ``GATEWAY_SPOOL_DIR``, holding what earlier, dead processes left there."""
+    if not settings.spool_dir:
+        return None
+    spool = Spool(settings.spool_dir)
+    spool.adopt()
+    return spool
+
+
 def open_state(settings: Settings) -> State:
     fail_open = settings.redis_fail_mode == "allow"
     if not settings.redis_url:
@@ -189,5 +200,6 @@ def open_state(settings: Settings) -> State:
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
     return State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
                  CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
-                 BufferedLedger(RedisLedger(client, settings.ledger_max_records or None)), fail_open, redis=client,
+                 BufferedLedger(RedisLedger(client, settings.ledger_max_records or None), spool=open_spool(settings)),
+                 fail_open, redis=client,
                  hold_ttl_s=settings.reservation_ttl_s)

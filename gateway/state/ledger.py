@@ -10,7 +10,8 @@ it) is a no-op: nothing is lost or counted twice. On Redis Cluster, a script can
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
 non-transactional pipeline. ``totals`` sums the rollups when the range is whole UTC days and reads
 the stream otherwise; both sum the same integer counters, so they agree exactly.
-:class:`BufferedLedger` holds batches in memory while Redis is unreachable and retries them in order.
+:class:`BufferedLedger` holds batches while Redis is unreachable (in memory, or spooled to local disk) and
+retries them in order.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import orjson
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+
+if TYPE_CHECKING:
+    from gateway.state.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,10 @@ class LedgerRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> LedgerRecord:
-        data = orjson.loads(raw)
+        return cls.from_dict(orjson.loads(raw))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LedgerRecord:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -370,18 +377,23 @@ class BufferedLedger:
     dedup marker), and written oldest first; a failed write leaves it queued for ``flush()``, which the
     pipeline calls periodically and at shutdown. Past ``max_buffer`` records the oldest batches are
     dropped (``dropped``); a batch failing for a non-retryable reason is logged with its records and
-    discarded (``rejected``) rather than blocking the queue. Reads see only written records."""
+    discarded (``rejected``) rather than blocking the queue. Reads see only written records.
 
-    def __init__(self, inner: Ledger, max_buffer: int = 100_000) -> None:
+    With a ``spool`` (:mod:`gateway.state.spool`, ``GATEWAY_SPOOL_DIR``) nothing is dropped and a crash
+    loses nothing: a failed write moves every queued batch to local disk, as does a full buffer, and
+    ``flush`` writes the spooled batches back first."""
+
+    def __init__(self, inner: Ledger, max_buffer: int = 100_000, spool: Spool | None = None) -> None:
         self.inner = inner
         self.max_buffer = max_buffer
+        self.spool = spool
         self.dropped = self.rejected = self._pending = 0
         self._batches: deque[list[LedgerRecord]] = deque()
         self._lock = asyncio.Lock()
 
     @property
     def pending(self) -> int:
-        return self._pending
+        return self._pending + (self.spool.records if self.spool is not None else 0)
 
     async def append(self, records: Sequence[LedgerRecord]) -> None:
         if records:
@@ -390,34 +402,58 @@ class BufferedLedger:
                 await self.flush()
 
     async def flush(self, wait: bool = False) -> int:
-        """Write queued batches oldest first until one fails; returns how many records were written.
-        If a flush is already running, return at once, or with ``wait`` let it finish and then flush
-        (a reader that needs every record queued so far to be written, or to have failed)."""
+        """Write spooled, then queued batches oldest first until one fails; returns how many records were
+        written. If a flush is already running, return at once, or with ``wait`` let it finish and then
+        flush (a reader that needs every record queued so far to be written, or to have failed)."""
         if self._lock.locked() and not wait:
             return 0  # a flush is running and will take the new batches too
         written = 0
         async with self._lock:
+            while self.spool is not None and (batch := self.spool.next_batch()) is not None:
+                if not await self._write(batch):
+                    self._spill(keep=0)
+                    return written
+                self.spool.written(batch)
+                written += len(batch)
             for _ in range(self.max_buffer + 1):  # each pass writes or discards a batch, or stops
                 if not self._batches:
                     break
                 batch = self._batches[0]
-                try:
-                    await self.inner.append(batch)
-                    written += len(batch)
-                except Exception as exc:
-                    if retryable(exc):
-                        log.warning("ledger write failed, %d records queued: %r", self._pending, exc)
-                        break
-                    self.rejected += len(batch)
-                    log.error("ledger rejected %d records (%r): %s", len(batch), exc,
-                              [r.to_json().decode() for r in batch])
+                if not await self._write(batch):
+                    self._spill(keep=0)
+                    break
+                written += len(batch)
                 self._batches.popleft()
                 self._pending -= len(batch)
         return written
 
+    async def _write(self, batch: list[LedgerRecord]) -> bool:
+        """Write one batch; False if the store is unreachable (keep it), True if written or rejected."""
+        try:
+            await self.inner.append(batch)
+        except Exception as exc:
+            if retryable(exc):
+                log.warning("ledger write failed, %d records waiting: %r", self.pending, exc)
+                return False
+            self.rejected += len(batch)
+            log.error("ledger rejected %d records (%r): %s", len(batch), exc, [r.to_json().decode() for r in batch])
+        return True
+
+    def _spill(self, keep: int) -> None:
+        """With a spool, move the queued batches after the first ``keep`` to disk."""
+        if self.spool is None or len(self._batches) <= keep:
+            return
+        moving = list(self._batches)[keep:]
+        self.spool.spill(moving)
+        for _ in moving:
+            self._batches.pop()
+        self._pending -= sum(len(b) for b in moving)
+
     def _enqueue(self, batch: list[LedgerRecord]) -> None:
         self._batches.append(batch)
         self._pending += len(batch)
+        if self._pending > self.max_buffer and self.spool is not None:
+            self._spill(keep=1 if self._lock.locked() else 0)   # never the batch a flush is writing
         while self._pending > self.max_buffer and len(self._batches) > 1:
             victim = 1 if self._lock.locked() else 0  # never the batch a flush is writing
             lost = self._batches[victim]
@@ -436,3 +472,5 @@ class BufferedLedger:
     async def aclose(self) -> None:
         await self.flush()
         await self.inner.aclose()
+        if self.spool is not None:
+            self.spool.close()

@@ -1,0 +1,109 @@
+"""The ledger's spool: batches of records that the shared ledger could not take yet, on local disk.
+
+While Redis is unreachable, :class:`gateway.state.ledger.BufferedLedger` moves its queued batches
+here instead of holding them in memory, so an outage of any length loses nothing to a full
+buffer, and a worker that crashes during it loses nothing either. Each process appends to its own
+file, ``<dir>/spool-<host>-<pid>-<random>.jsonl`` (one batch per line, the records' JSON, fsynced),
+and holds an exclusive ``flock`` on it while alive. Batches are written back oldest first from a
+read offset; once the whole file is written it is truncated. A file whose lock can be taken
+belongs to a process that is gone: :meth:`Spool.adopt` moves its batches into this process's file
+and removes it. Re-sending a batch is harmless: the Redis ledger applies each batch once, by a
+marker derived from its records (kept a day), so a crash between a write and the offset moving on
+never counts a record twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from gateway.state.ledger import LedgerRecord
+
+log = logging.getLogger(__name__)
+
+
+def _encode(batch: Sequence[LedgerRecord]) -> bytes:
+    return b"[" + b",".join(r.to_json() for r in batch) + b"]\n"
+
+
+def _decode(line: bytes) -> list[LedgerRecord]:
+    return [LedgerRecord.from_dict(item) for item in orjson.loads(line)]
+
+
+class Spool:
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"spool-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+        self.path = self.dir / name
+        self._fh: IO[bytes] = open(self.path, "a+b")   # noqa: SIM115 - held open (and locked) for life
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._offset = 0          # the batches before it have been written to the ledger
+        self.records = 0          # records spooled and not yet written
+
+    def spill(self, batches: Sequence[Sequence[LedgerRecord]]) -> None:
+        """Append ``batches`` (oldest first) durably."""
+        if not batches:
+            return
+        self._fh.seek(0, os.SEEK_END)
+        self._fh.write(b"".join(_encode(b) for b in batches))
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.records += sum(len(b) for b in batches)
+
+    def next_batch(self) -> list[LedgerRecord] | None:
+        """The oldest batch not yet written, or None when the spool is empty."""
+        self._fh.seek(self._offset)
+        line = self._fh.readline()
+        if not line.endswith(b"\n"):   # empty, or a torn last line (a crash mid-write): nothing more
+            return None
+        return _decode(line)
+
+    def written(self, batch: Sequence[LedgerRecord]) -> None:
+        """The batch :meth:`next_batch` returned is in the ledger: move on; truncate once all are."""
+        self._fh.seek(self._offset)
+        self._offset += len(self._fh.readline())
+        self.records -= len(batch)
+        if self._fh.seek(0, os.SEEK_END) <= self._offset:
+            self._fh.truncate(0)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._offset, self.records = 0, 0
+
+    def adopt(self) -> int:
+        """Move the batches of dead processes' spool files into this one; returns how many records."""
+        moved = 0
+        for path in sorted(self.dir.glob("spool-*.jsonl")):
+            if path == self.path:
+                continue
+            try:
+                with open(path, "rb") as fh:
+                    try:
+                        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue   # its process is alive
+                    if os.fstat(fh.fileno()).st_nlink == 0:
+                        continue   # adopted by another process between our open and our lock
+                    batches = [_decode(line) for line in fh if line.endswith(b"\n")]
+                    self.spill(batches)
+                    path.unlink()
+            except FileNotFoundError:
+                continue           # another process adopted it first
+            n = sum(len(b) for b in batches)
+            moved += n
+            if n:
+                log.warning("adopted %d unwritten ledger records from %s", n, path.name)
+        return moved
+
+    def close(self) -> None:
+        empty = self.records == 0
+        self._fh.close()
+        if empty:
+            self.path.unlink(missing_ok=True)
