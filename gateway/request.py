@@ -115,9 +115,10 @@ class RequestIds:
     def next(self, offered: str | None = None) -> str:
         if offered and len(offered) <= 128 and offered.isprintable():
             return offered
-        return f"{self._prefix}{next(self._seq):x}"
+        return self.hold()
 
     def hold(self) -> str:
+        """A fresh gateway id, never the client's."""
         return f"{self._prefix}{next(self._seq):x}"
 
 

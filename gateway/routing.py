@@ -288,11 +288,11 @@ def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: floa
         baseline = spec.deployments[0]
     else:
         baseline = candidates[0]
+    model = spec if spec is not None else policies.models[baseline.model]
     _note(notes, "candidates:")
     fitting, largest, capable = _fit(candidates, facts, inp, notes)
     if not fitting:
         if facts.counted is not None and largest and facts.counted >= largest:
-            model = spec if spec is not None else policies.models[baseline.model]
             unfit = Plan(model=model, requested=inp.model, candidates=capable, route=route, baseline=baseline,
                          prompt_tokens=facts.counted, rule=rule)
             raise ContextLengthExceeded(
@@ -314,6 +314,5 @@ def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: floa
         notes.append(f"attempts: at most {min(limit, len(ordered))}"
                      + (f", deadline {rule.deadline_s:g}s" if rule is not None and rule.deadline_s else ""))
         notes.append(f"baseline (for savings): {baseline.id}")
-    model = spec if spec is not None else policies.models[baseline.model]
     return Plan(model=model, requested=inp.model, candidates=ordered, route=route, baseline=baseline,
                 prompt_tokens=facts.counted, rule=rule, notes=tuple(notes or ()))

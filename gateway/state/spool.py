@@ -46,6 +46,7 @@ class Spool:
         self._fh: IO[bytes] = open(self.path, "a+b")   # noqa: SIM115 - held open (and locked) for life
         fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._offset = 0          # the batches before it have been written to the ledger
+        self._next_len = 0        # bytes of the line next_batch read last
         self.records = 0          # records spooled and not yet written
 
     def spill(self, batches: Sequence[Sequence[LedgerRecord]]) -> None:
@@ -64,12 +65,12 @@ class Spool:
         line = self._fh.readline()
         if not line.endswith(b"\n"):   # empty, or a torn last line (a crash mid-write): nothing more
             return None
+        self._next_len = len(line)
         return _decode(line)
 
     def written(self, batch: Sequence[LedgerRecord]) -> None:
         """The batch :meth:`next_batch` returned is in the ledger: move on; truncate once all are."""
-        self._fh.seek(self._offset)
-        self._offset += len(self._fh.readline())
+        self._offset += self._next_len
         self.records -= len(batch)
         if self._fh.seek(0, os.SEEK_END) <= self._offset:
             self._fh.truncate(0)
