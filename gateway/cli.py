@@ -3,7 +3,7 @@
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
 ``check`` validates the policy files and prints what they define; any error
 names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
-:mod:`gateway.admin_client` (on Redis directly, or through the admin API).
+:mod:`gateway.admin.client` (on Redis directly, or through the admin API).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import replace
 
-from gateway import demo
+from gateway.demo import runner as demo
 from gateway.policy import Policies, PolicyError, load_policies
 from gateway.settings import Settings, SettingsError
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     if args.command in ("keys", "spend"):
-        from gateway.admin_client import run
+        from gateway.admin.client import run
 
         return run(settings, args, lambda: policy_teams(settings.config_dir))
     try:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_cases(policies: Policies) -> int:
-    from gateway.explain import run_cases
+    from gateway.routing.explain import run_cases
 
     results = run_cases(policies)
     if not results:
@@ -109,7 +109,7 @@ def check_cases(policies: Policies) -> int:
 
 
 def route(policies: Policies, args: argparse.Namespace) -> int:
-    from gateway.explain import explain, route_input
+    from gateway.routing.explain import explain, route_input
 
     body: dict[str, object] = {"messages": [{"role": "user", "content": "Hello"}]}
     if args.file:
@@ -189,13 +189,13 @@ def serve(settings: Settings, policies: Policies) -> int:
 
         with multiprocess_dir(settings.metrics_dir) as metrics_dir:   # the workers' metrics, summed at scrape
             os.environ.update(replace(settings, metrics_dir=metrics_dir).to_env())
-            uvicorn.run("gateway.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+            uvicorn.run("gateway.api.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
     else:
         # one process keeps its metrics in memory; prometheus-client reads this variable on import
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         settings = replace(settings, metrics_dir=None)
         os.environ.update(settings.to_env())
-        from gateway.app import create_app
+        from gateway.api.app import create_app
 
         uvicorn.run(create_app(settings, policies), **common)  # type: ignore[arg-type]
     return 0

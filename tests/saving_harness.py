@@ -19,7 +19,7 @@ import openai
 from redis.asyncio import Redis
 
 from conftest import Server
-from gateway.app import GatewayApp, create_app
+from gateway.api.app import GatewayApp, create_app
 from gateway.settings import Settings
 from gateway.state.budgets import BudgetRule
 from gateway.state.budgets_redis import RedisBudgetStore

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.cache import Entry, MemoryStore, cache_key, cacheable, deterministic, directives
-from gateway.cache_stream import StreamAssembler, replay_events
+from gateway.api.openai_sse import StreamAssembler, replay_events
 from gateway.policy import CacheSettings, PolicyError, load_policies
+from gateway.savings.response_cache import Entry, MemoryStore, cache_key, cacheable, deterministic, directives
 
 BODY = {"model": "m", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
         "temperature": 0}

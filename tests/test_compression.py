@@ -15,8 +15,8 @@ import pytest
 from saving_harness import InProcess, metric, nano
 
 from conftest import mock_policy
-from gateway.compression import SUMMARY_HEADER, SUMMARY_INSTRUCTIONS, compress, threshold
 from gateway.policy import CompressionSettings
+from gateway.savings.compression import SUMMARY_HEADER, SUMMARY_INSTRUCTIONS, compress, threshold
 from gateway.tokens import count_prompt
 
 MODEL = "gpt-4o-mini"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, free_port
-from gateway.demo import DEMO_POLICIES, TEAMS
-from gateway.demo_traffic import TEAM_MIX
+from gateway.demo.runner import DEMO_POLICIES, TEAMS
+from gateway.demo.traffic import TEAM_MIX
 from gateway.policy import load_policies
 from gateway.pricing import Usage, cost_nano, usage_from_openai
 from gateway.providers.base import Call
@@ -142,5 +142,5 @@ async def test_simulated_prompt_cache_is_off_unless_asked_and_needs_long_prompts
 def test_demo_policies_ship_with_the_package(path: str) -> None:
     assert (DEMO_POLICIES / path).is_file()
     text = (ROOT / "pyproject.toml").read_text()
-    assert '"demo_policies/*.yaml"' in text
-    assert Path(DEMO_POLICIES).parent == ROOT / "gateway"
+    assert '"gateway.demo" = ["policies/*.yaml"]' in text
+    assert Path(DEMO_POLICIES).parent == ROOT / "gateway" / "demo"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.detectors import detect, has_card_number, has_phone
 from gateway.policy import load_policies
-from gateway.routing import RouteInput, resolve_policy
+from gateway.routing.detectors import detect, has_card_number, has_phone
+from gateway.routing.resolve import RouteInput, resolve_policy
 
 PHONES = [
     "call +44 20 7946 0958",                 # international, spaces

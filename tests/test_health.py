@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.health import HealthBook
 from gateway.policy import Deployment, HealthSpec
 from gateway.pricing import Price
+from gateway.routing.cooldowns import HealthBook
 
 
 class Clock:

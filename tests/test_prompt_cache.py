@@ -18,7 +18,7 @@ from saving_harness import InProcess, metric, nano
 
 from conftest import mock_policy
 from gateway.policy import Deployment, PromptCacheSettings, load_policies
-from gateway.prompt_cache import apply, min_cacheable, plan_breakpoints, prompt_cache_key, protected_messages
+from gateway.savings.prompt_caching import apply, min_cacheable, plan_breakpoints, prompt_cache_key, protected_messages
 
 ON = PromptCacheSettings(enabled=True)
 LONG = "alpha " * 1200          # ~1200 tokens: above the 1024 minimum, below Haiku's 2048

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from gateway.detectors import detect, has_card_number, has_email, has_phone, has_secret, request_text
 from gateway.errors import GatewayError
-from gateway.explain import explain, route_input, run_cases
 from gateway.policy import Policies, PolicyError, load_policies
-from gateway.routing import HealthView, RouteInput, required_capabilities, resolve_policy
+from gateway.routing.detectors import detect, has_card_number, has_email, has_phone, has_secret, request_text
+from gateway.routing.explain import explain, route_input, run_cases
+from gateway.routing.resolve import HealthView, RouteInput, required_capabilities, resolve_policy
 
 MODELS = """
 models:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gateway.metrics import Metrics
 from gateway.pricing import Price, Usage
-from gateway.savings import SavingsMeter, account, hit_accounting
+from gateway.savings.accounting import SavingsMeter, account, hit_accounting
 
 # pico-USD per token: $3 in, $15 out, $0.30 cache read, $3.75 5-minute write, $6 1-hour write per Mtok
 SONNET = Price(input=3_000_000, output=15_000_000, cache_read=300_000, cache_write=3_750_000,

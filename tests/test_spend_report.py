@@ -11,9 +11,9 @@ from decimal import Decimal
 
 import pytest
 
-from gateway import adminops
+from gateway.admin import ops as adminops
+from gateway.admin.spend_report import build_report, parse_since, render, usd
 from gateway.errors import InvalidRequest, NotFound
-from gateway.spend_report import build_report, parse_since, render, usd
 from gateway.state.keys import MemoryKeyStore
 from gateway.state.ledger import LedgerRecord, MemoryLedger
 

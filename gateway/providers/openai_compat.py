@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from gateway.httpclient import ConnectFailed, HttpClient, HttpClientError, Origin, Response, Timeout
 from gateway.policy import Deployment
 from gateway.providers.base import ENDPOINT_PATHS, Call, error_for_status, upstream_message
+from gateway.providers.httpclient import ConnectFailed, HttpClient, HttpClientError, Origin, Response, Timeout
 
 USER_AGENT = "llm-gateway/0.1"
 

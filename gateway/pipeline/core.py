@@ -4,8 +4,8 @@ authenticate → validate → resolve policy (pure) → serve from the response 
 compress → reserve → call the upstream with fallbacks (prompt-cache breakpoints per
 deployment) → price → settle → store in the response cache → record (for a JSON reply, run by
 the edge once the reply is written, so its cost is off the response's latency). The saving stages
-live in :mod:`gateway.saving_stages`, the streaming ones in :mod:`gateway.streaming`,
-the data they pass around in :mod:`gateway.request`. Non-streaming requests return a
+live in :mod:`gateway.pipeline.savers`, the streaming ones in :mod:`gateway.pipeline.streaming`,
+the data they pass around in :mod:`gateway.pipeline.request`. Non-streaming requests return a
 :class:`Reply`; streaming ones a :class:`StreamReply` whose events price and record the
 stream when it ends, however it ends. The HTTP edge only parses and renders.
 """
@@ -22,7 +22,8 @@ from typing import Any
 
 import orjson
 
-from gateway.budgeting import (
+from gateway.api.openai_validation import validate
+from gateway.budgets.rules import (
     Ticket,
     affordable_output,
     budget_rules,
@@ -41,12 +42,7 @@ from gateway.errors import (
     UpstreamTimeout,
     state_unavailable,
 )
-from gateway.health import HealthBook
-from gateway.policy import Deployment, Policies, TeamSpec
-from gateway.policy.teams import DEFAULT_TEAM
-from gateway.pricing import Usage, usage_from_openai
-from gateway.providers.base import Call, Provider
-from gateway.request import (
+from gateway.pipeline.request import (
     Headers,
     Inbound,
     Outcome,
@@ -62,17 +58,21 @@ from gateway.request import (
     provider_kind,
     usd_str,
 )
-from gateway.routing import Plan, RouteInput, resolve_policy
-from gateway.saving_stages import SavingStages, build_store
-from gateway.savings import SavingsMeter, account
+from gateway.pipeline.savers import SavingStages, build_store
+from gateway.pipeline.streaming import StreamStages, usage_dict
+from gateway.policy import Deployment, Policies, TeamSpec
+from gateway.policy.teams import DEFAULT_TEAM
+from gateway.pricing import Usage, usage_from_openai
+from gateway.providers.base import Call, Provider
+from gateway.routing.cooldowns import HealthBook
+from gateway.routing.resolve import Plan, RouteInput, resolve_policy
+from gateway.savings.accounting import SavingsMeter, account
 from gateway.settings import Settings
 from gateway.state import State
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
 from gateway.state.keys import KeyRecord
 from gateway.state.ledger import LedgerRecord
-from gateway.streaming import StreamStages, usage_dict
 from gateway.tokens import count_completion_text, count_prompt
-from gateway.validation import validate
 
 log = logging.getLogger("gateway")
 OTHER_MODEL = "other"
@@ -291,7 +291,7 @@ class Pipeline:
                      estimated=True)
 
     def price(self, outcome: Outcome, deployment: Deployment, usage: Usage) -> None:
-        """Cost, baseline and savings by source (routing, prompt_cache, compression): gateway.savings."""
+        """Cost, baseline and savings by source (routing, prompt_cache, compression): gateway.savings.accounting."""
         outcome.usage = usage
         removed = outcome.compression.removed if outcome.compression is not None else 0
         priced = account(usage, deployment.price, outcome.plan.baseline.price, removed_tokens=removed,

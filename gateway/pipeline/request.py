@@ -1,7 +1,7 @@
 """What crosses the pipeline's stages: the parsed request, who sent it, the reply, and what it did.
 
-Plain data and small pure helpers shared by :mod:`gateway.pipeline` (the stages),
-:mod:`gateway.streaming` (the streaming stages) and :mod:`gateway.saving_stages`
+Plain data and small pure helpers shared by :mod:`gateway.pipeline.core` (the stages),
+:mod:`gateway.pipeline.streaming` (the streaming stages) and :mod:`gateway.pipeline.savers`
 (cache and compression): :class:`Inbound` as the edge hands it over, the
 :class:`Principal` it was authenticated as, the :class:`Outcome` the price, settle and
 record stages work from, the :class:`Reply` / :class:`StreamReply` the edge renders;
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from gateway.cache import Lookup
-from gateway.compression import Report
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from gateway.policy import Deployment, Policies, PromptCacheSettings, TeamSpec
 from gateway.pricing import Usage
-from gateway.routing import Plan
+from gateway.routing.resolve import Plan
+from gateway.savings.compression import Report
+from gateway.savings.response_cache import Lookup
 from gateway.state.keys import KeyRecord
 
 Headers = list[tuple[bytes, bytes]]
@@ -97,7 +97,7 @@ class Outcome:
     ttft_s: float | None = None
     savings: dict[str, int] = field(default_factory=dict)
     compression: Report | None = None
-    overhead: bool = False                 # a compression summary call: baseline 0 (see gateway.savings)
+    overhead: bool = False                 # a compression summary call: baseline 0 (see gateway.savings.accounting)
 
 
 class RequestIds:

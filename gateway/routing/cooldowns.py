@@ -3,7 +3,7 @@
 :class:`HealthBook` owns two facts routing needs about each deployment: whether it is
 cooled down (it failed ``failures`` times within ``window_s``, or its active health
 check failed) and a moving average of its time to first token and of its duration.
-The request path only reads a ready-made :class:`~gateway.routing.HealthView` and
+The request path only reads a ready-made :class:`~gateway.routing.resolve.HealthView` and
 reports outcomes into local buffers: no Redis round trip is added to any request.
 A background task (:meth:`HealthBook.run`) every ``sync_interval_s`` sends the
 buffered failures and latency samples to Redis in one script call and reads back
@@ -24,9 +24,9 @@ from typing import Any
 
 from gateway.background import cancel
 from gateway.policy import Deployment, HealthSpec
-from gateway.routing import HealthView
+from gateway.routing.resolve import HealthView
 
-log = logging.getLogger("gateway.health")
+log = logging.getLogger("gateway.routing.cooldowns")
 Checker = Callable[[Deployment, float], Awaitable[None]]
 
 # KEYS: cool (hash id -> until_ms), ttft (hash id -> avg s), dur (hash id -> avg s), then one outcome window

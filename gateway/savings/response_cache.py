@@ -31,7 +31,7 @@ import orjson
 
 from gateway.policy import CacheSettings
 
-log = logging.getLogger("gateway.cache")
+log = logging.getLogger("gateway.savings.response_cache")
 KEY_PREFIX = "gw:v1:rcache:"
 KEY_VERSION = 1
 _NOT_IN_KEY = frozenset({"model", "stream", "stream_options"})

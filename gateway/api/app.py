@@ -26,8 +26,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from gateway.admin import AdminApi
-from gateway.budgeting import budget_rules
+from gateway.admin.api import AdminApi
+from gateway.budgets.rules import budget_rules
 from gateway.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -40,16 +40,16 @@ from gateway.errors import (
     error_headers,
     internal_error,
 )
-from gateway.health import HealthBook
-from gateway.httpclient import HttpClient
 from gateway.metrics import BudgetGauge, Metrics
-from gateway.pipeline import Pipeline
+from gateway.pipeline.core import Pipeline
+from gateway.pipeline.request import Inbound, Reply, StreamReply, bearer_token
 from gateway.policy import Policies, load_policies
+from gateway.policy.reloader import PolicyWatcher
 from gateway.providers.base import Provider
+from gateway.providers.httpclient import HttpClient
 from gateway.providers.openai_compat import OpenAICompatProvider
 from gateway.providers.simulated import SimulatedProvider
-from gateway.reloader import PolicyWatcher
-from gateway.request import Inbound, Reply, StreamReply, bearer_token
+from gateway.routing.cooldowns import HealthBook
 from gateway.settings import Settings
 from gateway.state import State, open_state
 from gateway.state.budgets import StateUnavailable

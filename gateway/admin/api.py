@@ -4,7 +4,7 @@
 budget usage, the spend report and the policy reload. Each route checks the master
 key (``Authorization: Bearer`` or ``x-api-key``; 403 ``admin_disabled`` when none is
 configured, 401 ``invalid_api_key`` when it does not match), parses its parameters
-strictly and calls :mod:`gateway.adminops`; failures are ``GatewayError``s, which the
+strictly and calls :mod:`gateway.admin.ops`; failures are ``GatewayError``s, which the
 app's handlers render. ``/admin/spend`` first writes this process's buffered ledger
 records (waiting for a write in progress), so on embedded state, and for this worker
 on Redis, the report includes every request answered before it; other workers and
@@ -27,17 +27,17 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gateway import adminops
+from gateway.admin import ops as adminops
+from gateway.admin.spend_report import FORMATS, MEDIA_TYPES, check_choice, render
 from gateway.background import cancel
 from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from gateway.pipeline.request import bearer_token
 from gateway.policy import PolicyError
-from gateway.request import bearer_token
-from gateway.spend_report import FORMATS, MEDIA_TYPES, check_choice, render
 
 if TYPE_CHECKING:
-    from gateway.app import AppState
+    from gateway.api.app import AppState
 
-log = logging.getLogger("gateway.admin")
+log = logging.getLogger("gateway.admin.api")
 RELOAD_KEY = "gw:v1:policy:generation"
 RELOAD_POLL_S = 1.0
 

@@ -6,7 +6,7 @@ functions here, so a key is validated, shown and revoked the same way on every p
 errors are 400s naming the field), :func:`key_view` is the public form of a key (never
 its secret), :func:`team_views` reports each policy team's budgets (limit, spent,
 reserved, remaining per period) and :func:`spend` builds the ledger report of
-:mod:`gateway.spend_report`. Store failures (Redis unreachable) are translated here,
+:mod:`gateway.admin.spend_report`. Store failures (Redis unreachable) are translated here,
 at the one place these operations call the stores, into 503 ``state_unavailable``.
 """
 
@@ -22,10 +22,10 @@ from typing import Any, cast
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.budgeting import budget_rules
+from gateway.admin.spend_report import build_report, check_choice, iso, parse_since, usd
+from gateway.budgets.rules import budget_rules
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.policy import TeamSpec
-from gateway.spend_report import build_report, check_choice, iso, parse_since, usd
 from gateway.state.budgets import MAX_AMOUNT, PERIODS, BudgetStore, BudgetUsage, StateUnavailable, period_end
 from gateway.state.keys import KeyRecord, KeyStore
 from gateway.state.ledger import GROUP_BY, Ledger

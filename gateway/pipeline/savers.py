@@ -1,12 +1,12 @@
 """The pipeline stages that save money: response cache, context compression, provider prompt caching.
 
-:class:`SavingStages` is owned by the :class:`~gateway.pipeline.Pipeline` and called from
+:class:`SavingStages` is owned by the :class:`~gateway.pipeline.core.Pipeline` and called from
 ``Pipeline.handle`` by name: ``serve_from_cache`` (after resolve: a hit is answered here, in the
 shape asked for, at $0), ``compress_to_fit`` (when no deployment's window holds the prompt) and
 ``compress`` (before reserve), ``prompt_caching`` (per deployment, in ``make_call``), and
 ``store``/``store_stream`` (after a successful miss). The decisions themselves live in
-:mod:`gateway.cache`, :mod:`gateway.compression` and :mod:`gateway.prompt_cache`; this module only
-sequences them with the pipeline's own stages.
+:mod:`gateway.savings.response_cache`, :mod:`gateway.savings.compression` and
+:mod:`gateway.savings.prompt_caching`; this module only sequences them with the pipeline's own stages.
 
 A hit holds no budget: it reserves $0 (so the remaining-budget header is still right) and takes
 one request of the RPM allowance and no tokens; a budget that is already spent does not refuse a
@@ -25,20 +25,30 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import cache_stream, compression, prompt_cache
-from gateway.budgeting import Ticket, budget_rules, rate_rules, refusal_error
-from gateway.cache import Entry, Lookup, MemoryStore, RedisStore, ResponseCache, Store, answer_for_storage
+from gateway.api import openai_sse as cache_stream
+from gateway.budgets.rules import Ticket, budget_rules, rate_rules, refusal_error
 from gateway.errors import ContextLengthExceeded, GatewayError, state_unavailable
+from gateway.pipeline.request import Inbound, Outcome, Principal, Reply, StreamReply
 from gateway.policy import CompressionSettings, Deployment, Policies, PromptCacheSettings
-from gateway.request import Inbound, Outcome, Principal, Reply, StreamReply
-from gateway.routing import Plan
-from gateway.savings import hit_accounting
+from gateway.routing.resolve import Plan
+from gateway.savings import compression
+from gateway.savings import prompt_caching as prompt_cache
+from gateway.savings.accounting import hit_accounting
+from gateway.savings.response_cache import (
+    Entry,
+    Lookup,
+    MemoryStore,
+    RedisStore,
+    ResponseCache,
+    Store,
+    answer_for_storage,
+)
 from gateway.state import State
 from gateway.state.budgets import ReserveRequest, StateUnavailable
 from gateway.tokens import count_prompt
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Pipeline
+    from gateway.pipeline.core import Pipeline
 
 log = logging.getLogger("gateway")
 SUMMARY_ROUTE = "compression_summary"

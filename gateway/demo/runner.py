@@ -1,12 +1,12 @@
 """``gateway demo``: the gateway on the simulated provider, a minute of mixed traffic, a spend summary.
 
-The gateway runs on the demo policy set shipped in ``gateway/demo_policies/`` (models
+The gateway runs on the demo policy set shipped in ``gateway/demo/policies/`` (models
 at different prices and speeds, a self-hosted model priced by the GPU hour, injected
 failures, a model whose first deployment fails, teams with budgets, a downgrade and a
 rate limit). With one worker it runs in this process on embedded state (or on Redis
 when ``GATEWAY_REDIS_URL`` is set); with ``--workers N`` it runs as a ``gateway serve``
 child on shared Redis. A key is created per team in the key store, the traffic in
-:mod:`gateway.demo_traffic` runs for ``--duration`` seconds, and the closing summary
+:mod:`gateway.demo.traffic` runs for ``--duration`` seconds, and the closing summary
 reports spend by team from the ledger. ``--keep-serving`` leaves the gateway up for
 Prometheus and Grafana afterwards. No API key is needed.
 """
@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from gateway.settings import Settings, SettingsError
 
-DEMO_POLICIES = Path(__file__).with_name("demo_policies")
+DEMO_POLICIES = Path(__file__).with_name("policies")
 TEAMS = ("research", "support", "marketing", "platform")
 
 
@@ -75,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
-    from gateway.budgeting import budget_rules
-    from gateway.demo_traffic import Run, drive
+    from gateway.budgets.rules import budget_rules
+    from gateway.demo.traffic import Run, drive
+    from gateway.pipeline.savers import SUMMARY_ROUTE
     from gateway.policy import load_policies
-    from gateway.saving_stages import SUMMARY_ROUTE
 
     policies = load_policies(settings.config_dir)
     windows = {spec.name: min(d.context_window or 0 for d in spec.deployments) for spec in policies.unique_models()}
@@ -121,7 +121,7 @@ async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
 
 def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple[str, Any]], url: str,
             summaries: list[int] | None = None) -> str:
-    from gateway.request import usd_str
+    from gateway.pipeline.request import usd_str
 
     head = f"{'team':<10} {'requests':>8} {'ok':>6} {'budget':>6} {'limited':>7} {'failed':>6} " \
            f"{'spend USD':>12} {'saved USD':>12}"
@@ -154,7 +154,7 @@ def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple
 
 
 def _signed_usd(nano: int) -> str:
-    from gateway.request import usd_str
+    from gateway.pipeline.request import usd_str
 
     return usd_str(nano) if nano >= 0 else "-" + usd_str(-nano)
 
@@ -176,7 +176,7 @@ class InProcessGateway:
 
         import uvicorn
 
-        from gateway.app import GatewayApp, build_state
+        from gateway.api.app import GatewayApp, build_state
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("gateway").setLevel(logging.ERROR)   # injected upstream failures are expected here

@@ -7,7 +7,7 @@ upstream's usage chunk back (the gateway always asks for one) and sends it, with
 ``cost_usd``, only when the client asked; however the stream ends (finished, failed
 upstream, client gone) it prices what was delivered, settles and records, and a
 failure becomes an error event. The stages of the pipeline it calls live in
-:mod:`gateway.pipeline`.
+:mod:`gateway.pipeline.core`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
-from gateway.budgeting import Ticket
+from gateway.budgets.rules import Ticket
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, internal_error
-from gateway.policy import Deployment
-from gateway.pricing import Usage, usage_from_openai
-from gateway.request import (
+from gateway.pipeline.request import (
     Inbound,
     Outcome,
     Principal,
@@ -34,10 +32,12 @@ from gateway.request import (
     nano_float,
     provider_kind,
 )
+from gateway.policy import Deployment
+from gateway.pricing import Usage, usage_from_openai
 from gateway.tokens import count_completion_text, count_prompt
 
 if TYPE_CHECKING:
-    from gateway.pipeline import Pipeline
+    from gateway.pipeline.core import Pipeline
 
 log = logging.getLogger("gateway")
 

@@ -19,11 +19,11 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.detectors import detect, request_text
 from gateway.errors import ContextLengthExceeded, GatewayError, InvalidRequest, ModelNotFound, PermissionDenied
 from gateway.policy import Deployment, ModelSpec, Policies
 from gateway.policy.routes import DEFAULT_RETRY_ON, DEFAULT_ROUTE, Route
 from gateway.pricing import Price
+from gateway.routing.detectors import detect, request_text
 from gateway.tokens import count_prompt
 
 ENDPOINT_CAPABILITY = {"chat": "chat", "completions": "completions", "embeddings": "embeddings"}

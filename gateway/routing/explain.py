@@ -3,7 +3,7 @@
 ``gateway route --team T --model M --file request.json`` prints which rule matches a
 request, the candidates in order and why each was or was not chosen;
 ``gateway check`` runs the ``tests:`` cases kept next to the policies and fails on a
-mismatch. Both call the same pure :func:`~gateway.routing.resolve_policy` the request
+mismatch. Both call the same pure :func:`~gateway.routing.resolve.resolve_policy` the request
 path uses (with no health data unless one is passed: every deployment counts as
 healthy), so what they say is what the gateway does.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.policy import Policies, PolicyCase
 from gateway.policy.teams import TeamSpec
-from gateway.routing import NO_HEALTH, HealthView, Plan, RouteInput, resolve_policy
+from gateway.routing.resolve import NO_HEALTH, HealthView, Plan, RouteInput, resolve_policy
 
 
 def route_input(policies: Policies, team: str, model: str, body: dict[str, Any], endpoint: str = "chat",

@@ -1,12 +1,12 @@
 """What ``gateway keys ...`` and ``gateway spend`` do: pick a backend, run one operation, print it.
 
 Two backends answer the same four calls with the same documents: :class:`RedisAdmin`
-runs :mod:`gateway.adminops` on the Redis stores (``GATEWAY_REDIS_URL`` set; the
+runs :mod:`gateway.admin.ops` on the Redis stores (``GATEWAY_REDIS_URL`` set; the
 gateway need not be running), :class:`HttpAdmin` calls a running gateway's admin API
 with ``GATEWAY_MASTER_KEY``. Both raise ``GatewayError`` on failure (the gateway's own
 error, a 503 for an unreachable Redis or gateway), which :func:`run` prints as one
 line on stderr with a non-zero exit: 2 for a bad argument, 1 otherwise. The spend
-report is rendered by :mod:`gateway.spend_report` on either path.
+report is rendered by :mod:`gateway.admin.spend_report` on either path.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway import adminops
+from gateway.admin import ops as adminops
+from gateway.admin.spend_report import FORMATS, check_choice, render
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable
 from gateway.settings import Settings
-from gateway.spend_report import FORMATS, check_choice, render
 
 HTTP_TIMEOUT_S = 30.0
 

@@ -18,7 +18,7 @@ from typing import Any, cast
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
 from gateway.policy import Deployment, TeamSpec
 from gateway.pricing import Price, usd_to_nano
-from gateway.routing import Plan
+from gateway.routing.resolve import Plan
 from gateway.state.budgets import Admission, BudgetRule, Period, RateRule, Refusal, ReserveRequest
 from gateway.state.keys import KeyRecord
 
