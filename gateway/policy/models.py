@@ -20,6 +20,7 @@ from gateway.pricing import Price, PriceBook, resolve_price
 OPENAI_COMPATIBLE = frozenset({"openai", "vllm", "ollama", "llamacpp", "openai_compatible"})
 SELF_HOSTED_KINDS = frozenset({"vllm", "ollama", "llamacpp"})
 CAPABILITIES = frozenset({"chat", "completions", "embeddings", "tools", "vision", "json"})
+WIRE_APIS = frozenset({"chat", "completions", "embeddings", "messages", "responses"})   # inbound wire formats
 PRICE_KEYS = frozenset({
     "input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
     "cache_write_1h_per_mtok", "gpu_hour_usd", "input_tokens_per_second", "output_tokens_per_second",
@@ -60,10 +61,15 @@ class Deployment:
     headers: tuple[tuple[str, str], ...]
     simulated: SimulatedSpec | None
     self_hosted: bool
+    apis: frozenset[str] = frozenset({"chat", "completions", "embeddings"})   # wire formats spoken natively
 
     @property
     def openai_compatible(self) -> bool:
         return self.provider in OPENAI_COMPATIBLE
+
+    def speaks(self, wire: str) -> bool:
+        """Whether a request in wire format ``wire`` can be sent as is (else it is translated to chat)."""
+        return wire in self.apis
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,7 @@ def _parse_deployment(data: Any, path: str, where: tuple[str, int], model: str, 
     self_hosted = f.take_bool("self_hosted", provider in SELF_HOSTED_KINDS)
     price_data = f.take_mapping("price")
     sim_data = f.take_mapping("simulated")
+    apis = f.take_str_list("apis", None, allowed=WIRE_APIS)
     f.finish()
 
     if provider in OPENAI_COMPATIBLE and not api_base:
@@ -173,7 +180,18 @@ def _parse_deployment(data: Any, path: str, where: tuple[str, int], model: str, 
         max_output_tokens=max_output, capabilities=capabilities, price=price, price_source=source,
         timeout_s=float(timeout_s) if timeout_s is not None else None,
         headers=tuple(headers.items()), simulated=simulated, self_hosted=self_hosted,
+        apis=frozenset(apis) if apis is not None else _default_apis(provider),
     )
+
+
+def _default_apis(provider: str) -> frozenset[str]:
+    """Native wire formats: OpenAI's own API also speaks Responses, Anthropic's speaks Messages (its chat
+    goes through litellm's provider layer); any other server is asked in chat format unless ``apis`` says more."""
+    if provider == "openai":
+        return frozenset({"chat", "completions", "embeddings", "responses"})
+    if provider == "anthropic":
+        return frozenset({"messages"})
+    return frozenset({"chat", "completions", "embeddings"})
 
 
 def _default_capabilities(upstream_model: str) -> frozenset[str]:

@@ -10,7 +10,7 @@ own library's or the network's failures is their job, at their boundary.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway.errors import (
@@ -26,10 +26,11 @@ ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "e
 
 @dataclass(slots=True)
 class Call:
-    endpoint: str                 # "chat" | "completions" | "embeddings"
+    endpoint: str   # wire format of body: chat, completions, embeddings, messages, responses
     body: dict[str, Any]
     deployment: Deployment
     timeout_s: float
+    headers: dict[str, str] = field(default_factory=dict)   # client headers forwarded as is (anthropic-beta, ...)
 
 
 class Provider(Protocol):
