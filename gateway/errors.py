@@ -52,18 +52,9 @@ class InvalidRequest(GatewayError):
 
 
 class ContextLengthExceeded(InvalidRequest):
-    """The prompt fits no candidate's context window; ``candidates`` are those it was too long for,
-    ``route`` the rule that chose them and ``plan`` the routing decision but for the window (a cached
-    answer may still serve the request, or compression shrink it to fit one)."""
+    """The prompt fits no candidate's context window."""
 
     code = "context_length_exceeded"
-
-    def __init__(self, message: str, candidates: tuple[Any, ...] = (), route: str | None = None,
-                 plan: Any = None, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.candidates = candidates
-        self.route = route
-        self.plan = plan
 
 
 class RequestTooLarge(InvalidRequest):

@@ -1,8 +1,10 @@
 """Every Prometheus metric the gateway exports, defined once, and how they are rendered.
 
 Names follow the product contract (prefix ``gateway_``, base units, ``_total``
-counters). Counters and histograms are updated on the request path through
-:class:`Metrics`; with several workers they live in prometheus-client's
+counters). Counters and histograms are updated on the request path only through
+named events on :class:`Metrics` (:meth:`~Metrics.request_done`, :meth:`~Metrics.refused`,
+:meth:`~Metrics.budget_refused`, :meth:`~Metrics.upstream_failed`, ...), so label order
+and label bounding live here and nowhere else; with several workers they live in prometheus-client's
 multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, prepared fresh by
 ``gateway serve``), so a scrape of any worker returns the sum over all of them.
 Gauges describe shared state, not one process (budget limit, spend and soft
@@ -73,6 +75,28 @@ class BoundedValues:
             self._seen.add(value)
             return value
         return OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDone:
+    """One finished request as the metrics see it (raw names: :class:`Metrics` bounds the labels)."""
+
+    team: str
+    model: str                        # the model served (or requested, when nothing was)
+    provider: str                     # "none" when no deployment was tried
+    route: str
+    status: str                       # "ok" or the error code
+    cache: str                        # hit | miss | bypass
+    cache_looked_up: bool
+    stream: bool
+    duration_s: float
+    upstream_s: float
+    ttft_s: float | None
+    called_upstream: bool             # a deployment was called (not a cache hit or a refusal)
+    tokens: tuple[tuple[str, int], ...] = ()   # (type, count) for TOKEN_TYPES
+    cost_nano: int = 0
+    savings: tuple[tuple[str, int], ...] = ()
+    compressed: tuple[tuple[str, int], ...] = ()   # tokens removed, by strategy
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +194,7 @@ class Metrics:
         self.code_label = BoundedValues(EXTRA_CODES, KNOWN_CODES)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._requests: dict[tuple[str, str, str, str, str, str, bool], RequestChildren] = {}
+        self._debt: dict[tuple[str, str], int] = {}   # negative savings carried forward, nano-USD
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, memoised: label lookups are the costly part on the hot path."""
@@ -187,6 +212,66 @@ class Metrics:
         if found is None:
             found = self._requests[key] = RequestChildren(self, team, model, provider, route, status, cache, stream)
         return found
+
+    # ------------------------------------------------------------------ named events
+    def request_done(self, done: RequestDone) -> None:
+        """A request finished (served, failed or refused after routing): every per-request series."""
+        team, model = self.team_label(done.team), self.model_label(done.model)
+        c = self.for_request(team, model, done.provider, done.route, self.code_label(done.status), done.cache,
+                             done.stream)
+        c.requests.inc()
+        if done.cache_looked_up:
+            self.child(self.cache_requests, team, done.cache).inc()
+        for strategy, tokens in done.compressed:
+            self.child(self.compression_saved, team, strategy).inc(tokens)
+        c.overhead.observe(max(0.0, done.duration_s - done.upstream_s))
+        c.duration.observe(done.duration_s)
+        for source, nano in done.savings:
+            self.saved(team, source, nano)
+        if done.called_upstream:
+            c.upstream().observe(done.upstream_s)
+            if done.ttft_s is not None:
+                c.ttft().observe(done.ttft_s)
+        for kind, n in done.tokens:
+            if n:
+                c.tokens(kind).inc(n)
+        if done.cost_nano:
+            c.cost().inc(done.cost_nano / 1e9)
+
+    def refused(self, team: str | None, model: str | None, status: str) -> None:
+        """A request refused before any plan was made (bad JSON, bad key, unknown model, ...)."""
+        self.child(self.requests, self.team_label(team) if team is not None else "none",
+                   self.model_label(model) if model is not None else OTHER, "none", "none",
+                   self.code_label(status), "bypass").inc()
+
+    def budget_refused(self, team: str) -> None:
+        self.child(self.budget_rejections, self.team_label(team)).inc()
+
+    def rate_limit_refused(self, team: str) -> None:
+        self.child(self.rate_limited, self.team_label(team)).inc()
+
+    def upstream_failed(self, provider: str, model: str, failure: str) -> None:
+        self.child(self.upstream_errors, provider, self.model_label(model), failure).inc()
+
+    def fell_back(self, from_model: str, to_model: str, reason: str) -> None:
+        self.child(self.fallbacks, self.model_label(from_model), self.model_label(to_model), reason).inc()
+
+    def saved(self, team: str, source: str, nano: int) -> None:
+        """Savings of one request from one source; negative ones are carried as debt against later ones
+        (a counter only grows), so the counter's total equals the ledger's positive net."""
+        key = (team, source)
+        debt = self._debt.get(key, 0)
+        if nano < 0:
+            self._debt[key] = debt - nano
+            return
+        paid = min(debt, nano)
+        if paid:
+            self._debt[key] = debt - paid
+        if nano > paid:
+            self.child(self.savings, team, source).inc((nano - paid) / 1e9)
+
+    def savings_debt(self, team: str, source: str) -> int:
+        return self._debt.get((team, source), 0)
 
     def set_known_models(self, names: Iterable[str]) -> None:
         self._known_models = frozenset(names)

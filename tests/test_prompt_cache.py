@@ -217,7 +217,7 @@ async def test_one_hour_tier_and_a_team_without_prompt_caching(
     [record] = await h.records(0, "hourly", 1)
     assert record.savings == {"prompt_cache": uncached - cost} and uncached - cost == -6_000_000
     assert metric(await h.metrics(), "gateway_savings_usd_total", team="hourly", source="prompt_cache") == 0
-    assert h.app.state.pipeline.savings.debt("hourly", "prompt_cache") == 6_000_000
+    assert h.app.state.metrics.savings_debt("hourly", "prompt_cache") == 6_000_000
     plain = h.client(await h.key("plain"))
     await plain.chat.completions.create(model="sonnet", max_tokens=50, messages=messages)
     assert b"cache_control" not in orjson.dumps(mock_anthropic.last.body)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ from gateway.admin import ops as adminops
 from gateway.admin.spend_report import FORMATS, MEDIA_TYPES, check_choice, render
 from gateway.background import cancel
 from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
-from gateway.pipeline.request import bearer_token
+from gateway.pipeline.auth import caller_key, secret_matches
 from gateway.policy import PolicyError
 
 if TYPE_CHECKING:
@@ -76,10 +75,10 @@ class AdminApi:
         if master is None:
             raise PermissionDenied("The admin API is disabled: set GATEWAY_MASTER_KEY to enable it.",
                                    code="admin_disabled")
-        token = bearer_token({k.lower(): v for k, v in request.headers.items()})
+        token = caller_key({k.lower(): v for k, v in request.headers.items()})
         if not token:
             raise AuthenticationFailed("Missing master key: send 'Authorization: Bearer <GATEWAY_MASTER_KEY>'.")
-        if not hmac.compare_digest(token.encode(), master.encode()):
+        if not secret_matches(token, master):
             raise AuthenticationFailed("Invalid master key.")
 
     # ------------------------------------------------------------------ keys

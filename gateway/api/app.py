@@ -1,18 +1,17 @@
 """The HTTP edge: an app factory, the hot proxy routes as raw ASGI, the rest on FastAPI.
 
 ``create_app`` builds explicit state (settings, policies, the pooled HTTP client,
-providers, metrics, the pipeline) and returns an ASGI callable. The proxy
-endpoints (chat completions, completions, embeddings, with or without ``/v1``)
-are parsed here and handed to the pipeline; its reply is rendered as JSON or
-SSE. Every other route (models, health, metrics, and the admin API of
-``gateway/admin.py``) is a FastAPI route. This is
-the only place where errors become HTTP responses.
+providers, metrics, the pipeline) and returns an ASGI callable. Each proxy path
+(chat completions, completions, embeddings, with or without ``/v1``) has a codec
+(:mod:`gateway.api.openai_codec`): the edge reads the body, the codec decodes it into
+the pipeline's typed request, the pipeline's reply is written as JSON or SSE, and an
+error is rendered by the same codec in its API's envelope. Every other route (models,
+health, metrics, and the admin API of :mod:`gateway.admin.api`) is a FastAPI route.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -27,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from gateway.admin.api import AdminApi
+from gateway.api.openai_codec import OpenAICodec
 from gateway.budgets.rules import budget_rules
 from gateway.errors import (
     AuthenticationFailed,
@@ -37,12 +37,13 @@ from gateway.errors import (
     NotFound,
     RequestTooLarge,
     error_body,
-    error_headers,
     internal_error,
 )
 from gateway.metrics import BudgetGauge, Metrics
-from gateway.pipeline.core import Pipeline
-from gateway.pipeline.request import Inbound, Reply, StreamReply, bearer_token
+from gateway.pipeline.auth import caller_key, secret_matches
+from gateway.pipeline.codec import Codec
+from gateway.pipeline.lifecycle import Pipeline
+from gateway.pipeline.request import Inbound, Reply, StreamReply
 from gateway.policy import Policies, load_policies
 from gateway.policy.reloader import PolicyWatcher
 from gateway.providers.base import Provider
@@ -59,10 +60,11 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-PROXY_ROUTES = {
-    "/v1/chat/completions": "chat", "/chat/completions": "chat",
-    "/v1/completions": "completions", "/completions": "completions",
-    "/v1/embeddings": "embeddings", "/embeddings": "embeddings",
+_CHAT, _COMPLETIONS, _EMBEDDINGS = OpenAICodec("chat"), OpenAICodec("completions"), OpenAICodec("embeddings")
+PROXY_ROUTES: dict[str, Codec] = {
+    "/v1/chat/completions": _CHAT, "/chat/completions": _CHAT,
+    "/v1/completions": _COMPLETIONS, "/completions": _COMPLETIONS,
+    "/v1/embeddings": _EMBEDDINGS, "/embeddings": _EMBEDDINGS,
 }
 
 
@@ -124,13 +126,13 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            endpoint = PROXY_ROUTES.get(scope["path"])
-            if endpoint is not None:
-                await self.proxy(endpoint, scope, receive, send)
+            codec = PROXY_ROUTES.get(scope["path"])
+            if codec is not None:
+                await self.proxy(codec, scope, receive, send)
                 return
         await self.api(scope, receive, send)
 
-    async def proxy(self, endpoint: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def proxy(self, codec: Codec, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         pipeline = self.state.pipeline
         request_id = pipeline.ids.next(headers.get("x-request-id"))
@@ -139,21 +141,16 @@ class GatewayApp:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"Use POST for {scope['path']}.")
             raw = await read_body(receive, headers, self.state.settings.max_body_bytes)
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidRequest(f"The request body is not valid JSON: {exc}", code="invalid_json",
-                                     param="body") from None
-            inbound = Inbound(endpoint, body, len(raw), headers, request_id)
-            reply = await pipeline.handle(inbound)
+            inbound = Inbound(codec.decode(raw), len(raw), headers, request_id)
+            reply = await pipeline.handle(inbound, codec)
         except GatewayError as exc:
             pipeline.refused(inbound, exc.code or "error")
-            await send_error(send, exc, request_id, inbound.route if inbound is not None else None)
+            await send_error(send, codec, exc, request_id, inbound.route if inbound is not None else None)
             return
         except Exception:
             log.exception("request %s failed", request_id)
             pipeline.refused(inbound, "internal_error")
-            await send_error(send, internal_error(), request_id)
+            await send_error(send, codec, internal_error(), request_id)
             return
         if isinstance(reply, Reply):
             try:
@@ -186,12 +183,14 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def send_error(send: Send, exc: GatewayError, request_id: str, route: str | None = None) -> None:
-    headers = error_headers(exc)
+async def send_error(send: Send, codec: Codec, exc: GatewayError, request_id: str, route: str | None = None) -> None:
+    """The error reply, in the envelope of the codec's API."""
+    headers = codec.error_headers()
+    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
     headers.append((b"x-request-id", request_id.encode()))
     if route is not None:   # refused or failed after routing: which rule decided
         headers.append((b"x-gateway-route", route.encode()))
-    body = error_body(exc)
+    body = codec.error_body(exc)
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -279,7 +278,7 @@ def _fastapi(state: AppState) -> FastAPI:
 
     async def visible_models(request: Request) -> list[str]:
         """The model names (and aliases) the caller's key may use."""
-        principal = await state.pipeline.authenticate(Inbound("models", None, 0, _lower(request), ""))
+        principal = await state.pipeline.authenticate(_lower(request), state.policies)
         policies = state.policies
         names = {name for name, spec in policies.models.items()
                  if principal.spec.allows(spec.name) or principal.spec.allows(name)}
@@ -318,7 +317,7 @@ def _fastapi(state: AppState) -> FastAPI:
     @api.get("/metrics")
     async def metrics(request: Request) -> Response:
         key = state.settings.metrics_key
-        if key is not None and not hmac.compare_digest((bearer_token(_lower(request)) or "").encode(), key.encode()):
+        if key is not None and not secret_matches(caller_key(_lower(request)), key):
             raise AuthenticationFailed("GET /metrics needs 'Authorization: Bearer <GATEWAY_METRICS_KEY>'.")
         body = state.metrics.render(await budget_gauges(state), state.pipeline.deployment_health())
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

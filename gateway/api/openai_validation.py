@@ -14,6 +14,7 @@ from gateway.errors import InvalidRequest
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+MAX_OUTPUT_TOKENS = 2**31 - 1   # no model writes more; larger numbers are typos or probes
 
 
 def _bad(message: str, param: str, code: str = "invalid_type") -> InvalidRequest:
@@ -46,8 +47,8 @@ def validate(endpoint: str, body: Any) -> str:
     if opts is not None and not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object.", "stream_options")
     _int_field(body, "n", 1, 128)
-    _int_field(body, "max_tokens", 1)
-    _int_field(body, "max_completion_tokens", 1)
+    _int_field(body, "max_tokens", 1, MAX_OUTPUT_TOKENS)
+    _int_field(body, "max_completion_tokens", 1, MAX_OUTPUT_TOKENS)
     if endpoint == "chat":
         _validate_messages(body.get("messages"))
         tools = body.get("tools")
@@ -78,7 +79,7 @@ def _validate_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise _bad(f"messages[{i}] must be an object.", f"messages[{i}]")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}.",
                        f"messages[{i}].role", "invalid_value")
         content = message.get("content")

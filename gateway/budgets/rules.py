@@ -12,14 +12,12 @@ No I/O: the budget store does the atomic part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, cast
 
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
 from gateway.policy import Deployment, TeamSpec
 from gateway.pricing import Price, usd_to_nano
-from gateway.routing.resolve import Plan
-from gateway.state.budgets import Admission, BudgetRule, Period, RateRule, Refusal, ReserveRequest
+from gateway.state.budgets import Admission, BudgetRule, Period, RateRule, Refusal
 from gateway.state.keys import KeyRecord
 
 DEFAULT_OUTPUT_CAP = 4096   # worst-case output when neither the request nor the deployment caps it
@@ -27,24 +25,14 @@ EXACT_TOKENIZER_PROVIDERS = frozenset({"openai", "simulated"})  # prompts counte
 Headers = list[tuple[bytes, bytes]]
 
 
-@dataclass(slots=True)
-class Ticket:
-    """What the reserve stage decided for one request, carried to the call and the settle."""
-
-    plan: Plan
-    reservation: ReserveRequest | None = None   # None: no budget or limit applies
-    admission: Admission | None = None          # None: nothing reserved (or the store was down, fail mode allow)
-    capped: bool = False                        # a budget applies: the upstream may produce no more than was held
-    output_cap: int | None = None               # a partial hold: the most output tokens it pays for
-
-
-def call_output_cap(ticket: Ticket, body: dict[str, Any], deployment: Deployment) -> int | None:
-    """The output limit to send to ``deployment``, or None to leave the request's own."""
-    if not ticket.capped or deployment.price.output <= 0:
+def call_output_cap(capped: bool, held_cap: int | None, body: dict[str, Any], deployment: Deployment) -> int | None:
+    """The output limit to send to ``deployment``, or None to leave the request's own. ``capped``: a budget
+    applies (the upstream may produce no more than was held); ``held_cap``: a partial hold's output cap."""
+    if not capped or deployment.price.output <= 0:
         return None
     cap = output_cap(body, deployment)
-    if ticket.output_cap is not None:
-        cap = min(cap, ticket.output_cap)
+    if held_cap is not None:
+        cap = min(cap, held_cap)
     return None if cap == requested_output(body) else cap
 
 

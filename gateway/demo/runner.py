@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
     from gateway.budgets.rules import budget_rules
     from gateway.demo.traffic import Run, drive
-    from gateway.pipeline.savers import SUMMARY_ROUTE
+    from gateway.pipeline.lifecycle import SUMMARY_ROUTE
     from gateway.policy import load_policies
 
     policies = load_policies(settings.config_dir)

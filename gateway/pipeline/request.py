@@ -1,11 +1,11 @@
-"""What crosses the pipeline's stages: the parsed request, who sent it, the reply, and what it did.
+"""What crosses the pipeline's stages: the typed request, who sent it, and the reply the edge writes.
 
-Plain data and small pure helpers shared by :mod:`gateway.pipeline.core` (the stages),
-:mod:`gateway.pipeline.streaming` (the streaming stages) and :mod:`gateway.pipeline.savers`
-(cache and compression): :class:`Inbound` as the edge hands it over, the
-:class:`Principal` it was authenticated as, the :class:`Outcome` the price, settle and
-record stages work from, the :class:`Reply` / :class:`StreamReply` the edge renders;
-request ids, money as text and numbers, and the rules for combining upstream failures.
+A codec (:mod:`gateway.api.codecs`) decodes a wire format into a :class:`Request`, parsed
+and validated once: its endpoint, model, whether it streams, whether the client asked for a
+usage chunk, its output limit, and the body in the internal (OpenAI chat-family) shape the
+stages read. The authenticate stage adds the :class:`Principal`; the pipeline hands back a
+:class:`Reply` or a :class:`StreamReply` for the edge to write. Also here: request ids and
+money as text.
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
-from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamTimeout
-from gateway.policy import Deployment, Policies, PromptCacheSettings, TeamSpec
-from gateway.pricing import Usage
-from gateway.routing.resolve import Plan
+from gateway.policy import Policies, PromptCacheSettings, TeamSpec
 from gateway.savings.compression import Report
 from gateway.savings.response_cache import Lookup
 from gateway.state.keys import KeyRecord
@@ -30,10 +27,43 @@ Headers = list[tuple[bytes, bytes]]
 
 @dataclass(slots=True)
 class Inbound:
-    """A parsed request as the edge hands it over."""
+    """A request as the edge read it: the decoded body, before authentication and validation. The
+    pipeline fills in who sent it and, once validated, the typed :class:`Request` (so the edge can
+    say, on an error, which route decided and whether the request's ticket recorded it)."""
 
-    endpoint: str                  # "chat" | "completions" | "embeddings"
     body: Any
+    raw_size: int
+    headers: dict[str, str]        # lower-cased names
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    team: str | None = None
+    request: Request | None = None
+
+    @property
+    def route(self) -> str | None:
+        return self.request.route if self.request is not None else None
+
+    @property
+    def recorded(self) -> bool:
+        return self.request is not None and self.request.recorded
+
+    @property
+    def model(self) -> str | None:
+        model = self.body.get("model") if isinstance(self.body, dict) else None
+        return model if isinstance(model, str) else None
+
+
+@dataclass(slots=True)
+class Request:
+    """One request, parsed once: every later stage reads these fields instead of the body."""
+
+    endpoint: str                  # the inbound API: chat | completions | embeddings | messages | responses
+    shape: str                     # the shape of ``body``: chat | completions | embeddings
+    body: dict[str, Any]           # the internal body (OpenAI shape) stages read, compress and send
+    model: str                     # the requested model (or route) name
+    stream: bool                   # the client gets SSE events (never for embeddings)
+    wants_usage: bool              # the client asked for a usage chunk (stream_options.include_usage)
+    output_limit: int | None       # the client's own output cap, if it set one
     raw_size: int
     headers: dict[str, str]        # lower-cased names
     request_id: str
@@ -45,7 +75,8 @@ class Inbound:
     prompt_cache: tuple[PromptCacheSettings, str] | None = None   # settings and team, when asked for
     team: str | None = None                # once authenticated
     route: str | None = None               # once routed: the rule that decided (also on error replies)
-    recorded: bool = False                 # the record stage ran (metrics and ledger)
+    overhead: bool = False                 # a compression summary call made on behalf of another request
+    recorded: bool = False                 # its ticket wrote the ledger record (the edge counts the rest)
 
     @property
     def cache_result(self) -> str:
@@ -74,30 +105,11 @@ class Reply:
 @dataclass(slots=True)
 class StreamReply:
     """An SSE reply: its first event, already produced (so the event generator has started and
-    closing it always runs its settle-and-record cleanup), then the rest."""
+    closing it always runs its finish), then the rest."""
 
     headers: Headers
     first: bytes
     events: AsyncGenerator[bytes, None]
-
-
-@dataclass(slots=True)
-class Outcome:
-    """What one request did, for pricing and recording."""
-
-    principal: Principal
-    plan: Plan
-    deployment: Deployment | None
-    stream: bool
-    usage: Usage | None = None
-    cost_nano: int = 0
-    baseline_nano: int = 0
-    status: str = "ok"
-    upstream_s: float = 0.0
-    ttft_s: float | None = None
-    savings: dict[str, int] = field(default_factory=dict)
-    compression: Report | None = None
-    overhead: bool = False                 # a compression summary call: baseline 0 (see gateway.savings.accounting)
 
 
 class RequestIds:
@@ -130,52 +142,3 @@ def usd_str(nano: int) -> str:
 def nano_float(nano: int) -> float:
     """Nano-USD as a JSON number; the division is correctly rounded, so its repr is the exact decimal."""
     return nano / 1e9
-
-
-def falls_back(plan: Plan, exc: UpstreamError) -> bool:
-    """Whether a failure moves on to the plan's next candidate (the route's ``retry_on``)."""
-    return exc.retryable and exc.failure in plan.retry_on
-
-
-def provider_kind(deployment: Deployment) -> str:
-    if deployment.openai_compatible:
-        return "openai"
-    if deployment.provider == "simulated":
-        return "simulated"
-    return "litellm"
-
-
-def choice_text(choice: dict[str, Any]) -> str:
-    if isinstance(choice.get("text"), str):
-        return str(choice["text"])
-    message = choice.get("message") or choice.get("delta") or {}
-    parts = [message.get("content") or ""]
-    for call in message.get("tool_calls") or ():
-        fn = call.get("function") or {} if isinstance(call, dict) else {}
-        parts.append(str(fn.get("name") or "") + str(fn.get("arguments") or ""))
-    return "".join(p if isinstance(p, str) else "" for p in parts)
-
-
-def combined_failure(failures: list[tuple[Deployment, UpstreamError]]) -> GatewayError:
-    """One error for a request whose every candidate failed."""
-    if not failures:
-        return InvalidRequest("No deployment can serve this request.", code="no_deployment")
-    if len(failures) == 1:
-        return failures[0][1]
-    kinds = {type(exc) for _, exc in failures}
-    listing = "; ".join(f"{d.id}: {exc.message}" for d, exc in failures)
-    if kinds == {UpstreamTimeout}:
-        return UpstreamTimeout(f"Every candidate deployment timed out: {listing}")
-    if kinds == {UpstreamRateLimited}:
-        return UpstreamRateLimited(f"Every candidate deployment is rate limited: {listing}")
-    return UpstreamError(f"Every candidate deployment failed: {listing}")
-
-
-def bearer_token(headers: dict[str, str]) -> str | None:
-    """The caller's key: ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (lower-cased header names)."""
-    auth = headers.get("authorization")
-    if auth is not None:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return headers.get("x-api-key") or None

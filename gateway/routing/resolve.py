@@ -66,6 +66,10 @@ class Plan:
     prompt_tokens: int | None = None
     rule: Route | None = None
     notes: tuple[str, ...] = ()          # with explain=True: the reasoning, line by line
+    too_long: str | None = None          # the prompt fits no candidate's window (candidates: the capable ones)
+
+    def too_long_error(self) -> ContextLengthExceeded:
+        return ContextLengthExceeded(self.too_long or "The prompt is too long.", param="messages")
 
     @property
     def retry_on(self) -> frozenset[str]:
@@ -114,7 +118,8 @@ def required_capabilities(endpoint: str, body: dict[str, Any]) -> set[str]:
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
         needs.add("json")
-    for message in body.get("messages") or ():
+    messages = body.get("messages") if endpoint == "chat" else None
+    for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list) and any(
                 isinstance(p, dict) and p.get("type") == "image_url" for p in content):
@@ -243,17 +248,26 @@ def _note(notes: list[str] | None, text: str) -> None:
 
 
 def resolve_policy(policies: Policies, inp: RouteInput, health: HealthView = NO_HEALTH,
-                   pick: float | None = None, explain: bool = False) -> Plan:
+                   pick: float | None = None, explain: bool = False, allow_too_long: bool = False) -> Plan:
     """The plan for ``inp``; raises the client-facing error when no deployment may serve it.
 
-    With ``explain`` the plan's ``notes`` (or, on a refusal, the exception's notes) say why."""
+    With ``explain`` the plan's ``notes`` (or, on a refusal, the exception's notes) say why. A prompt
+    too long for every candidate's window raises ``context_length_exceeded``, or with
+    ``allow_too_long`` returns a plan that says so (``too_long``: a cached answer may still serve the
+    request, or compression shrink it to fit)."""
     notes: list[str] | None = [] if explain else None
     try:
-        return _resolve(policies, inp, health, random.random() if pick is None else pick, notes)
+        plan = _resolve(policies, inp, health, random.random() if pick is None else pick, notes)
     except GatewayError as exc:
         if notes:
             exc.add_note("\n".join(notes))
         raise
+    if plan.too_long is not None and not allow_too_long:
+        error = plan.too_long_error()
+        if notes:
+            error.add_note("\n".join(notes))
+        raise error
+    return plan
 
 
 def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: float,
@@ -293,12 +307,10 @@ def _resolve(policies: Policies, inp: RouteInput, health: HealthView, pick: floa
     fitting, largest, capable = _fit(candidates, facts, inp, notes)
     if not fitting:
         if facts.counted is not None and largest and facts.counted >= largest:
-            unfit = Plan(model=model, requested=inp.model, candidates=capable, route=route, baseline=baseline,
-                         prompt_tokens=facts.counted, rule=rule)
-            raise ContextLengthExceeded(
-                f"This request has about {facts.counted} prompt tokens, more than the context window "
-                f"of every candidate for '{inp.model}' ({largest} at most).",
-                candidates=capable, route=route, plan=unfit, param="messages")
+            return Plan(model=model, requested=inp.model, candidates=capable, route=route, baseline=baseline,
+                        prompt_tokens=facts.counted, rule=rule, notes=tuple(notes or ()), too_long=(
+                            f"This request has about {facts.counted} prompt tokens, more than the context "
+                            f"window of every candidate for '{inp.model}' ({largest} at most)."))
         if inp.allowed is not None and all(d.model not in inp.allowed for d in candidates):
             raise PermissionDenied(f"Team '{inp.team}' may not use any model that '{inp.model}' routes to.",
                                    param="model")

@@ -24,7 +24,7 @@ been non-negative since the process started, and never goes backwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.pricing import Price, Usage, cost_nano
@@ -76,26 +76,16 @@ def hit_accounting(input_tokens: int, output_tokens: int, baseline: Price) -> Ac
     return Accounting(0, b0, {"cache": b0} if b0 else {})
 
 
-@dataclass
 class SavingsMeter:
-    """Adds savings to the ``gateway_savings_usd_total`` counter, carrying negative ones as debt."""
+    """Adds savings to the ``gateway_savings_usd_total`` counter through the metrics' ``saved`` event,
+    which carries negative ones as debt (see :meth:`gateway.metrics.Metrics.saved`)."""
 
-    metrics: Any
-    _debt: dict[tuple[str, str], int] = field(default_factory=dict)
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
 
     def add(self, team: str, savings: dict[str, int]) -> None:
         for source, nano in savings.items():
-            key = (team, source)
-            debt = self._debt.get(key, 0)
-            if nano < 0:
-                self._debt[key] = debt - nano
-                continue
-            paid = min(debt, nano)
-            if paid:
-                self._debt[key] = debt - paid
-            if nano > paid:
-                m = self.metrics
-                m.child(m.savings, team, source).inc((nano - paid) / 1e9)
+            self.metrics.saved(team, source, nano)
 
     def debt(self, team: str, source: str) -> int:
-        return self._debt.get((team, source), 0)
+        return int(self.metrics.savings_debt(team, source))

@@ -1,0 +1,125 @@
+"""The reserve stage: hold the worst case against every budget and rate limit, and hand out the ticket.
+
+:meth:`Admission.reserve` works out which budgets and limits bind the request
+(:mod:`gateway.budgets.rules`), what it may cost at worst on any candidate, and asks the
+budget store to hold it atomically. It returns the request's
+:class:`~gateway.pipeline.ticket.Ticket` when admitted; when refused it finishes a ticket
+with the refusal's status (one ledger record at $0) and raises the client's error. A team
+whose policy says ``downgrade`` is moved to its cheaper model (resolved by the function the
+caller passes) once past its soft threshold or when its budget cannot cover the worst case.
+:meth:`Admission.admit_hit` admits a response-cache hit: no budget hold, one request of the
+rate allowance. With the store down, fail mode ``allow`` admits unmetered (the settle is
+replayed later) and ``refuse`` answers 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.budgets.rules import affordable_output, budget_rules, rate_rules, refusal_error, worst_case
+from gateway.errors import GatewayError, state_unavailable
+from gateway.routing.resolve import Plan
+from gateway.state import State
+from gateway.state.budgets import MAX_AMOUNT, BudgetRule, RateRule, ReserveRequest, StateUnavailable
+from gateway.tokens import count_prompt
+
+from .request import Principal, Request, RequestIds
+from .ticket import Books, Ticket
+
+log = logging.getLogger("gateway")
+
+
+class Admission:
+    def __init__(self, state: State, books: Books, ids: RequestIds, metrics: Any) -> None:
+        self.state = state
+        self.books = books
+        self.ids = ids
+        self.metrics = metrics
+
+    async def reserve(self, req: Request, principal: Principal, plan: Plan,
+                      resolve: Callable[[str], Plan]) -> Ticket:
+        """The admitted request's ticket, or the refusal raised (and recorded through its own ticket)."""
+        spec, key = principal.spec, principal.key
+        downgrades = (spec.on_exceed == "downgrade" and spec.downgrade_to is not None
+                      and any(d.model != spec.downgrade_to for d in plan.candidates))
+        budgets, rates = budget_rules(spec, key, soft=downgrades), rate_rules(spec, key)
+        if not budgets and not rates:
+            return Ticket(self.books, req, principal, plan)
+        ticket = await self._try(req, principal, plan, budgets, rates, partial=not downgrades)
+        refusal = ticket.admission.refusal if ticket.admission else None
+        if refusal is not None and refusal.kind in ("budget", "budget_soft") and downgrades:
+            assert spec.downgrade_to is not None
+            cheaper = replace(resolve(spec.downgrade_to), route="downgrade", requested=plan.requested,
+                              baseline=plan.baseline)
+            req.route = cheaper.route
+            ticket = await self._try(req, principal, cheaper, budget_rules(spec, key), rates)
+            refusal = ticket.admission.refusal if ticket.admission else None
+        if refusal is not None:
+            assert ticket.admission is not None
+            if refusal.kind.startswith("budget"):
+                self.metrics.budget_refused(principal.team)
+            else:
+                self.metrics.rate_limit_refused(principal.team)
+            error = refusal_error(refusal, ticket.admission)
+            await ticket.finish(error.code or "error")
+            raise error
+        return ticket
+
+    async def _try(self, req: Request, principal: Principal, plan: Plan, budgets: tuple[BudgetRule, ...],
+                   rates: tuple[RateRule, ...], partial: bool = True) -> Ticket:
+        prompt = plan.prompt_tokens
+        if prompt is None:
+            prompt = count_prompt(req.body, req.endpoint, plan.candidates[0].upstream_model)
+        worst, least, tokens = worst_case(req.body, plan.candidates, prompt, req.endpoint)
+        worst, least, tokens = min(worst, MAX_AMOUNT), min(least, MAX_AMOUNT), min(tokens, MAX_AMOUNT)
+        reservation = ReserveRequest(self.ids.hold(), principal.team, worst, tokens, budgets, rates,
+                                     datetime.now(UTC), least, partial)
+        ticket = Ticket(self.books, req, principal, plan, reservation,
+                        capped=bool(budgets) and req.endpoint != "embeddings")
+        try:
+            ticket.admission = admission = await self.state.reserve(reservation)
+        except StateUnavailable as exc:
+            await self._down(req, ticket, exc)
+            return ticket
+        if admission.admitted and admission.reserved_nano < worst and req.endpoint != "embeddings":
+            ticket.output_cap = affordable_output(admission.reserved_nano, req.body, plan.candidates, prompt)
+        return ticket
+
+    async def admit_hit(self, req: Request, principal: Principal, plan: Plan) -> Ticket:
+        """Count a cache hit against RPM (no tokens, no budget hold); refuse it only for a rate limit."""
+        budgets, rates = budget_rules(principal.spec, principal.key), rate_rules(principal.spec, principal.key)
+        now = datetime.now(UTC)
+        for rules in (budgets, ()):
+            if not rules and not rates:
+                break
+            reservation = ReserveRequest(self.ids.hold(), principal.team, 0, 0, rules, rates, now)
+            ticket = Ticket(self.books, req, principal, plan, reservation)
+            try:
+                ticket.admission = admission = await self.state.reserve(reservation)
+            except StateUnavailable as exc:
+                await self._down(req, ticket, exc)
+                return ticket
+            refusal = admission.refusal
+            if refusal is None:
+                return ticket
+            if refusal.kind != "budget":   # a spent budget does not refuse a free answer; a rate limit does
+                self.metrics.rate_limit_refused(principal.team)
+                error = refusal_error(refusal, admission)
+                await ticket.finish(error.code or "error")
+                raise error
+        return Ticket(self.books, req, principal, plan)
+
+    async def _down(self, req: Request, ticket: Ticket, exc: StateUnavailable) -> None:
+        """The budget store is unreachable: admit unmetered in fail mode allow (the settle is replayed when
+        it is back), else refuse (503). Either way the store may have applied the hold before its reply was
+        lost, so the ticket settles it: at the real cost, or at $0 for a refusal (queued until the store
+        answers), and the hold never waits out its TTL."""
+        if not self.state.fail_open:
+            error: GatewayError = state_unavailable(exc)
+            await ticket.finish(error.code or "error")
+            raise error
+        log.warning("admitting %s unmetered, settling later: %s", req.request_id, exc)

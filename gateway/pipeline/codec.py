@@ -1,0 +1,89 @@
+"""What an inbound API must provide to ride the pipeline: the codec interface.
+
+The pipeline depends on this interface only; the codecs themselves live at the edge
+(:mod:`gateway.api`) and depend on the pipeline, never the reverse.
+
+
+A codec owns one wire format as clients speak it: it decodes a request body into the
+pipeline's typed :class:`~gateway.pipeline.request.Request`, builds the body of an upstream
+call for a deployment (as sent, or translated to the chat shape a deployment speaks), reads
+the usage out of an upstream reply, encodes the JSON reply and the SSE events back with the
+gateway's cost, and renders errors in its API's envelope. Budgets, routing, pricing and the
+ledger never see a wire format: a new inbound API is a new codec (see
+:mod:`gateway.api.openai_codec` for OpenAI's chat, completions and embeddings).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from gateway.errors import GatewayError
+from gateway.policy import Deployment
+from gateway.pricing import Usage
+
+from .request import Inbound, Request
+
+
+class StreamEncoder(Protocol):
+    """One stream's relay: upstream chunks in, the client's SSE bytes out."""
+
+    def feed(self, chunk: dict[str, Any]) -> bytes | None:
+        """The bytes to send for one upstream chunk (None: nothing now, e.g. a usage chunk held back)."""
+        ...
+
+    def usage(self) -> Usage | None:
+        """The usage the upstream reported so far (None: none yet)."""
+        ...
+
+    def output_tokens(self, model: str) -> int:
+        """The gateway's count of the output delivered so far (when the upstream reports no usage)."""
+        ...
+
+    def close(self, usage: Usage, cost_nano: int) -> bytes:
+        """The closing events of a finished stream, with the request's cost."""
+        ...
+
+    def error(self, exc: GatewayError, usage: Usage | None, cost_nano: int) -> bytes:
+        """The closing events of a stream that failed after its first byte."""
+        ...
+
+    def answer(self) -> dict[str, Any] | None:
+        """The whole answer the stream spelled, for the response cache (None: not assembled or incomplete)."""
+        ...
+
+
+class Codec(Protocol):
+    endpoint: str
+
+    def decode(self, raw: bytes) -> Any:
+        """The body as data (a 400 in the API's envelope for malformed input)."""
+        ...
+
+    def validate(self, inbound: Inbound) -> Request:
+        """The typed request (after authentication, so a caller without a key learns nothing more)."""
+        ...
+
+    def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
+        """(wire format, body) of the upstream call to ``deployment``, model and output cap not yet set."""
+        ...
+
+    def cap_output(self, wire: str, body: dict[str, Any], cap: int, deployment: Deployment) -> None: ...
+
+    def reply_usage(self, wire: str, body: dict[str, Any]) -> Usage | None: ...
+
+    def estimate_output(self, wire: str, body: dict[str, Any], model: str) -> int: ...
+
+    def encode_reply(self, req: Request, wire: str, body: dict[str, Any], usage: Usage, cost_nano: int,
+                     deployment: Deployment) -> bytes: ...
+
+    def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> StreamEncoder:
+        """The relay of one stream; ``assemble``: also keep the whole answer for the response cache."""
+        ...
+
+    def replay(self, req: Request, answer: dict[str, Any]) -> list[bytes]:
+        """A cached answer: one JSON body, or the SSE events of a stream."""
+        ...
+
+    def error_body(self, exc: GatewayError) -> bytes: ...
+
+    def error_headers(self) -> list[tuple[bytes, bytes]]: ...

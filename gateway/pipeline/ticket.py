@@ -1,0 +1,162 @@
+"""The money path of one request, owned by one object: price, settle and record, exactly once.
+
+The reserve stage (:mod:`gateway.pipeline.admission`) hands out a :class:`Ticket` for every
+request that got past routing, admitted or refused, with or without a budget hold. The
+ticket travels with the request (into the attempts, into the stream's generator) and
+collects what happened: which deployment answered, how long the upstream took, when the
+first byte came. :meth:`Ticket.finish` is the only way a request's money path ends and it is
+idempotent: the first call prices the usage it is given (:func:`gateway.savings.accounting.account`),
+settles the hold at that cost (releasing the rest), writes one ledger record and emits one
+``request_done`` metrics event; later calls do nothing. The JSON path calls it in a ``finally``,
+a stream in its generator's ``finally``, a cache hit, a refusal and a compression summary call
+the same way, so no exit (an upstream error, a client gone mid-stream, a cancellation, a bug)
+can leave a hold behind or record a request twice. No other module settles or records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.metrics import RequestDone
+from gateway.policy import Deployment
+from gateway.pricing import Usage
+from gateway.routing.resolve import Plan
+from gateway.savings.accounting import Accounting, account
+from gateway.state import State
+from gateway.state.budgets import MAX_AMOUNT, Admission, ReserveRequest
+from gateway.state.ledger import LedgerRecord
+
+from .request import Principal, Request
+
+log = logging.getLogger("gateway")
+
+
+@dataclass(slots=True)
+class Books:
+    """Where finished tickets go: the state (budget settles, ledger) and the metrics."""
+
+    state: State
+    metrics: Any
+
+
+class Ticket:
+    """One request's accounting, from reserve to its single finish."""
+
+    __slots__ = ("books", "req", "principal", "plan", "reservation", "admission", "capped", "output_cap",
+                 "deployment", "usage", "cost_nano", "baseline_nano", "savings", "upstream_s", "ttft_s",
+                 "status", "_finished", "_recorded")
+
+    def __init__(self, books: Books, req: Request, principal: Principal, plan: Plan,
+                 reservation: ReserveRequest | None = None, admission: Admission | None = None,
+                 capped: bool = False) -> None:
+        self.books = books
+        self.req = req
+        self.principal = principal
+        self.plan = plan
+        self.reservation = reservation          # None: no budget or limit applies
+        self.admission = admission              # the store's answer (None: store down, admitted in fail mode allow)
+        self.capped = capped                    # a budget applies: the upstream may produce no more than held
+        self.output_cap: int | None = None      # a partial hold: the most output tokens it pays for
+        self.deployment: Deployment | None = None
+        self.usage: Usage | None = None
+        self.cost_nano = 0
+        self.baseline_nano = 0
+        self.savings: dict[str, int] = {}
+        self.upstream_s = 0.0
+        self.ttft_s: float | None = None
+        self.status = "ok"
+        self._finished = False
+        self._recorded = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    async def finish(self, status: str, usage: Usage | None = None, *, hit: Accounting | None = None,
+                     record_later: bool = False) -> None:
+        """End the money path: price ``usage`` (or a cache hit's ``hit`` accounting), settle, record.
+
+        Only the first call counts. ``record_later``: the caller writes the reply first and then
+        calls :meth:`record` (the JSON path keeps the ledger write off the response's latency)."""
+        if self._finished:
+            return
+        self._finished = True
+        self.status = status
+        try:
+            if hit is not None:
+                self.baseline_nano, self.savings = hit.baseline_nano, dict(hit.savings)
+            elif usage is not None and self.deployment is not None:
+                self._price(self.deployment, usage)
+        except Exception:   # a bug in pricing must still release the hold and leave a record
+            log.exception("pricing request %s failed", self.req.request_id)
+        try:
+            await self._settle()
+        finally:
+            if not record_later:
+                self.record()
+
+    def _price(self, deployment: Deployment, usage: Usage) -> None:
+        self.usage = usage
+        removed = self.req.compression.removed if self.req.compression is not None else 0
+        priced = account(usage, deployment.price, self.plan.baseline.price, removed_tokens=removed,
+                         overhead=self.req.overhead)
+        self.cost_nano, self.baseline_nano, self.savings = priced.cost_nano, priced.baseline_nano, priced.savings
+
+    async def _settle(self) -> None:
+        """Charge what the request really cost (0 if it failed unbilled) and release the rest of the hold."""
+        reservation = self.reservation
+        if reservation is None or (self.admission is not None and not self.admission.admitted):
+            return   # nothing held (a refusal); admitted unmetered while the store was down: settled later
+        usage = self.usage
+        tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
+        cost = min(self.cost_nano, MAX_AMOUNT)
+        try:
+            await self.books.state.settle(reservation, cost, min(tokens, MAX_AMOUNT))
+        except Exception:   # never leave the hold: settle what was held, at most
+            log.exception("settle of %s failed; settling the hold instead", reservation.request_id)
+            await self.books.state.settle(reservation, min(cost, reservation.cost_nano), 0)
+
+    def record(self) -> None:
+        """The ledger record and the metrics of this request (once, whatever calls it again)."""
+        if self._recorded:
+            return
+        self._recorded = True
+        req, books = self.req, self.books
+        req.recorded = True
+        books.state.record(self.ledger_record())
+        d, usage = self.deployment, self.usage
+        now = time.perf_counter()
+        compressed = tuple(req.compression.saved.items()) if req.compression is not None else ()
+        tokens: tuple[tuple[str, int], ...] = ()
+        if usage is not None:
+            tokens = (("input", usage.input_tokens), ("output", usage.output_tokens),
+                      ("cached_input", usage.cached_input_tokens),
+                      ("cache_write", usage.cache_write_tokens + usage.cache_write_1h_tokens),
+                      ("reasoning", usage.reasoning_tokens))
+        books.metrics.request_done(RequestDone(
+            team=self.principal.team, model=d.model if d is not None else self.plan.requested,
+            provider=d.provider if d is not None else "none", route=self.plan.route, status=self.status,
+            cache=req.cache_result, cache_looked_up=req.cache is not None, stream=req.stream,
+            duration_s=now - req.started, upstream_s=self.upstream_s, ttft_s=self.ttft_s,
+            called_upstream=d is not None and req.cache_result != "hit", tokens=tokens, cost_nano=self.cost_nano,
+            savings=tuple(self.savings.items()), compressed=compressed))
+
+    def ledger_record(self) -> LedgerRecord:
+        req, plan, d = self.req, self.plan, self.deployment
+        usage = self.usage or Usage()
+        report = req.compression
+        return LedgerRecord(
+            request_id=req.request_id, ts=time.time(), team=self.principal.team, key_id=self.principal.key_id,
+            requested_model=plan.requested, model=d.model if d else plan.model.name, deployment=d.id if d else "",
+            provider=d.provider if d else "", route=plan.route, input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
+            cache_write_tokens=usage.cache_write_tokens + usage.cache_write_1h_tokens,
+            reasoning_tokens=usage.reasoning_tokens, cost_nano=self.cost_nano, baseline_nano=self.baseline_nano,
+            savings=dict(self.savings), latency_ms=round((time.perf_counter() - req.started) * 1000, 3),
+            ttft_ms=round(self.ttft_s * 1000, 3) if self.ttft_s is not None else None, status=self.status,
+            cache=req.cache_result, compressed=report is not None,
+            compression_saved_tokens=report.removed if report is not None else 0,
+            estimated=usage.estimated, stream=req.stream)
