@@ -98,8 +98,13 @@ def messages_to_chat(body: dict[str, Any], *, strict: bool = False) -> tuple[dic
     if isinstance(system, str) and system:
         messages.append({"role": "system", "content": system})
     for i, message in enumerate(body.get("messages") or ()):
-        if isinstance(message, dict):
-            messages.extend(_chat_messages(message, i, dropped))
+        if not isinstance(message, dict):
+            continue
+        for turn in _chat_messages(message, i, dropped):
+            if turn["role"] == "system" and messages and messages[-1]["role"] == "system":
+                messages[-1]["content"] = f"{messages[-1]['content']}\n\n{turn['content']}"   # one system turn
+            else:
+                messages.append(turn)
     chat: dict[str, Any] = {"model": body.get("model"), "messages": messages}
     if body.get("max_tokens") is not None:
         chat["max_tokens"] = body["max_tokens"]
