@@ -43,6 +43,7 @@ DEFAULTS: dict[str, str] = {
     "delay-ms": "0",          # wait before answering
     "stream-error": "",       # streaming: send an `error` event after the first delta
     "stream-cut": "",         # streaming: end the stream after the first delta, no message_stop
+    "end-delay-ms": "0",      # streaming: wait between message_stop and the end of the body
     "thinking": "",           # a thinking block with this text (and a signature) before the answer
 }
 SIGNATURE = "c2lnbmF0dXJlLW1vY2s="
@@ -53,6 +54,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: int = 0   # the client's port: equal across requests on one kept-alive connection
 
 
 @dataclass
@@ -143,7 +145,7 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 body = raw.decode("utf-8", "replace")
-            mock.requests.append(Recorded(self.path, headers, body))
+            mock.requests.append(Recorded(self.path, headers, body, self.client_address[1]))
 
             def knob(name: str) -> str:
                 return mock.knob(headers, name)
@@ -245,6 +247,8 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
                                           "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                           "usage": {"output_tokens": output}})
             self._event("message_stop", {"type": "message_stop"})
+            if int(knob("end-delay-ms")):
+                time.sleep(int(knob("end-delay-ms")) / 1000)
             self.wfile.write(b"0\r\n\r\n")
 
     return Handler

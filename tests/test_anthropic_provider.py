@@ -163,7 +163,17 @@ async def test_connection_is_reused_after_a_reply(provider: AnthropicProvider,
     dep = deployment(mock_anthropic.url)
     await provider.complete(call(dep))
     await provider.complete(call(dep))
-    assert len(provider.client._all) == 1
+    assert len({r.peer for r in mock_anthropic.requests}) == 1
+
+
+async def test_connection_is_reused_after_a_stream(provider: AnthropicProvider,
+                                                   mock_anthropic: MockAnthropic) -> None:  # noqa: F811
+    mock_anthropic.set(end_delay_ms=100)   # the body ends a moment after message_stop
+    dep = deployment(mock_anthropic.url)
+    for _ in range(3):
+        events = await collect(provider, call(dep, dict(CLAUDE_CODE_BODY, stream=True)))
+        assert events[-1]["type"] == "message_stop"
+    assert len({r.peer for r in mock_anthropic.requests}) == 1
 
 
 async def test_count_tokens_uses_the_upstream_endpoint(provider: AnthropicProvider,

@@ -26,6 +26,7 @@ from gateway.providers.httpclient import ConnectFailed, HttpClient, HttpClientEr
 USER_AGENT = "llm-gateway/0.1"
 DEFAULT_API_BASE = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
+DRAIN_S = 1.0   # how long the end of a finished stream's body is awaited for connection reuse
 FORWARDED = ("anthropic-version", "anthropic-beta")   # the only client headers sent upstream
 # an Anthropic error event's type -> the HTTP status it stands for (for error_for_status)
 EVENT_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "permission_error": 403,
@@ -161,6 +162,7 @@ class AnthropicProvider:
                     raise _event_error(event, deployment)
                 yield event
                 if kind == "message_stop":
+                    await _drain(resp, call.timeout_s)
                     return
             raise UpstreamError(f"deployment {deployment.id} ended the stream before message_stop")
         except HttpClientError as exc:
@@ -197,6 +199,14 @@ async def _sse_events(resp: Response, timeout: float) -> AsyncIterator[tuple[str
         data.append(buffer[5:].lstrip(b" "))
     if data:
         yield name, b"\n".join(data)
+
+
+async def _drain(resp: Response, timeout: float) -> None:
+    """Read the end of the body after ``message_stop`` (briefly) so the connection can be reused."""
+    try:
+        await resp.read(min(timeout, DRAIN_S))
+    except HttpClientError:
+        pass   # closed below; the stream itself is complete
 
 
 def _event_error(event: dict[str, Any], deployment: Deployment) -> UpstreamError:
