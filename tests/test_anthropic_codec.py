@@ -324,6 +324,12 @@ def test_stop_reasons(finish: str | None, stop: str) -> None:
     assert chat_to_messages_reply(chat_reply({"content": "x"}, finish), "m")["stop_reason"] == stop
 
 
+def test_tool_calls_with_a_stop_finish_are_tool_use() -> None:
+    reply = chat_to_messages_reply(chat_reply({"content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, "stop"), "m")
+    assert reply["stop_reason"] == "tool_use"
+
+
 def test_empty_or_odd_chat_reply_still_makes_a_message() -> None:
     for body in ({}, {"choices": []}, {"choices": ["x"], "usage": "none"}, chat_reply({"content": None})):
         reply = chat_to_messages_reply(body, "m")

@@ -118,6 +118,20 @@ def test_tool_calls_read_by_the_sdk(canned: Canned) -> None:  # noqa: F811
     assert final.usage.output_tokens == 3 and final.usage.cache_read_input_tokens == 10
 
 
+def test_tool_calls_without_indexes_and_a_stop_finish() -> None:
+    """Ollama-style: each call complete in one chunk, no index, finish_reason "stop"."""
+    events = translate([
+        chunk({"tool_calls": [{"id": "c1", "function": {"name": "a", "arguments": '{"x": 1}'}}]}),
+        chunk({"tool_calls": [{"id": "c2", "function": {"name": "b", "arguments": '{"y"'}}]}),
+        chunk({"tool_calls": [{"function": {"arguments": ': 2}'}}]}),
+        chunk({}, "stop")])
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    assert [(b["id"], b["name"]) for b in starts] == [("c1", "a"), ("c2", "b")]
+    parts = [(e["index"], e["delta"]["partial_json"]) for e in events if e["type"] == "content_block_delta"]
+    assert parts == [(0, '{"x": 1}'), (1, '{"y"'), (1, ": 2}")]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
 @pytest.mark.parametrize(("finish", "stop"), [("length", "max_tokens"), ("content_filter", "refusal"),
                                               ("stop", "end_turn"), (None, "end_turn")])
 def test_stop_reason(finish: str | None, stop: str) -> None:

@@ -108,8 +108,13 @@ class ChatToMessagesStream:
         return events
 
     def _tool_delta(self, call: dict[str, Any]) -> list[dict[str, Any]]:
-        raw_index = call.get("index")
-        position = raw_index if isinstance(raw_index, int) else len(self.tools)
+        raw_index, raw_id = call.get("index"), call.get("id")
+        if isinstance(raw_index, int):
+            position = raw_index
+        elif self.tools and not raw_id:   # no index, no id: more of the call before (servers without indexes)
+            position = max(self.tools)
+        else:
+            position = max(self.tools, default=-1) + 1
         function = as_object(call.get("function"))
         events: list[dict[str, Any]] = []
         if position not in self.tools:
@@ -139,8 +144,11 @@ class ChatToMessagesStream:
         usage = messages_usage(chat_usage if chat_usage is not None else self.usage)
         if chat_usage is None and self.usage is None:
             usage["input_tokens"] = self.input_tokens
+        stop_reason = self.stop_reason or "end_turn"
+        if stop_reason == "end_turn" and self.tools:
+            stop_reason = "tool_use"   # servers that end a tool call with finish_reason "stop" (Ollama)
         events.append({"type": "message_delta",
-                       "delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None},
+                       "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                        "usage": usage})
         events.append({"type": "message_stop"})
         return events

@@ -351,6 +351,8 @@ def chat_to_messages_reply(chat_body: dict[str, Any], model: str) -> dict[str, A
     stop_reason = STOP_REASONS.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
     if isinstance(refusal, str) and refusal:
         stop_reason = "refusal"
+    elif stop_reason == "end_turn" and any(b["type"] == "tool_use" for b in content):
+        stop_reason = "tool_use"   # servers that end a tool call with finish_reason "stop" (Ollama)
     return {"id": message_id(chat_body.get("id")), "type": "message", "role": "assistant", "model": model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": None,
             "usage": messages_usage(chat_body.get("usage"))}
