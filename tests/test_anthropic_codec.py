@@ -249,6 +249,16 @@ def test_strict_mode_passes_a_plain_request() -> None:
                     "max_tokens": 10, "top_p": 0.5, "stop": ["END"]}   # no stream, no stream_options
 
 
+def test_dropped_names_are_header_safe_and_bounded() -> None:
+    body = minimal(messages=_msgs([{"type": "evil\r\nset-cookie: x=1"}, {"type": "é" * 200}]),
+                   **{f"field_{i}": i for i in range(40)})
+    _, dropped = messages_to_chat(body)
+    assert dropped[:2] == ("evil??set-cookie: x?1", "?" * 64)
+    assert len(dropped) == 16
+    for name in dropped:
+        assert name.isascii() and name.isprintable() and len(name) <= 64
+
+
 @pytest.mark.parametrize(("choice", "expected"), [
     ({"type": "auto"}, {"tool_choice": "auto"}),
     ({"type": "any"}, {"tool_choice": "required"}),

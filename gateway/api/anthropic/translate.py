@@ -39,8 +39,18 @@ _CHAT_HANDLED = frozenset({"model", "messages", "max_tokens", "max_completion_to
 DEFAULT_MAX_TOKENS = 4096
 
 
+MAX_DROPPED = 16        # names reported at most (they go into a response header)
+MAX_DROPPED_CHARS = 64  # characters per name
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:- ")
+
+
+def _safe_name(name: str) -> str:
+    """A dropped feature's name fit for a header: client-chosen keys and block types may hold anything."""
+    return "".join(c if c in _NAME_CHARS else "?" for c in name[:MAX_DROPPED_CHARS]) or "?"
+
+
 class _Dropped:
-    """Names of features that cannot be honoured, first seen first, each once."""
+    """Names of features that cannot be honoured, first seen first, each once, header-safe and bounded."""
 
     __slots__ = ("names",)
 
@@ -48,7 +58,8 @@ class _Dropped:
         self.names: dict[str, None] = {}
 
     def add(self, name: str) -> None:
-        self.names.setdefault(name, None)
+        if len(self.names) < MAX_DROPPED:
+            self.names.setdefault(_safe_name(name), None)
 
     def result(self, strict: bool, target: str) -> tuple[str, ...]:
         names = tuple(self.names)
