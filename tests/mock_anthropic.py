@@ -9,7 +9,8 @@ by a deployment's ``headers``) or from :meth:`MockAnthropic.set`; headers win.
 A ``thinking`` knob puts a thinking block (``thinking_delta`` and
 ``signature_delta`` when streamed) before the answer; ``stream-cut`` ends a
 stream after the first delta without ``message_stop``.
-``POST /v1/messages/count_tokens`` answers ``{"input_tokens": <input knob>}``.
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens": <input knob>}``;
+``GET /v1/models`` a one-model list (with the ``status`` knob's status).
 Every request is recorded (path, lower-cased headers, JSON body).
 """
 
@@ -136,6 +137,12 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
         def do_GET(self) -> None:
+            if self.path == "/v1/models":
+                mock.requests.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, None,
+                                              self.client_address[1]))
+                status = int(mock.knob({}, "status"))
+                self._json(status, {"data": [{"type": "model", "id": "claude-sonnet-4-5"}], "has_more": False})
+                return
             self._json(200 if self.path == "/health" else 404, {"ok": self.path == "/health"})
 
         def do_POST(self) -> None:

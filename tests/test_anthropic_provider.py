@@ -251,6 +251,16 @@ async def test_unreachable(provider: AnthropicProvider) -> None:
         await provider.complete(call(deployment(f"http://127.0.0.1:{port}")))
 
 
+async def test_health_check(provider: AnthropicProvider, mock_anthropic: MockAnthropic) -> None:  # noqa: F811
+    dep = deployment(mock_anthropic.url)
+    await provider.check(dep, 5.0)
+    assert mock_anthropic.last.path == "/v1/models" and mock_anthropic.last.headers["x-api-key"] == KEY
+    assert mock_anthropic.last.headers["anthropic-version"] == "2023-06-01"
+    mock_anthropic.set(status=503)
+    with pytest.raises(UpstreamError, match="health check answered HTTP 503"):
+        await provider.check(dep, 5.0)
+
+
 async def test_other_endpoints_are_refused(provider: AnthropicProvider,
                                            mock_anthropic: MockAnthropic) -> None:  # noqa: F811
     with pytest.raises(UpstreamError, match="Messages API only"):

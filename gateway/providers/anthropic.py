@@ -6,7 +6,8 @@ with the deployment's key as ``x-api-key`` (the client's key is never
 forwarded), with the client's ``anthropic-version`` (default ``2023-06-01``)
 and ``anthropic-beta`` and the deployment's own headers. ``complete`` returns
 the reply JSON; ``stream`` yields every SSE event's data dict unchanged, ending
-after ``message_stop``; ``count_tokens`` asks ``/v1/messages/count_tokens``.
+after ``message_stop``; ``count_tokens`` asks ``/v1/messages/count_tokens``
+and ``check`` (a health probe) ``GET /v1/models``.
 Network and HTTP failures, an ``error`` event and a stream cut before
 ``message_stop`` become gateway upstream errors here and nowhere else.
 """
@@ -37,7 +38,7 @@ EVENT_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "perm
 class _Target:
     """What is fixed per deployment: the origin, the paths and the pre-rendered static headers."""
 
-    __slots__ = ("deployment", "origin", "messages_path", "count_path", "headers", "version", "beta")
+    __slots__ = ("deployment", "origin", "messages_path", "models_path", "count_path", "headers", "version", "beta")
 
     def __init__(self, deployment: Deployment) -> None:
         self.deployment = deployment
@@ -45,6 +46,7 @@ class _Target:
         base = self.origin.base_path
         prefix = base if base.endswith("/v1") else base + "/v1"   # api_base may or may not end in /v1
         self.messages_path = prefix + "/messages"
+        self.models_path = prefix + "/models"
         self.count_path = prefix + "/messages/count_tokens"
         lines = [f"User-Agent: {USER_AGENT}", "Content-Type: application/json", "Accept: application/json"]
         if deployment.api_key:
@@ -169,6 +171,18 @@ class AnthropicProvider:
             raise _translate(exc, deployment) from None
         finally:
             resp.close()
+
+    async def check(self, deployment: Deployment, timeout_s: float) -> None:
+        """A health check: ``GET {api_base}/v1/models`` must answer 2xx within ``timeout_s``."""
+        target = self._target(deployment)
+        try:
+            resp = await self.client.request("GET", target.origin, target.models_path, target.render({}), b"",
+                                             timeout_s)
+            await resp.read(timeout_s)
+        except HttpClientError as exc:
+            raise _translate(exc, deployment) from None
+        if resp.status >= 300:
+            raise UpstreamError(f"deployment {deployment.id} health check answered HTTP {resp.status}")
 
     async def aclose(self) -> None:
         self._targets.clear()
