@@ -228,7 +228,7 @@ def test_claude_code_request_translated_to_chat() -> None:
                            "required": ["command"]}}}],
         "tool_choice": "auto",
     }
-    assert dropped == ("cache_control", "thinking", "tools.web_search_20250305", "output_config",
+    assert dropped == ("cache_control", "thinking", "tools.web_search_20250305", "output_config.effort",
                        "context_management", "future_field_2027")
 
 
@@ -236,7 +236,7 @@ def test_strict_mode_refuses_naming_every_dropped_feature() -> None:
     with pytest.raises(InvalidRequest) as info:
         messages_to_chat(copy.deepcopy(CLAUDE_CODE), strict=True)
     assert info.value.code == "unsupported_feature" and info.value.param == "cache_control"
-    for name in ("thinking", "tools.web_search_20250305", "output_config", "context_management"):
+    for name in ("thinking", "tools.web_search_20250305", "output_config.effort", "context_management"):
         assert name in info.value.message
 
 
@@ -247,6 +247,16 @@ def test_strict_mode_passes_a_plain_request() -> None:
     assert chat == {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
                                                {"role": "user", "content": "hi"}],
                     "max_tokens": 10, "top_p": 0.5, "stop": ["END"]}   # no stream, no stream_options
+
+
+def test_structured_output_format_becomes_response_format() -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    chat, dropped = messages_to_chat(minimal(output_config={"format": {"type": "json_schema", "schema": schema}}),
+                                     strict=True)
+    assert chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    assert dropped == ()
+    back, _ = chat_to_messages(chat)
+    assert back["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
 
 
 def test_dropped_names_are_header_safe_and_bounded() -> None:

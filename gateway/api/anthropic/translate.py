@@ -137,8 +137,17 @@ def messages_to_chat(body: dict[str, Any], *, strict: bool = False) -> tuple[dic
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") != "disabled":
         dropped.add("thinking")
+    output = body.get("output_config")
+    if isinstance(output, dict):
+        fmt = output.get("format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+            chat["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": fmt["schema"]}}
+        for key, value in output.items():
+            if value is not None and key != "format":
+                dropped.add(f"output_config.{key}")   # effort, ...
     for key in body:
-        if key not in _MESSAGES_HANDLED and key != "thinking" and body[key] is not None:
+        if key not in _MESSAGES_HANDLED and key not in ("thinking", "output_config") and body[key] is not None:
             dropped.add(key)   # context_management, output_config, top_k, cache_control, service_tier, ...
     return chat, dropped.result(strict, "the chosen deployment (chat completions)")
 
