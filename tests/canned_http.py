@@ -23,10 +23,12 @@ class Canned:
     status: int = 200
     content_type: str = "application/json"
     body: bytes = b"{}"
+    headers: list[tuple[str, str]] = field(default_factory=list)
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
 
-    def answer(self, body: bytes, status: int = 200, content_type: str = "application/json") -> None:
-        self.body, self.status, self.content_type = body, status, content_type
+    def answer(self, body: bytes, status: int = 200, content_type: str = "application/json",
+               headers: list[tuple[str, str]] | None = None) -> None:
+        self.body, self.status, self.content_type, self.headers = body, status, content_type, headers or []
 
 
 def _handler(canned: Canned) -> type[BaseHTTPRequestHandler]:
@@ -42,6 +44,8 @@ def _handler(canned: Canned) -> type[BaseHTTPRequestHandler]:
             self.send_response(canned.status)
             self.send_header("content-type", canned.content_type)
             self.send_header("content-length", str(len(canned.body)))
+            for name, value in canned.headers:
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(canned.body)
 

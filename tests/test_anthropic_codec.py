@@ -20,6 +20,7 @@ from gateway.api.anthropic import (
     count_tokens_estimate,
     error_body,
     error_event,
+    error_headers,
     messages_reply_to_chat,
     messages_to_chat,
     validate_messages,
@@ -544,6 +545,25 @@ def test_the_sdk_raises_its_own_exceptions(canned: Canned, exc: GatewayError,  #
     assert exc.message in str(info.value) and f"{exc.code}:" in str(info.value)
     assert isinstance(info.value.body, dict) and info.value.body["error"]["type"] == \
         orjson.loads(error_body(exc))["error"]["type"]
+
+
+def _headers(exc: GatewayError) -> list[tuple[str, str]]:
+    return [(k.decode(), v.decode()) for k, v in error_headers(exc) if k != b"content-type"]
+
+
+def test_a_spent_budget_is_not_retried_by_the_sdk(canned: Canned) -> None:  # noqa: F811
+    exc = BudgetExceeded("The daily budget of team 'x' ($5.00) is spent.")
+    assert (b"x-should-retry", b"false") in error_headers(exc)
+    canned.answer(error_body(exc), 429, headers=_headers(exc))
+    client = anthropic.Anthropic(base_url=canned.url, api_key="k", max_retries=2)
+    with pytest.raises(anthropic.RateLimitError):
+        client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert len(canned.requests) == 1
+
+
+def test_a_rate_limit_keeps_retry_after_and_may_be_retried() -> None:
+    exc = RateLimited("Team 'x' is over 10 requests per minute.", headers={"retry-after": "3"})
+    assert error_headers(exc) == [(b"content-type", b"application/json"), (b"retry-after", b"3")]
 
 
 # ------------------------------------------------------------------ token estimate

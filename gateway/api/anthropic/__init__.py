@@ -9,7 +9,7 @@ The native upstream client lives in :mod:`gateway.providers.anthropic`.
 """
 
 from gateway.api.anthropic.count import count_tokens_estimate
-from gateway.api.anthropic.errors import error_body, error_event
+from gateway.api.anthropic.errors import error_body, error_event, error_headers
 from gateway.api.anthropic.stream import ChatToMessagesStream, MessagesToChatStream, encode_event
 from gateway.api.anthropic.translate import (
     chat_to_messages,
@@ -28,6 +28,7 @@ __all__ = [
     "encode_event",
     "error_body",
     "error_event",
+    "error_headers",
     "messages_reply_to_chat",
     "messages_to_chat",
     "validate_messages",

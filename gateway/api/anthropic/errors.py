@@ -3,8 +3,11 @@
 This module owns the mapping from the gateway's error tree (HTTP status and
 ``code``) to Anthropic's ``{"type": "error", "error": {"type", "message"}}``
 shape, for a JSON reply (:func:`error_body`) and for a stream that has already
-started (:func:`error_event`, an SSE ``error`` event). The gateway's own code
-stays readable at the front of the message, e.g. ``budget_exceeded: ...``.
+started (:func:`error_event`, an SSE ``error`` event), and the reply headers
+(:func:`error_headers`: ``x-should-retry: false`` where retrying cannot help, which
+the Anthropic SDKs and Claude Code obey instead of retrying every 429). The
+gateway's own code stays readable at the front of the message, e.g.
+``budget_exceeded: ...``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ ERROR_TYPES: dict[int, str] = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+
+
+NO_RETRY_CODES = frozenset({"budget_exceeded"})   # a spent budget does not refill within a retry's backoff
 
 
 def error_type_for(status: int) -> str:
@@ -56,3 +62,13 @@ def error_body(exc: GatewayError, request_id: str | None = None) -> bytes:
 def error_event(exc: GatewayError, request_id: str | None = None) -> bytes:
     """The ``error`` server-sent event that ends a Messages stream which has already started."""
     return b"event: error\ndata: " + orjson.dumps(error_object(exc, request_id)) + b"\n\n"
+
+
+def error_headers(exc: GatewayError) -> list[tuple[bytes, bytes]]:
+    """Headers of a JSON error reply: content type, the error's own (``retry-after``, ...) and
+    ``x-should-retry: false`` for errors no retry can cure."""
+    headers = [(b"content-type", b"application/json")]
+    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
+    if exc.code in NO_RETRY_CODES:
+        headers.append((b"x-should-retry", b"false"))
+    return headers
