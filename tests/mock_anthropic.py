@@ -6,6 +6,11 @@ server-sent events (message_start with cache usage and the 5m/1h
 With ``tools`` in the request (and no tool result to answer) it calls the
 first or the forced tool. Knobs come from request headers (``x-mock-*``, sent
 by a deployment's ``headers``) or from :meth:`MockAnthropic.set`; headers win.
+A ``thinking`` knob puts a thinking block (``thinking_delta`` and
+``signature_delta`` when streamed) before the answer; ``stream-cut`` ends a
+stream after the first delta without ``message_stop``.
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens": <input knob>}``;
+``GET /v1/models`` a one-model list (with the ``status`` knob's status).
 Every request is recorded (path, lower-cased headers, JSON body).
 """
 
@@ -38,7 +43,11 @@ DEFAULTS: dict[str, str] = {
     "text": "Hello from the mock Anthropic API.",
     "delay-ms": "0",          # wait before answering
     "stream-error": "",       # streaming: send an `error` event after the first delta
+    "stream-cut": "",         # streaming: end the stream after the first delta, no message_stop
+    "end-delay-ms": "0",      # streaming: wait between message_stop and the end of the body
+    "thinking": "",           # a thinking block with this text (and a signature) before the answer
 }
+SIGNATURE = "c2lnbmF0dXJlLW1vY2s="
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: int = 0   # the client's port: equal across requests on one kept-alive connection
 
 
 @dataclass
@@ -83,7 +93,7 @@ def _tool_input(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
-    tools = body.get("tools") or []
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "input_schema" in t]   # not server tools
     choice = body.get("tool_choice") or {}
     if not tools or choice.get("type") == "none":
         return None
@@ -127,6 +137,12 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
         def do_GET(self) -> None:
+            if self.path == "/v1/models":
+                mock.requests.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, None,
+                                              self.client_address[1]))
+                status = int(mock.knob({}, "status"))
+                self._json(status, {"data": [{"type": "model", "id": "claude-sonnet-4-5"}], "has_more": False})
+                return
             self._json(200 if self.path == "/health" else 404, {"ok": self.path == "/health"})
 
         def do_POST(self) -> None:
@@ -136,7 +152,7 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 body = raw.decode("utf-8", "replace")
-            mock.requests.append(Recorded(self.path, headers, body))
+            mock.requests.append(Recorded(self.path, headers, body, self.client_address[1]))
 
             def knob(name: str) -> str:
                 return mock.knob(headers, name)
@@ -144,7 +160,10 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
             delay = int(knob("delay-ms"))
             if delay:
                 time.sleep(delay / 1000)
-            if self.path.split("?")[0] != "/v1/messages":
+            if self.path.split("?")[0] == "/v1/messages/count_tokens" and int(knob("status")) < 400:
+                self._json(200, {"input_tokens": int(knob("input"))})
+                return
+            if self.path.split("?")[0] not in ("/v1/messages", "/v1/messages/count_tokens"):
                 self._json(404, {"type": "error", "error": {"type": "not_found_error",
                                                              "message": f"no route {self.path}"}})
                 return
@@ -179,8 +198,11 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
                      "cache_read_input_tokens": int(knob("cache-read")),
                      "cache_creation": {"ephemeral_5m_input_tokens": w5, "ephemeral_1h_input_tokens": w1},
                      "output_tokens": output, "service_tier": "standard"}
+            thinking = knob("thinking")
+            blocks = [{"type": "thinking", "thinking": thinking, "signature": SIGNATURE}] if thinking else []
+            blocks.append(block)
             message = {"id": f"msg_mock_{len(mock.requests):04d}", "type": "message", "role": "assistant",
-                       "model": body.get("model"), "content": [block], "stop_reason": stop_reason,
+                       "model": body.get("model"), "content": blocks, "stop_reason": stop_reason,
                        "stop_sequence": None, "usage": usage}
             if not body.get("stream"):
                 self._json(200, message)
@@ -192,30 +214,48 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             start = dict(message, content=[], stop_reason=None, usage=dict(usage, output_tokens=1))
             self._event("message_start", {"type": "message_start", "message": start})
-            if tool is not None:
+            index = 0
+            if thinking:
                 self._event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                    "content_block": {"type": "thinking", "thinking": "",
+                                                                      "signature": ""}})
+                for piece in (thinking[: len(thinking) // 2], thinking[len(thinking) // 2:]):
+                    self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                        "delta": {"type": "thinking_delta", "thinking": piece}})
+                self._event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                    "delta": {"type": "signature_delta", "signature": SIGNATURE}})
+                self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                index = 1
+            if tool is not None:
+                self._event("content_block_start", {"type": "content_block_start", "index": index,
                                                     "content_block": dict(block, input={})})
                 args = json.dumps(block["input"])
                 pieces = [args[: len(args) // 2], args[len(args) // 2:]]
                 deltas = [{"type": "input_json_delta", "partial_json": p} for p in pieces]
             else:
-                self._event("content_block_start", {"type": "content_block_start", "index": 0,
+                self._event("content_block_start", {"type": "content_block_start", "index": index,
                                                     "content_block": {"type": "text", "text": ""}})
                 parts = text.split(" ")
                 deltas = [{"type": "text_delta", "text": p if i == 0 else " " + p} for i, p in enumerate(parts)]
             self._event("ping", {"type": "ping"})
             for i, delta in enumerate(deltas):
-                self._event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+                self._event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                    "delta": delta})
+                if i == 0 and knob("stream-cut"):
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
                 if i == 0 and knob("stream-error"):
                     self._event("error", {"type": "error", "error": {"type": knob("stream-error"),
                                                                       "message": "mock mid-stream failure"}})
                     self.wfile.write(b"0\r\n\r\n")
                     return
-            self._event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            self._event("content_block_stop", {"type": "content_block_stop", "index": index})
             self._event("message_delta", {"type": "message_delta",
                                           "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                                           "usage": {"output_tokens": output}})
             self._event("message_stop", {"type": "message_stop"})
+            if int(knob("end-delay-ms")):
+                time.sleep(int(knob("end-delay-ms")) / 1000)
             self.wfile.write(b"0\r\n\r\n")
 
     return Handler
