@@ -183,7 +183,8 @@ def _handler(mock: MockResponses) -> type[BaseHTTPRequestHandler]:
                               "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]})
                 output = int(knob("output") or len(text.split()))
             reasoning, cached, input_tokens = int(knob("reasoning")), int(knob("cached")), int(knob("input"))
-            usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
+            usage = {"input_tokens": input_tokens,
+                     "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                      "output_tokens": output + reasoning,
                      "output_tokens_details": {"reasoning_tokens": reasoning},
                      "total_tokens": input_tokens + output + reasoning}

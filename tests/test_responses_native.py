@@ -93,7 +93,7 @@ async def test_provider_passes_a_codex_body_and_reply_through_unchanged(mock_res
     for reply in (got, direct):
         reply.pop("created_at")
     assert got == direct
-    assert got["usage"]["input_tokens_details"] == {"cached_tokens": 5}
+    assert got["usage"]["input_tokens_details"] == {"cached_tokens": 5, "cache_write_tokens": 0}
     assert [i["type"] for i in got["output"]] == ["reasoning", "function_call"] and got["output"][1]["name"] == "shell"
 
 
@@ -119,7 +119,8 @@ async def test_provider_streams_every_event_unchanged_and_the_tap_reads_the_fina
     for event in events:
         tap.observe(event)
     assert tap.status == "completed" and tap.response_id == "resp_stream"
-    assert tap.usage == {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 4}, "output_tokens": 8,
+    assert tap.usage == {"input_tokens": 21, "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0},
+                         "output_tokens": 8,
                          "output_tokens_details": {"reasoning_tokens": 2}, "total_tokens": 29}
     assert tap.response is not None and tap.response["output"] == tap.output_items
     assert tap.delivered_text == "Thinking it over.Hello from the mock Responses API."

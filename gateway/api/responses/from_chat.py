@@ -43,17 +43,16 @@ def responses_usage_from_chat(chat_usage: Any) -> dict[str, Any] | None:
     """Chat ``usage`` in Responses' names (``cost_usd`` carried over when present); None without usage."""
     if not isinstance(chat_usage, dict):
         return None
-    prompt = chat_usage.get("prompt_tokens_details")
-    completion = chat_usage.get("completion_tokens_details")
+    prompt = as_dict(chat_usage.get("prompt_tokens_details"))
+    completion = as_dict(chat_usage.get("completion_tokens_details"))
     input_tokens = _count(chat_usage.get("prompt_tokens"))
     output_tokens = _count(chat_usage.get("completion_tokens"))
     usage: dict[str, Any] = {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": _count(prompt.get("cached_tokens")) if isinstance(prompt, dict)
-                                 else 0},
+        "input_tokens_details": {"cached_tokens": _count(prompt.get("cached_tokens")),
+                                 "cache_write_tokens": _count(prompt.get("cache_write_tokens"))},
         "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": _count(completion.get("reasoning_tokens"))
-                                  if isinstance(completion, dict) else 0},
+        "output_tokens_details": {"reasoning_tokens": _count(completion.get("reasoning_tokens"))},
         "total_tokens": _count(chat_usage.get("total_tokens")) or input_tokens + output_tokens,
     }
     if "cost_usd" in chat_usage:

@@ -173,7 +173,8 @@ class ChatToResponsesStream:
         function = as_dict(call.get("function"))
         item = self._calls.get(index)
         if item is None:
-            events += self._close_all()   # text and reasoning come before the calls
+            # text and reasoning come before the calls; calls stay open to the end, as chat may interleave them
+            events += self._close_all(calls=False)
             name = str(function.get("name") or "")
             item = self._add("custom_tool_call" if name in self._custom else "function_call")
             item.name, item.custom = name, name in self._custom
@@ -182,7 +183,7 @@ class ChatToResponsesStream:
             events.append(self._event("response.output_item.added", output_index=item.index,
                                       item=item.snapshot("in_progress")))
         fragment = function.get("arguments")
-        if isinstance(fragment, str) and fragment:
+        if isinstance(fragment, str) and fragment and item in self._open:
             item.text += fragment
             if not item.custom:   # a custom tool's input is known only once its JSON arguments are whole
                 events.append(self._event("response.function_call_arguments.delta", item_id=item.id,
@@ -214,10 +215,11 @@ class ChatToResponsesStream:
         events.append(self._event("response.output_item.done", output_index=item.index, item=done))
         return events
 
-    def _close_all(self) -> list[dict[str, Any]]:
+    def _close_all(self, calls: bool = True) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
         for item in list(self._open):
-            events += self._close(item)
+            if calls or item.kind in ("message", "reasoning"):
+                events += self._close(item)
         return events
 
     def finish(self, chat_usage: dict[str, Any] | None = None) -> list[dict[str, Any]]:
