@@ -476,3 +476,21 @@ def test_input_items_and_their_listing() -> None:
         with pytest.raises(InvalidRequest) as err:
             input_items_page(items, query)
         assert err.value.param == param
+
+
+def test_any_chunks_or_events_never_break_the_stream_code() -> None:
+    from gateway.api.responses import ResponsesStreamTap
+
+    rng = random.Random(7)
+    for _ in range(300):
+        stream = ChatToResponsesStream({"model": "m", "input": "x", "tools": [{"type": "custom", "name": "x"}]},
+                                       "resp_z")
+        tap = ResponsesStreamTap()
+        for _ in range(rng.randint(0, 6)):
+            weird = _weird(rng)
+            odd = chunk(weird if isinstance(weird, dict) else {"content": weird, "tool_calls": [weird]})
+            for event in stream.feed(odd if rng.random() < 0.8 else weird):
+                EVENTS.validate_python(event)
+            tap.observe(weird if isinstance(weird, dict) else {"type": weird})
+        for event in stream.finish(_weird(rng) if rng.random() < 0.5 else None):
+            EVENTS.validate_python(event)       # whatever came in, the events are ones the SDK knows

@@ -194,3 +194,16 @@ def test_bad_bounds_are_refused() -> None:
         MemoryResponsesStore(60, max_entries=0)
     with pytest.raises(ValueError):
         RedisResponsesStore(object(), 0)
+
+
+async def test_open_picks_redis_when_shared(redis_port: int) -> None:
+    from gateway.state.responses_store import open_responses_store
+
+    memory = open_responses_store(None, ttl_s=5, max_entries=2, max_bytes=1000)
+    assert isinstance(memory, MemoryResponsesStore) and (memory.ttl_s, memory.max_entries) == (5, 2)
+    client = Redis(host="127.0.0.1", port=redis_port)
+    try:
+        shared = open_responses_store(client, ttl_s=5)
+        assert isinstance(shared, RedisResponsesStore) and shared.ttl_ms == 5000
+    finally:
+        await client.aclose()

@@ -187,3 +187,11 @@ class RedisResponsesStore:
 
     async def aclose(self) -> None:
         """The client is shared (``State.redis``); its owner closes it."""
+
+
+def open_responses_store(redis: Any | None, ttl_s: float = DEFAULT_TTL_S, max_entries: int = 10_000,
+                         max_bytes: int = 64 << 20) -> ResponsesStore:
+    """On Redis when ``redis`` (the shared client, ``State.redis``) is given, else in memory (bounded)."""
+    if redis is not None:
+        return RedisResponsesStore(redis, ttl_s)
+    return MemoryResponsesStore(ttl_s, max_entries, max_bytes)
