@@ -494,3 +494,13 @@ def test_any_chunks_or_events_never_break_the_stream_code() -> None:
             tap.observe(weird if isinstance(weird, dict) else {"type": weird})
         for event in stream.finish(_weird(rng) if rng.random() < 0.5 else None):
             EVENTS.validate_python(event)       # whatever came in, the events are ones the SDK knows
+
+
+def test_dropped_names_are_header_safe_and_bounded() -> None:
+    items = [{"type": f"evil\r\nx-injected: {i} é" + "y" * 100} for i in range(40)]
+    _, dropped = responses_to_chat({"model": "m", "input": [{"role": "user", "content": "hi"}, *items]})
+    assert len(dropped) == 16
+    for name in dropped:
+        assert len(name) <= 64 and name.isascii() and "\r" not in name and "\n" not in name and " " not in name
+        name.encode("latin-1")
+    assert dropped[0].startswith("input:evil??x-injected:?0??")

@@ -11,13 +11,15 @@ messages. Custom (free-form) tools become function tools taking one string
 ``max_output_tokens`` ``max_tokens``, ``text.format`` ``response_format``, and a stream
 always asks for usage. What chat cannot honour (hosted and namespace tools,
 ``include`` items, ``reasoning.summary``, items such as ``web_search_call``, ...) is
-left out and named in the returned tuple, or refused with a 400 in strict mode.
+left out and named in the returned tuple (short, header-safe names, at most
+:data:`MAX_DROPPED`), or refused with a 400 in strict mode.
 Reasoning items of earlier turns are skipped without a name: chat models take no
 earlier reasoning as input.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -29,6 +31,8 @@ CUSTOM_INPUT = "input"   # the one string parameter a custom tool becomes as a c
 PASSED_AS_IS = ("temperature", "top_p", "user", "parallel_tool_calls")
 NAMED_WHEN_SET = ("background", "conversation", "prompt", "max_tool_calls", "top_logprobs")
 SILENT_ITEM_TYPES = frozenset({"reasoning"})
+MAX_DROPPED, MAX_NAME = 16, 64   # the names go into the x-gateway-dropped header
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/-]")
 
 
 class _Builder:
@@ -37,8 +41,10 @@ class _Builder:
         self.dropped: list[str] = []
 
     def drop(self, name: str) -> None:
-        if name not in self.dropped:
-            self.dropped.append(name)
+        # names carry client-chosen type strings and end up in a response header: keep them short and plain
+        safe = _UNSAFE.sub("?", name)[:MAX_NAME]
+        if safe not in self.dropped and len(self.dropped) < MAX_DROPPED:
+            self.dropped.append(safe)
 
     def item(self, item: dict[str, Any]) -> None:
         kind = item.get("type") or ("message" if "role" in item else None)
