@@ -106,7 +106,7 @@ def test_codex_and_sdk_requests_are_accepted() -> None:
     ({"model": "m", "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {}}]},
      "input[0].arguments"),
     ({"model": "m", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
-    ({"model": "m", "input": [{"type": "function_call_output", "call_id": "c", "output": 3}]}, "input[0].output"),
+    ({"model": "m", "input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
     ({"model": "m", "input": "x", "instructions": ["a"]}, "instructions"),
     ({"model": "m", "input": "x", "stream": "yes"}, "stream"),
     ({"model": "m", "input": "x", "store": 0}, "store"),
@@ -215,9 +215,18 @@ def test_function_call_round_trip_and_history() -> None:
                       {"type": "function_call_output", "call_id": "call_b",
                        "output": [{"type": "input_text", "text": "warm"}]},
                       {"type": "custom_tool_call", "call_id": "call_c", "name": "apply_patch", "input": "PATCH"},
-                      {"type": "custom_tool_call_output", "call_id": "call_c", "output": "applied"}]}
+                      {"type": "custom_tool_call_output", "call_id": "call_c", "output": "applied"},
+                      {"type": "function_call", "call_id": "call_d", "name": "weather", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "call_d",
+                       "output": [{"type": "input_text", "text": "see image"},
+                                  {"type": "input_image", "image_url": "data:,"}]},
+                      {"type": "function_call", "call_id": "call_e", "name": "weather", "arguments": "{}"},
+                      {"type": "function_call_output", "call_id": "call_e", "output": {"temp": 2 ** 70}}]}
     chat, dropped = responses_to_chat(body, history)
-    assert dropped == ()
+    assert dropped == ("tool_output:input_image",)
+    assert chat["messages"][-3]["content"] == "see image" and chat["messages"][-1]["content"] == "{'temp': " \
+        "1180591620717411303424}"
+    chat["messages"] = chat["messages"][:-4]
     assert chat["messages"] == [
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": "Checking.", "tool_calls": [

@@ -64,7 +64,7 @@ class _Builder:
                 self.messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind in ("function_call_output", "custom_tool_call_output"):
             self.messages.append({"role": "tool", "tool_call_id": str(item.get("call_id") or ""),
-                                  "content": _output_text(item.get("output"))})
+                                  "content": self._output_text(item.get("output"))})
         elif kind in SILENT_ITEM_TYPES:
             return
         else:
@@ -86,6 +86,24 @@ class _Builder:
             self.messages.append({"role": chat_role, "content": "".join(p["text"] for p in parts)})
         else:
             self.messages.append({"role": chat_role, "content": parts})
+
+    def _output_text(self, output: Any) -> str:
+        """A tool result as the string a ``tool`` message carries (text parts joined; others named)."""
+        if isinstance(output, str):
+            return output
+        if not isinstance(output, list):
+            try:
+                return orjson.dumps(output).decode()
+            except TypeError:    # e.g. an integer beyond 64 bits
+                return str(output)
+        texts = []
+        for part in output:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("input_text", "output_text", "text"):
+                texts.append(str(part.get("text") or ""))
+            else:
+                self.drop(f"tool_output:{kind}")
+        return "".join(texts)
 
     def _part(self, part: Any) -> dict[str, Any] | None:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -110,16 +128,6 @@ class _Builder:
             return {"type": "file", "file": file}
         self.drop(f"content:{kind}")
         return None
-
-
-def _output_text(output: Any) -> str:
-    """A tool result as the string a ``tool`` message carries (text parts joined)."""
-    if isinstance(output, str):
-        return output
-    if isinstance(output, list):
-        return "".join(str(p.get("text") or "") for p in output
-                       if isinstance(p, dict) and p.get("type") in ("input_text", "output_text", "text"))
-    return ""
 
 
 def _tools(tools: Any, b: _Builder) -> list[dict[str, Any]]:
@@ -233,5 +241,5 @@ def responses_to_chat(body: dict[str, Any], history_items: list[dict[str, Any]] 
 
 def _param_of(name: str) -> str:
     head = name.split(":", 1)[0]
-    return {"input": "input", "content": "input", "input_image": "input", "input_file": "input",
+    return {"input": "input", "content": "input", "input_image": "input", "input_file": "input", "tool_output": "input",
             "custom_tool_format": "tools"}.get(head, head)

@@ -118,8 +118,9 @@ def _validate_item(item: Any, where: str) -> None:
     elif kind in ("function_call_output", "custom_tool_call_output"):
         if not isinstance(item.get("call_id"), str):
             raise _bad(f"{where}.call_id must be a string.", f"{where}.call_id")
-        if not isinstance(item.get("output"), (str, list)):
-            raise _bad(f"{where}.output must be a string or a list of content parts.", f"{where}.output")
+        if item.get("output") is None:
+            raise _bad(f"{where}.output is required (a string or a list of content parts).", f"{where}.output",
+                       "missing_field")
     elif kind == "custom_tool_call":
         for key in ("call_id", "name", "input"):
             if not isinstance(item.get(key), str):
