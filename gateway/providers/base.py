@@ -21,7 +21,8 @@ from gateway.errors import (
 )
 from gateway.policy import Deployment
 
-ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
+                  "responses": "/responses"}
 
 
 @dataclass(slots=True)
