@@ -70,27 +70,26 @@ IGNORED: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), r) for 
      "(upstream_cost_nano) shows them in the drift counter (not done: billed as tokens only)"),
     (r"^input_cost_per_request$",
      "per-request fee of four Perplexity models retired in 2024 (pplx-*-online, sonar-*-online)"),
+    (r"^(annotation|ocr|guardrail|vector_store|file_search|code_interpreter)_",
+     "document-annotation, OCR, guardrail, vector-store, file-search and code-interpreter fees: endpoints and "
+     "hosted tools the gateway does not serve"),
     (r"per_second|per_character|per_pixel|per_page|per_credit|per_session|per_gb|per_1k_calls|"
      r"per_text_message|per_query$|per_unit$|_dbu_",
      "priced per second, character, pixel, page, credit, session, stored GB, message, query or "
      "Databricks DBU: none of these units appears in a usage object that reaches the gateway (speech, "
-     "transcription, video, OCR, rerank, search and storage endpoints are not served); an entry priced only "
-     "this way is unpriced"),
+     "transcription, video generation, OCR, rerank, search and storage endpoints are not served); an "
+     "entry priced only this way is unpriced"),
     (r"^(input|output)_cost_per_image(_above_\d+k_tokens|_\d+(\.\d+)?[kK]?|_\d+)?$",
      "price per generated or attached image (not per image token): the image-generation endpoint is not "
      "served and chat usage counts image tokens, priced by *_cost_per_image_token"),
-    (r"^output_cost_per_second_\w+$", "video generation per second and resolution: endpoint not served"),
     (r"^computer_use_(input|output)_cost_per_1k_tokens$",
      "OpenAI computer-use tool (Responses API tool calls): only sample_spec carries it, at 0"),
-    (r"^(annotation|ocr|guardrail|vector_store|file_search|code_interpreter)_",
-     "document-annotation, OCR, guardrail, vector-store, file-search and code-interpreter fees: endpoints and "
-     "hosted tools the gateway does not serve"),
     (r"^cache_creation_input_audio_token_cost$",
      "audio cache writes (OpenAI Realtime): no usage object reaching the gateway reports them apart from "
      "text cache writes, which are priced at the text write price"),
     (r"^explicit_cache_read_input_token_cost$",
-     "DashScope explicit-cache reads: its usage does not separate explicit from implicit cache hits in the "
-     "OpenAI-compatible shape; cache hits are priced at cache_read_input_token_cost (not done)"),
+     "DashScope explicit-cache reads: the usage reader does not tell explicit from implicit cache hits, "
+     "so every hit is priced at cache_read_input_token_cost (not done)"),
     (r"^regional_(processing|endpoint)_uplift_multiplier",
      "regional data-residency or Vertex regional-endpoint uplift: depends on the endpoint host, which a "
      "deployment's policy price override sets today (not done: no automatic uplift)"),
