@@ -34,6 +34,7 @@ PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"
 # Anthropic prompt-caching multipliers of the input price, used only when the map lacks a key.
 ANTHROPIC_CACHE_READ, ANTHROPIC_CACHE_WRITE, ANTHROPIC_CACHE_WRITE_1H = Decimal("0.1"), Decimal("1.25"), Decimal(2)
 INCLUSIVE_TIER_PROVIDERS = frozenset({"xai"})    # bill the higher tier from the threshold itself (>=)
+PASS_THROUGH_PROVIDERS = frozenset({"openrouter"})   # resell at the model vendor's own prices
 
 INPUT, OUTPUT = "input_cost_per_token", "output_cost_per_token"
 READ, WRITE, WRITE_1H = "cache_read_input_token_cost", "cache_creation_input_token_cost", \
@@ -145,7 +146,10 @@ class PriceBook:
         return self._entries
 
     def _entry(self, provider: str, model: str) -> tuple[str, Mapping[str, Any]] | None:
-        for key in (f"{provider}/{model}", model):   # the provider's own price (azure/...) first
+        keys = [f"{provider}/{model}", model]       # the provider's own price (azure/...) first
+        if provider in PASS_THROUGH_PROVIDERS and "/" in model:
+            keys.append(model.split("/", 1)[1])     # openrouter's openai/gpt-4o-mini is OpenAI's gpt-4o-mini
+        for key in keys:
             entry = self._entries.get(key)
             if entry is not None:
                 return key, entry
