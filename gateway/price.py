@@ -69,13 +69,14 @@ class Price:
 
     def max_input_rate(self) -> int:
         """The dearest rate any prompt token of this flat price can cost (a worst-case hold)."""
-        return max(self.input, self.cache_write, self.cache_write_1h, *(
-            r for r in (self.audio_input, self.image_input, self.video_input) if r is not None))
+        rates = (self.input, self.cache_write, self.cache_write_1h, self.audio_input, self.image_input,
+                 self.video_input)
+        return max(r for r in rates if r is not None)
 
     def max_output_rate(self) -> int:
         """The dearest rate any completion token of this flat price can cost (a worst-case hold)."""
-        return max(self.output, *(
-            r for r in (self.reasoning, self.audio_output, self.image_output, self.video_output) if r is not None))
+        rates = (self.output, self.reasoning, self.audio_output, self.image_output, self.video_output)
+        return max(r for r in rates if r is not None)
 
     def worst(self) -> Price:
         """The dearest of this price's tiers (and off-peak variant) by input and output rate."""
