@@ -96,6 +96,12 @@ def _rate(specific: int | None, fallback: int) -> int:
 def cost_pico(usage: Usage, price: Price, when: datetime | None = None) -> int:
     """The exact cost of ``usage`` in pico-USD at the tier its prompt size selects."""
     p = price.when(when).at(usage.input_tokens) if (price.off_peak or price.tiers) else price
+    if not (usage.audio_input_tokens or usage.image_input_tokens or usage.video_input_tokens
+            or usage.audio_output_tokens or usage.image_output_tokens or usage.citation_tokens
+            or (usage.reasoning_tokens and p.reasoning is not None)):     # text only: the hot path
+        return (usage.uncached_input_tokens * p.input + usage.cached_input_tokens * p.cache_read
+                + usage.cache_write_tokens * p.cache_write + usage.cache_write_1h_tokens * p.cache_write_1h
+                + usage.output_tokens * p.output)
     cached = usage.cached_input_tokens
     cached_audio = min(usage.cached_audio_tokens, cached)
     cached_image = min(usage.cached_image_tokens, cached - cached_audio)

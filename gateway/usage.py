@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.money import usd_to_nano
@@ -53,6 +53,13 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    def uncached(self, input_tokens: int | None = None) -> Usage:
+        """The same request with no prompt caching: every prompt token (or ``input_tokens`` of them,
+        e.g. before compression) sent fresh; audio, image, reasoning and the rest kept."""
+        return replace(self, input_tokens=self.input_tokens if input_tokens is None else input_tokens,
+                       cached_input_tokens=0, cache_write_tokens=0, cache_write_1h_tokens=0,
+                       cached_audio_tokens=0, cached_image_tokens=0)
 
 
 def token_count(value: Any) -> int | None:
@@ -195,7 +202,8 @@ def _plain_openai(u: dict[str, Any]) -> Usage | None:
     """The common case on the hot path: OpenAI's own chat usage with no audio; anything else is None
     (and goes through the full reader)."""
     prompt, output = u.get("prompt_tokens"), u.get("completion_tokens", 0)
-    if type(prompt) is not int or type(output) is not int or prompt < 0 or output < 0 or u.keys() - _PLAIN_KEYS:
+    if type(prompt) is not int or type(output) is not int or prompt < 0 or output < 0 \
+            or not _PLAIN_KEYS.issuperset(u):
         return None
     total = u.get("total_tokens", prompt + output)
     if total != prompt + output:
@@ -203,7 +211,7 @@ def _plain_openai(u: dict[str, Any]) -> Usage | None:
     details = u.get("prompt_tokens_details")
     cached = 0
     if details is not None:
-        if type(details) is not dict or details.keys() - _PLAIN_PROMPT_DETAILS or details.get("audio_tokens"):
+        if type(details) is not dict or not _PLAIN_PROMPT_DETAILS.issuperset(details) or details.get("audio_tokens"):
             return None
         cached = details.get("cached_tokens") or 0
         if type(cached) is not int or not 0 <= cached <= prompt:
@@ -211,7 +219,7 @@ def _plain_openai(u: dict[str, Any]) -> Usage | None:
     reasoning = 0
     out_details = u.get("completion_tokens_details")
     if out_details is not None:
-        if type(out_details) is not dict or out_details.keys() - _PLAIN_COMPLETION_DETAILS \
+        if type(out_details) is not dict or not _PLAIN_COMPLETION_DETAILS.issuperset(out_details) \
                 or out_details.get("audio_tokens"):
             return None
         reasoning = out_details.get("reasoning_tokens") or 0

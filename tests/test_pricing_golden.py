@@ -266,3 +266,24 @@ def test_anthropic_one_hour_write_without_map_key_is_twice_input(book: PriceBook
     usage = Usage(input_tokens=1_000, cache_write_1h_tokens=1_000)
     # 1_000 × 6_000_000 = 6_000_000_000 pico
     assert cost_nano(usage, price) == 6_000_000
+
+
+def test_text_only_shortcut_agrees_with_the_itemised_sum(book: PriceBook) -> None:
+    # gemini/gemini-2.5-flash prices reasoning at the output price (2.5e-06), so the same request with
+    # its reasoning tokens itemised (the full sum) and not (the text-only shortcut) must cost the same;
+    # likewise audio at a price equal to the text one.
+    import random
+    rng = random.Random(16)
+    flash = priced(book, "gemini", "gemini-2.5-flash")
+    same_audio = Price(300_000, 2_500_000, 30_000, 300_000, 300_000, audio_input=300_000)
+    for _ in range(500):
+        cached, writes = rng.randrange(5_000), rng.randrange(2_000)
+        prompt, output = cached + writes + rng.randrange(300_000), rng.randrange(5_000)
+        text = Usage(input_tokens=prompt, output_tokens=output, cached_input_tokens=cached, cache_write_tokens=writes)
+        thinking = Usage(input_tokens=prompt, output_tokens=output, cached_input_tokens=cached,
+                         cache_write_tokens=writes, reasoning_tokens=rng.randrange(output + 1))
+        assert cost_nano(thinking, flash) == cost_nano(text, flash)
+        listening = Usage(input_tokens=prompt, output_tokens=output, cached_input_tokens=cached,
+                          cache_write_tokens=writes, audio_input_tokens=rng.randrange(prompt + 1))
+        assert cost_nano(listening, same_audio) == cost_nano(text, same_audio)
+        assert cost_nano(listening, flash) >= cost_nano(text, flash)     # flash's audio costs more than text

@@ -261,3 +261,13 @@ async def test_litellm_cost_is_moved_out_of_the_clients_usage(openrouter: Deploy
     assert final["completion_tokens"] == 2
     assert "cost" not in final and upstream_cost_nano(final) == expected_nano
     assert all("cost" not in (c.get("usage") or {}) for c in chunks)
+
+
+def test_uncached_keeps_every_kind_of_token() -> None:
+    usage = Usage(input_tokens=1_000, output_tokens=50, cached_input_tokens=600, cache_write_tokens=100,
+                  cache_write_1h_tokens=50, reasoning_tokens=20, audio_input_tokens=400, cached_audio_tokens=300,
+                  image_input_tokens=100, cached_image_tokens=80, audio_output_tokens=10, citation_tokens=7)
+    plain = Usage(input_tokens=1_000, output_tokens=50, reasoning_tokens=20, audio_input_tokens=400,
+                  image_input_tokens=100, audio_output_tokens=10, citation_tokens=7)
+    assert usage.uncached() == plain
+    assert usage.uncached(1_200).input_tokens == 1_200 and usage.uncached(1_200).uncached_input_tokens == 1_200
