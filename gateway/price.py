@@ -4,7 +4,8 @@ This module owns :class:`Price` (integer pico-USD per token: text input and
 output, cache reads and both cache-write tiers, and where the provider prices
 them apart, reasoning, audio, image, video and citation tokens; long-context
 tiers chosen by the request's prompt size; DeepSeek-style off-peak rates chosen
-by the time of the request) and :func:`cost_pico`/:func:`cost_nano`: the exact
+by the time of the request; flex/priority service-tier prices chosen by the tier
+the upstream reports) and :func:`cost_pico`/:func:`cost_nano`: the exact
 pico-USD cost of a request, rounded half-up once to nano-USD. Where a price has
 no rate of its own for a kind of token (``None``), that token costs the text rate
 of the same tier: audio input as input, reasoning as output, and so on.
@@ -50,6 +51,7 @@ class Price:
     tiers: tuple[tuple[int, Price], ...] = ()
     inclusive_tiers: bool = False
     off_peak: tuple[OffPeak, Price] | None = None   # (schedule, price while it is open); drops tiers
+    service_tiers: tuple[tuple[str, Price], ...] = ()   # (flex/priority/..., the price at that tier)
     ZERO: ClassVar[Price]
 
     def at(self, prompt_tokens: int) -> Price:
@@ -59,6 +61,14 @@ class Price:
             if prompt_tokens > threshold or (self.inclusive_tiers and prompt_tokens == threshold):
                 chosen = tier
         return chosen
+
+    def served_at(self, tier: str | None) -> Price:
+        """The price at service tier ``tier`` (flex, priority, ...); the standard one when it has none."""
+        if tier is not None:
+            for name, price in self.service_tiers:
+                if name == tier:
+                    return price
+        return self
 
     def when(self, moment: datetime | None) -> Price:
         """The price at ``moment`` (UTC; now when None): the off-peak price inside its windows."""
@@ -95,6 +105,8 @@ def _rate(specific: int | None, fallback: int) -> int:
 
 def cost_pico(usage: Usage, price: Price, when: datetime | None = None) -> int:
     """The exact cost of ``usage`` in pico-USD at the tier its prompt size selects."""
+    if usage.service_tier is not None and price.service_tiers:
+        price = price.served_at(usage.service_tier)
     p = price.when(when).at(usage.input_tokens) if (price.off_peak or price.tiers) else price
     if not (usage.audio_input_tokens or usage.image_input_tokens or usage.video_input_tokens
             or usage.audio_output_tokens or usage.image_output_tokens or usage.citation_tokens

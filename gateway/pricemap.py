@@ -5,11 +5,12 @@ litellm package, loaded once, looked up by provider and model), the reading of
 one map entry into a Price (text, cache read/write and Anthropic 1-hour write
 prices; reasoning, audio, image, video and citation prices; long-context tiers
 from ``*_above_<N>k_tokens`` keys or a ``tiered_pricing`` table; the off-peak
-schedule) and :func:`field_treatment`, which says for every price-like field
-name whether the gateway applies it or deliberately ignores it and why. Where
-an Anthropic-family entry lacks a cache price, Anthropic's published multipliers
-of the input price stand in (reads 0.1x, 5-minute writes 1.25x, 1-hour writes
-2x), tier by tier; elsewhere a missing cache price is the input price.
+schedule; the flex/priority/... service-tier variants) and :func:`field_treatment`,
+which says for every price-like field name whether the gateway applies it or
+deliberately ignores it and why. Where an Anthropic-family entry lacks a cache
+price, Anthropic's published multipliers of the input price stand in (reads
+0.1x, 5-minute writes 1.25x, 1-hour writes 2x), tier by tier; elsewhere a
+missing cache price is the input price.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import orjson
 from gateway.money import pico_from_usd, round_half_up
 from gateway.offpeak import parse_off_peak
 from gateway.price import Price
-from gateway.usage import token_count
+from gateway.usage import SERVICE_TIERS, token_count
 
 PRICE_MAP_FILE = "model_prices_and_context_window_backup.json"
 # Anthropic prompt-caching multipliers of the input price, used only when the map lacks a key.
@@ -54,6 +55,7 @@ MODAL_KEYS = {
     "citation_cost_per_token": "citation",
 }
 _TIER_KEY = re.compile(rf"^({WRITE_1H}|{INPUT}|{OUTPUT}|{READ}|{WRITE})_above_(\d+)(k?)_tokens$")
+_SERVICE_TIER_KEY = re.compile(rf"_({'|'.join(sorted(set(SERVICE_TIERS.values())))})$")
 APPLIED = frozenset({INPUT, OUTPUT, READ, WRITE, WRITE_1H, READ_ALIAS, *MODAL_KEYS, "tiered_pricing",
                      "off_peak_pricing"})
 TIER_TABLE_KEYS = frozenset({INPUT, OUTPUT, READ, REASONING, "range"})   # understood inside tiered_pricing rows
@@ -63,9 +65,9 @@ OFF_PEAK_RATE_KEYS = frozenset({INPUT, OUTPUT, READ, WRITE, REASONING})   # unde
 IGNORED: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), r) for p, r in (
     (r"_batches$",
      "Batch API price: the gateway serves no batch endpoint, every request it prices is a synchronous one"),
-    (r"_(flex|priority|balanced|ultrafast|decisions)($|_)",
-     "service-tier price (flex, priority, ...): billed only when the client asks the provider for that "
-     "tier; the gateway prices the standard tier (not done: would need the response's service_tier)"),
+    (r"_decisions$",
+     "OpenAI 'decisions' tier of gpt-6-luna: not a service tier any usage or response reports (litellm "
+     "does not read it either); requests are priced at the tier they report"),
     (r"^search_context_cost_per_query$|^google_maps_grounding_cost_per_query$",
      "web-search and grounding tool fees, per query: not a token price; the upstream's own reported cost "
      "(upstream_cost_nano) shows them in the drift counter (not done: billed as tokens only)"),
@@ -104,6 +106,9 @@ def field_treatment(key: str) -> str | None:
     or None for a field it does not know (the map test fails on those)."""
     if key in APPLIED or _TIER_KEY.match(key):
         return "applied"
+    base = _SERVICE_TIER_KEY.sub("", key)
+    if base != key and (base in APPLIED or _TIER_KEY.match(base)):
+        return "applied"                # a service tier's own price of an applied field
     for pattern, reason in IGNORED:
         if pattern.search(key):
             return reason
@@ -183,7 +188,8 @@ class PriceBook:
         return self._int_field(provider, model, "max_output_tokens")
 
 
-def price_from_entry(entry: Mapping[str, Any], *, anthropic: bool = False, inclusive: bool = False) -> Price | None:
+def price_from_entry(entry: Mapping[str, Any], *, anthropic: bool = False, inclusive: bool = False,
+                     service_tiers: bool = True) -> Price | None:
     """One map entry as a Price, or None when it has no per-token price (priced per image, second, ...)."""
     table = _tier_table(entry.get("tiered_pricing"))
     base_entry: Mapping[str, Any]
@@ -204,7 +210,18 @@ def price_from_entry(entry: Mapping[str, Any], *, anthropic: bool = False, inclu
         cheaper = _flat({**base_entry, **rates}, anthropic)
         if cheaper is not None and rates:
             off_peak = (schedule, cheaper)
-    return replace(base, tiers=built, inclusive_tiers=inclusive and bool(built), off_peak=off_peak)
+    standard = replace(base, tiers=built, inclusive_tiers=inclusive and bool(built), off_peak=off_peak)
+    variants = []
+    for tier in sorted(set(SERVICE_TIERS.values())) if service_tiers and not table else ():
+        own = {k[:-len(tier) - 1]: v for k, v in entry.items() if k.endswith(f"_{tier}") and v is not None}
+        if own:
+            merged = {**entry, **own}
+            if OUTPUT in own and REASONING not in own:
+                merged.pop(REASONING, None)     # the tier's output price stands for its reasoning, as litellm
+            variant = price_from_entry(merged, anthropic=anthropic, inclusive=inclusive, service_tiers=False)
+            if variant is not None:
+                variants.append((tier, variant))
+    return replace(standard, service_tiers=tuple(variants)) if variants else standard
 
 
 def _threshold_tiers(entry: Mapping[str, Any], anthropic: bool) -> list[tuple[int, dict[str, Any]]]:

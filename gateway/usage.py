@@ -25,6 +25,10 @@ from typing import Any
 from gateway.money import usd_to_nano
 
 UPSTREAM_COST_KEY = "_upstream_cost"   # where the litellm provider parks litellm's own usage.cost
+# Service tiers an upstream reports (OpenAI's body-level ``service_tier``, Anthropic's in usage) that have
+# prices of their own in litellm's map, by the suffix of those prices; any other value is the standard tier.
+SERVICE_TIERS = {"flex": "flex", "priority": "priority", "fast": "priority", "balanced": "balanced",
+                 "ultrafast": "ultrafast"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ class Usage:
     audio_output_tokens: int = 0     # part of output_tokens that is audio
     image_output_tokens: int = 0     # part of output_tokens that is image
     citation_tokens: int = 0         # Perplexity's search-result tokens, billed beside (not inside) input_tokens
+    service_tier: str | None = None  # a priced non-standard tier the upstream served at: flex, priority, ...
 
     @property
     def uncached_input_tokens(self) -> int:
@@ -85,27 +90,40 @@ def _first(*values: int | None) -> int | None:
     return next((v for v in values if v is not None), None)
 
 
-def usage_from_openai(usage: Mapping[str, Any] | None) -> Usage | None:
+def usage_from_openai(usage: Mapping[str, Any] | None, *, service_tier: Any = None) -> Usage | None:
     """Any upstream usage mapping normalised (see the module docstring for the shapes understood).
 
     OpenAI chat usage and litellm's (``prompt_tokens``/``completion_tokens``) go
     through the chat reader; a mapping with ``input_tokens`` is an OpenAI
     Responses usage when it has ``input_tokens_details``/``output_tokens_details``,
-    otherwise a raw Anthropic Messages usage.
+    otherwise a raw Anthropic Messages usage. ``service_tier``: the response
+    body's own (OpenAI reports it beside ``usage``, not inside).
     """
     if not isinstance(usage, dict) or not usage:
         return None
-    fast = _plain_openai(usage)
-    if fast is not None:
-        return fast
     u = usage
+    found: Usage | None
+    if "service_tier" not in u:
+        found = _plain_openai(u)
+        if found is not None:
+            return found if service_tier is None else served_at(found, service_tier)
     if "prompt_tokens" in u or "completion_tokens" in u or "prompt_cache_hit_tokens" in u:
-        return _chat(u)
-    if "input_tokens" in u or "output_tokens" in u:
+        found = _chat(u)
+    elif "input_tokens" in u or "output_tokens" in u:
         if isinstance(u.get("input_tokens_details"), Mapping) or isinstance(u.get("output_tokens_details"), Mapping):
-            return usage_from_responses(u)
-        return usage_from_anthropic(u)
-    return None
+            found = usage_from_responses(u)
+        else:
+            found = usage_from_anthropic(u)
+    else:
+        return None
+    return found if found is None or service_tier is None else served_at(found, service_tier)
+
+
+def served_at(usage: Usage, service_tier: Any) -> Usage:
+    """``usage`` as served at ``service_tier`` (a reported value; the standard tier unless it is one the
+    price map prices apart)."""
+    tier = SERVICE_TIERS.get(service_tier) if isinstance(service_tier, str) else None
+    return usage if tier == usage.service_tier else replace(usage, service_tier=tier)
 
 
 def _chat(u: Mapping[str, Any]) -> Usage | None:
@@ -134,7 +152,7 @@ def _chat(u: Mapping[str, Any]) -> Usage | None:
         audio_in=_get(pd, "audio_tokens"), cached_audio=_get(cached_details, "audio_tokens"),
         image_in=_get(pd, "image_tokens"), cached_image=_get(cached_details, "image_tokens"),
         video_in=_get(pd, "video_tokens"), audio_out=_get(cd, "audio_tokens"), image_out=_get(cd, "image_tokens"),
-        citation=_get(u, "citation_tokens"))
+        citation=_get(u, "citation_tokens"), tier=u.get("service_tier"))
 
 
 def usage_from_anthropic(u: Mapping[str, Any] | None) -> Usage | None:
@@ -148,7 +166,8 @@ def usage_from_anthropic(u: Mapping[str, Any] | None) -> Usage | None:
         return None
     cached = _get(u, "cache_read_input_tokens") or 0
     w5m, w1h = _write_tiers(_get(u, "cache_creation_input_tokens"), u.get("cache_creation"))
-    return _build((uncached or 0) + cached + w5m + w1h, output or 0, cached, w5m, w1h, 0)
+    return _build((uncached or 0) + cached + w5m + w1h, output or 0, cached, w5m, w1h, 0,
+                  tier=u.get("service_tier"))
 
 
 def usage_from_responses(u: Mapping[str, Any] | None) -> Usage | None:
@@ -162,7 +181,7 @@ def usage_from_responses(u: Mapping[str, Any] | None) -> Usage | None:
         return None
     cached = _get(u, "input_tokens_details", "cached_tokens") or 0
     reasoning = _get(u, "output_tokens_details", "reasoning_tokens") or 0
-    return _build(max(prompt or 0, cached), output or 0, cached, 0, 0, reasoning)
+    return _build(max(prompt or 0, cached), output or 0, cached, 0, 0, reasoning, tier=u.get("service_tier"))
 
 
 def _write_tiers(writes: int | None, tiers: Any) -> tuple[int, int]:
@@ -176,7 +195,7 @@ def _write_tiers(writes: int | None, tiers: Any) -> tuple[int, int]:
 def _build(prompt: int, output: int, cached: int, w5m: int, w1h: int, reasoning: int, *,
            audio_in: int | None = None, cached_audio: int | None = None, image_in: int | None = None,
            cached_image: int | None = None, video_in: int | None = None, audio_out: int | None = None,
-           image_out: int | None = None, citation: int | None = None) -> Usage:
+           image_out: int | None = None, citation: int | None = None, tier: Any = None) -> Usage:
     """A Usage whose parts never exceed their wholes, whatever the upstream reported."""
     audio_in, image_in = min(audio_in or 0, prompt), min(image_in or 0, prompt)
     cached_audio = min(cached_audio or 0, cached, audio_in)
@@ -188,7 +207,8 @@ def _build(prompt: int, output: int, cached: int, w5m: int, w1h: int, reasoning:
                  cache_write_1h_tokens=w1h, reasoning_tokens=reasoning, audio_input_tokens=audio_in,
                  cached_audio_tokens=cached_audio, image_input_tokens=image_in, cached_image_tokens=cached_image,
                  video_input_tokens=min(video_in or 0, prompt), audio_output_tokens=audio_out,
-                 image_output_tokens=image_out, citation_tokens=citation or 0)
+                 image_output_tokens=image_out, citation_tokens=citation or 0,
+                 service_tier=SERVICE_TIERS.get(tier) if isinstance(tier, str) else None)
 
 
 _PLAIN_KEYS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",

@@ -117,6 +117,19 @@ def test_gpt_5_4_at_300k_with_200k_cached(book: PriceBook) -> None:
     assert cost_nano(usage, price) == 712_500_000
 
 
+def test_gpt_5_4_flex_at_300k_with_200k_cached(book: PriceBook) -> None:
+    # gpt-5.4 at service_tier flex, above 272k: input 2.5e-06, cache read 2.5e-07, output 1.125e-05
+    price = priced(book, "openai", "gpt-5.4")
+    usage = usage_from_openai({"prompt_tokens": 300_000, "completion_tokens": 5_000,
+                               "prompt_tokens_details": {"cached_tokens": 200_000}}, service_tier="flex")
+    assert usage is not None and usage.service_tier == "flex"
+    #   100_000 uncached × 2_500_000  = 250_000_000_000
+    # + 200_000 cached   ×   250_000  =  50_000_000_000
+    # +   5_000 output   × 11_250_000 =  56_250_000_000
+    #                                 = 356_250_000_000 pico = 356_250_000 nano
+    assert cost_nano(usage, price) == 356_250_000
+
+
 # --- audio ---------------------------------------------------------------------------------------
 
 def test_gpt_4o_audio_preview_2k_audio_in_1k_audio_out(book: PriceBook) -> None:

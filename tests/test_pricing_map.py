@@ -65,8 +65,10 @@ def test_unknown_fields_are_reported_not_guessed() -> None:
     assert field_treatment("input_cost_per_token_above_2m_tokens") is None     # not a threshold it can read
     assert field_treatment("input_cost_per_token_above_272k_tokens") == "applied"
     assert field_treatment("cache_creation_input_token_cost_above_1hr_above_200k_tokens") == "applied"
-    assert field_treatment("input_cost_per_token_above_272k_tokens_priority") != "applied"
-    assert field_treatment("output_cost_per_token_batches") != "applied"
+    assert field_treatment("input_cost_per_token_above_272k_tokens_priority") == "applied"
+    assert field_treatment("output_cost_per_hologram_token_priority") is None
+    assert field_treatment("output_cost_per_token_decisions") not in (None, "applied")
+    assert field_treatment("output_cost_per_token_batches") not in (None, "applied")
 
 
 def test_every_ignore_rule_is_used_and_has_a_reason(entries: dict[str, Any]) -> None:
