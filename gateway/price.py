@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from gateway.money import pico_to_nano
 from gateway.offpeak import OffPeak
-from gateway.usage import Usage
+from gateway.usage import SERVICE_TIERS, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +88,24 @@ class Price:
         rates = (self.output, self.reasoning, self.audio_output, self.image_output, self.video_output)
         return max(r for r in rates if r is not None)
 
+    def hold_rates(self, prompt_tokens: int, service_tier: object = None) -> tuple[int, int]:
+        """(input, output) pico-USD per token a worst-case hold should use for a request of
+        ``prompt_tokens`` asking for ``service_tier`` (a request body's value, e.g. "priority"): the
+        tier the prompt selects, the dearest kind of token, peak or off-peak, whichever is dearer."""
+        base = self.served_at(SERVICE_TIERS.get(service_tier) if isinstance(service_tier, str) else None)
+        options = [base.at(prompt_tokens)]
+        if base.off_peak is not None:
+            options.append(base.off_peak[1].at(prompt_tokens))
+        return max(p.max_input_rate() for p in options), max(p.max_output_rate() for p in options)
+
     def worst(self) -> Price:
-        """The dearest of this price's tiers (and off-peak variant) by input and output rate."""
-        candidates = [self.at(0), *(t for _, t in self.tiers)]
-        if self.off_peak is not None:
-            candidates.append(self.off_peak[1])
+        """The dearest of all this price's rates (every tier, off-peak and service-tier variant), by
+        input and then output rate."""
+        candidates: list[Price] = []
+        for variant in (self, *(p for _, p in self.service_tiers)):
+            candidates += [variant.at(0), *(t for _, t in variant.tiers)]
+            if variant.off_peak is not None:
+                candidates.append(variant.off_peak[1])
         return max(candidates, key=lambda p: (p.max_input_rate(), p.max_output_rate()))
 
 

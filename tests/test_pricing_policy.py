@@ -63,12 +63,25 @@ def test_worst_case_rates_follow_the_tier_and_the_dearest_kind() -> None:
     # dashscope/qwen-plus-2025-04-28: output 1.2e-06 but reasoning 4e-06 → a hold must use 4_000_000
     qwen = book.lookup("dashscope", "qwen-plus-2025-04-28")
     assert qwen is not None and qwen.max_output_rate() == 4_000_000 and qwen.max_input_rate() == 400_000
+    # deepseek/deepseek-v4-flash: off-peak is cheaper, so a hold uses the peak rates (3e-07, 1.2e-06)
+    flash = book.lookup("deepseek", "deepseek-v4-flash")
+    assert flash is not None and flash.hold_rates(1_000) == (300_000, 1_200_000)
     # gpt-5.4: input 2.5e-06 up to 272k prompt tokens, 5e-06 above; output 1.5e-05 / 2.25e-05
     gpt = book.lookup("openai", "gpt-5.4")
     assert gpt is not None
     assert (gpt.at(272_000).max_input_rate(), gpt.at(272_000).max_output_rate()) == (2_500_000, 15_000_000)
     assert (gpt.at(272_001).max_input_rate(), gpt.at(272_001).max_output_rate()) == (5_000_000, 22_500_000)
-    assert gpt.worst() == gpt.at(10**6)
+    assert gpt.hold_rates(272_000) == (2_500_000, 15_000_000)
+    assert gpt.hold_rates(272_001) == (5_000_000, 22_500_000)
+    # at priority (input 5e-06, output 3e-05 below 272k) and flex (1.25e-06, 7.5e-06); "default" is standard
+    assert gpt.hold_rates(1_000, "priority") == (5_000_000, 30_000_000)
+    assert gpt.hold_rates(1_000, "flex") == (1_250_000, 7_500_000)
+    assert gpt.hold_rates(1_000, "default") == gpt.hold_rates(1_000) == (2_500_000, 15_000_000)
+    # gpt-5.4 has no priority long-context prices: above 272k the long-context ones (5e-06, 2.25e-05)
+    # stand, as litellm reads the map; the dearest rates anywhere are priority's 5e-06 in, 3e-05 out
+    assert gpt.hold_rates(300_000, "priority") == (5_000_000, 22_500_000)
+    worst = gpt.worst()
+    assert (worst.max_input_rate(), worst.max_output_rate()) == (5_000_000, 30_000_000)
     # claude-sonnet-4-5: the 1-hour cache write (6e-06) is the dearest way to send a prompt token
     claude = book.lookup("anthropic", "claude-sonnet-4-5")
     assert claude is not None and claude.max_input_rate() == 6_000_000
