@@ -108,6 +108,13 @@ def test_applied_fields_reach_the_price(entries: dict[str, Any]) -> None:
                 assert price.at(threshold).input != pico_from_usd(entry[key]) or \
                     entry[key] == entry.get("input_cost_per_token") or len(thresholds) > 1, f"{name}: {key}"
                 checked["tiers"] += 1
+        for tier in ("flex", "priority"):
+            for key, attr in (("input_cost_per_token", "input"), ("output_cost_per_token", "output"),
+                              ("cache_read_input_token_cost", "cache_read")):
+                if isinstance(entry.get(f"{key}_{tier}"), (int, float)):
+                    assert getattr(price.served_at(tier), attr) == pico_from_usd(entry[f"{key}_{tier}"]), \
+                        f"{name}: {key}_{tier}"
+                    checked[tier] += 1
     for key in ("output_cost_per_reasoning_token", "input_cost_per_audio_token", "output_cost_per_audio_token",
-                "input_cost_per_image_token", "tiers"):
+                "input_cost_per_image_token", "tiers", "flex", "priority"):
         assert checked[key] > 5, key
