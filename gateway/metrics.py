@@ -189,9 +189,13 @@ class Metrics:
                                  ["from_model", "to_model", "reason"], registry=r)
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures.",
                                        ["provider", "model", "error"], registry=r)
+        self.cost_drift_usd = Counter(
+            "gateway_cost_drift_usd", "Absolute difference between the gateway's price of a request and the "
+            "cost the upstream reported for it (OpenRouter, litellm, xAI).", ["provider", "model"], registry=r)
         self._known_models: frozenset[str] = frozenset()
         self.team_label = BoundedValues(EXTRA_TEAMS)
         self.code_label = BoundedValues(EXTRA_CODES, KNOWN_CODES)
+        self.provider_label = BoundedValues(EXTRA_CODES)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._requests: dict[tuple[str, str, str, str, str, str, bool], RequestChildren] = {}
         self._debt: dict[tuple[str, str], int] = {}   # negative savings carried forward, nano-USD
@@ -272,6 +276,15 @@ class Metrics:
 
     def savings_debt(self, team: str, source: str) -> int:
         return self._debt.get((team, source), 0)
+
+    def cost_drift(self, provider: str, model: str, ours_nano: int, upstream_nano: int | None) -> int:
+        """Count how far the gateway's cost of a request is from the upstream's own (nano-USD, either
+        way) when the upstream reported one; returns that difference (0 when none or equal)."""
+        if upstream_nano is None or upstream_nano == ours_nano:
+            return 0
+        drift = abs(ours_nano - upstream_nano)
+        self.child(self.cost_drift_usd, self.provider_label(provider), self.model_label(model)).inc(drift / 1e9)
+        return drift
 
     def set_known_models(self, names: Iterable[str]) -> None:
         self._known_models = frozenset(names)

@@ -8,6 +8,7 @@ pico-USD (1e-12) per token, costs nano-USD (1e-9).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -44,8 +45,9 @@ def test_openai_cached_tokens(book: PriceBook) -> None:
     # gpt-4o-mini: input 1.5e-07, cache read 7.5e-08, output 6e-07 USD/token; no cache-write price,
     # so writes cost the input price.
     price = book.lookup("openai", "gpt-4o-mini")
-    assert price == Price(input=150_000, output=600_000, cache_read=75_000, cache_write=150_000,
-                          cache_write_1h=150_000)
+    assert price is not None
+    assert replace(price, service_tiers=()) == Price(input=150_000, output=600_000, cache_read=75_000,
+                                                     cache_write=150_000, cache_write_1h=150_000)
     usage = usage_from_openai({"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200,
                                "prompt_tokens_details": {"cached_tokens": 400}})
     assert usage == Usage(input_tokens=1000, output_tokens=200, cached_input_tokens=400)
@@ -58,6 +60,14 @@ def test_openai_cached_tokens(book: PriceBook) -> None:
     assert cost_pico(usage, price) == 240_000_000
     assert cost_nano(usage, price) == 240_000
     assert nano_to_usd(240_000) == 0.00024
+    # served at the priority tier (OpenAI says so beside usage): input 2.5e-07, cache read 1.25e-07,
+    # output 1e-06:  600 × 250_000 + 400 × 125_000 + 200 × 1_000_000
+    #              = 150_000_000 + 50_000_000 + 200_000_000 = 400_000_000 pico
+    priority = usage_from_openai({"prompt_tokens": 1000, "completion_tokens": 200,
+                                  "prompt_tokens_details": {"cached_tokens": 400}}, service_tier="priority")
+    assert priority == replace(usage, service_tier="priority")
+    assert cost_nano(priority, price) == 400_000
+    assert usage_from_openai({"prompt_tokens": 1}, service_tier="default") == Usage(input_tokens=1)
 
 
 # litellm 1.106.2 AnthropicConfig.calculate_usage(RAW_ANTHROPIC).model_dump(), trimmed of null fields:

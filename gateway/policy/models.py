@@ -24,6 +24,7 @@ WIRE_APIS = frozenset({"chat", "completions", "embeddings", "messages", "respons
 PRICE_KEYS = frozenset({
     "input_per_mtok", "output_per_mtok", "cache_read_per_mtok", "cache_write_per_mtok",
     "cache_write_1h_per_mtok", "gpu_hour_usd", "input_tokens_per_second", "output_tokens_per_second",
+    "reasoning_per_mtok", "audio_input_per_mtok", "audio_output_per_mtok",
 })
 _PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 

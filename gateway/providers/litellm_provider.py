@@ -15,7 +15,10 @@ plain OpenAI-shaped dicts: litellm's always-null extras are pruned, the final
 usage chunk has ``choices: []``, and usage keeps Anthropic's cache fields
 (``cache_read_input_tokens``, ``cache_creation_input_tokens``, the 5m/1h split in
 ``prompt_tokens_details.cache_creation_token_details`` mirrored as the raw
-``cache_creation`` mapping). litellm's exceptions become gateway upstream errors here.
+``cache_creation`` mapping). A ``cost`` litellm (or the provider behind it) puts in
+usage is never shown to clients as a second, differently computed price: it is
+moved to the private ``_upstream_cost`` key, kept for the cost-drift counter and
+stripped by the pipeline. litellm's exceptions become gateway upstream errors here.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import litellm
 from gateway.errors import UpstreamError, UpstreamRejected, UpstreamTimeout
 from gateway.policy import Deployment
 from gateway.providers.base import Call, error_for_status, upstream_message
+from gateway.usage import UPSTREAM_COST_KEY
 
 litellm.suppress_debug_info = True
 litellm.drop_params = False
@@ -180,8 +184,11 @@ def _clean(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _usage(usage: dict[str, Any]) -> dict[str, Any]:
-    """Usage with null extras dropped and the cache-write TTL split also under Anthropic's own key."""
+    """Usage with null extras dropped, the cache-write TTL split also under Anthropic's own key, and
+    litellm's own ``cost`` moved out of the client's sight to ``_upstream_cost``."""
     out = {k: v for k, v in usage.items() if v is not None}
+    if "cost" in out:
+        out[UPSTREAM_COST_KEY] = out.pop("cost")
     details = out.get("prompt_tokens_details")
     tiers = details.get("cache_creation_token_details") if isinstance(details, dict) else None
     if isinstance(tiers, dict) and "cache_creation" not in out:
