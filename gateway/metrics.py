@@ -189,6 +189,8 @@ class Metrics:
                                  ["from_model", "to_model", "reason"], registry=r)
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures.",
                                        ["provider", "model", "error"], registry=r)
+        self.token_counts = Counter("gateway_token_counts", "Token-count requests (never charged), by who counted.",
+                                    ["team", "source"], registry=r)
         self.cost_drift_usd = Counter(
             "gateway_cost_drift_usd", "Absolute difference between the gateway's price of a request and the "
             "cost the upstream reported for it (OpenRouter, litellm, xAI).", ["provider", "model"], registry=r)
@@ -247,6 +249,10 @@ class Metrics:
         self.child(self.requests, self.team_label(team) if team is not None else "none",
                    self.model_label(model) if model is not None else OTHER, "none", "none",
                    self.code_label(status), "bypass").inc()
+
+    def tokens_counted(self, team: str, source: str) -> None:
+        """A token-count request answered, by the upstream or by the gateway's estimate."""
+        self.child(self.token_counts, self.team_label(team), source).inc()
 
     def budget_refused(self, team: str) -> None:
         self.child(self.budget_rejections, self.team_label(team)).inc()

@@ -26,6 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from gateway.admin.api import AdminApi
+from gateway.api.anthropic.codec import MessagesCodec
+from gateway.api.anthropic.count import count_tokens_estimate
 from gateway.api.openai_codec import OpenAICodec
 from gateway.budgets.rules import budget_rules
 from gateway.errors import (
@@ -46,6 +48,7 @@ from gateway.pipeline.lifecycle import Pipeline
 from gateway.pipeline.request import Inbound, Reply, StreamReply
 from gateway.policy import Policies, load_policies
 from gateway.policy.reloader import PolicyWatcher
+from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import Provider
 from gateway.providers.httpclient import HttpClient
 from gateway.providers.openai_compat import OpenAICompatProvider
@@ -61,11 +64,14 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _CHAT, _COMPLETIONS, _EMBEDDINGS = OpenAICodec("chat"), OpenAICodec("completions"), OpenAICodec("embeddings")
+_MESSAGES = MessagesCodec()
 PROXY_ROUTES: dict[str, Codec] = {
     "/v1/chat/completions": _CHAT, "/chat/completions": _CHAT,
     "/v1/completions": _COMPLETIONS, "/completions": _COMPLETIONS,
     "/v1/embeddings": _EMBEDDINGS, "/embeddings": _EMBEDDINGS,
+    "/v1/messages": _MESSAGES, "/messages": _MESSAGES,
 }
+COUNT_ROUTES = frozenset({"/v1/messages/count_tokens", "/messages/count_tokens"})
 
 
 @dataclass
@@ -94,7 +100,8 @@ class AppState:
 
 
 def build_providers(policies: Policies, client: HttpClient) -> dict[str, Provider]:
-    providers: dict[str, Provider] = {"openai": OpenAICompatProvider(client), "simulated": SimulatedProvider()}
+    providers: dict[str, Provider] = {"openai": OpenAICompatProvider(client), "simulated": SimulatedProvider(),
+                                      "anthropic": AnthropicProvider(client)}
     if any(not d.openai_compatible and d.provider != "simulated" for d in policies.deployments):
         from gateway.providers.litellm_provider import LiteLLMProvider  # heavy import, only when used
 
@@ -130,7 +137,37 @@ class GatewayApp:
             if codec is not None:
                 await self.proxy(codec, scope, receive, send)
                 return
+            if scope["path"] in COUNT_ROUTES:
+                await self.count_tokens(_MESSAGES, scope, receive, send)
+                return
         await self.api(scope, receive, send)
+
+    async def count_tokens(self, codec: Codec, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v1/messages/count_tokens``: the prompt's input tokens, never charged."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        pipeline = self.state.pipeline
+        request_id = pipeline.ids.next(headers.get("x-request-id"))
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"Use POST for {scope['path']}.")
+            raw = await read_body(receive, headers, self.state.settings.max_body_bytes)
+            body = codec.decode(raw)
+            if isinstance(body, dict) and "max_tokens" not in body:
+                body = {**body, "max_tokens": 1}    # count_tokens takes no max_tokens
+            tokens = await pipeline.count_tokens(Inbound(body, len(raw), headers, request_id), codec,
+                                                 count_tokens_estimate)
+        except GatewayError as exc:
+            await send_error(send, codec, exc, request_id)
+            return
+        except Exception:
+            log.exception("request %s failed", request_id)
+            await send_error(send, codec, internal_error(), request_id)
+            return
+        data = orjson.dumps({"input_tokens": tokens})
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"x-request-id", request_id.encode()),
+            (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
 
     async def proxy(self, codec: Codec, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -185,8 +222,7 @@ async def read_body(receive: Receive, headers: dict[str, str], limit: int) -> by
 
 async def send_error(send: Send, codec: Codec, exc: GatewayError, request_id: str, route: str | None = None) -> None:
     """The error reply, in the envelope of the codec's API."""
-    headers = codec.error_headers()
-    headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())
+    headers = codec.error_headers(exc)
     headers.append((b"x-request-id", request_id.encode()))
     if route is not None:   # refused or failed after routing: which rule decided
         headers.append((b"x-gateway-route", route.encode()))

@@ -20,14 +20,14 @@ import orjson
 from gateway.api import openai_sse
 from gateway.api.openai_validation import validate
 from gateway.budgets.rules import cap_output, requested_output
-from gateway.errors import GatewayError, InvalidRequest, error_body
+from gateway.errors import GatewayError, InvalidRequest, error_body, error_headers
 from gateway.pipeline.request import Inbound, Request, nano_float
 from gateway.policy import Deployment
-from gateway.pricing import Usage, usage_from_openai
+from gateway.pricing import Usage, upstream_cost_nano, usage_from_openai
 from gateway.tokens import count_completion_text
+from gateway.usage import UPSTREAM_COST_KEY
 
 MAX_DEPTH = 128     # nesting the gateway accepts; upstream serialisers give up at a few hundred
-_JSON = [(b"content-type", b"application/json")]
 
 
 def parse_json(raw: bytes) -> Any:
@@ -113,16 +113,21 @@ class OpenAICodec:
         usage = body.get("usage")
         return usage_from_openai(usage if isinstance(usage, dict) else None)
 
+    def upstream_cost(self, wire: str, body: dict[str, Any]) -> int | None:
+        usage = body.get("usage")
+        return upstream_cost_nano(usage) if isinstance(usage, dict) else None
+
     def estimate_output(self, wire: str, body: dict[str, Any], model: str) -> int:
         return sum(count_completion_text(choice_text(c), model) for c in body.get("choices") or ()
                    if isinstance(c, dict))
 
     def encode_reply(self, req: Request, wire: str, body: dict[str, Any], usage: Usage, cost_nano: int,
-                     deployment: Deployment) -> bytes:
+                     deployment: Deployment) -> tuple[bytes, dict[str, Any]]:
         if not isinstance(body.get("usage"), dict):   # the upstream reported none: the gateway's count
             body["usage"] = usage_dict(usage)
+        body["usage"].pop(UPSTREAM_COST_KEY, None)
         body["usage"]["cost_usd"] = nano_float(cost_nano)
-        return orjson.dumps(body)
+        return orjson.dumps(body), body
 
     def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> OpenAIStream:
         return OpenAIStream(req, deployment, assemble)
@@ -137,8 +142,8 @@ class OpenAICodec:
     def error_body(self, exc: GatewayError) -> bytes:
         return error_body(exc)
 
-    def error_headers(self) -> list[tuple[bytes, bytes]]:
-        return list(_JSON)
+    def error_headers(self, exc: GatewayError) -> list[tuple[bytes, bytes]]:
+        return error_headers(exc)
 
 
 class OpenAIStream:
@@ -160,6 +165,9 @@ class OpenAIStream:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.reported = usage
+            if UPSTREAM_COST_KEY in usage:   # the upstream's own cost: for the drift counter, never the client
+                usage = {k: v for k, v in usage.items() if k != UPSTREAM_COST_KEY}
+                chunk = {**chunk, "usage": usage}
         choices = chunk.get("choices")
         if isinstance(usage, dict) and not choices:
             self.usage_chunk = chunk           # held back: priced, then sent last if asked for
@@ -175,6 +183,9 @@ class OpenAIStream:
 
     def usage(self) -> Usage | None:
         return usage_from_openai(self.reported) if self.reported else None
+
+    def upstream_cost(self) -> int | None:
+        return upstream_cost_nano(self.reported) if self.reported else None
 
     def output_tokens(self, model: str) -> int:
         return sum(count_completion_text("".join(parts), model) for parts in self.texts.values())

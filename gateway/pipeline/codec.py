@@ -35,6 +35,10 @@ class StreamEncoder(Protocol):
         """The usage the upstream reported so far (None: none yet)."""
         ...
 
+    def upstream_cost(self) -> int | None:
+        """What the upstream said the request cost, in nano-USD (None: it did not say)."""
+        ...
+
     def output_tokens(self, model: str) -> int:
         """The gateway's count of the output delivered so far (when the upstream reports no usage)."""
         ...
@@ -71,10 +75,16 @@ class Codec(Protocol):
 
     def reply_usage(self, wire: str, body: dict[str, Any]) -> Usage | None: ...
 
+    def upstream_cost(self, wire: str, body: dict[str, Any]) -> int | None:
+        """What the upstream said the request cost, in nano-USD (None: it did not say)."""
+        ...
+
     def estimate_output(self, wire: str, body: dict[str, Any], model: str) -> int: ...
 
     def encode_reply(self, req: Request, wire: str, body: dict[str, Any], usage: Usage, cost_nano: int,
-                     deployment: Deployment) -> bytes: ...
+                     deployment: Deployment) -> tuple[bytes, dict[str, Any]]:
+        """(the reply's bytes, the answer in the client's shape, for the response cache)."""
+        ...
 
     def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> StreamEncoder:
         """The relay of one stream; ``assemble``: also keep the whole answer for the response cache."""
@@ -86,4 +96,6 @@ class Codec(Protocol):
 
     def error_body(self, exc: GatewayError) -> bytes: ...
 
-    def error_headers(self) -> list[tuple[bytes, bytes]]: ...
+    def error_headers(self, exc: GatewayError) -> list[tuple[bytes, bytes]]:
+        """Content type and the error's own headers (``retry-after``, ...)."""
+        ...

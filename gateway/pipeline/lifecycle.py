@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -174,10 +174,11 @@ class Pipeline:
             wire = codec.call_body(req, deployment)[0]
             usage = codec.reply_usage(wire, body) or self.estimate(req, deployment, codec.estimate_output(
                 wire, body, deployment.upstream_model))
+            ticket.upstream_cost_nano = codec.upstream_cost(wire, body)
             await ticket.finish("ok", usage, record_later=True)
-            data = codec.encode_reply(req, wire, body, usage, ticket.cost_nano, deployment)
-            await self.savers.store(req, ticket, deployment, body)
-            headers = self.headers(req, ticket, deployment, settled=True)
+            data, answer = codec.encode_reply(req, wire, body, usage, ticket.cost_nano, deployment)
+            await self.savers.store(req, ticket, deployment, answer)
+            headers = self.headers(req, ticket, deployment, settled=True, wire=wire)
             headers.append((b"x-gateway-cost-usd", usd_str(ticket.cost_nano).encode()))
         except BaseException as exc:
             if ticket.finished:
@@ -195,7 +196,7 @@ class Pipeline:
                 req, ticket, lambda d, timeout: self.build_call(req, codec, ticket, d, timeout))
             wire = codec.call_body(req, deployment)[0]
             encoder = codec.stream(req, wire, deployment, self.savers.assembles(req))
-            headers = self.headers(req, ticket, deployment, settled=False)
+            headers = self.headers(req, ticket, deployment, settled=False, wire=wire)
             headers[0] = (b"content-type", b"text/event-stream")
             headers.append((b"cache-control", b"no-cache"))
 
@@ -265,7 +266,31 @@ class Pipeline:
             raise
         return summary_text(answer), ticket.cost_nano
 
-    def headers(self, req: Request, ticket: Ticket, deployment: Deployment, settled: bool) -> Headers:
+    async def count_tokens(self, inbound: Inbound, codec: Codec,
+                           estimate: Callable[[dict[str, Any]], int]) -> int:
+        """Input tokens of a request, never charged: by the first candidate's own counting endpoint when it
+        speaks the request's API natively, else (or when that fails) by ``estimate``."""
+        principal = await self.authenticate(inbound.headers, self.policies)
+        inbound.team = principal.team
+        inbound.request = req = codec.validate(inbound)
+        req.policies = self.policies
+        plan = self.resolve(req, principal, req.model)
+        deployment = plan.candidates[0]
+        counter = self.attempts.providers.get("anthropic") if req.endpoint == "messages" else None
+        if counter is not None and deployment.speaks(req.endpoint) and isinstance(req.native, dict):
+            call = Call("count_tokens", {**req.native, "model": deployment.upstream_model}, deployment,
+                        deployment.timeout_s or self.attempts.default_timeout_s, req.headers)
+            try:
+                tokens = int(await counter.count_tokens(call))   # type: ignore[attr-defined]
+                self.metrics.tokens_counted(principal.team, "upstream")
+                return tokens
+            except GatewayError as exc:
+                log.warning("count_tokens on %s failed, estimating: %s", deployment.id, exc.message)
+        self.metrics.tokens_counted(principal.team, "estimate")
+        return estimate(req.native if isinstance(req.native, dict) else req.body)
+
+    def headers(self, req: Request, ticket: Ticket, deployment: Deployment, settled: bool,
+                wire: str | None = None) -> Headers:
         headers = [
             (b"content-type", b"application/json"),
             (b"x-request-id", req.request_id.encode()),
@@ -276,6 +301,9 @@ class Pipeline:
         ]
         if req.compression is not None:
             headers.append((b"x-gateway-compression", req.compression.header.encode()))
+        if req.dropped and wire is not None and wire != req.endpoint:   # translated: what the target cannot do
+            headers.append((b"x-gateway-dropped", ", ".join(req.dropped).encode()))
+            log.info("request %s to %s: dropped %s", req.request_id, deployment.id, ", ".join(req.dropped))
         admission = ticket.admission
         if admission is not None:
             if admission.remaining_nano is not None:   # after settling; for a stream, with its hold still out

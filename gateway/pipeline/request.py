@@ -77,6 +77,8 @@ class Request:
     route: str | None = None               # once routed: the rule that decided (also on error replies)
     overhead: bool = False                 # a compression summary call made on behalf of another request
     recorded: bool = False                 # its ticket wrote the ledger record (the edge counts the rest)
+    native: Any = None                     # the body as the client sent it, when the API is not chat-shaped
+    dropped: tuple[str, ...] = ()          # features a translation to chat cannot carry (x-gateway-dropped)
 
     @property
     def cache_result(self) -> str:

@@ -56,6 +56,7 @@ async def relay(ticket: Ticket, deployment: Deployment, first: dict[str, Any] | 
         status = "ok" if finished else (error.code or "error") if error else "client_closed"
         try:
             usage = encoder.usage()
+            ticket.upstream_cost_nano = encoder.upstream_cost()
             if usage is None:
                 model = deployment.upstream_model
                 usage = Usage(input_tokens=prompt_tokens(), output_tokens=encoder.output_tokens(model),

@@ -47,7 +47,7 @@ class Ticket:
 
     __slots__ = ("books", "req", "principal", "plan", "reservation", "admission", "capped", "output_cap",
                  "deployment", "usage", "cost_nano", "baseline_nano", "savings", "upstream_s", "ttft_s",
-                 "status", "_finished", "_recorded")
+                 "upstream_cost_nano", "status", "_finished", "_recorded")
 
     def __init__(self, books: Books, req: Request, principal: Principal, plan: Plan,
                  reservation: ReserveRequest | None = None, admission: Admission | None = None,
@@ -67,6 +67,7 @@ class Ticket:
         self.savings: dict[str, int] = {}
         self.upstream_s = 0.0
         self.ttft_s: float | None = None
+        self.upstream_cost_nano: int | None = None   # what the upstream said the request cost, if it said
         self.status = "ok"
         self._finished = False
         self._recorded = False
@@ -90,6 +91,9 @@ class Ticket:
                 self.baseline_nano, self.savings = hit.baseline_nano, dict(hit.savings)
             elif usage is not None and self.deployment is not None:
                 self._price(self.deployment, usage)
+                if self.upstream_cost_nano is not None:
+                    self.books.metrics.cost_drift(self.deployment.provider, self.deployment.model, self.cost_nano,
+                                                  self.upstream_cost_nano)
         except Exception:   # a bug in pricing must still release the hold and leave a record
             log.exception("pricing request %s failed", self.req.request_id)
         try:
