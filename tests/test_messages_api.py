@@ -16,8 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import pytest
+
+try:     # the SDK's own HTTP package: httpx2 from anthropic 2.x, httpx before
+    import httpx2 as sdk_http  # type: ignore[import-not-found]
+except ImportError:
+    import httpx as sdk_http
 
 from gateway.api.app import GatewayApp, create_app
 from gateway.settings import Settings
@@ -54,14 +58,14 @@ teams:
 class Gw:
     def __init__(self, app: GatewayApp) -> None:
         self.app = app
-        self.http: list[httpx.AsyncClient] = []
+        self.http: list[Any] = []
 
     async def key(self, team: str) -> str:
         _, secret = await self.app.state.state.key_store.create(team, "test")
         return str(secret)
 
     def client(self, key: str) -> anthropic.AsyncAnthropic:
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gateway")
+        http = sdk_http.AsyncClient(transport=sdk_http.ASGITransport(app=self.app), base_url="http://gateway")
         self.http.append(http)
         return anthropic.AsyncAnthropic(base_url="http://gateway", api_key=key, max_retries=0, http_client=http)
 
@@ -100,7 +104,7 @@ async def test_native_json_keeps_every_field_and_prices_cache_tiers(gw: Gw, mock
         thinking={"type": "enabled", "budget_tokens": 100}, metadata={"user_id": "u-1"},
         extra_body={"context_management": {"edits": []}, "future_field": {"x": 1}},
         extra_headers={"anthropic-beta": "context-management-2025-06-27"})
-    message = raw.parse()
+    message = await raw.parse()
     sent = mock_anthropic.last
     assert sent.body["model"] == "claude-sonnet-4-5" and sent.body["future_field"] == {"x": 1}
     assert sent.body["thinking"] == {"type": "enabled", "budget_tokens": 100}
@@ -121,16 +125,19 @@ async def test_native_stream_passes_events_and_ends_with_the_cost(gw: Gw, mock_a
     mock_anthropic.set(input=40, output=5, thinking="let me think")
     client = gw.client(await gw.key("paying"))
     kinds: list[str] = []
+    delta_usage: dict[str, Any] = {}
     async with client.messages.stream(model="claude-sonnet", max_tokens=64,
                                       messages=[{"role": "user", "content": "hi"}]) as stream:
         async for event in stream:
             kinds.append(event.type)
+            if event.type == "message_delta":
+                delta_usage = event.usage.model_dump()
         final = await stream.get_final_message()
     assert final.content[0].type == "thinking" and final.content[0].signature
     assert final.content[-1].text == "Hello from the mock Anthropic API."
     assert "message_start" in kinds and "message_stop" in kinds and "content_block_delta" in kinds
     cost = nano_of(40 * IN + 5 * OUT)
-    assert final.usage.model_extra["cost_usd"] == cost / 1e9
+    assert delta_usage["cost_usd"] == cost / 1e9 and kinds[-1] == "message_stop"
     [record] = await gw.records()
     assert record.cost_nano == cost and record.stream and record.status == "ok"
 
@@ -140,25 +147,29 @@ async def test_translated_to_a_chat_deployment(gw: Gw) -> None:
     raw = await client.messages.with_raw_response.create(
         model="local", max_tokens=50, messages=[{"role": "user", "content": "hello"}],
         thinking={"type": "adaptive"}, extra_body={"context_management": {"edits": []}})
-    message = raw.parse()
+    message = await raw.parse()
     assert message.type == "message" and message.content[0].type == "text" and message.stop_reason
     assert "thinking" in raw.headers["x-gateway-dropped"]
     [record] = await gw.records()
     assert record.output_tokens == 6 and record.cost_nano == nano_of(record.input_tokens * 1_000_000 + 6 * 2_000_000)
     assert message.usage.model_extra["cost_usd"] == record.cost_nano / 1e9
+    delta_usage: dict[str, Any] = {}
     async with client.messages.stream(model="local", max_tokens=50,
                                       messages=[{"role": "user", "content": "hello"}]) as stream:
+        async for event in stream:
+            if event.type == "message_delta":
+                delta_usage = event.usage.model_dump()
         final = await stream.get_final_message()
     assert final.content[0].text.strip() and final.usage.output_tokens == 6
     records = await gw.records()
-    assert len(records) == 2 and final.usage.model_extra["cost_usd"] == records[1].cost_nano / 1e9
+    assert len(records) == 2 and delta_usage["cost_usd"] == records[1].cost_nano / 1e9
 
 
 async def test_errors_raise_the_sdks_own_exceptions(gw: Gw) -> None:
+    client = gw.client(await gw.key("paying"))      # a key exists: no first-run mode
     with pytest.raises(anthropic.AuthenticationError):
         await gw.client("sk-wrong").messages.create(model="local", max_tokens=5,
                                                    messages=[{"role": "user", "content": "x"}])
-    client = gw.client(await gw.key("paying"))
     with pytest.raises(anthropic.BadRequestError) as bad:
         await client.messages.create(model="local", max_tokens=0, messages=[{"role": "user", "content": "x"}])
     assert bad.value.body["type"] == "error"     # type: ignore[index]
