@@ -111,7 +111,7 @@ class OpenAICodec:
 
     def reply_usage(self, wire: str, body: dict[str, Any]) -> Usage | None:
         usage = body.get("usage")
-        return usage_from_openai(usage if isinstance(usage, dict) else None)
+        return usage_from_openai(usage if isinstance(usage, dict) else None, service_tier=body.get("service_tier"))
 
     def upstream_cost(self, wire: str, body: dict[str, Any]) -> int | None:
         usage = body.get("usage")
@@ -149,7 +149,7 @@ class OpenAICodec:
 class OpenAIStream:
     """Relays one OpenAI stream (see the module docstring)."""
 
-    __slots__ = ("req", "deployment", "texts", "reported", "usage_chunk", "assembler")
+    __slots__ = ("req", "deployment", "texts", "reported", "usage_chunk", "assembler", "service_tier")
 
     def __init__(self, req: Request, deployment: Deployment, assemble: bool) -> None:
         self.req = req
@@ -158,6 +158,7 @@ class OpenAIStream:
         self.reported: dict[str, Any] | None = None
         self.usage_chunk: dict[str, Any] | None = None
         self.assembler = openai_sse.StreamAssembler(req.endpoint) if assemble else None
+        self.service_tier: Any = None
 
     def feed(self, chunk: dict[str, Any]) -> bytes | None:
         if self.assembler is not None:
@@ -165,6 +166,7 @@ class OpenAIStream:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.reported = usage
+            self.service_tier = chunk.get("service_tier")
             if UPSTREAM_COST_KEY in usage:   # the upstream's own cost: for the drift counter, never the client
                 usage = {k: v for k, v in usage.items() if k != UPSTREAM_COST_KEY}
                 chunk = {**chunk, "usage": usage}
@@ -182,7 +184,7 @@ class OpenAIStream:
         return _frame(chunk)
 
     def usage(self) -> Usage | None:
-        return usage_from_openai(self.reported) if self.reported else None
+        return usage_from_openai(self.reported, service_tier=self.service_tier) if self.reported else None
 
     def upstream_cost(self) -> int | None:
         return upstream_cost_nano(self.reported) if self.reported else None

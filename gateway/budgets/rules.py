@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
 from gateway.policy import Deployment, TeamSpec
-from gateway.pricing import Price, usd_to_nano
+from gateway.pricing import usd_to_nano
 from gateway.state.budgets import Admission, BudgetRule, Period, RateRule, Refusal
 from gateway.state.keys import KeyRecord
 
@@ -79,10 +79,6 @@ def prompt_bound(deployment: Deployment, prompt_tokens: int) -> int:
     return prompt_tokens + (prompt_tokens + 3) // 4
 
 
-def _input_price(price: Price) -> int:
-    return max(price.input, price.cache_write, price.cache_write_1h)   # prompt caching may write every token
-
-
 def _pico_to_nano(pico: int) -> int:
     return (pico + 999) // 1000
 
@@ -98,9 +94,10 @@ def worst_case(body: dict[str, Any], candidates: tuple[Deployment, ...], prompt_
     for d in candidates:
         prompt = prompt_bound(d, prompt_tokens)
         out = 0 if endpoint == "embeddings" else output_cap(body, d) * choices
-        in_pico = prompt * _input_price(d.price)
-        worst_cost = max(worst_cost, _pico_to_nano(in_pico + out * d.price.output))
-        least = max(least, _pico_to_nano(in_pico + (d.price.output * choices if out else 0)))
+        rate_in, rate_out = d.price.hold_rates(prompt, body.get("service_tier"))
+        in_pico = prompt * rate_in
+        worst_cost = max(worst_cost, _pico_to_nano(in_pico + out * rate_out))
+        least = max(least, _pico_to_nano(in_pico + (rate_out * choices if out else 0)))
         worst_tokens = max(worst_tokens, prompt + out)
     return worst_cost, least, worst_tokens
 
@@ -111,10 +108,12 @@ def affordable_output(hold_nano: int, body: dict[str, Any], candidates: tuple[De
     choices = choices_of(body)
     cap = None
     for d in candidates:
-        if d.price.output <= 0:
+        prompt = prompt_bound(d, prompt_tokens)
+        rate_in, rate_out = d.price.hold_rates(prompt, body.get("service_tier"))
+        if rate_out <= 0:
             continue
-        left = hold_nano * 1000 - prompt_bound(d, prompt_tokens) * _input_price(d.price)
-        fits = max(0, left) // (d.price.output * choices)
+        left = hold_nano * 1000 - prompt * rate_in
+        fits = max(0, left) // (rate_out * choices)
         cap = fits if cap is None else min(cap, fits)
     return cap if cap is not None else output_cap(body, candidates[0])
 

@@ -173,7 +173,8 @@ def _why_not(rule: Route, inp: RouteInput, facts: _Facts) -> str | None:
 
 
 def estimated_cost_pico(price: Price, prompt_tokens: int, output_tokens: int) -> int:
-    return prompt_tokens * price.input + output_tokens * price.output
+    rates = price.at(prompt_tokens)    # a long prompt may fall in a dearer tier
+    return prompt_tokens * rates.input + output_tokens * rates.output
 
 
 def _expected_output(body: dict[str, Any], default: int) -> int:

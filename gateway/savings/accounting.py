@@ -41,9 +41,7 @@ class Accounting:
 
 def uncached(usage: Usage, input_tokens: int | None = None) -> Usage:
     """The same usage with every prompt token priced as plain input (optionally another prompt size)."""
-    return Usage(input_tokens=usage.input_tokens if input_tokens is None else input_tokens,
-                 output_tokens=usage.output_tokens, reasoning_tokens=usage.reasoning_tokens,
-                 estimated=usage.estimated)
+    return usage.uncached(input_tokens)
 
 
 def account(usage: Usage, price: Price, baseline: Price, *, removed_tokens: int = 0,
