@@ -143,11 +143,16 @@ class Origin:
 class Response:
     """One upstream response; its body arrives as the connection reads it."""
 
-    __slots__ = ("status", "headers", "deadline", "_chunks", "_done", "_exc", "_waiter", "_conn", "_loop")
+    __slots__ = ("status", "headers", "deadline", "idle", "rearm", "_chunks", "_done", "_exc", "_waiter",
+                 "_conn", "_loop")
 
     def __init__(self, conn: _Connection, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self.status = 0
         self.deadline = deadline        # loop time by which every wait for more must end
+        # A reader that sets ``rearm`` (cheap, e.g. once per SSE event) moves the deadline to ``idle``
+        # seconds after the next wait begins, instead of reading the clock itself each time.
+        self.idle = 0.0
+        self.rearm = False
         self.headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
         self._done = False
@@ -180,6 +185,9 @@ class Response:
         self._wake()
 
     async def _wait(self) -> None:
+        if self.rearm:
+            self.rearm = False
+            self.deadline = self._loop.time() + self.idle
         waiter = self._loop.create_future()
         self._waiter = waiter
         handle = self._loop.call_at(self.deadline, _expire, waiter)

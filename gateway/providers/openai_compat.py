@@ -146,10 +146,11 @@ async def _sse_events(resp: Response, idle: float, limit: int = MAX_EVENT_BYTES)
     """The ``data`` payload of each server-sent event (multi-line data joined by newlines).
 
     The first event must arrive by the response's deadline (the call's); each later one within
-    ``idle`` seconds of the one before. A line or an event's data over ``limit`` bytes raises
+    ``idle`` seconds of the one before (of the first wait for more after it, precisely: the clock is
+    read only when a wait begins). A line or an event's data over ``limit`` bytes raises
     :class:`ProtocolViolation`.
     """
-    clock = resp._loop.time
+    resp.idle = idle
     buffer = b""
     data: list[bytes] = []
     async for chunk in resp.iter_chunks():
@@ -164,7 +165,7 @@ async def _sse_events(resp: Response, idle: float, limit: int = MAX_EVENT_BYTES)
             if not line:
                 if data:
                     yield b"\n".join(data)
-                    resp.deadline = clock() + idle
+                    resp.rearm = True
                     data = []
             elif line.startswith(b"data:"):
                 value = line[5:]
