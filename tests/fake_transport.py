@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ class Seen:
 class Script:
     """What the upstream sends for one request: ``(delay_s, bytes | CLOSE)`` steps, in order."""
 
-    steps: list[tuple[float, bytes | None]]
+    steps: Sequence[tuple[float, bytes | None]]
 
 
 def head(status: int, headers: dict[str, str]) -> bytes:
@@ -80,7 +80,8 @@ class FakeTransport(asyncio.Transport):
         self.protocol = protocol
         self.loop = asyncio.get_running_loop()
         self.closed = False
-        self.handles: list[asyncio.TimerHandle] = []
+        self.queue: list[tuple[float, bytes | None]] = []
+        self.handle: asyncio.TimerHandle | None = None
         self._reset_parser()
 
     def _reset_parser(self) -> None:
@@ -105,18 +106,29 @@ class FakeTransport(asyncio.Transport):
         self._play(self.upstream.handler(seen))
 
     def _play(self, script: Script) -> None:
-        at = 0.0
-        for delay, data in script.steps:
-            at += delay
-            self.handles.append(self.loop.call_later(at, self._step, data))
+        # one step per loop turn at the earliest (each scheduled when the one before ran), as a socket
+        # delivers reads: the client's reader gets to run between pieces however late the timers fire
+        self.queue.extend(script.steps)
+        if self.handle is None:
+            self._next()
+
+    def _next(self) -> None:
+        self.handle = None
+        if self.queue and not self.closed:
+            delay, data = self.queue.pop(0)
+            self.handle = self.loop.call_later(delay, self._step, data)
 
     def _step(self, data: bytes | None) -> None:
+        self.handle = None
         if self.closed:
             return
         if data is None:
             self.close()
-        else:
-            self.protocol.data_received(data)
+            return
+        self.upstream.delivered += len(data)
+        self.protocol.data_received(data)
+        if self.handle is None:
+            self._next()
 
     # asyncio.Transport
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -131,8 +143,9 @@ class FakeTransport(asyncio.Transport):
         if self.closed:
             return
         self.closed = True
-        for handle in self.handles:
-            handle.cancel()
+        if self.handle is not None:
+            self.handle.cancel()
+        self.queue.clear()
         self.upstream.open -= 1
         self.loop.call_soon(self.protocol.connection_lost, None)
 
@@ -151,6 +164,7 @@ class FakeUpstream:
     requests: list[Seen] = field(default_factory=list)
     connects: int = 0
     open: int = 0
+    delivered: int = 0                  # response bytes handed to the client
     refuse: OSError | None = None
 
     async def connect(self, factory: Callable[[], asyncio.Protocol], origin: Origin,

@@ -272,6 +272,7 @@ async def test_unreachable_upstream(provider: LiteLLMProvider, deployment: Deplo
     with pytest.raises(UpstreamError) as info:
         await provider.complete(chat(gone, timeout=5.0))
     assert info.value.retryable and not isinstance(info.value, UpstreamRejected)
+    assert gone.api_base and gone.api_base.rsplit(":", 1)[1] not in info.value.message   # no host:port shown
 
 
 async def test_mid_stream_error(provider: LiteLLMProvider, deployment: Deployment,

@@ -127,6 +127,29 @@ async def test_complete_sends_one_request_and_reuses_the_connection(
     assert sent.json() == {"model": "up-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
+async def test_a_stale_keep_alive_connection_is_replaced_once(provider: OpenAICompatProvider,
+                                                               upstream: FakeUpstream, deployment: Deployment) -> None:
+    replies = iter([json_response(200, ANSWER), Script([(0.0, CLOSE)]), json_response(200, ANSWER)])
+    upstream.handler = lambda seen: next(replies)
+    await provider.complete(chat(deployment))
+    assert await provider.complete(chat(deployment)) == ANSWER      # the idle one died unanswered: a fresh one
+    assert upstream.connects == 2 and len(upstream.requests) == 3
+
+
+async def test_a_huge_error_body_is_read_only_in_part(provider: OpenAICompatProvider, upstream: FakeUpstream,
+                                                      deployment: Deployment, caplog: pytest.LogCaptureFixture) -> None:
+    size = 64 << 20                                                  # announced, never all sent
+    piece = b"E" * (1 << 20)
+    upstream.handler = lambda seen: Script(
+        [(0.0, head(500, {"content-type": "text/plain", "content-length": str(size)}))]
+        + [(0.01, piece) for _ in range(size // len(piece))])
+    with caplog.at_level(logging.WARNING, "gateway"), pytest.raises(UpstreamError) as info:
+        await provider.complete(chat(deployment))
+    assert "HTTP 500" in info.value.message and "EEEE" in caplog.text
+    await asyncio.sleep(0)
+    assert upstream.open == 0                                        # dropped after the first 64 KiB
+
+
 async def test_stream_yields_events_until_done(provider: OpenAICompatProvider, upstream: FakeUpstream,
                                                deployment: Deployment) -> None:
     upstream.handler = lambda seen: sse_response([event("Hel"), event("lo", "stop"), USAGE_EVENT])
@@ -154,7 +177,7 @@ async def test_sse_framing_crlf_multiline_data_and_comments(provider: OpenAIComp
 async def test_cut_stream_is_an_upstream_error_after_the_chunks_already_read(
         provider: OpenAICompatProvider, upstream: FakeUpstream, deployment: Deployment) -> None:
     script = sse_response([event("one"), event("two")], done=False)
-    script.steps = script.steps[:-1] + [(0.0, CLOSE)]                  # no terminating chunk: cut
+    script.steps = [*script.steps[:-1], (0.0, CLOSE)]                # no terminating chunk: cut
     upstream.handler = lambda seen: script
     seen: list[dict[str, Any]] = []
     with pytest.raises(UpstreamError) as info:
@@ -238,7 +261,7 @@ async def test_stream_after_the_first_event_has_an_idle_limit_between_events(
     # then an event that drips in slower than the idle limit allows
     slow = b"data: " + event("late") + b"\n\n"
     upstream.handler = lambda seen: Script(
-        sse_response([event("early")], done=False).steps[:-1] + [(0.1, chunked(slow[i:i + 1]))
+        [*sse_response([event("early")], done=False).steps[:-1]] + [(0.1, chunked(slow[i:i + 1]))
                                                                  for i in range(len(slow))])
     seen: list[dict[str, Any]] = []
     with pytest.raises(UpstreamTimeout):
@@ -252,14 +275,14 @@ async def test_an_sse_line_over_the_limit_fails_the_stream_and_drops_the_connect
     steps: list[tuple[float, bytes | None]] = [
         (0.0, head(200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"})),
         (0.0, chunked(b"data: " + event("fine") + b"\n\n")), (0.0, chunked(b"data: {\"a\": \""))]
-    steps += [(0.0, chunked(piece)) for _ in range((MAX_EVENT_BYTES * 50) // len(piece))]   # 50 MiB, no newline
+    steps += [(0.001, chunked(piece)) for _ in range((MAX_EVENT_BYTES * 50) // len(piece))]   # 50 MiB, no newline
     upstream.handler = lambda seen: Script(steps)
     seen: list[dict[str, Any]] = []
     with pytest.raises(UpstreamError) as info:
         await collect(provider, chat(deployment, stream=True), seen)
     assert "stream event too large" in info.value.message and len(seen) == 1
     await asyncio.sleep(0)
-    assert upstream.open == 0          # the connection was aborted, the rest of the line never read
+    assert upstream.open == 0 and upstream.delivered < 3 * MAX_EVENT_BYTES   # aborted: the rest never read
 
 
 async def test_many_data_lines_over_the_limit_fail_the_stream(provider: OpenAICompatProvider,

@@ -35,7 +35,7 @@ class Call:
     endpoint: str   # wire format of body: chat, completions, embeddings, messages, responses
     body: dict[str, Any]
     deployment: Deployment
-    timeout_s: float
+    timeout_s: float    # the call's deadline; a stream's until its first chunk, then the idle limit between chunks
     headers: dict[str, str] = field(default_factory=dict)   # client headers forwarded as is (anthropic-beta, ...)
 
 

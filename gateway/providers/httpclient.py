@@ -205,6 +205,17 @@ class Response:
             raise self._exc
         return b"".join(self._chunks)
 
+    async def read_prefix(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of the body, by :attr:`deadline`; the connection is dropped if more
+        was coming (for bodies only worth a look, such as an error's)."""
+        while not self._done and sum(map(len, self._chunks)) < limit:
+            await self._wait()
+        if self._exc is not None:
+            raise self._exc
+        data = b"".join(self._chunks)
+        self.close()
+        return data[:limit]
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; each wait for more ends by :attr:`deadline` (read anew every wait,
         so a consumer may move it on)."""

@@ -81,13 +81,15 @@ class LiteLLMProvider:
 
     async def complete(self, call: Call) -> dict[str, Any]:
         kwargs = _kwargs(call)
+        # litellm's own timeout bounds each read; the call's deadline bounds the whole call
         with litellm_errors(call.deployment):
-            if call.endpoint == "embeddings":
-                response = await litellm.aembedding(**kwargs)
-            elif call.endpoint == "completions":
-                response = await litellm.atext_completion(**kwargs)
-            else:
-                response = await litellm.acompletion(**kwargs)
+            async with asyncio.timeout(call.timeout_s):
+                if call.endpoint == "embeddings":
+                    response = await litellm.aembedding(**kwargs)
+                elif call.endpoint == "completions":
+                    response = await litellm.atext_completion(**kwargs)
+                else:
+                    response = await litellm.acompletion(**kwargs)
         return _clean(_plain(response, call.deployment))
 
     async def stream(self, call: Call) -> AsyncIterator[dict[str, Any]]:

@@ -42,7 +42,7 @@ from gateway.providers.redaction import identifier, redact, secrets_of
 log = logging.getLogger("gateway")
 
 MAX_EVENT_BYTES = 1 << 20       # one SSE line, and one event's joined data, at most (1 MiB)
-MAX_ERROR_BODY = 64 << 10       # bytes of an upstream error body kept for the log
+MAX_ERROR_BODY = 64 << 10       # bytes of an upstream error body read (for the log); the rest is dropped
 
 USER_AGENT = "llm-gateway/0.1"
 
@@ -82,7 +82,7 @@ class OpenAICompatProvider:
         )
         if resp.status >= 400:
             try:
-                raw = await resp.read()
+                raw = await resp.read_prefix(MAX_ERROR_BODY)
             except HttpClientError:
                 raw = b""
             raise _status_error(resp, raw, call.deployment)
@@ -243,7 +243,6 @@ def _stream_error(payload: dict[str, Any], deployment: Deployment) -> UpstreamEr
 
 
 def _status_error(resp: Response, raw: bytes, deployment: Deployment) -> UpstreamError:
-    raw = raw[:MAX_ERROR_BODY]
     try:
         payload = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
