@@ -483,3 +483,16 @@ def test_state_unavailable_does_not_name_redis(caplog: pytest.LogCaptureFixture)
         assert "6379" not in exc.message and "10.1.2.3" not in exc.message
     assert "unreachable" in admin.message and "refuse" in refused.message
     assert "10.1.2.3:6379" in caplog.text
+
+
+async def test_health_check_needs_a_2xx_in_time(provider: OpenAICompatProvider, upstream: FakeUpstream,
+                                                deployment: Deployment) -> None:
+    upstream.handler = lambda seen: json_response(200, {"data": []})
+    await provider.check(deployment, 1.0)
+    assert (upstream.requests[-1].method, upstream.requests[-1].path) == ("GET", "/v1/models")
+    upstream.handler = lambda seen: json_response(503, {"error": {"message": "down"}})
+    with pytest.raises(UpstreamError, match="health check answered HTTP 503"):
+        await provider.check(deployment, 1.0)
+    upstream.handler = lambda seen: Script([(5.0, b"HTTP/1.1 200 OK\r\n")])
+    with pytest.raises(UpstreamTimeout):
+        await provider.check(deployment, 0.2)
