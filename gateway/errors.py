@@ -187,9 +187,10 @@ def state_unavailable(exc: Exception, what: str | None = None) -> ServiceUnavail
 
     Without ``what``: Redis is down and the fail mode is ``refuse``. With it (``"Key, budget and
     ledger state"``): an admin operation could not reach the store. The store's own error text
-    (it names Redis's host and port) goes to the log, never into the client's message.
+    (it names Redis's host and port) goes to the debug log (an outage would otherwise log once per
+    request), never into the client's message.
     """
-    log.warning("state store unreachable: %s: %s", type(exc).__name__, exc)
+    log.debug("state store unreachable: %s: %s", type(exc).__name__, exc)
     if what is not None:
         return ServiceUnavailable(f"{what} is unreachable; try again when the state store is back.",
                                   code="state_unavailable")

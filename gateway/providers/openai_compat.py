@@ -103,7 +103,8 @@ class OpenAICompatProvider:
             try:
                 resp = await self._send(call, target)
                 ctype = resp.header(b"content-type")
-                if ctype is not None and not ctype.startswith(b"text/event-stream"):
+                if ctype is not None and not ctype.startswith(b"text/event-stream") and \
+                        not ctype.lower().startswith(b"text/event-stream"):
                     if b"json" not in ctype.lower():        # neither SSE nor JSON: a bad answer, fall back
                         log.warning("%s answered a stream request with content-type %r", target.label,
                                     redact(ctype.decode("latin-1"))[:100])
