@@ -7,7 +7,7 @@ fraction of the CPU cost of general clients, which matters at thousands of
 requests per second on one core. Timeouts are deadlines, not per-read limits:
 :meth:`HttpClient.request` sets :attr:`Response.deadline` to the call's start plus
 its timeout, and every wait (connect, headers, body) ends by then however slowly
-the bytes trickle in; a stream reader may move the deadline on after each event.
+the bytes trickle in; a stream reader may rearm it after each event (an idle limit).
 Connections are opened through a *connector* (``loop.create_connection`` by
 default), the seam through which tests run the client against an in-process
 transport. Errors surface as :class:`HttpClientError` subclasses, each with a
@@ -108,17 +108,6 @@ def _connect_reason(exc: OSError) -> str:
     return "cannot connect"
 
 
-Connector = Callable[[Callable[[], asyncio.Protocol], "Origin", "ssl.SSLContext | None"],
-                     Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]]]
-
-
-async def tcp_connector(factory: Callable[[], asyncio.Protocol], origin: Origin,
-                        ssl_context: ssl.SSLContext | None) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
-    """The default connector: a TCP (or TLS) connection to the origin."""
-    loop = asyncio.get_running_loop()
-    return await loop.create_connection(factory, origin.host, origin.port, ssl=ssl_context)
-
-
 @dataclass(frozen=True, slots=True)
 class Origin:
     scheme: str
@@ -138,6 +127,17 @@ class Origin:
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
         return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+Connector = Callable[[Callable[[], asyncio.Protocol], Origin, ssl.SSLContext | None],
+                     Awaitable[tuple[asyncio.BaseTransport, asyncio.Protocol]]]
+
+
+async def tcp_connector(factory: Callable[[], asyncio.Protocol], origin: Origin,
+                        ssl_context: ssl.SSLContext | None) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+    """The default connector: a TCP (or TLS) connection to the origin."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_connection(factory, origin.host, origin.port, ssl=ssl_context)
 
 
 class Response:
