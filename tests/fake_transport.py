@@ -81,7 +81,9 @@ class FakeTransport(asyncio.Transport):
         self.loop = asyncio.get_running_loop()
         self.closed = False
         self.queue: list[tuple[float, bytes | None]] = []
-        self.handle: asyncio.TimerHandle | None = None
+        self.handle: asyncio.Handle | None = None
+        self.paused = False
+        self.held: list[bytes | None] = []
         self._reset_parser()
 
     def _reset_parser(self) -> None:
@@ -122,13 +124,33 @@ class FakeTransport(asyncio.Transport):
         self.handle = None
         if self.closed:
             return
+        if self.paused:
+            self.held = [data]          # delivered when the client reads again
+            return
         if data is None:
             self.close()
             return
         self.upstream.delivered += len(data)
         self.protocol.data_received(data)
-        if self.handle is None:
+        if self.handle is None and not self.paused:
             self._next()
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.upstream.pauses += 1
+
+    def resume_reading(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        held, self.held = self.held, []
+        if held:
+            self.handle = self.loop.call_soon(self._step, held[0])
+        elif self.handle is None:
+            self._next()
+
+    def is_reading(self) -> bool:
+        return not self.paused
 
     # asyncio.Transport
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -165,6 +187,7 @@ class FakeUpstream:
     connects: int = 0
     open: int = 0
     delivered: int = 0                  # response bytes handed to the client
+    pauses: int = 0                     # times the client stopped reading (flow control)
     refuse: OSError | None = None
 
     async def connect(self, factory: Callable[[], asyncio.Protocol], origin: Origin,

@@ -496,3 +496,22 @@ async def test_health_check_needs_a_2xx_in_time(provider: OpenAICompatProvider, 
     upstream.handler = lambda seen: Script([(5.0, b"HTTP/1.1 200 OK\r\n")])
     with pytest.raises(UpstreamTimeout):
         await provider.check(deployment, 0.2)
+
+
+async def test_a_slow_reader_stops_the_socket_being_read_instead_of_buffering(
+        provider: OpenAICompatProvider, upstream: FakeUpstream, deployment: Deployment) -> None:
+    one = b"data: " + event("w") + b"\n\n"
+    piece = one * ((64 << 10) // len(one))                    # ~64 KiB of whole events per network read
+    pieces = 128                                               # ~8 MiB in all, sent as fast as it is read
+    steps: list[tuple[float, bytes | None]] = [
+        (0.0, head(200, {"content-type": "text/event-stream", "transfer-encoding": "chunked"}))]
+    steps += [(0.0, chunked(piece)) for _ in range(pieces)] + [(0.0, b"0\r\n\r\n")]
+    upstream.handler = lambda seen: Script(steps)
+    stream = provider.stream(chat(deployment, stream=True))
+    count = 0
+    async for _ in stream:
+        count += 1
+        if count == 1:
+            await asyncio.sleep(0.3)                           # a slow client: the upstream keeps sending
+            assert upstream.pauses >= 1 and upstream.delivered < 4 * (1 << 20)   # of 8 MiB
+    assert count == pieces * (len(piece) // len(one))         # everything arrives once the reader reads on

@@ -140,11 +140,17 @@ async def tcp_connector(factory: Callable[[], asyncio.Protocol], origin: Origin,
     return await loop.create_connection(factory, origin.host, origin.port, ssl=ssl_context)
 
 
+# Network reads of a streamed body held unread before the socket is no longer read (a count, not bytes,
+# so the hot path does no arithmetic per chunk: at most 32 x the transport's read size, 256 KiB, are held).
+MAX_UNREAD = 32
+_UNBOUNDED = 1 << 62        # a body read whole (read()) is not flow-controlled
+
+
 class Response:
     """One upstream response; its body arrives as the connection reads it."""
 
-    __slots__ = ("status", "headers", "deadline", "idle", "rearm", "_chunks", "_done", "_exc", "_waiter",
-                 "_conn", "_loop")
+    __slots__ = ("status", "headers", "deadline", "idle", "rearm", "_chunks", "_high", "_paused",
+                 "_done", "_exc", "_waiter", "_conn", "_loop")
 
     def __init__(self, conn: _Connection, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self.status = 0
@@ -155,6 +161,8 @@ class Response:
         self.rearm = False
         self.headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
+        self._high = _UNBOUNDED         # more reads unread than this: stop reading the socket for now
+        self._paused = False
         self._done = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -174,11 +182,27 @@ class Response:
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
+        if len(self._chunks) > self._high and not self._paused:
+            self._pause()
         self._wake()
+
+    def _pause(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not conn.closed:
+            self._paused = True
+            conn.transport.pause_reading()
+
+    def _resume(self) -> None:
+        self._paused = False
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not conn.closed:
+            conn.transport.resume_reading()
 
     def _finish(self, exc: BaseException | None = None) -> None:
         if self._done:
             return
+        if self._paused:
+            self._resume()              # the connection may go back to the pool
         self._done = True
         self._exc = exc
         self._conn = None
@@ -218,10 +242,17 @@ class Response:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; each wait for more ends by :attr:`deadline` (read anew every wait,
-        so a consumer may move it on)."""
+        so a consumer may move it on). A slow consumer is flow control: with more than
+        :data:`MAX_UNREAD` network reads unread the socket is not read until they are consumed."""
+        chunks = self._chunks
+        self._high = MAX_UNREAD
+        if len(chunks) > MAX_UNREAD and not self._done:
+            self._pause()
         while True:
-            while self._chunks:
-                yield self._chunks.popleft()
+            while chunks:
+                yield chunks.popleft()
+            if self._paused:
+                self._resume()
             if self._done:
                 if self._exc is not None:
                     raise self._exc
