@@ -9,9 +9,12 @@ translated into this tree at the boundary that calls them.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
+
+log = logging.getLogger("gateway")
 
 
 class GatewayError(Exception):
@@ -170,7 +173,17 @@ def internal_error() -> GatewayError:
     return GatewayError("The gateway hit an internal error; it has been logged.")
 
 
-def state_unavailable(exc: Exception) -> ServiceUnavailable:
-    """Redis is down and the fail mode is ``refuse``."""
-    return ServiceUnavailable(f"Budget and key state is unreachable, so requests are refused "
-                              f"(GATEWAY_REDIS_FAIL_MODE=refuse): {exc}", code="state_unavailable")
+def state_unavailable(exc: Exception, what: str | None = None) -> ServiceUnavailable:
+    """The translator for the state store's (Redis's) failures: a 503 ``state_unavailable``.
+
+    Without ``what``: Redis is down and the fail mode is ``refuse``. With it (``"Key, budget and
+    ledger state"``): an admin operation could not reach the store. The store's own error text
+    (it names Redis's host and port) goes to the debug log (an outage would otherwise log once per
+    request), never into the client's message.
+    """
+    log.debug("state store unreachable: %s: %s", type(exc).__name__, exc)
+    if what is not None:
+        return ServiceUnavailable(f"{what} is unreachable; try again when the state store is back.",
+                                  code="state_unavailable")
+    return ServiceUnavailable("Budget and key state is unreachable, so requests are refused "
+                              "(GATEWAY_REDIS_FAIL_MODE=refuse).", code="state_unavailable")

@@ -319,7 +319,8 @@ def test_upstream_errors_map_to_openai_errors(gw: Server) -> None:
     c = client(gw)
     with pytest.raises(openai.RateLimitError) as rl:
         c.chat.completions.create(model="mock-429", messages=[{"role": "user", "content": "x"}])
-    assert "mock failure" in str(rl.value)
+    # issue 11 item 5: the upstream's own text ("mock failure") stays in the log; the client gets a clean phrase
+    assert "rate limited by the provider (HTTP 429" in str(rl.value) and "mock failure" not in str(rl.value)
     with pytest.raises(openai.APIStatusError) as bad_gateway:
         c.chat.completions.create(model="mock-500", messages=[{"role": "user", "content": "x"}])
     assert bad_gateway.value.status_code == 502 and bad_gateway.value.code == "upstream_error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -214,16 +215,18 @@ async def test_legacy_completions(provider: LiteLLMProvider, deployment: Deploym
 @pytest.mark.parametrize("stream", [False, True])
 async def test_status_errors_map_to_gateway_errors(provider: LiteLLMProvider, deployment: Deployment,
                                                    mock_anthropic: MockAnthropic,  # noqa: F811
-                                                   status: int, kind: type[UpstreamError], stream: bool) -> None:
+                                                   status: int, kind: type[UpstreamError], stream: bool,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     mock_anthropic.set(status=status, retry_after="7", error_message="the mock says no")
-    with pytest.raises(UpstreamError) as info:
+    with caplog.at_level(logging.WARNING, "gateway"), pytest.raises(UpstreamError) as info:
         if stream:
             await collect(provider, chat(deployment, stream=True))
         else:
             await provider.complete(chat(deployment))
     exc = info.value
     assert type(exc) is kind
-    assert "the mock says no" in exc.message and deployment.id in exc.message
+    assert deployment.id in exc.message and f"HTTP {500 if status == 529 else status}" in exc.message  # 529 reads 500
+    assert "the mock says no" not in exc.message and "the mock says no" in caplog.text   # upstream text: log only
     assert exc.retryable is (status != 400)
     if status == 429:
         assert exc.status_code == 429 and exc.headers == {"retry-after": "7"}
@@ -237,7 +240,22 @@ async def test_context_window_exceeded(provider: LiteLLMProvider, deployment: De
     with pytest.raises(UpstreamRejected) as info:
         await provider.complete(chat(deployment))
     assert info.value.code == "context_length_exceeded" and info.value.status_code == 400
-    assert "prompt is too long" in info.value.message
+    assert "prompt is too long" not in info.value.message and "context_length_exceeded" in info.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_401_echoing_the_key_shows_it_neither_to_the_client_nor_in_the_log(
+        provider: LiteLLMProvider, deployment: Deployment, mock_anthropic: MockAnthropic,  # noqa: F811
+        caplog: pytest.LogCaptureFixture, stream: bool) -> None:
+    mock_anthropic.set(status=401, error_message=f"the key you sent, {KEY}, is not valid")
+    with caplog.at_level(logging.DEBUG), pytest.raises(UpstreamError) as info:
+        if stream:
+            await collect(provider, chat(deployment, stream=True))
+        else:
+            await provider.complete(chat(deployment))
+    assert info.value.failure == "auth" and "HTTP 401" in info.value.message
+    assert KEY not in orjson.dumps(info.value.body()).decode() and KEY not in caplog.text
+    assert "is not valid" in caplog.text                  # the log keeps the story, without the key
 
 
 async def test_timeout(provider: LiteLLMProvider, deployment: Deployment,
@@ -254,6 +272,7 @@ async def test_unreachable_upstream(provider: LiteLLMProvider, deployment: Deplo
     with pytest.raises(UpstreamError) as info:
         await provider.complete(chat(gone, timeout=5.0))
     assert info.value.retryable and not isinstance(info.value, UpstreamRejected)
+    assert gone.api_base and gone.api_base.rsplit(":", 1)[1] not in info.value.message   # no host:port shown
 
 
 async def test_mid_stream_error(provider: LiteLLMProvider, deployment: Deployment,
@@ -264,7 +283,7 @@ async def test_mid_stream_error(provider: LiteLLMProvider, deployment: Deploymen
         async for chunk in provider.stream(chat(deployment, stream=True)):
             seen.append(chunk)
     assert seen and seen[0]["choices"][0]["delta"]["content"] == "Hello"
-    assert "mid-stream failure" in info.value.message and info.value.retryable
+    assert deployment.id in info.value.message and info.value.retryable
 
 
 async def test_unsupported_parameter_is_rejected_not_dropped(provider: LiteLLMProvider, deployment: Deployment,

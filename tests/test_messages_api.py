@@ -23,10 +23,11 @@ try:     # the SDK's own HTTP package: httpx2 from anthropic 2.x, httpx before
 except ImportError:
     import httpx as sdk_http
 
+from mock_anthropic import MockAnthropic, mock_anthropic, mock_anthropic_server  # noqa: F401
+
 from gateway.api.app import GatewayApp, create_app
 from gateway.settings import Settings
 from gateway.state.ledger import LedgerRecord
-from mock_anthropic import MockAnthropic, mock_anthropic, mock_anthropic_server  # noqa: F401
 
 # pico-USD per token: $3 in, $15 out, $0.30 cache read, $3.75 5-minute write, $6 1-hour write per Mtok
 IN, OUT, READ, WRITE, WRITE_1H = 3_000_000, 15_000_000, 300_000, 3_750_000, 6_000_000

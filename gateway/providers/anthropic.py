@@ -14,6 +14,7 @@ Network and HTTP failures, an ``error`` event and a stream cut before
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from gateway.errors import InvalidRequest, UpstreamError, UpstreamTimeout, Upstr
 from gateway.policy import Deployment
 from gateway.providers.base import Call, error_for_status, upstream_message
 from gateway.providers.httpclient import ConnectFailed, HttpClient, HttpClientError, Origin, Response, Timeout
+from gateway.providers.openai_compat import MAX_ERROR_BODY, sse_events
 
 USER_AGENT = "llm-gateway/0.1"
 DEFAULT_API_BASE = "https://api.anthropic.com"
@@ -115,7 +117,7 @@ class AnthropicProvider:
             raise _translate(exc, call.deployment) from None
         if resp.status >= 400:
             try:
-                raw = await resp.read(call.timeout_s)
+                raw = await resp.read_prefix(MAX_ERROR_BODY)
             except HttpClientError:
                 raw = b""
             raise _status_error(resp, raw, call.deployment)
@@ -124,7 +126,7 @@ class AnthropicProvider:
     async def _json(self, call: Call, path: str | None = None) -> dict[str, Any]:
         resp = await self._send(call, path)
         try:
-            raw = await resp.read(call.timeout_s)
+            raw = await resp.read()
         except HttpClientError as exc:
             raise _translate(exc, call.deployment) from None
         try:
@@ -150,15 +152,13 @@ class AnthropicProvider:
         resp = await self._send(call)
         deployment = call.deployment
         try:
-            async for name, data in _sse_events(resp, call.timeout_s):
+            async for data in sse_events(resp, call.timeout_s):
                 try:
                     event = orjson.loads(data)
                 except orjson.JSONDecodeError:
                     raise UpstreamError(f"deployment {deployment.id} sent an invalid stream event") from None
                 if not isinstance(event, dict):
                     raise UpstreamError(f"deployment {deployment.id} sent a non-object stream event")
-                if "type" not in event and name:
-                    event["type"] = name
                 kind = event.get("type")
                 if kind == "error":
                     raise _event_error(event, deployment)
@@ -178,7 +178,7 @@ class AnthropicProvider:
         try:
             resp = await self.client.request("GET", target.origin, target.models_path, target.render({}), b"",
                                              timeout_s)
-            await resp.read(timeout_s)
+            await resp.read()
         except HttpClientError as exc:
             raise _translate(exc, deployment) from None
         if resp.status >= 300:
@@ -188,38 +188,11 @@ class AnthropicProvider:
         self._targets.clear()
 
 
-async def _sse_events(resp: Response, timeout: float) -> AsyncIterator[tuple[str, bytes]]:
-    """(event name, data) of each server-sent event (multi-line data joined by newlines)."""
-    buffer = b""
-    name = ""
-    data: list[bytes] = []
-    async for chunk in resp.iter_chunks(timeout):
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data:
-                    yield name, b"\n".join(data)
-                name, data = "", []
-            elif line.startswith(b"data:"):
-                value = line[5:]
-                data.append(value[1:] if value.startswith(b" ") else value)
-            elif line.startswith(b"event:"):
-                name = line[6:].strip().decode("utf-8", "replace")
-            # comments (":"), "id:" and "retry:" lines carry nothing we use
-    if buffer.startswith(b"data:"):
-        data.append(buffer[5:].lstrip(b" "))
-    if data:
-        yield name, b"\n".join(data)
-
-
 async def _drain(resp: Response, timeout: float) -> None:
     """Read the end of the body after ``message_stop`` (briefly) so the connection can be reused."""
     try:
-        await resp.read(min(timeout, DRAIN_S))
-    except HttpClientError:
+        await asyncio.wait_for(resp.read(), min(timeout, DRAIN_S))
+    except (HttpClientError, TimeoutError):
         pass   # closed below; the stream itself is complete
 
 

@@ -4,11 +4,14 @@ A provider gets a :class:`Call` (endpoint, OpenAI-shaped body with the upstream
 model name already in place, the deployment) and either returns the OpenAI-shaped
 response body (``complete``) or yields OpenAI-shaped stream chunks (``stream``).
 Providers raise only :mod:`gateway.errors` upstream errors; translating their
-own library's or the network's failures is their job, at their boundary.
+own library's or the network's failures is their job, at their boundary, and
+:func:`error_for_status` is the one rule from an upstream HTTP status to an error
+whose client message holds no upstream text (the text is logged, redacted).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,6 +23,9 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.policy import Deployment
+from gateway.providers.redaction import identifier, redact, retry_after_value, secrets_of
+
+log = logging.getLogger("gateway")
 
 ENDPOINT_PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings",
                   "responses": "/responses"}
@@ -30,7 +36,7 @@ class Call:
     endpoint: str   # wire format of body: chat, completions, embeddings, messages, responses
     body: dict[str, Any]
     deployment: Deployment
-    timeout_s: float
+    timeout_s: float    # the call's deadline; a stream's until its first chunk, then the idle limit between chunks
     headers: dict[str, str] = field(default_factory=dict)   # client headers forwarded as is (anthropic-beta, ...)
 
 
@@ -44,24 +50,54 @@ class Provider(Protocol):
 
 def error_for_status(status: int, message: str, deployment: Deployment, *,
                      code: str | None = None, param: str | None = None,
-                     retry_after: str | None = None) -> UpstreamError:
-    """Map an upstream HTTP status to the gateway's error tree (one rule for every provider)."""
+                     retry_after: str | None = None, kind: str | None = None) -> UpstreamError:
+    """Map an upstream HTTP status to the gateway's error tree (one rule for every provider).
+
+    ``message`` is the upstream's own text: it is logged with secrets redacted and never
+    reaches the client, whose message names the deployment, the status and a fixed reason,
+    plus the upstream's ``code`` (or else its error ``kind``/type) when that is a short
+    identifier. ``param`` and ``retry-after`` pass only when well-formed.
+    """
+    secrets = secrets_of(deployment)
+    log.warning("deployment %s answered HTTP %d: %s", deployment.id, status, redact(message, secrets))
+    safe_code = identifier(code, secrets)
+    tag = safe_code or identifier(kind, secrets)
+    detail = f"HTTP {status}, {tag}" if tag else f"HTTP {status}"
     where = f"deployment {deployment.id}"
     if status == 429:
-        headers = {"retry-after": retry_after} if retry_after else None
-        return UpstreamRateLimited(f"{where} is rate limited by the provider: {message}", headers=headers)
+        wait = retry_after_value(retry_after)
+        return UpstreamRateLimited(f"{where} is rate limited by the provider ({detail})",
+                                   headers={"retry-after": wait} if wait else None)
     if status in (400, 413, 422):
-        rejected = UpstreamRejected(f"{where} rejected the request: {message}",
-                                    code=code or "upstream_rejected", param=param)
+        rejected = UpstreamRejected(f"{where} rejected the request ({detail})",
+                                    code=safe_code or "upstream_rejected", param=_param(param, secrets))
         if rejected.code == "context_length_exceeded":   # a candidate with a larger window may still fit
             rejected.failure, rejected.retryable = "context_length", True
         return rejected
     if status in (408, 504):
-        return UpstreamTimeout(f"{where} timed out upstream (HTTP {status}): {message}")
+        return UpstreamTimeout(f"{where} timed out upstream ({detail})")
     if status in (401, 403):
-        return UpstreamError(f"{where}: the provider refused the gateway's credentials (HTTP {status}): {message}",
+        return UpstreamError(f"{where}: the provider refused the gateway's credentials ({detail})",
                              failure="auth")
-    return UpstreamError(f"{where} failed with HTTP {status}: {message}")
+    if status >= 500:
+        return UpstreamError(f"{where} failed with a server error ({detail})")
+    return UpstreamError(f"{where} failed ({detail})")
+
+
+def _param(param: str | None, secrets: tuple[str, ...]) -> str | None:
+    """An upstream ``param`` such as ``messages[0].content``, if it looks like one."""
+    if param is None or len(param) > 64:
+        return None
+    return param if identifier(param.replace("[", "_").replace("]", "_"), secrets) else None
+
+
+def upstream_kind(payload: Any) -> str | None:
+    """The ``type`` of an upstream error body (``{"error": {"type": ...}}`` or Anthropic's), if any."""
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict) and isinstance(err.get("type"), str):
+            return str(err["type"])
+    return None
 
 
 def upstream_message(payload: Any, fallback: str) -> tuple[str, str | None, str | None]:

@@ -18,16 +18,21 @@ usage chunk has ``choices: []``, and usage keeps Anthropic's cache fields
 ``cache_creation`` mapping). A ``cost`` litellm (or the provider behind it) puts in
 usage is never shown to clients as a second, differently computed price: it is
 moved to the private ``_upstream_cost`` key, kept for the cost-drift counter and
-stripped by the pipeline. litellm's exceptions become gateway upstream errors here.
+stripped by the codec. litellm's exceptions become gateway upstream errors here,
+in one translator (:class:`litellm_errors`): the client sees the deployment, the
+status and a fixed reason; litellm's text (which wraps the provider's raw error body)
+goes to the log with secrets redacted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -40,8 +45,11 @@ import litellm
 
 from gateway.errors import UpstreamError, UpstreamRejected, UpstreamTimeout
 from gateway.policy import Deployment
-from gateway.providers.base import Call, error_for_status, upstream_message
+from gateway.providers.base import Call, error_for_status, upstream_kind, upstream_message
+from gateway.providers.redaction import identifier, redact, secrets_of
 from gateway.usage import UPSTREAM_COST_KEY
+
+log = logging.getLogger("gateway")
 
 litellm.suppress_debug_info = True
 litellm.drop_params = False
@@ -69,6 +77,7 @@ _GATEWAY_FIELDS = frozenset({"model", "stream", "stream_options"})
 _NULL_EXTRAS = frozenset({"provider_specific_fields", "citations", "thinking_blocks", "reasoning_content",
                           "function_call", "audio", "tool_calls", "role", "annotations", "images"})
 _PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)+")
+_QUOTED = re.compile(r"'([A-Za-z_][A-Za-z0-9_]{0,47})'")
 
 
 class LiteLLMProvider:
@@ -76,15 +85,15 @@ class LiteLLMProvider:
 
     async def complete(self, call: Call) -> dict[str, Any]:
         kwargs = _kwargs(call)
-        try:
-            if call.endpoint == "embeddings":
-                response = await litellm.aembedding(**kwargs)
-            elif call.endpoint == "completions":
-                response = await litellm.atext_completion(**kwargs)
-            else:
-                response = await litellm.acompletion(**kwargs)
-        except Exception as exc:
-            raise _translate(exc, call.deployment) from None
+        # litellm's own timeout bounds each read; the call's deadline bounds the whole call
+        with litellm_errors(call.deployment):
+            async with asyncio.timeout(call.timeout_s):
+                if call.endpoint == "embeddings":
+                    response = await litellm.aembedding(**kwargs)
+                elif call.endpoint == "completions":
+                    response = await litellm.atext_completion(**kwargs)
+                else:
+                    response = await litellm.acompletion(**kwargs)
         return _clean(_plain(response, call.deployment))
 
     async def stream(self, call: Call) -> AsyncIterator[dict[str, Any]]:
@@ -95,24 +104,24 @@ class LiteLLMProvider:
         kwargs["stream_options"] = {"include_usage": True}
         deployment, text = call.deployment, call.endpoint == "completions"
         chunks: Any = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + call.timeout_s     # the call's deadline holds until the first chunk
         try:
-            async with asyncio.timeout(call.timeout_s):
-                if text:
-                    chunks = await litellm.atext_completion(**kwargs)
-                else:
-                    chunks = await litellm.acompletion(**kwargs)
-            iterator = chunks.__aiter__()
-            while True:
-                try:
-                    async with asyncio.timeout(call.timeout_s):   # a stalled stream is a timeout, per chunk
-                        chunk = await iterator.__anext__()
-                except StopAsyncIteration:
-                    return
-                yield _chunk(_plain(chunk, deployment), text)
-        except UpstreamError:
-            raise
-        except Exception as exc:
-            raise _translate(exc, deployment) from None
+            with litellm_errors(deployment):
+                async with asyncio.timeout_at(deadline):
+                    if text:
+                        chunks = await litellm.atext_completion(**kwargs)
+                    else:
+                        chunks = await litellm.acompletion(**kwargs)
+                iterator = chunks.__aiter__()
+                while True:
+                    try:
+                        async with asyncio.timeout_at(deadline):   # then an idle limit between chunks
+                            chunk = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    deadline = loop.time() + call.timeout_s
+                    yield _chunk(_plain(chunk, deployment), text)
         finally:
             close = getattr(chunks, "aclose", None)
             if close is not None:
@@ -234,18 +243,39 @@ def _message(exc: Exception) -> str:
     return text[:500] or type(exc).__name__
 
 
+class litellm_errors:  # noqa: N801  (a context manager used like a function: ``with litellm_errors(...)``)
+    """The one translator of litellm's exceptions (and timeouts) into the gateway's upstream errors;
+    the gateway's own errors pass through untouched."""
+
+    __slots__ = ("deployment",)
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.deployment = deployment
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if isinstance(exc, Exception) and not isinstance(exc, UpstreamError):
+            raise _translate(exc, self.deployment) from None
+
+
 def _translate(exc: Exception, deployment: Deployment) -> UpstreamError:
-    """litellm's exception tree mapped onto the gateway's, via the one status rule in ``error_for_status``."""
+    """litellm's exception tree mapped onto the gateway's, via the one status rule in ``error_for_status``
+    (which logs the provider's text, redacted); errors without a status are logged here."""
     if isinstance(exc, UpstreamError):
         return exc
     message = _message(exc)
     where = f"deployment {deployment.id}"
-    if isinstance(exc, (litellm.Timeout, TimeoutError)):
-        return UpstreamTimeout(f"{where} timed out: {message}")
     if isinstance(exc, litellm.ContextWindowExceededError):
         return error_for_status(400, message, deployment, code="context_length_exceeded", param="messages")
-    if isinstance(exc, litellm.UnsupportedParamsError):
-        return error_for_status(400, message, deployment, code="unsupported_parameter")
+    if isinstance(exc, litellm.UnsupportedParamsError):   # litellm's own words about the request's fields
+        names = list(dict.fromkeys(n for n in _QUOTED.findall(message) if identifier(n, secrets_of(deployment))))
+        log.warning("%s: %s", where, redact(message, secrets_of(deployment)))
+        listed = f" {', '.join(names[:5])}" if names else "s it was sent"
+        return UpstreamRejected(f"{where} ({deployment.provider}) does not accept the parameter{listed}",
+                                code="unsupported_parameter", param=names[0] if names else None)
     if isinstance(exc, litellm.ContentPolicyViolationError):
         return error_for_status(400, message, deployment, code="content_policy_violation")
     headers: Any = getattr(exc, "litellm_response_headers", None)
@@ -259,11 +289,26 @@ def _translate(exc: Exception, deployment: Deployment) -> UpstreamError:
         status = 401
     elif isinstance(exc, litellm.PermissionDeniedError):
         status = 403
-    elif isinstance(exc, litellm.APIConnectionError):   # also litellm's catch-all for unexpected failures
-        return UpstreamError(f"{where} failed: {message}", failure="connection")
-    else:
+    elif not isinstance(exc, (litellm.Timeout, TimeoutError, litellm.APIConnectionError)):
         status = getattr(exc, "status_code", None)
     if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
-        return error_for_status(status, message, deployment,
+        return error_for_status(status, message, deployment, kind=_kind(exc),
                                 retry_after=retry_after if isinstance(retry_after, str) else None)
-    return UpstreamError(f"{where} failed ({type(exc).__name__}): {message}")
+    log.warning("%s failed (%s): %s", where, type(exc).__name__, redact(message, secrets_of(deployment)))
+    if isinstance(exc, (litellm.Timeout, TimeoutError)):
+        return UpstreamTimeout(f"{where} timed out")
+    if isinstance(exc, litellm.APIConnectionError):   # also litellm's catch-all for unexpected failures
+        return UpstreamError(f"{where} failed (connection error or broken answer)", failure="connection")
+    return UpstreamError(f"{where} failed ({type(exc).__name__})")
+
+
+def _kind(exc: Exception) -> str | None:
+    """The provider's error type (``overloaded_error``, ...) out of the raw body litellm wraps, if any."""
+    text = str(getattr(exc, "message", None) or exc or "")
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        try:
+            return upstream_kind(orjson.loads(text[start:end + 1]))
+        except orjson.JSONDecodeError:
+            return None
+    return None
