@@ -201,7 +201,8 @@ def _event_error(event: dict[str, Any], deployment: Deployment) -> UpstreamError
     kind = error.get("type") if isinstance(error, dict) else None
     message, _, _ = upstream_message(event, "stream error")
     status = EVENT_STATUS.get(kind, 500) if isinstance(kind, str) else 500
-    return error_for_status(status, f"mid-stream {kind or 'error'}: {message}", deployment)
+    return error_for_status(status, f"mid-stream {kind or 'error'}: {message}", deployment,
+                            kind=kind if isinstance(kind, str) else None)
 
 
 def _status_error(resp: Response, raw: bytes, deployment: Deployment) -> UpstreamError:
@@ -214,8 +215,11 @@ def _status_error(resp: Response, raw: bytes, deployment: Deployment) -> Upstrea
     if resp.status == 400 and message.startswith("prompt is too long"):
         code = "context_length_exceeded"   # Anthropic's wording; a larger window may still fit
     retry_after = resp.header(b"retry-after")
+    error = payload.get("error") if isinstance(payload, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
     return error_for_status(resp.status, message, deployment, code=code, param=param,
-                            retry_after=retry_after.decode("latin-1") if retry_after else None)
+                            retry_after=retry_after.decode("latin-1") if retry_after else None,
+                            kind=kind if isinstance(kind, str) else None)
 
 
 def _translate(exc: HttpClientError, deployment: Deployment) -> UpstreamError:
