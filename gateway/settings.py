@@ -83,6 +83,9 @@ class Settings:
     metrics_dir: str | None = None        # PROMETHEUS_MULTIPROC_DIR: the workers' metric files (workers > 1)
     ledger_max_records: int = 0           # records kept in the ledger's log (0: Redis unbounded, embedded 20,000)
     spool_dir: str | None = None          # ledger records Redis could not take yet wait here on disk (else memory)
+    responses_ttl_s: float = 2_592_000.0  # stored Responses conversations expire after this (30 days)
+    responses_max_entries: int = 10_000   # the embedded conversation store's bounds
+    responses_max_bytes: int = 64 << 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +111,9 @@ class Settings:
             metrics_dir=e.get("PROMETHEUS_MULTIPROC_DIR") or None,
             ledger_max_records=_count(e, "GATEWAY_LEDGER_MAX_RECORDS", 0),
             spool_dir=e.get("GATEWAY_SPOOL_DIR") or None,
+            responses_ttl_s=_float(e, "GATEWAY_RESPONSES_TTL_S", 2_592_000.0),
+            responses_max_entries=_count(e, "GATEWAY_RESPONSES_MAX_ENTRIES", 10_000),
+            responses_max_bytes=_count(e, "GATEWAY_RESPONSES_MAX_BYTES", 64 << 20),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -131,6 +137,9 @@ class Settings:
             "GATEWAY_KEY_CACHE_TTL_S": str(self.key_cache_ttl_s),
             "GATEWAY_POLICY_WATCH_S": str(self.policy_watch_s),
             "GATEWAY_LEDGER_MAX_RECORDS": str(self.ledger_max_records),
+            "GATEWAY_RESPONSES_TTL_S": str(self.responses_ttl_s),
+            "GATEWAY_RESPONSES_MAX_ENTRIES": str(self.responses_max_entries),
+            "GATEWAY_RESPONSES_MAX_BYTES": str(self.responses_max_bytes),
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url

@@ -29,6 +29,9 @@ from gateway.admin.api import AdminApi
 from gateway.api.anthropic.codec import MessagesCodec
 from gateway.api.anthropic.count import count_tokens_estimate
 from gateway.api.openai_codec import OpenAICodec
+from gateway.api.responses.codec import ResponsesCodec
+from gateway.api.responses.conversation import response_not_found
+from gateway.api.responses.items import input_items_page
 from gateway.budgets.rules import budget_rules
 from gateway.errors import (
     AuthenticationFailed,
@@ -57,21 +60,23 @@ from gateway.routing.cooldowns import HealthBook
 from gateway.settings import Settings
 from gateway.state import State, open_state
 from gateway.state.budgets import StateUnavailable
+from gateway.state.responses_store import open_responses_store
 
 log = logging.getLogger("gateway")
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-_CHAT, _COMPLETIONS, _EMBEDDINGS = OpenAICodec("chat"), OpenAICodec("completions"), OpenAICodec("embeddings")
-_MESSAGES = MessagesCodec()
-PROXY_ROUTES: dict[str, Codec] = {
-    "/v1/chat/completions": _CHAT, "/chat/completions": _CHAT,
-    "/v1/completions": _COMPLETIONS, "/completions": _COMPLETIONS,
-    "/v1/embeddings": _EMBEDDINGS, "/embeddings": _EMBEDDINGS,
-    "/v1/messages": _MESSAGES, "/messages": _MESSAGES,
-}
 COUNT_ROUTES = frozenset({"/v1/messages/count_tokens", "/messages/count_tokens"})
+
+
+def proxy_routes(responses: ResponsesCodec) -> dict[str, Codec]:
+    """Each proxy path (with and without ``/v1``) and the codec of its API."""
+    codecs: dict[str, Codec] = {
+        "/chat/completions": OpenAICodec("chat"), "/completions": OpenAICodec("completions"),
+        "/embeddings": OpenAICodec("embeddings"), "/messages": MessagesCodec(), "/responses": responses,
+    }
+    return {**codecs, **{f"/v1{path}": codec for path, codec in codecs.items()}}
 
 
 @dataclass
@@ -82,6 +87,7 @@ class AppState:
     metrics: Metrics
     state: State
     pipeline: Pipeline
+    responses: ResponsesCodec
     watcher: PolicyWatcher | None = None
 
     @property
@@ -119,7 +125,9 @@ def build_state(settings: Settings, policies: Policies | None = None) -> AppStat
     assert isinstance(openai, OpenAICompatProvider)
     health = HealthBook(policies.health, state.redis, checker=openai.check)
     pipeline = Pipeline(policies, providers, metrics, state, settings, health)
-    app_state = AppState(settings, client, providers, metrics, state, pipeline)
+    responses = ResponsesCodec(open_responses_store(state.redis, settings.responses_ttl_s,
+                                                    settings.responses_max_entries, settings.responses_max_bytes))
+    app_state = AppState(settings, client, providers, metrics, state, pipeline, responses)
     app_state.watcher = PolicyWatcher(settings.config_dir, app_state.reload, settings.policy_watch_s)
     return app_state
 
@@ -130,15 +138,17 @@ class GatewayApp:
     def __init__(self, state: AppState) -> None:
         self.state = state
         self.api = _fastapi(state)
+        self.routes = proxy_routes(state.responses)
+        self.messages = self.routes["/v1/messages"]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            codec = PROXY_ROUTES.get(scope["path"])
+            codec = self.routes.get(scope["path"])
             if codec is not None:
                 await self.proxy(codec, scope, receive, send)
                 return
             if scope["path"] in COUNT_ROUTES:
-                await self.count_tokens(_MESSAGES, scope, receive, send)
+                await self.count_tokens(self.messages, scope, receive, send)
                 return
         await self.api(scope, receive, send)
 
@@ -335,6 +345,34 @@ def _fastapi(state: AppState) -> FastAPI:
     for prefix in ("/v1", ""):
         api.add_api_route(f"{prefix}/models", models, methods=["GET"])
         api.add_api_route(f"{prefix}/models/{{name:path}}", model, methods=["GET"])
+
+    async def stored(response_id: str, request: Request) -> tuple[str, Any]:
+        """The caller's team and the response it stored under ``response_id`` (404 for any other's)."""
+        principal = await state.pipeline.authenticate(_lower(request), state.policies)
+        record = await state.responses.store.get(response_id, principal.team)
+        if record is None:
+            raise response_not_found(response_id)
+        return principal.team, record
+
+    async def get_response(response_id: str, request: Request) -> Response:
+        _, record = await stored(response_id, request)
+        return Response(orjson.dumps(record.response), media_type="application/json")
+
+    async def delete_response(response_id: str, request: Request) -> Response:
+        team, _ = await stored(response_id, request)
+        await state.responses.store.delete(response_id, team)
+        return Response(orjson.dumps({"id": response_id, "object": "response", "deleted": True}),
+                        media_type="application/json")
+
+    async def response_input_items(response_id: str, request: Request) -> Response:
+        _, record = await stored(response_id, request)
+        return Response(orjson.dumps(input_items_page(record.input_items, dict(request.query_params))),
+                        media_type="application/json")
+
+    for prefix in ("/v1", ""):
+        api.add_api_route(f"{prefix}/responses/{{response_id}}", get_response, methods=["GET"])
+        api.add_api_route(f"{prefix}/responses/{{response_id}}", delete_response, methods=["DELETE"])
+        api.add_api_route(f"{prefix}/responses/{{response_id}}/input_items", response_input_items, methods=["GET"])
 
     @api.get("/health/live")
     async def live() -> Response:

@@ -21,6 +21,7 @@ from gateway.api import openai_sse
 from gateway.api.openai_validation import validate
 from gateway.budgets.rules import cap_output, requested_output
 from gateway.errors import GatewayError, InvalidRequest, error_body, error_headers
+from gateway.pipeline.codec import Stateless
 from gateway.pipeline.request import Inbound, Request, nano_float
 from gateway.policy import Deployment
 from gateway.pricing import Usage, upstream_cost_nano, usage_from_openai
@@ -82,7 +83,7 @@ def _frame(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-class OpenAICodec:
+class OpenAICodec(Stateless):
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint       # chat | completions | embeddings
 

@@ -24,6 +24,16 @@ from gateway.pricing import Usage
 from .request import Inbound, Request
 
 
+class Stateless:
+    """For codecs whose requests refer to nothing earlier: nothing to load, nothing to keep."""
+
+    async def load(self, req: Request, team: str) -> None:
+        return None
+
+    async def keep(self, req: Request, team: str, deployment: Deployment, answer: dict[str, Any] | None) -> None:
+        return None
+
+
 class StreamEncoder(Protocol):
     """One stream's relay: upstream chunks in, the client's SSE bytes out."""
 
@@ -58,6 +68,14 @@ class StreamEncoder(Protocol):
 
 class Codec(Protocol):
     endpoint: str
+
+    async def load(self, req: Request, team: str) -> None:
+        """Load what the request refers to (an earlier turn), for the caller's team only."""
+        ...
+
+    async def keep(self, req: Request, team: str, deployment: Deployment, answer: dict[str, Any] | None) -> None:
+        """Keep what a later request may refer to (this answer), after a successful reply."""
+        ...
 
     def decode(self, raw: bytes) -> Any:
         """The body as data (a 400 in the API's envelope for malformed input)."""

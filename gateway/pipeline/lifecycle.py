@@ -97,6 +97,7 @@ class Pipeline:
         inbound.team = principal.team
         inbound.request = req = codec.validate(inbound)
         req.policies, req.team = policies, principal.team
+        await codec.load(req, principal.team)
         plan = self.resolve(req, principal, req.model)
         if plan.too_long is not None:   # too long for every window: a cached answer, or compression
             req.route = plan.route
@@ -151,7 +152,12 @@ class Pipeline:
         inp = RouteInput(team=principal.team, model=model, endpoint=req.shape, body=req.body,
                          raw_size=req.raw_size, key_id=principal.key_id, headers=req.headers,
                          allowed=principal.spec.allowed_models)
-        return resolve_policy(req.policies or self.policies, inp, self.health.view(), allow_too_long=True)
+        plan = resolve_policy(req.policies or self.policies, inp, self.health.view(), allow_too_long=True)
+        if req.prefer is not None and len(plan.candidates) > 1 and plan.candidates[0].id != req.prefer:
+            first = [d for d in plan.candidates if d.id == req.prefer]   # affinity: the deployment holding the turn
+            if first:
+                plan = replace(plan, candidates=(*first, *(d for d in plan.candidates if d.id != req.prefer)))
+        return plan
 
     def build_call(self, req: Request, codec: Codec, ticket: Ticket, deployment: Deployment,
                    timeout_s: float) -> Call:
@@ -178,6 +184,7 @@ class Pipeline:
             await ticket.finish("ok", usage, record_later=True)
             data, answer = codec.encode_reply(req, wire, body, usage, ticket.cost_nano, deployment)
             await self.savers.store(req, ticket, deployment, answer)
+            await keep(codec, req, ticket, deployment, answer)
             headers = self.headers(req, ticket, deployment, settled=True, wire=wire)
             headers.append((b"x-gateway-cost-usd", usd_str(ticket.cost_nano).encode()))
         except BaseException as exc:
@@ -202,6 +209,7 @@ class Pipeline:
 
             async def store(answer: dict[str, Any] | None) -> None:
                 await self.savers.store_stream(req, ticket, deployment, answer)
+                await keep(codec, req, ticket, deployment, answer)
 
             events = relay(ticket, deployment, first, chunks, encoder, started,
                            lambda: count_prompt(req.body, req.shape, deployment.upstream_model), store)
@@ -333,6 +341,15 @@ def summary_text(answer: dict[str, Any]) -> str:
 
 def count_summary(answer: dict[str, Any], model: str) -> int:
     return count_completion_text(summary_text(answer), model)
+
+
+async def keep(codec: Codec, req: Request, ticket: Ticket, deployment: Deployment,
+               answer: dict[str, Any] | None) -> None:
+    """The codec keeps the answer for later turns; a failure to keep it costs the client nothing now."""
+    try:
+        await codec.keep(req, ticket.principal.team, deployment, answer)
+    except Exception:
+        log.exception("could not keep the answer of %s for later turns", req.request_id)
 
 
 async def _replay(events: list[bytes]) -> AsyncGenerator[bytes, None]:

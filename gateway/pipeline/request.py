@@ -79,6 +79,9 @@ class Request:
     recorded: bool = False                 # its ticket wrote the ledger record (the edge counts the rest)
     native: Any = None                     # the body as the client sent it, when the API is not chat-shaped
     dropped: tuple[str, ...] = ()          # features a translation to chat cannot carry (x-gateway-dropped)
+    cacheable: bool = True                 # the response cache may answer or keep it
+    context: Any = None                    # what the codec loaded for it (an earlier turn of a conversation)
+    prefer: str | None = None              # a deployment to try first (the one holding that conversation)
 
     @property
     def cache_result(self) -> str:

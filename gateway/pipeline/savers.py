@@ -67,7 +67,7 @@ class SavingStages:
     # ------------------------------------------------------------ response cache
     async def lookup(self, req: Request, principal: Principal, plan: Plan) -> Entry | None:
         """The cached answer for the request, if any; notes the hit, miss or bypass on ``req.cache``."""
-        if req.cache is not None:   # looked up already, before compressing a prompt too long for every window
+        if req.cache is not None or not req.cacheable:   # looked up already (a too-long prompt), or never
             return None
         settings = self.policies(req).cache.for_request(principal.team, plan.route)
         body = req.original_body if req.original_body is not None else req.body

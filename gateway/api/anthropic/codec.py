@@ -26,6 +26,7 @@ from gateway.api.anthropic.validation import validate_messages
 from gateway.api.openai_codec import choice_text, parse_json
 from gateway.budgets.rules import cap_output
 from gateway.errors import GatewayError
+from gateway.pipeline.codec import Stateless
 from gateway.pipeline.request import Inbound, Request, nano_float
 from gateway.policy import Deployment
 from gateway.pricing import Usage, upstream_cost_nano, usage_from_anthropic, usage_from_openai
@@ -45,7 +46,7 @@ def _text_of(blocks: Any) -> str:
     return "".join(out)
 
 
-class MessagesCodec:
+class MessagesCodec(Stateless):
     endpoint = "messages"
 
     def decode(self, raw: bytes) -> Any:
