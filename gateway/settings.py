@@ -45,6 +45,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not value > 0:
+        raise SettingsError(f"{name} must be more than 0, got {value}")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -83,6 +90,9 @@ class Settings:
     metrics_dir: str | None = None        # PROMETHEUS_MULTIPROC_DIR: the workers' metric files (workers > 1)
     ledger_max_records: int = 0           # records kept in the ledger's log (0: Redis unbounded, embedded 20,000)
     spool_dir: str | None = None          # ledger records Redis could not take yet wait here on disk (else memory)
+    log_format: str = "text"              # "text" or "json": every log line, the access log included
+    keepalive_timeout_s: float = 5.0      # a connection with no request in flight is closed after this
+    request_read_timeout_s: float = 30.0  # a request must arrive in full (head and body) within this
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,6 +118,9 @@ class Settings:
             metrics_dir=e.get("PROMETHEUS_MULTIPROC_DIR") or None,
             ledger_max_records=_count(e, "GATEWAY_LEDGER_MAX_RECORDS", 0),
             spool_dir=e.get("GATEWAY_SPOOL_DIR") or None,
+            log_format=_choice(e, "GATEWAY_LOG_FORMAT", ("text", "json")),
+            keepalive_timeout_s=_positive(e, "GATEWAY_KEEPALIVE_TIMEOUT_S", 5.0),
+            request_read_timeout_s=_positive(e, "GATEWAY_REQUEST_READ_TIMEOUT_S", 30.0),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -131,6 +144,9 @@ class Settings:
             "GATEWAY_KEY_CACHE_TTL_S": str(self.key_cache_ttl_s),
             "GATEWAY_POLICY_WATCH_S": str(self.policy_watch_s),
             "GATEWAY_LEDGER_MAX_RECORDS": str(self.ledger_max_records),
+            "GATEWAY_LOG_FORMAT": self.log_format,
+            "GATEWAY_KEEPALIVE_TIMEOUT_S": str(self.keepalive_timeout_s),
+            "GATEWAY_REQUEST_READ_TIMEOUT_S": str(self.request_read_timeout_s),
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url
