@@ -4,7 +4,7 @@
 asked for, the deployment and provider that answered, status, tokens, exact cost in USD, latency
 (and time to first token for a stream), cache result. It never carries a secret or any prompt or
 answer text (a ledger record holds neither), and every value that came from a client is quoted,
-so a line cannot be split or forged. :func:`log_request` writes it to the ``gateway.access`` logger
+so a line cannot be split or forged. :class:`AccessLog` writes it to the ``gateway.access`` logger
 at info; :func:`logging_config` is the logging setup for ``GATEWAY_LOG_FORMAT`` (``text``, or
 ``json``: one JSON object per line for every logger, an access line's fields at top level).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import re
 import time
 from typing import Any
 
@@ -21,7 +22,6 @@ import orjson
 from gateway.state.ledger import LedgerRecord
 
 ACCESS_LOGGER = "gateway.access"
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def usd(nano: int) -> str:
@@ -45,46 +45,108 @@ def access_fields(record: LedgerRecord) -> dict[str, Any]:
     return fields
 
 
-def _text_value(value: Any) -> str:
-    if value is None:
+_PLAIN = re.compile(r"[A-Za-z0-9_./:@+-]+")
+
+
+def _q(text: str | None) -> str:
+    """A text value: as is when plain, else JSON-quoted (no newline, no space, no fake ``key=``); None as -."""
+    if text is None:
         return "-"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return f"{value:g}" if isinstance(value, float) else str(value)
-    text = str(value)
-    plain = text and all(c.isalnum() or c in "-_./:@+" for c in text)
-    return text if plain else orjson.dumps(text).decode()   # quoted and escaped: no newline, no fake field
+    return text if _PLAIN.fullmatch(text) else orjson.dumps(text).decode()
 
 
 def access_line(record: LedgerRecord, json_format: bool) -> str:
-    """One request as one log line: ``key=value`` pairs, or a JSON object."""
-    fields = access_fields(record)
+    """One request as one log line: ``key=value`` pairs (the fields of :func:`access_fields`), or a JSON object."""
     if json_format:
-        return orjson.dumps(fields).decode()
-    return " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        return orjson.dumps(access_fields(record)).decode()
+    r = record
+    ttft = "-" if r.ttft_ms is None else f"{r.ttft_ms:g}"
+    return (f"request_id={_q(r.request_id)} team={_q(r.team)} key_id={_q(r.key_id)} model={_q(r.requested_model)} "
+            f"deployment={_q(r.deployment or None)} provider={_q(r.provider or None)} route={_q(r.route)} "
+            f"status={_q(r.status)} input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
+            f"cached_tokens={r.cached_input_tokens} cost_usd={usd(r.cost_nano)} latency_ms={r.latency_ms:g} "
+            f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={_q(r.cache)} "
+            f"estimated={'true' if r.estimated else 'false'}")
+
+
+class AccessMessage:
+    """A log record's message for one request: rendered only by the formatter that writes it (the text
+    line for text, the fields for :class:`JsonFormatter`), so nothing is built twice or for nobody."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: LedgerRecord) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return access_line(self.record, False)
+
+
+class AccessLog:
+    """Writes access lines to the ``gateway.access`` logger (looked up once): make one per process, call
+    :meth:`write` once per finished request."""
+
+    __slots__ = ("logger",)
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+
+    def write(self, record: LedgerRecord) -> None:
+        """At info, when that level is on. The log record goes to the handlers directly: no caller lookup
+        (``logging`` would walk the stack for every line), and the line is rendered once, by the formatter
+        that writes it."""
+        log = self.logger
+        if log.isEnabledFor(logging.INFO):
+            log.handle(log.makeRecord(log.name, logging.INFO, "access_log", 0, AccessMessage(record), (), None))
 
 
 def log_request(record: LedgerRecord, logger: logging.Logger | None = None) -> None:
-    """Write the access line of a finished request (at info on ``gateway.access``; nothing when that is off).
+    """:meth:`AccessLog.write` without keeping an :class:`AccessLog`."""
+    AccessLog(logger).write(record)
 
-    The text line is the message; the JSON formatter of :func:`configure_logging` writes the fields instead."""
-    log = logger or logging.getLogger(ACCESS_LOGGER)
-    if log.isEnabledFor(logging.INFO):
-        log.info("%s", access_line(record, False), extra={"access": access_fields(record)})
+
+class _SecondCache:
+    """The formatted UTC second of the last record (log lines come many per second)."""
+
+    __slots__ = ("second", "text")
+
+    def __init__(self) -> None:
+        self.second, self.text = -1, ""
+
+    def utc(self, created: float) -> str:
+        second = int(created)
+        if second != self.second:
+            self.second, self.text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return self.text
+
+
+class TextFormatter(logging.Formatter):
+    """``<UTC time> <LEVEL> <logger>: <message>``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = _SecondCache()
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.clock.utc(record.created)}.{int(record.msecs):03d}Z {record.levelname} {record.name}: " \
+               f"{record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger and message, or an access line's own fields."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = _SecondCache()
+
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(), "logger": record.name,
-        }
-        access = getattr(record, "access", None)
-        if isinstance(access, dict):
-            out.update(access)
+        out: dict[str, Any] = {"ts": f"{self.clock.utc(record.created)}.{int(record.msecs):03d}Z",
+                               "level": record.levelname.lower(), "logger": record.name}
+        if isinstance(record.msg, AccessMessage):
+            out.update(access_fields(record.msg.record))
         else:
             out["message"] = record.getMessage()
         if record.exc_info:
@@ -98,7 +160,7 @@ def logging_config(level: str, log_format: str) -> dict[str, Any]:
     access log (``gateway.access``) on whenever the level lets info through."""
     return {
         "version": 1, "disable_existing_loggers": False,
-        "formatters": {"text": {"format": TEXT_FORMAT}, "json": {"()": f"{__name__}.JsonFormatter"}},
+        "formatters": {"text": {"()": f"{__name__}.TextFormatter"}, "json": {"()": f"{__name__}.JsonFormatter"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
                                 "formatter": "json" if log_format == "json" else "text"}},
         "root": {"handlers": ["stderr"], "level": level.upper()},
