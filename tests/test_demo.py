@@ -185,3 +185,16 @@ def test_demo_keep_serving_prints_the_metrics_url_and_the_local_prometheus_comma
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_demo_on_a_port_in_use_exits_with_one_clear_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_demo("--duration", "1", "--port", str(port))
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"gateway: demo: cannot listen on 127.0.0.1:{port} (") and "--port" in line

@@ -58,6 +58,15 @@ def test_serve_with_a_config_dir_that_does_not_exist_says_where_it_looked(tmp_pa
     assert "policy directory does not exist" in line and str(tmp_path / "nowhere") in line and "--config" in line
 
 
+def test_check_outside_the_repository_says_where_it_looked_and_how_to_point_it(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "gateway", "check"], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=GENEROUS_S)
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert "policy directory does not exist" in line and str(tmp_path / "policies") in line
+    assert "run from the repository" in line and "--config DIR" in line
+
+
 def test_serve_on_a_port_in_use_exits_with_one_clear_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
