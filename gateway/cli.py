@@ -1,8 +1,12 @@
 """The ``gateway`` command: ``serve``, ``check``, ``route``, ``keys``, ``spend`` and ``demo``.
 
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
-``check`` validates the policy files and prints what they define; any error
-names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
+``serve`` checks its address before it announces anything, says where its
+policies came from (the built-in demo set when there is no ``policies/`` here
+and none was named) and which deployments lack their key variable, and runs
+uvicorn with the options of :mod:`gateway.serving` and the log setup of
+:mod:`gateway.access_log`. ``check`` validates the policy files and prints what
+they define; any error names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
 :mod:`gateway.admin.client` (on Redis directly, or through the admin API).
 """
 
@@ -25,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="LLM gateway with cost accounting.")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", help="policy directory (default: policies/)")
+    serve.add_argument("--config", help="policy directory (default: policies/, else the built-in demo policies)")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 4000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
