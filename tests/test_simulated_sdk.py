@@ -186,3 +186,31 @@ def test_generated_values_validate_against_their_schema(schema: dict[str, Any]) 
     value = value_for(schema)
     jsonschema.validate(value, schema)
     assert value_for(schema) == value                              # deterministic
+
+
+HOSTILE: list[dict[str, Any]] = [
+    {"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]},       # no finite instance
+    {"allOf": [{"$ref": "#"}]},
+    {"anyOf": [{"$ref": "#"}]},
+    {"type": "array", "minItems": 10**9},
+    {"type": "string", "minLength": 10**9},
+    {"type": "array", "minItems": 200, "items": {"type": "array", "minItems": 200,
+                                                  "items": {"type": "array", "minItems": 200}}},
+    {"type": "integer", "minimum": 1e30},
+    {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}},
+]
+
+
+@pytest.mark.parametrize("schema", HOSTILE)
+def test_hostile_schemas_give_a_small_answer(schema: dict[str, Any]) -> None:
+    text = orjson.dumps(value_for(schema))                       # encodable, whatever the schema
+    assert len(text) < 200_000
+
+
+def test_a_hostile_schema_through_the_gateway_is_answered_not_a_500(server: Server) -> None:
+    tool = {"type": "function", "function": {"name": "loop", "parameters": HOSTILE[0]}}
+    for extra in ({"tools": [tool]},
+                  {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": HOSTILE[5]}}}):
+        reply = client(server).chat.completions.create(model="demo", messages=HELLO, max_tokens=64, **extra)
+        assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
+        assert reply.usage is not None and reply.usage.completion_tokens <= 64

@@ -4,7 +4,8 @@
 parameters use, and what Pydantic emits: ``type`` and type lists, ``properties``/``required``,
 ``items``/``prefixItems``, ``enum``/``const``, ``anyOf``/``oneOf``/``allOf``, ``$ref`` into
 ``$defs``/``definitions``, string formats and lengths, numeric bounds and ``multipleOf``, array
-sizes) and builds one deterministic value that satisfies it. Every property is filled in (strict
+sizes) and builds one deterministic value that satisfies it, within fixed bounds on size and depth
+(the schema is client input). Every property is filled in (strict
 schemas require them all); recursive schemas stop at a fixed depth by taking a branch that ends
 (``null``, an empty array, an object with no required keys). ``pattern`` is not honoured.
 """
@@ -14,7 +15,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-MAX_DEPTH = 8
+MAX_DEPTH = 8        # past this, only required properties, the fewest items, the branch that ends
+HARD_DEPTH = 64      # past this, null: the schema has no finite instance
+MAX_NODES = 10_000   # values generated per answer at most
+MAX_ITEMS = 256      # items per array at most
+MAX_CHARS = 4096     # characters per string at most
+INT_LIMIT = 2**63 - 1
 WORDS = ("simulated", "gateway", "request", "model", "answer", "team", "budget", "token")
 FORMATS = {
     "date-time": "2026-01-01T00:00:00Z", "date": "2026-01-01", "time": "00:00:00Z",
@@ -26,38 +32,81 @@ FORMATS = {
 
 
 def value_for(schema: Any, root: Any = None, *, salt: int = 0, depth: int = 0) -> Any:
-    """A value valid under ``schema``; ``root`` resolves ``$ref`` (default: ``schema`` itself)."""
-    root = schema if root is None else root
-    if schema is True or not isinstance(schema, dict):
+    """A value valid under ``schema``; ``root`` resolves ``$ref`` (default: ``schema`` itself).
+
+    Schemas come from clients, so the walk is bounded: at most :data:`MAX_NODES` values, arrays of at
+    most :data:`MAX_ITEMS` and strings of at most :data:`MAX_CHARS`, and no deeper than :data:`HARD_DEPTH`
+    (a schema with no finite instance, such as a required property that refers to itself, gets ``null``
+    there). Past those bounds the value may not validate, but the answer stays small."""
+    return _Walk(schema if root is None else root).value(schema, salt, depth)
+
+
+class _Walk:
+    __slots__ = ("root", "nodes")
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self.nodes = 0
+
+    def value(self, schema: Any, salt: int, depth: int) -> Any:
+        self.nodes += 1
+        if depth > HARD_DEPTH or self.nodes > MAX_NODES:
+            return None
+        root = self.root
+        if schema is True or not isinstance(schema, dict):
+            return WORDS[salt % len(WORDS)]
+        schema = _resolve(schema, root)
+        if "const" in schema:
+            return schema["const"]
+        enum = schema.get("enum")
+        if isinstance(enum, list) and enum:
+            return enum[salt % len(enum)]
+        if isinstance(schema.get("allOf"), list):
+            return self.value(_merge_all(schema, root), salt, depth + 1)
+        for key in ("anyOf", "oneOf"):
+            branches = schema.get(key)
+            if isinstance(branches, list) and branches:
+                return self.value(_pick(branches, root, depth), salt, depth + 1)
+        kind = _type(schema, depth)
+        if kind == "object":
+            return self.object(schema, depth)
+        if kind == "array":
+            return self.array(schema, salt, depth)
+        if kind == "string":
+            return _string(schema, salt)
+        if kind == "integer":
+            return _integer(schema, salt)
+        if kind == "number":
+            return _number(schema, salt)
+        if kind == "boolean":
+            return salt % 2 == 0
+        if kind == "null":
+            return None
         return WORDS[salt % len(WORDS)]
-    schema = _resolve(schema, root)
-    if "const" in schema:
-        return schema["const"]
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return enum[salt % len(enum)]
-    if isinstance(schema.get("allOf"), list):
-        return value_for(_merge_all(schema, root), root, salt=salt, depth=depth)
-    for key in ("anyOf", "oneOf"):
-        branches = schema.get(key)
-        if isinstance(branches, list) and branches:
-            return value_for(_pick(branches, root, depth), root, salt=salt, depth=depth + 1)
-    kind = _type(schema, depth)
-    if kind == "object":
-        return _object(schema, root, depth)
-    if kind == "array":
-        return _array(schema, root, salt, depth)
-    if kind == "string":
-        return _string(schema, salt)
-    if kind == "integer":
-        return _integer(schema, salt)
-    if kind == "number":
-        return _number(schema, salt)
-    if kind == "boolean":
-        return salt % 2 == 0
-    if kind == "null":
-        return None
-    return WORDS[salt % len(WORDS)]
+
+    def object(self, schema: dict[str, Any], depth: int) -> dict[str, Any]:
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = [r for r in schema.get("required", []) if isinstance(r, str)] \
+            if isinstance(schema.get("required"), list) else []
+        names = list(properties) if depth < MAX_DEPTH else [n for n in properties if n in required]
+        names += [r for r in required if r not in properties]
+        return {name: self.value(properties.get(name, {}), i, depth + 1) for i, name in enumerate(names)}
+
+    def array(self, schema: dict[str, Any], salt: int, depth: int) -> list[Any]:
+        low = _int(schema.get("minItems"), 0) or 0
+        high = _int(schema.get("maxItems"), None)
+        raw_prefix = schema.get("prefixItems")
+        prefix: list[Any] = raw_prefix if isinstance(raw_prefix, list) else []
+        count = max(low, len(prefix), 0 if depth >= MAX_DEPTH else 2)
+        if high is not None:
+            count = min(count, high)
+        items = schema.get("items", {})
+        out = []
+        for i in range(min(count, MAX_ITEMS)):
+            sub = prefix[i] if i < len(prefix) else items
+            out.append(self.value(sub if sub is not False else {}, salt + i, depth + 1))
+        return out
 
 
 def _resolve(schema: dict[str, Any], root: Any, seen: int = 0) -> dict[str, Any]:
@@ -132,42 +181,13 @@ def _type(schema: dict[str, Any], depth: int) -> str | None:
     return None
 
 
-def _object(schema: dict[str, Any], root: Any, depth: int) -> dict[str, Any]:
-    properties = schema.get("properties")
-    properties = properties if isinstance(properties, dict) else {}
-    required = [r for r in schema.get("required", []) if isinstance(r, str)] \
-        if isinstance(schema.get("required"), list) else []
-    names = list(properties) if depth < MAX_DEPTH else [n for n in properties if n in required]
-    names += [r for r in required if r not in properties]
-    out: dict[str, Any] = {}
-    for i, name in enumerate(names):
-        out[name] = value_for(properties.get(name, {}), root, salt=i, depth=depth + 1)
-    return out
-
-
-def _array(schema: dict[str, Any], root: Any, salt: int, depth: int) -> list[Any]:
-    low = _int(schema.get("minItems"), 0) or 0
-    high = _int(schema.get("maxItems"), None)
-    raw_prefix = schema.get("prefixItems")
-    prefix: list[Any] = raw_prefix if isinstance(raw_prefix, list) else []
-    count = max(low, len(prefix), 0 if depth >= MAX_DEPTH else 2)
-    if high is not None:
-        count = min(count, high)
-    items = schema.get("items", {})
-    out = []
-    for i in range(count):
-        sub = prefix[i] if i < len(prefix) else items
-        out.append(value_for(sub if sub is not False else {}, root, salt=salt + i, depth=depth + 1))
-    return out
-
-
 def _string(schema: dict[str, Any], salt: int) -> str:
     fmt = schema.get("format")
     text = FORMATS.get(fmt, WORDS[salt % len(WORDS)]) if isinstance(fmt, str) else WORDS[salt % len(WORDS)]
-    low = _int(schema.get("minLength"), 0) or 0
+    low = min(_int(schema.get("minLength"), 0) or 0, MAX_CHARS)
     high = _int(schema.get("maxLength"), None)
-    while len(text) < low:
-        text += "x"
+    if len(text) < low:
+        text += "x" * (low - len(text))
     if high is not None and len(text) > high:
         text = text[:high]
     return text
@@ -188,7 +208,7 @@ def _bounds(schema: dict[str, Any]) -> tuple[float | None, float | None, bool, b
     return (_num(low), _num(high), strict_low, strict_high)
 
 
-def _integer(schema: dict[str, Any], salt: int) -> int:
+def _integer(schema: dict[str, Any], salt: int) -> int | float:
     low, high, strict_low, strict_high = _bounds(schema)
     lo = None if low is None else (math.floor(low) + 1 if strict_low else math.ceil(low))
     hi = None if high is None else (math.ceil(high) - 1 if strict_high else math.floor(high))
@@ -198,7 +218,7 @@ def _integer(schema: dict[str, Any], salt: int) -> int:
     value = -(-value // step) * step                           # up to a multiple
     if hi is not None and value > hi:
         value = hi // step * step
-    return value
+    return value if -INT_LIMIT <= value <= INT_LIMIT else float(value)   # JSON encoders stop at 64 bits
 
 
 def _number(schema: dict[str, Any], salt: int) -> float | int:

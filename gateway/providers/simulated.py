@@ -109,9 +109,12 @@ class SimulatedProvider:
             if tool is not None:
                 name, params = tool
                 arguments = orjson.dumps(value_for(params, salt=0)).decode()
-                pieces, finish = _within(_pieces(arguments), _limit(body), model, "tool_calls")
+                name_tokens = count_completion_text(name, model)     # the call's name counts as output too
+                limit = _limit(body)
+                pieces, finish = _within(_pieces(arguments), None if limit is None else max(0, limit - name_tokens),
+                                         model, "tool_calls")
                 out.append(Answer(index, "".join(pieces), pieces, finish,
-                                  count_completion_text(name + "".join(pieces), model), tool_name=name))
+                                  name_tokens + count_completion_text("".join(pieces), model), tool_name=name))
                 continue
             if kind == "json_schema" or kind == "json_object":
                 schema = _json_schema(fmt) if kind == "json_schema" else None
