@@ -5,9 +5,9 @@
 :func:`uvicorn_options` is the one set of uvicorn options both use. It installs
 :class:`GuardedHttpToolsProtocol`, uvicorn's httptools protocol with deadlines that uvicorn
 lacks: a connection that sends nothing is closed after the keep-alive timeout (uvicorn arms that
-timer only after a response), and a request whose head and body have not fully arrived within
-the read timeout of its first byte (or of the previous response) is closed too, however slowly
-its bytes trickle in. Idle and half-open connections are therefore bounded in time.
+timer only after a response), and a connection whose request (head and body) has not fully
+arrived within the read timeout of its first byte is closed too, however slowly its bytes
+trickle in. Idle and half-open connections are therefore bounded in time.
 """
 
 from __future__ import annotations
@@ -52,21 +52,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # uvicorn arms its keep-alive timer only after a response: a connection that never sends a byte
+        # would stay open for good
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
-        self._arm_read_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_read_deadline()
         super().connection_lost(exc)
 
+    def on_message_begin(self) -> None:   # the first byte of a request: all of it must arrive in time
+        self._arm_read_deadline()
+        super().on_message_begin()
+
     def on_message_complete(self) -> None:
         self._cancel_read_deadline()
         super().on_message_complete()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_read_deadline()   # the next request on this connection has the same deadline
 
     def _arm_read_deadline(self) -> None:
         self._cancel_read_deadline()
