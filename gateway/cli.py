@@ -1,8 +1,12 @@
 """The ``gateway`` command: ``serve``, ``check``, ``route``, ``keys``, ``spend`` and ``demo``.
 
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
-``check`` validates the policy files and prints what they define; any error
-names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
+``serve`` checks its address before it announces anything, says where its
+policies came from (the built-in demo set when there is no ``policies/`` here
+and none was named) and which deployments lack their key variable, and runs
+uvicorn with the options of :mod:`gateway.serving` and the log setup of
+:mod:`gateway.access_log`. ``check`` validates the policy files and prints what
+they define; any error names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
 :mod:`gateway.admin.client` (on Redis directly, or through the admin API).
 """
 
@@ -17,6 +21,7 @@ from dataclasses import replace
 
 from gateway.demo import runner as demo
 from gateway.policy import Policies, PolicyError, load_policies
+from gateway.policy.models import missing_credentials
 from gateway.settings import Settings, SettingsError
 
 
@@ -24,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="LLM gateway with cost accounting.")
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", help="policy directory (default: policies/)")
+    serve.add_argument("--config", help="policy directory (default: policies/, else the built-in demo policies)")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 4000)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1)")
@@ -83,17 +88,25 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.admin.client import run
 
         return run(settings, args, lambda: policy_teams(settings.config_dir))
+    if args.command == "serve":
+        chosen = args.config is not None or bool(os.environ.get("GATEWAY_CONFIG_DIR"))
+        return serve(settings, config_chosen=chosen)
     try:
         policies = load_policies(settings.config_dir)
     except PolicyError as exc:
-        print(f"gateway: invalid policy: {exc}", file=sys.stderr)
+        print(f"gateway: invalid policy: {exc}{_config_hint(settings.config_dir)}", file=sys.stderr)
         return 1
     if args.command == "check":
         print(describe(policies))
         return check_cases(policies)
-    if args.command == "route":
-        return route(policies, args)
-    return serve(settings, policies)
+    return route(policies, args)
+
+
+def _config_hint(config_dir: str) -> str:
+    if os.path.isdir(config_dir):
+        return ""
+    return (f" ({os.path.abspath(config_dir)}; run from the repository, whose policies/ holds the defaults, "
+            "or give --config DIR)")
 
 
 def check_cases(policies: Policies) -> int:
@@ -174,16 +187,42 @@ def describe(policies: Policies) -> str:
     return "\n".join(lines)
 
 
-def serve(settings: Settings, policies: Policies) -> int:
+def serve(settings: Settings, config_chosen: bool = True) -> int:
+    """``gateway serve``: check the address, find and load the policies, say where they came from and what
+    they lack, then run uvicorn (one process, or ``--workers N`` on Redis) until stopped."""
     import uvicorn
+
+    from gateway.access_log import configure_logging, logging_config
+    from gateway.serving import port_problem, uvicorn_options
 
     if settings.workers > 1 and not settings.redis_url:
         print("gateway: --workers > 1 needs shared state: set GATEWAY_REDIS_URL", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                  access_log=False, log_level=settings.log_level, lifespan="on",
-                  proxy_headers=False, server_header=False)
+    problem = port_problem(settings.host, settings.port)
+    if problem is not None:
+        print(f"gateway: {problem}", file=sys.stderr)
+        return 1
+    configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("gateway")
+    if not config_chosen and not os.path.isdir(settings.config_dir):
+        log.warning("no %s directory in %s (and no --config or GATEWAY_CONFIG_DIR): serving the built-in demo "
+                    "policies, simulated models only; give --config DIR for your own",
+                    settings.config_dir, os.getcwd())
+        settings = replace(settings, config_dir=str(demo.DEMO_POLICIES))
+    try:
+        policies = load_policies(settings.config_dir)
+    except PolicyError as exc:
+        print(f"gateway: invalid policy: {exc}{_config_hint(settings.config_dir)}", file=sys.stderr)
+        return 1
+    settings = replace(settings, config_dir=os.path.abspath(settings.config_dir))
+    log.info("policies from %s: %s; %d models", settings.config_dir,
+             ", ".join(os.path.basename(f) for f in policies.files), len(policies.unique_models()))
+    for deployment, variable in missing_credentials(policies.deployments):
+        log.warning("deployment %s: its key variable %s is not set, so requests routed to it are answered "
+                    "with an error naming %s (nothing is sent upstream) until it is set and the gateway "
+                    "restarted", deployment, variable, variable)
+    common = dict(uvicorn_options(settings), log_level=settings.log_level,
+                  log_config=logging_config(settings.log_level, settings.log_format))
     if settings.workers > 1:
         from gateway.metrics import multiprocess_dir
 

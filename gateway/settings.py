@@ -45,6 +45,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not value > 0:
+        raise SettingsError(f"{name} must be more than 0, got {value}")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
@@ -86,6 +93,9 @@ class Settings:
     responses_ttl_s: float = 2_592_000.0  # stored Responses conversations expire after this (30 days)
     responses_max_entries: int = 10_000   # the embedded conversation store's bounds
     responses_max_bytes: int = 64 << 20
+    log_format: str = "text"              # "text" or "json": every log line, the access log included
+    keepalive_timeout_s: float = 5.0      # a connection with no request in flight is closed after this
+    request_read_timeout_s: float = 30.0  # a request must arrive in full (head and body) within this
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +124,9 @@ class Settings:
             responses_ttl_s=_float(e, "GATEWAY_RESPONSES_TTL_S", 2_592_000.0),
             responses_max_entries=_count(e, "GATEWAY_RESPONSES_MAX_ENTRIES", 10_000),
             responses_max_bytes=_count(e, "GATEWAY_RESPONSES_MAX_BYTES", 64 << 20),
+            log_format=_choice(e, "GATEWAY_LOG_FORMAT", ("text", "json")),
+            keepalive_timeout_s=_positive(e, "GATEWAY_KEEPALIVE_TIMEOUT_S", 5.0),
+            request_read_timeout_s=_positive(e, "GATEWAY_REQUEST_READ_TIMEOUT_S", 30.0),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -140,6 +153,9 @@ class Settings:
             "GATEWAY_RESPONSES_TTL_S": str(self.responses_ttl_s),
             "GATEWAY_RESPONSES_MAX_ENTRIES": str(self.responses_max_entries),
             "GATEWAY_RESPONSES_MAX_BYTES": str(self.responses_max_bytes),
+            "GATEWAY_LOG_FORMAT": self.log_format,
+            "GATEWAY_KEEPALIVE_TIMEOUT_S": str(self.keepalive_timeout_s),
+            "GATEWAY_REQUEST_READ_TIMEOUT_S": str(self.request_read_timeout_s),
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url

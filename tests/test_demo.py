@@ -74,9 +74,17 @@ def test_demo_runs_in_one_process_with_no_key_and_no_redis() -> None:
     assert set(rows) == {*TEAMS, "total"}
     requests = {team: int(rows[team][1]) for team in TEAMS}
     assert all(n > 0 for n in requests.values()), requests
-    assert int(rows["total"][1]) == sum(requests.values())
-    spend = {team: Decimal(rows[team][6]) for team in TEAMS}
+    header = re.search(r"Spend by team \(from the ledger\), (\d+) requests in", out)
+    assert header and int(header.group(1)) == int(rows["total"][1]) == sum(requests.values())   # one count
+    summaries = {team: int(rows[team][6]) for team in TEAMS}
+    assert int(rows["total"][6]) == sum(summaries.values())
+    assert "summaries = compression summary calls the gateway made" in out
+    records = re.search(r"The ledger holds (\d+) records for this run: the (\d+) requests and the (\d+) "
+                        r"summaries\.", out)
+    assert records and int(records.group(1)) == sum(requests.values()) + sum(summaries.values()), out
+    spend = {team: Decimal(rows[team][7]) for team in TEAMS}
     assert all(v > 0 for v in spend.values()) and Decimal(rows["total"][-2]) == sum(spend.values())
+    assert "/metrics" not in out and "The gateway has stopped; run with --keep-serving" in out
     charged = re.search(r"Clients were charged \$([0-9.]+) in all .* that is \$([0-9.]+), and the ledger says "
                         r"\$([0-9.]+)\.", out)
     assert charged, out
@@ -144,3 +152,49 @@ def test_demo_policies_ship_with_the_package(path: str) -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert '"gateway.demo" = ["policies/*.yaml"]' in text
     assert Path(DEMO_POLICIES).parent == ROOT / "gateway" / "demo"
+
+
+def test_demo_keep_serving_prints_the_metrics_url_and_the_local_prometheus_command() -> None:
+    import os
+    import signal
+
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "demo", "--duration", "3", "--port", str(port),
+                             "--keep-serving"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=str(ROOT), env=env)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        for line in proc.stdout:                   # the summary, then the serving lines; the process stays up
+            lines.append(line)
+            if "--config.file=" in line:
+                break
+        out = "".join(lines)
+        assert f"gateway still serving on http://127.0.0.1:{port} (metrics: http://127.0.0.1:{port}/metrics)" in out
+        assert "prometheus --config.file=deploy/prometheus/prometheus.local.yml" in out
+        assert f"change its target to 127.0.0.1:{port}" in out and "The gateway has stopped" not in out
+        assert (ROOT / "deploy" / "prometheus" / "prometheus.local.yml").is_file()
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        assert metrics.status_code == 200 and "gateway_requests_total" in metrics.text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_demo_on_a_port_in_use_exits_with_one_clear_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_demo("--duration", "1", "--port", str(port))
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"gateway: demo: cannot listen on 127.0.0.1:{port} (") and "--port" in line

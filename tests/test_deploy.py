@@ -49,6 +49,14 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
     assert list(validator.iter_errors(broken)), "the schema validator accepts anything"
 
 
+def memory_bytes(value: str) -> int:
+    """Redis (1gb, 768mb) and Kubernetes (1Gi, 512Mi) memory sizes in bytes."""
+    match = re.fullmatch(r"(\d+)\s*(gb|mb|kb|b|Gi|Mi|Ki)?", value)
+    assert match, value
+    scale = {"gb": 1 << 30, "mb": 1 << 20, "kb": 1 << 10, "b": 1, "Gi": 1 << 30, "Mi": 1 << 20, "Ki": 1 << 10}
+    return int(match.group(1)) * scale[match.group(2) or "b"]
+
+
 def host_path(spec: str) -> tuple[Path | None, str]:
     source, target = spec.split(":")[:2]
     if source.startswith((".", "/")):
@@ -82,6 +90,8 @@ def test_compose_stack_has_what_it_promises(compose: dict[str, Any]) -> None:
 
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    assert memory_bytes(redis_cmd[redis_cmd.index("--maxmemory") + 1]) > 0
+    assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "volatile-lru"   # as policies/README.md says
     assert any(host_path(v)[1] == "/data" for v in services["redis"]["volumes"])
 
     prom = services["prometheus"]
@@ -107,11 +117,16 @@ def test_compose_stack_has_what_it_promises(compose: dict[str, Any]) -> None:
     assert demo["profiles"] == ["demo"] and demo["command"][0] == "demo" and "--keep-serving" in demo["command"]
     assert demo["environment"]["GATEWAY_REDIS_URL"] != gw["environment"]["GATEWAY_REDIS_URL"]   # own database
     assert "4001:4001" in demo["ports"]
+    demo_check = " ".join(demo["healthcheck"]["test"])                     # not the image's :4000 check
+    assert "127.0.0.1:4001/health/ready" in demo_check and ":4000" not in demo_check
+    assert demo["command"][demo["command"].index("--port") + 1] == "4001"
 
     assert services["ollama"]["profiles"] == ["local-model"] == services["ollama-pull"]["profiles"]
     local = [d for d in policies.deployments if d.provider == "ollama"]
     assert local and local[0].api_base == "http://ollama:11434/v1"
     assert services["ollama-pull"]["command"] == ["pull", local[0].upstream_model]
+    assert services["ollama-pull"]["depends_on"]["ollama"]["condition"] == "service_healthy"   # no race
+    assert services["ollama"]["healthcheck"]["test"] == ["CMD", "ollama", "list"]
 
 
 def test_dockerfile_builds_the_gateway_from_files_that_exist() -> None:
@@ -165,6 +180,63 @@ def test_kustomization_lists_every_manifest() -> None:
     assert set(kustomization["resources"]) == files
     assert kustomization["namespace"] == "llm-gateway"
     assert kustomization["images"][0]["name"] == "llm-gateway"
+    [admin] = kustomization["secretGenerator"]
+    assert admin["name"] == "gateway-admin" and admin["envs"] == ["admin.env"]
+
+
+def test_no_default_admin_key_ships_and_apply_refuses_without_a_generated_one(tmp_path: Path) -> None:
+    for path in DEPLOY.rglob("*"):
+        if path.is_file():
+            assert "change-me" not in path.read_text(errors="replace"), path
+    assert "deploy/kubernetes/admin.env" in (ROOT / ".gitignore").read_text().split()
+    assert not (K8S / "admin.env").exists() or "admin.env" not in subprocess.run(
+        ["git", "ls-files", "deploy/kubernetes"], capture_output=True, text=True, cwd=ROOT).stdout
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH")
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("admin.env"))
+    refused = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "admin.env" in refused.stderr
+    (copy / "admin.env").write_text("GATEWAY_MASTER_KEY=sk-admin-generated\n")
+    built = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    [secret] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("gateway-admin")]
+    deployment = find(docs, "Deployment", "gateway")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    master = next(e for e in container["env"] if e["name"] == "GATEWAY_MASTER_KEY")
+    assert master["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]   # the hashed name
+    assert container["image"] == "registry.example.com/llm-gateway:0.1.0"
+
+
+def test_readme_says_to_build_and_push_the_image_before_kubectl_apply() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("kubectl apply -k deploy/kubernetes/") - 1500:][:3000]
+    assert "docker build -f deploy/Dockerfile" in section and "docker push" in section
+    assert "admin.env" in section and "newName" in section
+
+
+def test_local_prometheus_config_scrapes_this_machine_with_the_same_rules(tmp_path: Path) -> None:
+    local = DEPLOY / "prometheus" / "prometheus.local.yml"
+    config = yaml.safe_load(local.read_text())
+    shared = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == shared["rule_files"] == ["alerts.yml"]
+    assert config["global"] == shared["global"]
+    [job] = config["scrape_configs"]
+    assert job["job_name"] == "llm-gateway" and job["static_configs"][0]["targets"] == ["127.0.0.1:4000"]
+    readme = (ROOT / "README.md").read_text()
+    assert "prometheus --config.file=deploy/prometheus/prometheus.local.yml" in readme
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not on PATH")
+    result = subprocess.run([promtool, "check", "config", str(local)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bench_readme_names_the_shared_harness_by_a_relative_path() -> None:
+    text = (ROOT / "bench" / "README.md").read_text()
+    assert "../shared/bench/" in text and "/work/" not in text
 
 
 def test_gateway_deployment_replicas_probes_and_wiring(manifests: list[dict[str, Any]]) -> None:
@@ -192,11 +264,18 @@ def test_gateway_deployment_replicas_probes_and_wiring(manifests: list[dict[str,
     assert redis_service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
     redis_args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
     assert redis_args[redis_args.index("--appendonly") + 1] == "yes"
+    assert redis_args[redis_args.index("--maxmemory-policy") + 1] == "volatile-lru"
+    limit = statefulset["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert memory_bytes(redis_args[redis_args.index("--maxmemory") + 1]) < memory_bytes(limit)
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
     secret_name = container["envFrom"][0]["secretRef"]["name"]
     secret = find(manifests, "Secret", secret_name)
-    assert {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GATEWAY_MASTER_KEY"} <= set(secret["stringData"])
+    assert {"OPENAI_API_KEY", "ANTHROPIC_API_KEY"} <= set(secret["stringData"])
+    assert "GATEWAY_MASTER_KEY" not in secret["stringData"]              # generated per cluster, see below
+    master = next(e for e in container["env"] if e["name"] == "GATEWAY_MASTER_KEY")
+    ref = master["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "gateway-admin" and ref["key"] == "GATEWAY_MASTER_KEY" and not ref.get("optional")
 
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from decimal import Decimal
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 
 from conftest import GatewayFactory, Server, mock_policy
 from gateway.state.ledger import LedgerRecord, RedisLedger
+from gateway.tokens import count_completion_text
 
 # Prices in the mock policy: $1/Mtok in, $2/Mtok out, $0.5/Mtok cached reads => nano-USD per token.
 IN_NANO, OUT_NANO, CACHED_NANO = 1000, 2000, 500
@@ -272,7 +274,11 @@ def test_simulated_demo_model(gw: Server) -> None:
     out = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], n=2,
                                     response_format={"type": "json_object"})
     assert len(out.choices) == 2 and out.choices[0].message.content.startswith("{")
-    assert out.usage is not None and out.usage.completion_tokens == 24
+    texts = [json.loads(choice.message.content)["answer"] for choice in out.choices]
+    assert all(len(text.split()) == 12 for text in texts) and texts[0] != texts[1]   # 12 words each, own words
+    assert out.usage is not None            # the JSON text the model wrote, counted as the gateway counts
+    assert out.usage.completion_tokens == sum(count_completion_text(c.message.content, "demo-sim-1")
+                                              for c in out.choices)
     stream = list(c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
                                             stream=True, max_tokens=5, stream_options={"include_usage": True}))
     assert stream[-1].usage is not None and stream[-1].usage.completion_tokens == 5

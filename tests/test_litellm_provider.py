@@ -326,3 +326,25 @@ async def test_closing_a_stream_early(provider: LiteLLMProvider, deployment: Dep
     await chunks.aclose()                                   # the client went away: no error, no hang
     body = await provider.complete(chat(deployment))        # and the provider still works
     assert body["choices"][0]["message"]["content"] == TEXT
+
+
+async def test_litellm_as_a_client_calls_tools_without_the_optional_mcp_package(mock_upstream: str) -> None:
+    """Users of the gateway's pinned litellm may call it directly with tools: litellm 1.106.0-1.108.x import
+    their MCP gateway (and the optional ``mcp`` package) for every request with ``tools`` and fail with
+    ``No module named 'mcp'``; the pin is a version without that import."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    import litellm
+
+    from conftest import ROOT
+
+    pinned = re.search(r'"litellm==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pinned and importlib.metadata.version("litellm") == pinned.group(1), "reinstall: pip install -e ."
+    assert importlib.util.find_spec("mcp") is None or pytest.skip("mcp is installed here: the bug cannot show")
+    reply = await litellm.acompletion(model="openai/mock", api_base=f"{mock_upstream}/v1", api_key="sk-mock",
+                                      messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL],
+                                      num_retries=0)
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"q": "mock"}

@@ -270,3 +270,41 @@ def test_scalar_policy_case_names_its_file_and_line(tmp_path: Path) -> None:
             expect: [default]
         """})
     assert (Path(err.file).name, err.line, err.key) == ("tests.yaml", 5, "tests[0].expect")
+
+
+@pytest.mark.parametrize(("text", "line", "words"), [
+    ("models:\n  m: [unclosed\n", 3, "not closed with ']'"),
+    ("models:\n  m: {a: 1\n", 3, "not closed with '}'"),
+    ("models:\n  m: a: b\n", 2, "put a value that contains ': ' in quotes"),
+    ("models:\n\tm: 1\n", 2, "tab character"),
+    ("models:\n  m: 'open\n", 3, "quoted string is never closed (it opens on line 2)"),
+    ("models:\n  m:\n    a: 1\n   b: 2\n", 4, "indentation does not match"),
+    ("models:\n  m: @x\n", 2, "put the value in quotes"),
+    ("models:\n  m: *nowhere\n", 2, "anchor (&name) that is not defined"),
+])
+def test_yaml_syntax_errors_name_file_line_and_say_what_is_wrong(tmp_path: Path, text: str, line: int,
+                                                                   words: str) -> None:
+    (tmp_path / "models.yaml").write_text(text)
+    with pytest.raises(PolicyError) as info:
+        load_policies(str(tmp_path))
+    err = info.value
+    assert (Path(err.file).name, err.line) == ("models.yaml", line)
+    assert err.message.startswith("YAML syntax error: ") and words in err.message, err.message
+    for parser_words in ("while parsing", "while scanning", "<stream end>", "<block end>"):
+        assert parser_words not in err.message
+
+
+def test_a_policy_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_bytes(b"models:\n  m:\n    description: caf\xe9\n")
+    with pytest.raises(PolicyError) as info:
+        load_policies(str(tmp_path))
+    assert info.value.line == 3 and "not UTF-8" in info.value.message
+
+
+def test_check_prints_a_yaml_syntax_error_as_one_plain_line(tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  m: [unclosed\n")
+    result = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert f"{tmp_path / 'models.yaml'}:3: <yaml>: YAML syntax error: a list in square brackets" in line

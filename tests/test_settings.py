@@ -23,6 +23,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (s.redis_cluster, s.redis_fail_mode, s.log_level) == (False, "refuse", "info")
     assert (s.reservation_ttl_s, s.key_cache_ttl_s, s.policy_watch_s) == (900.0, 2.0, 2.0)
     assert (s.ledger_max_records, s.spool_dir) == (0, None)
+    assert (s.log_format, s.keepalive_timeout_s, s.request_read_timeout_s) == ("text", 5.0, 30.0)
 
 
 def test_every_variable_is_read_and_survives_the_trip_to_a_worker() -> None:
@@ -32,7 +33,8 @@ def test_every_variable_is_read_and_survives_the_trip_to_a_worker() -> None:
            "GATEWAY_LOG_LEVEL": "DEBUG", "GATEWAY_REDIS_CLUSTER": "1", "GATEWAY_REDIS_FAIL_MODE": "allow",
            "GATEWAY_REDIS_TIMEOUT_S": "0.5", "GATEWAY_RESERVATION_TTL_S": "60", "GATEWAY_KEY_CACHE_TTL_S": "0.5",
            "GATEWAY_POLICY_WATCH_S": "0", "GATEWAY_METRICS_KEY": "sk-metrics", "GATEWAY_LEDGER_MAX_RECORDS": "5000",
-           "GATEWAY_SPOOL_DIR": "/var/lib/gateway/spool"}
+           "GATEWAY_SPOOL_DIR": "/var/lib/gateway/spool", "GATEWAY_LOG_FORMAT": "JSON",
+           "GATEWAY_KEEPALIVE_TIMEOUT_S": "2.5", "GATEWAY_REQUEST_READ_TIMEOUT_S": "12"}
     s = Settings.from_env(env)
     assert (s.config_dir, s.host, s.port, s.workers, s.redis_url) == (
         "/etc/gw", "0.0.0.0", 4100, 4, "redis://127.0.0.1:6390/2")
@@ -41,6 +43,7 @@ def test_every_variable_is_read_and_survives_the_trip_to_a_worker() -> None:
     assert (s.redis_cluster, s.redis_fail_mode, s.reservation_ttl_s) == (True, "allow", 60.0)
     assert (s.key_cache_ttl_s, s.policy_watch_s, s.ledger_max_records) == (0.5, 0.0, 5000)
     assert s.spool_dir == "/var/lib/gateway/spool"
+    assert (s.log_format, s.keepalive_timeout_s, s.request_read_timeout_s) == ("json", 2.5, 12.0)
     assert Settings.from_env(s.to_env()) == s
     assert s.with_overrides(port=5000, host=None).port == 5000 and s.with_overrides(host=None).host == "0.0.0.0"
 
@@ -51,6 +54,9 @@ def test_every_variable_is_read_and_survives_the_trip_to_a_worker() -> None:
     ("GATEWAY_REDIS_CLUSTER", "maybe", "must be true or false"),
     ("GATEWAY_REDIS_FAIL_MODE", "ignore", "must be one of refuse, allow"),
     ("GATEWAY_LEDGER_MAX_RECORDS", "-1", "must be 0 or more"),
+    ("GATEWAY_LOG_FORMAT", "xml", "must be one of text, json"),
+    ("GATEWAY_KEEPALIVE_TIMEOUT_S", "0", "must be more than 0"),
+    ("GATEWAY_REQUEST_READ_TIMEOUT_S", "-3", "must be more than 0"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str, says: str) -> None:
     with pytest.raises(SettingsError) as err:

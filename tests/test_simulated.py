@@ -146,3 +146,24 @@ async def test_instances_are_independent(tmp_path: Path) -> None:
     d = deployment(tmp_path, "{failure_rate: 0.5, failure_status: 429, output_tokens: 1}")
     together = await asyncio.gather(_outcomes(SimulatedProvider(), d, 6), _outcomes(SimulatedProvider(), d, 6))
     assert together[0] == together[1] == ["ok", "429"] * 3
+
+
+async def test_structured_output_and_tool_arguments_stay_within_max_tokens(tmp_path: Path) -> None:
+    d = deployment(tmp_path, "{output_tokens: 50}")
+    p = SimulatedProvider()
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "minItems": 9,
+                                                                                "items": {"type": "integer"}}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    whole = await p.complete(call(d, response_format=fmt))
+    assert whole["choices"][0]["finish_reason"] == "stop" and whole["usage"]["completion_tokens"] > 5
+    capped = await p.complete(call(d, response_format=fmt, max_tokens=5))
+    text = capped["choices"][0]["message"]["content"]
+    assert capped["choices"][0]["finish_reason"] == "length" and 0 < capped["usage"]["completion_tokens"] <= 5
+    assert whole["choices"][0]["message"]["content"].startswith(text)
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    args = (await p.complete(call(d, tools=[tool], max_tokens=4)))["choices"][0]
+    assert args["finish_reason"] == "length" and len(args["message"]["tool_calls"][0]["function"]["arguments"]) < 30
+    chunks = [c async for c in p.stream(call(d, stream=True, response_format=fmt, max_tokens=5,
+                                             stream_options={"include_usage": True}))]
+    streamed = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+    assert streamed == text and chunks[-1]["usage"]["completion_tokens"] == capped["usage"]["completion_tokens"]

@@ -380,11 +380,15 @@ def _fastapi(state: AppState) -> FastAPI:
 
     @api.get("/health/ready")
     async def ready() -> Response:
+        from gateway.policy.models import missing_credentials
+
         redis_ok = await state.state.ping() if state.state.shared else None
         body = {"status": "ok" if redis_ok is not False else "unavailable",
                 "models": len(state.policies.unique_models()), "policy_files": list(state.policies.files),
                 "state": "redis" if state.state.shared else "memory", "redis_reachable": redis_ok,
-                "unwritten_records": state.state.pending}
+                "unwritten_records": state.state.pending,
+                "missing_credentials": [{"deployment": d, "variable": v}   # answered with an error naming v
+                                        for d, v in missing_credentials(state.policies.deployments)]}
         return Response(orjson.dumps(body), status_code=200 if redis_ok is not False else 503,
                         media_type="application/json")
 

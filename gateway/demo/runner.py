@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -101,18 +100,21 @@ async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
         await drive(gateway.url, keys, traffic, windows)
         await gateway.written(since - 1, traffic.total().requests)
         totals = {row["key"]: row for row in await gateway.state.ledger.totals(since - 1, by="team")}
-        summaries = [r.cost_nano for r in await gateway.state.ledger.read(since - 1)
-                     if r.route == SUMMARY_ROUTE]
+        summaries: dict[str, list[int]] = {}
+        for r in await gateway.state.ledger.read(since - 1):
+            if r.route == SUMMARY_ROUTE:
+                summaries.setdefault(r.team, []).append(r.cost_nano)
         now = datetime.now(UTC)
         budgets = []
         for team in TEAMS:
             spec = policies.teams.get(team)
             if spec is not None and spec.budgets:
                 budgets += [(team, u) for u in await gateway.state.budgets.usage(team, budget_rules(spec, None), now)]
-        print(summary(traffic, totals, budgets, gateway.url, summaries), flush=True)
-        if keep_serving and not stop.is_set():
-            print(f"gateway still serving on {gateway.url} (metrics: {gateway.url}/metrics); Ctrl-C stops it",
-                  flush=True)
+        serving = keep_serving and not stop.is_set()
+        print(summary(traffic, totals, budgets, gateway.url, summaries, serving=serving), flush=True)
+        if serving:
+            print(f"gateway still serving on {gateway.url} (metrics: {gateway.url}/metrics); Ctrl-C stops it\n"
+                  f"{prometheus_hint(settings.port)}", flush=True)
             await gateway.serve_until(stop)
     finally:
         await gateway.stop()
@@ -120,37 +122,61 @@ async def demo(settings: Settings, duration: float, keep_serving: bool) -> int:
 
 
 def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple[str, Any]], url: str,
-            summaries: list[int] | None = None) -> str:
+            summaries: dict[str, list[int]] | None = None, *, serving: bool = False) -> str:
+    """The closing report. ``requests`` are the demo's own requests (the header's count is their total);
+    ``summaries`` the compression summary calls the gateway made for a team, each its own ledger record,
+    their cost part of the team's spend; spend and savings come from the ledger."""
     from gateway.pipeline.request import usd_str
 
+    summaries = summaries or {}
     head = f"{'team':<10} {'requests':>8} {'ok':>6} {'budget':>6} {'limited':>7} {'failed':>6} " \
-           f"{'spend USD':>12} {'saved USD':>12}"
-    lines = [f"\nSpend by team (from the ledger), {traffic.total().requests} requests in "
+           f"{'summaries':>9} {'spend USD':>12} {'saved USD':>12}"
+    total = traffic.total()
+    lines = [f"\nSpend by team (from the ledger), {total.requests} requests in "
              f"{min(traffic.elapsed(), traffic.duration_s):.0f}s:", head, "-" * len(head)]
     spend = saved = 0
     for team in sorted(traffic.tallies):
         t, row = traffic.tallies[team], totals.get(team, {})
         cost, savings = row.get("cost_nano", 0), sum(row.get("savings_nano", {}).values())
         spend, saved = spend + cost, saved + savings
-        lines.append(f"{team:<10} {row.get('requests', 0):>8} {t.ok:>6} {t.budget:>6} {t.rate_limited:>7} "
-                     f"{t.failed:>6} {usd_str(cost):>12} {_signed_usd(savings):>12}")
+        lines.append(f"{team:<10} {t.requests:>8} {t.ok:>6} {t.budget:>6} {t.rate_limited:>7} {t.failed:>6} "
+                     f"{len(summaries.get(team, ())):>9} {usd_str(cost):>12} {_signed_usd(savings):>12}")
     lines.append("-" * len(head))
-    lines.append(f"{'total':<10} {sum(r.get('requests', 0) for r in totals.values()):>8} {'':>6} {'':>6} {'':>7} "
-                 f"{'':>6} {usd_str(spend):>12} {_signed_usd(saved):>12}")
+    calls = sum(len(v) for v in summaries.values())
+    lines.append(f"{'total':<10} {total.requests:>8} {total.ok:>6} {total.budget:>6} {total.rate_limited:>7} "
+                 f"{total.failed:>6} {calls:>9} {usd_str(spend):>12} {_signed_usd(saved):>12}")
+    lines.append("columns: budget = refused by a budget, limited = rate limited,\n"
+                 "         summaries = compression summary calls the gateway made to shorten long conversations\n"
+                 "         (each its own ledger record, billed to the team: its cost is in the team's spend)")
+    records = sum(row.get("requests", 0) for row in totals.values())
+    lines.append(f"The ledger holds {records} records for this run: the {total.requests} requests and the "
+                 f"{calls} summaries" + ("." if records == total.requests + calls else
+                                         f" should make {total.requests + calls}; see the gateway's log."))
     if budgets:
         lines.append("\nBudgets now:")
         for team, u in budgets:
             used = 100 * u.spent_nano / u.limit_nano if u.limit_nano else 100.0
             lines.append(f"  {team:<10} {u.period:<8} spent ${usd_str(u.spent_nano)} of ${usd_str(u.limit_nano)} "
                          f"({used:.1f}%)")
-    charged = traffic.total().cost_nano
-    summaries = summaries or []
-    extra = (f" plus ${usd_str(sum(summaries))} for the {len(summaries)} compression summaries it ran for them"
-             if summaries else "")
+    charged = total.cost_nano
+    summary_cost = sum(sum(v) for v in summaries.values())
+    extra = f" plus ${usd_str(summary_cost)} for the {calls} compression summaries it ran for them" if calls else ""
     lines.append(f"\nClients were charged ${usd_str(charged)} in all (the cost_usd the gateway returned){extra}; "
-                 f"that is ${usd_str(charged + sum(summaries))}, and the ledger says ${usd_str(spend)}.")
-    lines.append(f"Metrics: {url}/metrics   (columns: budget = refused by a budget, limited = rate limited)")
+                 f"that is ${usd_str(charged + summary_cost)}, and the ledger says ${usd_str(spend)}.")
+    if serving:
+        lines.append(f"Metrics: {url}/metrics")
+    else:
+        lines.append("The gateway has stopped; run with --keep-serving to leave it up for Prometheus and Grafana.")
     return "\n".join(lines)
+
+
+def prometheus_hint(port: int) -> str:
+    """How to scrape this gateway with a local Prometheus (no Docker): the config in the repository."""
+    config = "deploy/prometheus/prometheus.local.yml"
+    target = "" if port == 4000 else f" (it scrapes 127.0.0.1:4000: change its target to 127.0.0.1:{port})"
+    return (f"Prometheus without Docker, from the repository root{target}:\n"
+            f"  prometheus --config.file={config} --storage.tsdb.path=/tmp/gateway-prometheus\n"
+            "then open http://127.0.0.1:9090 (alerts: the Alerts tab).")
 
 
 def _signed_usd(nano: int) -> str:
@@ -160,12 +186,11 @@ def _signed_usd(nano: int) -> str:
 
 
 def _check_port(host: str, port: int) -> None:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise DemoError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+    from gateway.serving import port_problem
+
+    problem = port_problem(host, port)
+    if problem is not None:
+        raise DemoError(problem)
 
 
 class InProcessGateway:
@@ -177,6 +202,7 @@ class InProcessGateway:
         import uvicorn
 
         from gateway.api.app import GatewayApp, build_state
+        from gateway.serving import uvicorn_options
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("gateway").setLevel(logging.ERROR)   # injected upstream failures are expected here
@@ -189,9 +215,8 @@ class InProcessGateway:
             def capture_signals(self) -> Iterator[None]:
                 yield   # the demo handles SIGINT/SIGTERM itself
 
-        self.server = Server(uvicorn.Config(GatewayApp(self.app_state), host=settings.host, port=settings.port,
-                                            http="httptools", lifespan="on", log_level="warning",
-                                            access_log=False, server_header=False))
+        self.server = Server(uvicorn.Config(GatewayApp(self.app_state),
+                                            **dict(uvicorn_options(settings), loop="none", log_level="warning")))
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamRateLimited, UpstreamTimeout
 from gateway.policy import Deployment
+from gateway.policy.models import credential_error
 from gateway.providers.base import Call, Provider
 from gateway.routing.cooldowns import HealthBook
 from gateway.routing.resolve import Plan
@@ -81,6 +82,9 @@ class Attempts:
             ticket.deployment = deployment
             started = time.perf_counter()
             try:
+                missing = credential_error(deployment)   # its key variable is unset: nothing is sent
+                if missing is not None:
+                    raise missing
                 result = await once(self.providers[provider_kind(deployment, call.endpoint)], call)
             except UpstreamError as exc:
                 ticket.upstream_s += time.perf_counter() - started

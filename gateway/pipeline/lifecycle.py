@@ -37,6 +37,7 @@ from gateway.settings import Settings
 from gateway.state import State
 from gateway.state.budgets import StateUnavailable
 from gateway.state.keys import KeyRecord
+from gateway.state.ledger import LedgerRecord
 from gateway.tokens import count_completion_text, count_prompt
 
 from .admission import Admission
@@ -329,6 +330,12 @@ class Pipeline:
             return
         self.metrics.refused(inbound.team if inbound is not None else None,
                              inbound.model if inbound is not None else None, status)
+        if inbound is not None:   # one access line for every request, refused ones too (no ledger record)
+            self.books.access.write(LedgerRecord(
+                request_id=inbound.request_id, ts=time.time(), team=inbound.team or "none", key_id=None,
+                requested_model=inbound.model or "", model="", deployment="", provider="", route="none",
+                input_tokens=0, output_tokens=0, status=status,
+                latency_ms=round((time.perf_counter() - inbound.started) * 1000, 3)))
 
 
 def summary_text(answer: dict[str, Any]) -> str:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.access_log import AccessLog
 from gateway.metrics import RequestDone
 from gateway.policy import Deployment
 from gateway.pricing import Usage
@@ -36,10 +37,11 @@ log = logging.getLogger("gateway")
 
 @dataclass(slots=True)
 class Books:
-    """Where finished tickets go: the state (budget settles, ledger) and the metrics."""
+    """Where finished tickets go: the state (budget settles, ledger), the metrics and the access log."""
 
     state: State
     metrics: Any
+    access: AccessLog = field(default_factory=AccessLog)
 
 
 class Ticket:
@@ -130,7 +132,9 @@ class Ticket:
         self._recorded = True
         req, books = self.req, self.books
         req.recorded = True
-        books.state.record(self.ledger_record())
+        record = self.ledger_record()
+        books.state.record(record)
+        books.access.write(record)
         d, usage = self.deployment, self.usage
         now = time.perf_counter()
         compressed = tuple(req.compression.saved.items()) if req.compression is not None else ()

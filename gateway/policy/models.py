@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.errors import UpstreamError
 from gateway.policy.reader import Fields
 from gateway.policy.yamlsource import Located, PolicyError
 from gateway.pricing import Price, PriceBook, resolve_price
@@ -183,6 +185,31 @@ def _parse_deployment(data: Any, path: str, where: tuple[str, int], model: str, 
         headers=tuple(headers.items()), simulated=simulated, self_hosted=self_hosted,
         apis=frozenset(apis) if apis is not None else _default_apis(provider),
     )
+
+
+def missing_credential(deployment: Deployment) -> str | None:
+    """The environment variable a deployment's key is read from (``api_key_env``) when it was unset or
+    empty as the policies loaded; None when nothing is missing. The request path answers such a
+    deployment with :func:`credential_error` instead of calling it; ``gateway serve`` warns at start
+    and ``/health/ready`` lists them."""
+    return deployment.api_key_env if deployment.api_key_env and not deployment.api_key else None
+
+
+def missing_credentials(deployments: Iterable[Deployment]) -> list[tuple[str, str]]:
+    """(deployment id, variable) for every deployment whose key variable is unset."""
+    return [(d.id, var) for d in deployments if (var := missing_credential(d)) is not None]
+
+
+def credential_error(deployment: Deployment) -> UpstreamError | None:
+    """The error for a call to a deployment whose key variable is unset (None when its key is there):
+    an upstream failure of kind ``auth`` (so a route falls back to another candidate as it would on a
+    401), code ``missing_credentials``, naming the variable; nothing is sent upstream."""
+    var = missing_credential(deployment)
+    if var is None:
+        return None
+    return UpstreamError(f"deployment {deployment.id} has no API key: the environment variable {var} "
+                         f"(its api_key_env) is not set where the gateway runs; set it and restart the gateway",
+                         failure="auth", code="missing_credentials")
 
 
 def _default_apis(provider: str) -> frozenset[str]:

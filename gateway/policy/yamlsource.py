@@ -96,8 +96,12 @@ def _join(path: str, key: str) -> str:
 def load_file(path: str, text: str | None = None) -> Located | None:
     """Parse one policy file; None for an empty file."""
     if text is None:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as exc:
+            line = exc.object[:exc.start].count(b"\n") + 1
+            raise PolicyError(path, line, "<file>", "this file is not UTF-8 text; save it as UTF-8") from None
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -107,11 +111,46 @@ def load_file(path: str, text: str | None = None) -> Located | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise PolicyError(path, line, "<yaml>", str(exc.problem or exc)) from None
+        raise PolicyError(path, line, "<yaml>", plain_yaml_error(exc)) from None
     except yaml.YAMLError as exc:
-        raise PolicyError(path, 1, "<yaml>", str(exc)) from None
+        raise PolicyError(path, 1, "<yaml>", f"this file is not valid YAML ({exc})") from None
     finally:
         loader.dispose()
     if not isinstance(value, Located):
         raise PolicyError(path, 1, "<top>", "a policy file must be a mapping of sections")
     return value
+
+
+def plain_yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    """One plain sentence for a YAML syntax error (PyYAML's own wording is about its parser's states)."""
+    problem = exc.problem or ""
+    opened = exc.context_mark.line + 1 if exc.context_mark is not None else None
+    problem_line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
+    since = f" (it opens on line {opened})" if opened is not None and opened != problem_line else ""
+    if problem.startswith("found character '\\t'"):
+        sentence = "a tab character is used for indentation; YAML indents with spaces only"
+    elif problem.startswith("found character"):
+        char = problem.split("'")[1] if problem.count("'") >= 2 else "?"
+        sentence = f"a value cannot start with {char!r}; put the value in quotes"
+    elif problem == "mapping values are not allowed here":
+        sentence = ("a 'key: value' appears where it cannot: check this line's indentation, or put a value "
+                    "that contains ': ' in quotes")
+    elif "while scanning a quoted scalar" in (exc.context or ""):
+        sentence = f"a quoted string is never closed{since}"
+    elif problem.startswith("expected ',' or ']'"):
+        sentence = f"a list in square brackets is not closed with ']' (or an item lacks a comma){since}"
+    elif problem.startswith("expected ',' or '}'"):
+        sentence = f"a mapping in braces is not closed with '}}' (or an entry lacks a comma){since}"
+    elif problem.startswith("expected <block end>") or problem.startswith("did not find expected key"):
+        block = f" (the block it belongs to starts on line {opened})" if since else ""
+        sentence = ("this line's indentation does not match the lines above it: a key or list item is out of "
+                    f"line{block}")
+    elif problem.startswith("did not find expected '-' indicator"):
+        sentence = f"a list item is not indented like the items before it{since}"
+    elif problem.startswith("could not find expected ':'"):
+        sentence = "a line has no ':' after its key (or a quoted string is not closed)"
+    elif problem.startswith("found undefined alias"):
+        sentence = "an alias (*name) refers to an anchor (&name) that is not defined before it"
+    else:
+        sentence = f"this is not valid YAML: {problem or exc}"
+    return f"YAML syntax error: {sentence}"

@@ -4,7 +4,12 @@ It serves the shipped ``demo`` model, tests and benchmarks. Latency, time to
 first token, pace, answer length and failures come from the deployment's
 ``simulated:`` section. Answers are made of words that are one token each in
 OpenAI's encodings, so the usage it reports matches what the gateway would
-count. Tool calls, JSON mode, ``n``, embeddings and legacy completions are
+count. It honours ``stop`` (the answer ends before the first stop sequence),
+``max_tokens``, ``n`` (every choice, also when streamed), ``response_format``
+(``json_object``, and ``json_schema`` with a value that validates against the
+schema, so the SDK's ``parse`` works) and tools (the forced or first tool is
+called with arguments built from its parameters' JSON schema, see
+:mod:`gateway.providers.schema_values`); embeddings and legacy completions are
 answered in OpenAI's shapes. With ``prompt_cache: true`` it models automatic
 prompt caching as OpenAI documents it: a chat prompt of 1024 tokens or more whose
 leading messages it has seen before reports that prefix (in 128-token steps) as
@@ -15,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import struct
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -26,7 +33,8 @@ import orjson
 from gateway.errors import UpstreamError
 from gateway.policy import Deployment, SimulatedSpec
 from gateway.providers.base import Call, error_for_status
-from gateway.tokens import count_prompt
+from gateway.providers.schema_values import value_for
+from gateway.tokens import count_completion_text, count_prompt
 
 PROMPT_CACHE_MIN_TOKENS = 1024
 PROMPT_CACHE_STEP = 128
@@ -35,8 +43,9 @@ WORDS = (" the", " gateway", " routes", " every", " request", " to", " a", " mod
          " counts", " its", " cost", " in", " real", " time", " for", " each", " team")
 
 
-def _answer_tokens(n: int) -> list[str]:
-    return [WORDS[i % len(WORDS)] for i in range(n)]
+def _answer_tokens(n: int, offset: int = 0) -> list[str]:
+    """``n`` one-token words; each choice of an ``n`` > 1 request starts at its own word."""
+    return [WORDS[(i + offset) % len(WORDS)] for i in range(n)]
 
 
 class SimulatedProvider:
@@ -79,11 +88,51 @@ class SimulatedProvider:
             raise error_for_status(spec.failure_status, "simulated failure", deployment)
 
     def _length(self, body: dict[str, Any], spec: SimulatedSpec) -> int:
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        limit = _limit(body)
         n = spec.output_tokens
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        if limit is not None:
             n = min(n, limit)
         return n
+
+    def _answers(self, call: Call, spec: SimulatedSpec) -> list[Answer]:
+        body, model = call.body, call.deployment.upstream_model
+        chat = call.endpoint == "chat"
+        length = self._length(body, spec)
+        plain_finish = "length" if length < spec.output_tokens else "stop"
+        stops = _stops(body)
+        tool = _tool(body) if chat else None
+        raw_fmt = body.get("response_format") if chat else None
+        fmt: dict[str, Any] = raw_fmt if isinstance(raw_fmt, dict) else {}
+        kind = fmt.get("type")
+        out = []
+        for index in range(_choices(body)):
+            if tool is not None:
+                name, params = tool
+                arguments = orjson.dumps(value_for(params, salt=0)).decode()
+                name_tokens = count_completion_text(name, model)     # the call's name counts as output too
+                limit = _limit(body)
+                pieces, finish = _within(_pieces(arguments), None if limit is None else max(0, limit - name_tokens),
+                                         model, "tool_calls")
+                out.append(Answer(index, "".join(pieces), pieces, finish,
+                                  name_tokens + count_completion_text("".join(pieces), model), tool_name=name))
+                continue
+            if kind == "json_schema" or kind == "json_object":
+                schema = _json_schema(fmt) if kind == "json_schema" else None
+                words = "".join(_answer_tokens(length, index)).lstrip()
+                value = value_for(schema) if schema is not None else {"answer": words}
+                pieces, finish = _within(_pieces(orjson.dumps(value).decode()), _limit(body), model, "stop")
+                counted = True
+            else:
+                pieces = _answer_tokens(length, index)
+                pieces[0:1] = [pieces[0].lstrip()] if pieces else []
+                finish, counted = plain_finish, False
+            text = "".join(pieces)
+            cut = _stop_at(text, stops)
+            if cut is not None:
+                pieces, text, finish, counted = _cut(pieces, cut), text[:cut], "stop", True
+            tokens = count_completion_text(text, model) if counted else len(pieces)
+            out.append(Answer(index, text, pieces, finish, tokens))
+        return out
 
     async def complete(self, call: Call) -> dict[str, Any]:
         spec = self._spec(call.deployment)
@@ -96,21 +145,16 @@ class SimulatedProvider:
         created = int(time.time())
         if call.endpoint == "embeddings":
             return _embeddings(body, model, prompt_tokens)
-        n_choices = _choices(body)
-        length = self._length(body, spec)
-        text = "".join(_answer_tokens(length)).lstrip()
+        answers = self._answers(call, spec)
         if call.endpoint == "completions":
             choices: list[dict[str, Any]] = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": "length"
-                 if length < spec.output_tokens else "stop"} for i in range(n_choices)]
+                {"index": a.index, "text": a.text, "logprobs": None, "finish_reason": a.finish} for a in answers]
             obj, cid = "text_completion", "cmpl-sim"
         else:
-            message = _message(body, text)
-            finish = "tool_calls" if message.get("tool_calls") else _finish(body, length, spec)
-            choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
-                       for i in range(n_choices)]
+            choices = [{"index": a.index, "message": a.message(), "logprobs": None, "finish_reason": a.finish}
+                       for a in answers]
             obj, cid = "chat.completion", "chatcmpl-sim"
-        completion_tokens = length * n_choices
+        completion_tokens = sum(a.tokens for a in answers)
         cached = self._cached_tokens(call, spec, prompt_tokens)
         return {
             "id": f"{cid}-{created}-{self._calls.get(call.deployment.id, 0)}",
@@ -123,12 +167,14 @@ class SimulatedProvider:
         }
 
     async def stream(self, call: Call) -> AsyncIterator[dict[str, Any]]:
+        """Every choice streamed, interleaved piece by piece (as OpenAI does for ``n`` > 1); then one
+        chunk per choice with its finish reason; then the usage chunk when asked for."""
         spec = self._spec(call.deployment)
         self._maybe_fail(call.deployment, spec)
         body = call.body
         model = call.deployment.upstream_model
         prompt_tokens = count_prompt(body, call.endpoint, model)
-        length = self._length(body, spec)
+        answers = self._answers(call, spec)
         created = int(time.time())
         cid = f"chatcmpl-sim-{created}-{self._calls.get(call.deployment.id, 0)}"
         chat = call.endpoint == "chat"
@@ -136,7 +182,7 @@ class SimulatedProvider:
         if spec.ttft_ms:
             await asyncio.sleep(spec.ttft_ms / 1000)
 
-        def chunk(delta: dict[str, Any], finish: str | None, index: int = 0) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None, index: int) -> dict[str, Any]:
             if chat:
                 choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None,
                                           "finish_reason": finish}
@@ -146,29 +192,31 @@ class SimulatedProvider:
                     "choices": [{"index": index, "text": delta.get("content", ""),
                                  "logprobs": None, "finish_reason": finish}]}
 
-        tool = _tool_call(body) if chat else None
-        if tool is not None:
-            yield chunk({"role": "assistant", "content": None, "tool_calls": [
-                {"index": 0, "id": tool["id"], "type": "function",
-                 "function": {"name": tool["function"]["name"], "arguments": ""}}]}, None)
-            yield chunk({"tool_calls": [{"index": 0, "function": {
-                "arguments": tool["function"]["arguments"]}}]}, "tool_calls")
-        else:
-            if chat:
-                yield chunk({"role": "assistant", "content": ""}, None)
-            words = _answer_tokens(length)
-            words[0] = words[0].lstrip()
-            for i, word in enumerate(words):
-                if spec.fail_after_tokens and i >= spec.fail_after_tokens:
-                    raise UpstreamError(f"deployment {call.deployment.id}: simulated stream cut")
-                if gap and i:
-                    await asyncio.sleep(gap)
-                last = i == len(words) - 1
-                yield chunk({"content": word}, _finish(body, length, spec) if last else None)
+        if chat:
+            for a in answers:
+                if a.tool_name is not None:
+                    yield chunk({"role": "assistant", "content": None, "tool_calls": [
+                        {"index": 0, "id": a.tool_id, "type": "function",
+                         "function": {"name": a.tool_name, "arguments": ""}}]}, None, a.index)
+                else:
+                    yield chunk({"role": "assistant", "content": ""}, None, a.index)
+        for i in range(max((len(a.pieces) for a in answers), default=0)):
+            if spec.fail_after_tokens and i >= spec.fail_after_tokens:
+                raise UpstreamError(f"deployment {call.deployment.id}: simulated stream cut")
+            if gap and i:
+                await asyncio.sleep(gap)
+            for a in answers:
+                if i < len(a.pieces):
+                    delta: dict[str, Any] = {"content": a.pieces[i]} if a.tool_name is None else \
+                        {"tool_calls": [{"index": 0, "function": {"arguments": a.pieces[i]}}]}
+                    yield chunk(delta, None, a.index)
+        for a in answers:
+            yield chunk({}, a.finish, a.index)
         opts = body.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage"):
-            usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": length,
-                                     "total_tokens": prompt_tokens + length}
+            completion_tokens = sum(a.tokens for a in answers)
+            usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                     "total_tokens": prompt_tokens + completion_tokens}
             cached = self._cached_tokens(call, spec, prompt_tokens)
             if cached:
                 usage["prompt_tokens_details"] = {"cached_tokens": cached}
@@ -185,12 +233,87 @@ def _choices(body: dict[str, Any]) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 128 else 1
 
 
-def _finish(body: dict[str, Any], length: int, spec: SimulatedSpec) -> str:
-    return "length" if length < spec.output_tokens else "stop"
+def _limit(body: dict[str, Any]) -> int | None:
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
 
-def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
-    """Call the first (or the forced) tool when the conversation awaits one."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One choice: its text (or a tool call's arguments), the pieces it streams in, finish reason, tokens."""
+
+    index: int
+    text: str
+    pieces: list[str]
+    finish: str
+    tokens: int
+    tool_name: str | None = None
+
+    @property
+    def tool_id(self) -> str:
+        return f"call_sim_{self.index}"
+
+    def message(self) -> dict[str, Any]:
+        if self.tool_name is not None:
+            return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                {"id": self.tool_id, "type": "function",
+                 "function": {"name": self.tool_name, "arguments": self.text}}]}
+        return {"role": "assistant", "content": self.text, "refusal": None}
+
+
+_PIECE = re.compile(r"\s*[A-Za-z0-9_]+|\s*[^A-Za-z0-9_\s]|\s+")
+
+
+def _pieces(text: str) -> list[str]:
+    """Text in small stream pieces (a word or one punctuation mark each, with the spaces before it)."""
+    return _PIECE.findall(text)
+
+
+def _within(pieces: list[str], limit: int | None, model: str, finish: str) -> tuple[list[str], str]:
+    """The longest prefix of ``pieces`` within ``limit`` tokens, and the finish reason that follows."""
+    if limit is None or count_completion_text("".join(pieces), model) <= limit:
+        return pieces, finish
+    low, high = 0, len(pieces)          # the longest prefix that fits lies in [low, high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if count_completion_text("".join(pieces[:mid]), model) <= limit:
+            low = mid
+        else:
+            high = mid
+    return pieces[:low], "length"
+
+
+def _stops(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    if isinstance(stop, list):
+        return [s for s in stop if isinstance(s, str) and s]
+    return []
+
+
+def _stop_at(text: str, stops: list[str]) -> int | None:
+    """Where the text ends under the stop sequences (the first one found is not part of the answer)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _cut(pieces: list[str], end: int) -> list[str]:
+    """The pieces that spell the first ``end`` characters of their text (the last one shortened)."""
+    out, used = [], 0
+    for piece in pieces:
+        if used + len(piece) >= end:
+            if end > used:
+                out.append(piece[:end - used])
+            break
+        out.append(piece)
+        used += len(piece)
+    return out
+
+
+def _tool(body: dict[str, Any]) -> tuple[str, Any] | None:
+    """(name, parameters schema) of the tool to call: the forced one, else the first, when the
+    conversation awaits a call (tools offered, ``tool_choice`` not ``none``, no tool result last)."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     messages = body.get("messages")
@@ -199,25 +322,22 @@ def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
             and messages[-1].get("role") == "tool":
         return None
-    name = None
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
-    if name is None and isinstance(tools[0], dict) and isinstance(tools[0].get("function"), dict):
-        name = tools[0]["function"].get("name")
-    if not isinstance(name, str):
+    functions = [t["function"] for t in tools
+                 if isinstance(t, dict) and isinstance(t.get("function"), dict)
+                 and isinstance(t["function"].get("name"), str)]
+    if not functions:
         return None
-    return {"id": "call_sim_0", "type": "function",
-            "function": {"name": name, "arguments": '{"query": "simulated"}'}}
+    chosen = functions[0]
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        forced = choice["function"].get("name")
+        chosen = next((f for f in functions if f["name"] == forced), chosen)
+    return chosen["name"], chosen.get("parameters") or {"type": "object", "properties": {}}
 
 
-def _message(body: dict[str, Any], text: str) -> dict[str, Any]:
-    tool = _tool_call(body)
-    if tool is not None:
-        return {"role": "assistant", "content": None, "tool_calls": [tool], "refusal": None}
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
-        text = orjson.dumps({"answer": text}).decode()
-    return {"role": "assistant", "content": text, "refusal": None}
+def _json_schema(fmt: dict[str, Any]) -> Any:
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
 
 
 def _embeddings(body: dict[str, Any], model: str, prompt_tokens: int) -> dict[str, Any]:
