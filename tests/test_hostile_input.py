@@ -126,3 +126,12 @@ async def test_fuzzed_bodies_never_get_a_5xx_nor_leave_a_hold(gw: Gateway, body:
         error = orjson.loads(reply)["error"]
         assert isinstance(error["message"], str) and error["type"]
     assert await gw.reserved("paying") == 0
+
+
+async def test_the_api_schema_is_not_served(gw: Gateway) -> None:
+    """``/openapi.json`` used to list the admin API to anyone (issue 11, item 9)."""
+    import httpx
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw.app), base_url="http://gw") as client:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            reply = await client.get(path)
+            assert reply.status_code == 404 and "admin" not in reply.text

@@ -298,7 +298,7 @@ def _fastapi(state: AppState) -> FastAPI:
             await provider.aclose()
         await state.client.aclose()
 
-    api = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api = FastAPI(title="LLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     api.include_router(admin.router)
 
     @api.exception_handler(GatewayError)
