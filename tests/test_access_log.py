@@ -9,7 +9,6 @@ import logging
 import logging.config
 
 import httpx
-import pytest
 
 from conftest import GatewayFactory, mock_policy
 from gateway.access_log import JsonFormatter, access_line, log_request, logging_config
