@@ -4,7 +4,9 @@
 (:mod:`gateway.budgets.rules`), what it may cost at worst on any candidate, and asks the
 budget store to hold it atomically. It returns the request's
 :class:`~gateway.pipeline.ticket.Ticket` when admitted; when refused it finishes a ticket
-with the refusal's status (one ledger record at $0) and raises the client's error. A team
+with the refusal's status (one ledger record at $0) and raises the client's error. A request
+refused only because of other requests' holds (it would fit once they settle) tries again for up
+to ``hold_wait_s`` before it is refused, so a burst admits what the budget pays for. A team
 whose policy says ``downgrade`` is moved to its cheaper model (resolved by the function the
 caller passes) once past its soft threshold or when its budget cannot cover the worst case.
 :meth:`Admission.admit_hit` admits a response-cache hit: no budget hold, one request of the
@@ -14,7 +16,9 @@ replayed later) and ``refuse`` answers 503.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -31,14 +35,30 @@ from .request import Principal, Request, RequestIds
 from .ticket import Books, Ticket
 
 log = logging.getLogger("gateway")
+HOLD_POLL_S = 0.05   # how often a request refused for others' holds tries again
 
 
 class Admission:
-    def __init__(self, state: State, books: Books, ids: RequestIds, metrics: Any) -> None:
+    def __init__(self, state: State, books: Books, ids: RequestIds, metrics: Any, hold_wait_s: float = 2.0) -> None:
         self.state = state
         self.books = books
         self.ids = ids
         self.metrics = metrics
+        self.hold_wait_s = hold_wait_s
+
+    async def _held_by_others(self, team: str, budgets: tuple[BudgetRule, ...], ticket: Ticket) -> bool:
+        """Whether the refused request would fit every budget once the holds of requests in flight are
+        released: then it waits for them (a burst admits what the budget pays for, not what worst-case
+        holds leave over)."""
+        reservation = ticket.reservation
+        if reservation is None:
+            return False
+        try:
+            usage = await self.state.budgets.usage(team, budgets, reservation.now)
+        except StateUnavailable:
+            return False
+        return any(u.reserved_nano for u in usage) and all(
+            u.spent_nano + reservation.min_cost_nano <= u.limit_nano for u in usage)
 
     async def reserve(self, req: Request, principal: Principal, plan: Plan,
                       resolve: Callable[[str], Plan]) -> Ticket:
@@ -51,6 +71,12 @@ class Admission:
             return Ticket(self.books, req, principal, plan)
         ticket = await self._try(req, principal, plan, budgets, rates, partial=not downgrades)
         refusal = ticket.admission.refusal if ticket.admission else None
+        waited_until = time.monotonic() + self.hold_wait_s
+        while refusal is not None and refusal.kind == "budget" and not downgrades \
+                and time.monotonic() < waited_until and await self._held_by_others(principal.team, budgets, ticket):
+            await asyncio.sleep(HOLD_POLL_S)   # other requests' holds may settle below their worst case
+            ticket = await self._try(req, principal, plan, budgets, rates)
+            refusal = ticket.admission.refusal if ticket.admission else None
         if refusal is not None and refusal.kind in ("budget", "budget_soft") and downgrades:
             assert spec.downgrade_to is not None
             cheaper = replace(resolve(spec.downgrade_to), route="downgrade", requested=plan.requested,

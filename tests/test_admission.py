@@ -1,0 +1,74 @@
+"""A burst admits what the budget pays for: requests refused only for others' holds wait for them.
+
+In process, on the simulated model: each request's worst case ($0.25 for 50 output tokens) is
+five times what it really costs ($0.05 for 10), so against $1 only four worst-case holds fit at
+once while twenty requests fit in the budget. Refused requests whose budget would cover them once
+the holds in flight settle try again for a bounded time; an exhausted budget still refuses at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gateway.api.app import create_app
+from gateway.settings import Settings
+from inprocess import Gateway
+
+POLICY = """\
+models:
+  agent:
+    deployments:
+      - provider: simulated
+        name: agent-sim
+        price: {input_per_mtok: 0, output_per_mtok: 5000}
+        simulated: {output_tokens: 10, latency_ms: 40}
+teams:
+  burst:
+    budgets: [{period: daily, usd: 1}]
+"""
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
+    (tmp_path / "models.yaml").write_text(textwrap.dedent(POLICY))
+    app = create_app(Settings(config_dir=str(tmp_path)))
+    app.state.state.start()
+    yield Gateway(app)
+    await app.state.state.aclose()
+    await app.state.client.aclose()
+
+
+def ask() -> dict[str, object]:
+    return {"model": "agent", "max_tokens": 50, "messages": [{"role": "user", "content": "go"}]}
+
+
+async def test_a_burst_admits_every_request_the_budget_pays_for(gw: Gateway) -> None:
+    key = await gw.key("burst")
+    results = await asyncio.gather(*(gw.post(key, ask()) for _ in range(30)))
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) == 20 and statuses.count(429) == 10
+    records = await gw.records()
+    assert sum(r.cost_nano for r in records) == 1_000_000_000 and await gw.reserved("burst") == 0
+
+
+async def test_an_exhausted_budget_refuses_without_waiting(gw: Gateway) -> None:
+    key = await gw.key("burst")
+    for _ in range(20):
+        assert (await gw.post(key, ask()))[0] == 200
+    state = gw.app.state.state
+    reserve, calls = state.reserve, []
+
+    async def counted(req: object) -> object:
+        calls.append(req)
+        return await reserve(req)
+
+    state.reserve = counted
+    status, body = await gw.post(key, ask())
+    assert status == 429 and orjson.loads(body)["error"]["code"] == "budget_exceeded"
+    assert len(calls) == 1          # refused on its first try: nothing held, nothing to wait for
