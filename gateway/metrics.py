@@ -189,6 +189,10 @@ class Metrics:
                                  ["from_model", "to_model", "reason"], registry=r)
         self.upstream_errors = Counter("gateway_upstream_errors", "Upstream failures.",
                                        ["provider", "model", "error"], registry=r)
+        self.budget_overrun = Counter(
+            "gateway_budget_overrun_usd", "What requests cost beyond the hold they were admitted with (the upstream "
+            "billed more than the worst case the gateway estimated); settled in full, so later requests see it.",
+            ["team"], registry=r)
         self.token_counts = Counter("gateway_token_counts", "Token-count requests (never charged), by who counted.",
                                     ["team", "source"], registry=r)
         self.cost_drift_usd = Counter(
@@ -249,6 +253,10 @@ class Metrics:
         self.child(self.requests, self.team_label(team) if team is not None else "none",
                    self.model_label(model) if model is not None else OTHER, "none", "none",
                    self.code_label(status), "bypass").inc()
+
+    def overran(self, team: str, nano: int) -> None:
+        """A request cost ``nano`` more than its hold."""
+        self.child(self.budget_overrun, self.team_label(team)).inc(nano / 1e9)
 
     def tokens_counted(self, team: str, source: str) -> None:
         """A token-count request answered, by the upstream or by the gateway's estimate."""

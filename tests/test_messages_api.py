@@ -196,3 +196,18 @@ async def test_count_tokens_upstream_and_estimated(gw: Gw, mock_anthropic: MockA
 
 def _ids(records: list[LedgerRecord]) -> list[Any]:
     return [r.request_id for r in records]
+
+
+async def test_a_bill_beyond_the_hold_is_charged_in_full_and_counted(
+        gw: Gw, mock_anthropic: MockAnthropic) -> None:  # noqa: F811
+    """The upstream reports far more prompt tokens than the gateway estimated (issue 11, item 6)."""
+    mock_anthropic.set(input=200_000, output=5)
+    client = gw.client(await gw.key("paying"))
+    await client.messages.create(model="claude-sonnet", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    cost = nano_of(200_000 * IN + 5 * OUT)
+    [record] = await gw.records()
+    assert record.cost_nano == cost
+    metrics = gw.app.state.metrics.render().decode()
+    [line] = [m for m in metrics.splitlines() if m.startswith('gateway_budget_overrun_usd_total{team="paying"}')]
+    overrun = round(float(line.rsplit(" ", 1)[1]) * 1e9)
+    assert 0 < overrun < cost          # the part of the cost the hold did not cover

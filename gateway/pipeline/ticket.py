@@ -119,6 +119,10 @@ class Ticket:
         usage = self.usage
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
         cost = min(self.cost_nano, MAX_AMOUNT)
+        held = self.admission.reserved_nano if self.admission is not None else None
+        if held is not None and cost > held:   # billed beyond the worst case: charged in full, and counted
+            self.books.metrics.overran(self.principal.team, cost - held)
+            log.warning("request %s cost %d nano-USD, %d more than its hold", self.req.request_id, cost, cost - held)
         try:
             await self.books.state.settle(reservation, cost, min(tokens, MAX_AMOUNT))
         except Exception:   # never leave the hold: settle what was held, at most
