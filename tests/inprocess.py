@@ -8,15 +8,19 @@ reads the ledger and the budgets' reserved amounts back.
 from __future__ import annotations
 
 import asyncio
+import textwrap
 from collections import Counter
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from gateway.api.app import GatewayApp
+from gateway.api.app import GatewayApp, create_app
 from gateway.budgets.rules import budget_rules
+from gateway.settings import Settings
 from gateway.state.budgets import ReserveRequest
 from gateway.state.ledger import LedgerRecord
 
@@ -26,8 +30,10 @@ Message = MutableMapping[str, Any]
 class Gateway:
     """The app in process, its settles counted per hold and its ledger read back."""
 
-    def __init__(self, app: GatewayApp) -> None:
+    def __init__(self, app: GatewayApp, shares: Gateway | None = None) -> None:
+        """``shares``: another view of the same app whose HTTP clients this one adds to (closed with it)."""
         self.app = app
+        self.http_clients: list[Any] = shares.http_clients if shares is not None else []
         self.settles: Counter[str] = Counter()
         state = app.state.state
         settle = state.settle
@@ -37,6 +43,13 @@ class Gateway:
             await settle(req, cost_nano, tokens)
 
         state.settle = counting
+
+    def sdk_client(self, sdk: Callable[..., Any], http: Any, key: str, base_url: str = "http://gateway") -> Any:
+        """An official SDK's client (``openai.AsyncOpenAI``, ``anthropic.AsyncAnthropic``) talking to the app
+        in process through ``http`` (the SDK's own HTTP package: its ``AsyncClient`` and ``ASGITransport``)."""
+        client = http.AsyncClient(transport=http.ASGITransport(app=self.app), base_url="http://gateway")
+        self.http_clients.append(client)
+        return sdk(base_url=base_url, api_key=key, max_retries=0, http_client=client)
 
     async def key(self, team: str, **kw: Any) -> str:
         _, secret = await self.app.state.state.key_store.create(team, "test", **kw)
@@ -92,3 +105,19 @@ class Gateway:
         return sum(u.reserved_nano for u in usage)
 
 
+
+
+@asynccontextmanager
+async def in_process(policy_dir: Path, policy: str) -> AsyncIterator[Gateway]:
+    """The app on ``policy`` (a ``models.yaml`` text), started, and stopped afterwards."""
+    (policy_dir / "models.yaml").write_text(textwrap.dedent(policy))
+    app = create_app(Settings(config_dir=str(policy_dir)))
+    app.state.state.start()
+    gw = Gateway(app)
+    try:
+        yield gw
+    finally:
+        for client in gw.http_clients:
+            await client.aclose()
+        await app.state.state.aclose()
+        await app.state.client.aclose()

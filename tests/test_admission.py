@@ -9,16 +9,13 @@ the holds in flight settle try again for a bounded time; an exhausted budget sti
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
 import pytest
 
-from gateway.api.app import create_app
-from gateway.settings import Settings
-from inprocess import Gateway
+from inprocess import Gateway, in_process
 
 POLICY = """\
 models:
@@ -36,12 +33,8 @@ teams:
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    (tmp_path / "models.yaml").write_text(textwrap.dedent(POLICY))
-    app = create_app(Settings(config_dir=str(tmp_path)))
-    app.state.state.start()
-    yield Gateway(app)
-    await app.state.state.aclose()
-    await app.state.client.aclose()
+    async with in_process(tmp_path, POLICY) as gateway:
+        yield gateway
 
 
 def ask() -> dict[str, object]:

@@ -10,7 +10,6 @@ class, its envelope and the team's reserved budget afterwards.
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.api.app import create_app
-from gateway.settings import Settings
-from inprocess import Gateway
+from inprocess import Gateway, in_process
 
 POLICY = """\
 models:
@@ -49,12 +46,8 @@ BASE = b'{"model":"fast","messages":[{"role":"user","content":"hi"}]'
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    (tmp_path / "models.yaml").write_text(textwrap.dedent(POLICY))
-    app = create_app(Settings(config_dir=str(tmp_path)))
-    app.state.state.start()
-    yield Gateway(app)
-    await app.state.state.aclose()
-    await app.state.client.aclose()
+    async with in_process(tmp_path, POLICY) as gateway:
+        yield gateway
 
 
 def nested(levels: int) -> bytes:

@@ -10,7 +10,6 @@ refusal, a compression summary call, a cancelled request, and a bug inside the r
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.api.app import create_app
-from gateway.settings import Settings
-from inprocess import Gateway
+from inprocess import Gateway, in_process
 
 POLICY = """\
 models:
@@ -83,12 +80,8 @@ compression:
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Gateway]:
-    (tmp_path / "models.yaml").write_text(textwrap.dedent(POLICY))
-    app = create_app(Settings(config_dir=str(tmp_path)))
-    app.state.state.start()
-    yield Gateway(app)
-    await app.state.state.aclose()
-    await app.state.client.aclose()
+    async with in_process(tmp_path, POLICY) as gateway:
+        yield gateway
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:

@@ -10,7 +10,6 @@ exception classes, ``count_tokens`` both ways, and the dropped-features header.
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,7 @@ except ImportError:
 
 from mock_anthropic import MockAnthropic, mock_anthropic, mock_anthropic_server  # noqa: F401
 
-from gateway.api.app import GatewayApp, create_app
-from gateway.settings import Settings
-from gateway.state.ledger import LedgerRecord
+from inprocess import Gateway, in_process
 
 # pico-USD per token: $3 in, $15 out, $0.30 cache read, $3.75 5-minute write, $6 1-hour write per Mtok
 IN, OUT, READ, WRITE, WRITE_1H = 3_000_000, 15_000_000, 300_000, 3_750_000, 6_000_000
@@ -56,39 +53,17 @@ teams:
 """
 
 
-class Gw:
-    def __init__(self, app: GatewayApp) -> None:
-        self.app = app
-        self.http: list[Any] = []
-
-    async def key(self, team: str) -> str:
-        _, secret = await self.app.state.state.key_store.create(team, "test")
-        return str(secret)
-
+class Gw(Gateway):
     def client(self, key: str) -> anthropic.AsyncAnthropic:
-        http = sdk_http.AsyncClient(transport=sdk_http.ASGITransport(app=self.app), base_url="http://gateway")
-        self.http.append(http)
-        return anthropic.AsyncAnthropic(base_url="http://gateway", api_key=key, max_retries=0, http_client=http)
-
-    async def records(self) -> list[LedgerRecord]:
-        state = self.app.state.state
-        await state.flush()
-        return list(await state.ledger.read(0))
+        return self.sdk_client(anthropic.AsyncAnthropic, sdk_http, key)
 
 
 @pytest.fixture
 async def gw(tmp_path: Path, mock_anthropic: MockAnthropic,  # noqa: F811
              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gw]:
     monkeypatch.setenv("TEST_ANTHROPIC_UPSTREAM_KEY", "sk-ant-upstream-secret")
-    (tmp_path / "models.yaml").write_text(textwrap.dedent(POLICY.format(mock=mock_anthropic.url)))
-    app = create_app(Settings(config_dir=str(tmp_path)))
-    app.state.state.start()
-    g = Gw(app)
-    yield g
-    for http in g.http:
-        await http.aclose()
-    await app.state.state.aclose()
-    await app.state.client.aclose()
+    async with in_process(tmp_path, POLICY.format(mock=mock_anthropic.url)) as gateway:
+        yield Gw(gateway.app, gateway)
 
 
 def nano_of(pico: int) -> int:
@@ -192,10 +167,6 @@ async def test_count_tokens_upstream_and_estimated(gw: Gw, mock_anthropic: MockA
                                                    messages=[{"role": "user", "content": "hello there"}])
     assert 0 < estimated.input_tokens < 50
     assert await gw.records() == []          # never charged
-
-
-def _ids(records: list[LedgerRecord]) -> list[Any]:
-    return [r.request_id for r in records]
 
 
 async def test_a_bill_beyond_the_hold_is_charged_in_full_and_counted(

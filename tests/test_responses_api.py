@@ -10,7 +10,6 @@ retrieve / input_items / delete, another team's id refused, dropped features nam
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,7 @@ import openai
 import pytest
 from mock_responses import MockResponses, mock_responses, mock_responses_server  # noqa: F401
 
-from gateway.api.app import GatewayApp, create_app
-from gateway.settings import Settings
-from gateway.state.ledger import LedgerRecord
+from inprocess import Gateway, in_process
 
 # pico-USD per token: $2 in, $8 out, $0.5 cached in
 IN, OUT, CACHED = 2_000_000, 8_000_000, 500_000
@@ -49,39 +46,17 @@ teams:
 """
 
 
-class Gw:
-    def __init__(self, app: GatewayApp) -> None:
-        self.app = app
-        self.http: list[httpx.AsyncClient] = []
-
-    async def key(self, team: str) -> str:
-        _, secret = await self.app.state.state.key_store.create(team, "test")
-        return str(secret)
-
+class Gw(Gateway):
     def client(self, key: str) -> openai.AsyncOpenAI:
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://gateway")
-        self.http.append(http)
-        return openai.AsyncOpenAI(base_url="http://gateway/v1", api_key=key, max_retries=0, http_client=http)
-
-    async def records(self) -> list[LedgerRecord]:
-        state = self.app.state.state
-        await state.flush()
-        return list(await state.ledger.read(0))
+        return self.sdk_client(openai.AsyncOpenAI, httpx, key, "http://gateway/v1")
 
 
 @pytest.fixture
 async def gw(tmp_path: Path, mock_responses: MockResponses,  # noqa: F811
              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gw]:
     monkeypatch.setenv("TEST_OPENAI_UPSTREAM_KEY", "sk-upstream-secret")
-    (tmp_path / "models.yaml").write_text(textwrap.dedent(POLICY.format(mock=mock_responses.url)))
-    app = create_app(Settings(config_dir=str(tmp_path)))
-    app.state.state.start()
-    g = Gw(app)
-    yield g
-    for http in g.http:
-        await http.aclose()
-    await app.state.state.aclose()
-    await app.state.client.aclose()
+    async with in_process(tmp_path, POLICY.format(mock=mock_responses.url)) as gateway:
+        yield Gw(gateway.app, gateway)
 
 
 def nano_of(pico: int) -> int:

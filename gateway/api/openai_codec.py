@@ -105,7 +105,7 @@ class OpenAICodec(Stateless):
         if req.stream:   # the gateway always asks for the usage chunk; the client sees it only if it asked
             opts = body.get("stream_options")
             body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        return req.endpoint, body
+        return req.shape, body
 
     def cap_output(self, wire: str, body: dict[str, Any], cap: int, deployment: Deployment) -> None:
         cap_output(body, cap, deployment, wire)

@@ -23,8 +23,7 @@ from gateway.api.anthropic.errors import error_body, error_event, error_headers
 from gateway.api.anthropic.stream import ChatToMessagesStream, encode_event
 from gateway.api.anthropic.translate import chat_to_messages, chat_to_messages_reply, messages_to_chat
 from gateway.api.anthropic.validation import validate_messages
-from gateway.api.openai_codec import choice_text, parse_json
-from gateway.budgets.rules import cap_output
+from gateway.api.openai_codec import OpenAICodec, parse_json
 from gateway.errors import GatewayError
 from gateway.pipeline.codec import Stateless
 from gateway.pipeline.request import Inbound, Request, nano_float
@@ -49,6 +48,8 @@ def _text_of(blocks: Any) -> str:
 class MessagesCodec(Stateless):
     endpoint = "messages"
 
+    def __init__(self) -> None:
+        self.chat = OpenAICodec("chat")    # the translated path: chat requests and replies
     def decode(self, raw: bytes) -> Any:
         return parse_json(raw)
 
@@ -71,32 +72,27 @@ class MessagesCodec(Stateless):
                 if "system" in shrunk:
                     body["system"] = shrunk["system"]
             return "messages", body
-        body = dict(req.body)
-        if req.stream:
-            body["stream_options"] = {"include_usage": True}
-        return "chat", body
+        return self.chat.call_body(req, deployment)
 
     def cap_output(self, wire: str, body: dict[str, Any], cap: int, deployment: Deployment) -> None:
         if wire == "messages":
             body["max_tokens"] = cap
         else:
-            cap_output(body, cap, deployment, "chat")
+            self.chat.cap_output(wire, body, cap, deployment)
 
     def reply_usage(self, wire: str, body: dict[str, Any]) -> Usage | None:
+        if wire != "messages":
+            return self.chat.reply_usage(wire, body)
         usage = body.get("usage")
-        if not isinstance(usage, dict):
-            return None
-        return usage_from_anthropic(usage) if wire == "messages" else usage_from_openai(usage)
+        return usage_from_anthropic(usage) if isinstance(usage, dict) else None
 
     def upstream_cost(self, wire: str, body: dict[str, Any]) -> int | None:
-        usage = body.get("usage")
-        return upstream_cost_nano(usage) if wire == "chat" and isinstance(usage, dict) else None
+        return self.chat.upstream_cost(wire, body) if wire != "messages" else None
 
     def estimate_output(self, wire: str, body: dict[str, Any], model: str) -> int:
-        if wire == "messages":
-            return count_completion_text(_text_of(body.get("content")), model)
-        return sum(count_completion_text(choice_text(c), model) for c in body.get("choices") or ()
-                   if isinstance(c, dict))
+        if wire != "messages":
+            return self.chat.estimate_output(wire, body, model)
+        return count_completion_text(_text_of(body.get("content")), model)
 
     def encode_reply(self, req: Request, wire: str, body: dict[str, Any], usage: Usage, cost_nano: int,
                      deployment: Deployment) -> tuple[bytes, dict[str, Any]]:

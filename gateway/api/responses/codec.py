@@ -20,13 +20,12 @@ from typing import Any
 
 import orjson
 
-from gateway.api.openai_codec import choice_text, parse_json, usage_dict
+from gateway.api.openai_codec import OpenAICodec, parse_json, usage_dict
 from gateway.api.responses.conversation import native_body, previous_not_found, stored_record
 from gateway.api.responses.from_chat import chat_to_response, new_response_id
 from gateway.api.responses.stream import FINAL_EVENTS, ChatToResponsesStream, ResponsesStreamTap, encode_event
 from gateway.api.responses.to_chat import responses_to_chat
 from gateway.api.responses.validation import validate_responses
-from gateway.budgets.rules import cap_output
 from gateway.errors import GatewayError, error_body, error_headers
 from gateway.pipeline.request import Inbound, Request, nano_float
 from gateway.policy import Deployment
@@ -55,6 +54,7 @@ class ResponsesCodec:
 
     def __init__(self, store: ResponsesStore) -> None:
         self.store = store
+        self.chat = OpenAICodec("chat")    # the translated path: chat requests and replies
 
     def decode(self, raw: bytes) -> Any:
         return parse_json(raw)
@@ -92,32 +92,28 @@ class ResponsesCodec:
         if deployment.speaks("responses"):
             prior = req.context if isinstance(req.context, StoredResponse) else None
             return "responses", dict(native_body(req.native, prior, deployment.id))
-        body = dict(req.body)
-        if req.stream:
-            body["stream_options"] = {"include_usage": True}
-        return "chat", body
+        return self.chat.call_body(req, deployment)
 
     def cap_output(self, wire: str, body: dict[str, Any], cap: int, deployment: Deployment) -> None:
         if wire == "responses":
             body["max_output_tokens"] = cap
         else:
-            cap_output(body, cap, deployment, "chat")
+            self.chat.cap_output(wire, body, cap, deployment)
 
     def reply_usage(self, wire: str, body: dict[str, Any]) -> Usage | None:
+        if wire != "responses":
+            return self.chat.reply_usage(wire, body)
         usage = body.get("usage")
-        if not isinstance(usage, dict):
-            return None
-        return usage_from_responses(usage) if wire == "responses" else usage_from_openai(usage)
+        return usage_from_responses(usage) if isinstance(usage, dict) else None
 
     def upstream_cost(self, wire: str, body: dict[str, Any]) -> int | None:
         usage = body.get("usage")
         return upstream_cost_nano(usage) if isinstance(usage, dict) else None
 
     def estimate_output(self, wire: str, body: dict[str, Any], model: str) -> int:
-        if wire == "responses":
-            return count_completion_text(output_text(body), model)
-        return sum(count_completion_text(choice_text(c), model) for c in body.get("choices") or ()
-                   if isinstance(c, dict))
+        if wire != "responses":
+            return self.chat.estimate_output(wire, body, model)
+        return count_completion_text(output_text(body), model)
 
     def encode_reply(self, req: Request, wire: str, body: dict[str, Any], usage: Usage, cost_nano: int,
                      deployment: Deployment) -> tuple[bytes, dict[str, Any]]:
