@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     route.add_argument("--model", help="the requested model (default: the request file's \"model\")")
     route.add_argument("--key", help="the caller's key id, for rules that match on keys")
     route.add_argument("--file", help="a JSON request body (default: one short user message)")
-    route.add_argument("--endpoint", default="chat", choices=["chat", "completions", "embeddings"])
+    route.add_argument("--endpoint", default="chat",
+                       choices=["chat", "completions", "embeddings", "messages", "responses"])
     route.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                        help="a request header, e.g. x-gateway-tags:batch (repeatable)")
     keys = sub.add_parser("keys", help="create, list and revoke virtual keys")
@@ -110,9 +111,10 @@ def _config_hint(config_dir: str) -> str:
 
 
 def check_cases(policies: Policies) -> int:
+    from gateway.api.shapes import routing_shape
     from gateway.routing.explain import run_cases
 
-    results = run_cases(policies)
+    results = run_cases(policies, routing_shape)
     if not results:
         return 0
     print(f"policy tests: {sum(r.ok for r in results)} of {len(results)} pass")
@@ -147,7 +149,9 @@ def route(policies: Policies, args: argparse.Namespace) -> int:
             print(f"gateway: --header wants NAME:VALUE, got {item!r}", file=sys.stderr)
             return 2
         headers[name.strip().lower()] = value.strip()
-    text, plan = explain(policies, route_input(policies, args.team, model, body, args.endpoint, headers, args.key))
+    from gateway.api.shapes import routing_shape
+    text, plan = explain(policies, route_input(policies, args.team, model, body, args.endpoint, headers, args.key,
+                                               routing_shape))
     print(text)
     return 0 if plan is not None else 1
 

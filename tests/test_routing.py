@@ -481,3 +481,28 @@ def test_gateway_route_and_check_commands(tmp_path: Path) -> None:
     assert "FAIL mismatch" in out.stdout and "expected deployment big-a" in out.stdout
     shipped = run_cli("check")
     assert shipped.returncode == 0 and "policy tests: 5 of 5 pass" in shipped.stdout
+
+
+def test_messages_and_responses_requests_route_like_their_chat_translation(tmp_path: Path) -> None:
+    """``gateway route --endpoint messages|responses`` and policy cases with those endpoints."""
+    from gateway.api.shapes import routing_shape
+    from gateway.routing.explain import run_cases
+    p = load(tmp_path, RULES)
+    messages = {"model": "auto", "max_tokens": 100, "system": [{"type": "text", "text": "be brief"}],
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    text, plan = explain(p, route_input(p, "default", "auto", messages, "messages", {"x-gateway-tags": "batch"},
+                                        shape=routing_shape))
+    assert plan is not None and plan.route == "by-tag" and "endpoint chat" in text
+    responses = {"model": "auto", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}
+    _, plan = explain(p, route_input(p, "default", "auto", responses, "responses", shape=routing_shape))
+    assert plan is not None and plan.route == "short"
+    (tmp_path / "tests.yaml").write_text(textwrap.dedent("""
+        tests:
+          - {name: msg, model: auto, endpoint: messages, expect: {route: short},
+             request: {max_tokens: 5, messages: [{role: user, content: hi}]}}
+          - {name: resp, model: auto, endpoint: responses, expect: {route: short}, request: {input: hi}}
+        """))
+    results = run_cases(load_policies(str(tmp_path)), routing_shape)
+    assert [r.ok for r in results] == [True, True], [r.line() for r in results]
+    out = run_cli("route", "--config", str(tmp_path), "--endpoint", "messages", "--model", "auto")
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -17,7 +17,7 @@ from typing import Any
 from gateway.policy.reader import Fields
 from gateway.policy.yamlsource import LocatedList, PolicyError
 
-ENDPOINTS = ("chat", "completions", "embeddings")
+ENDPOINTS = ("chat", "completions", "embeddings", "messages", "responses")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ healthy), so what they say is what the gateway does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,16 @@ from gateway.policy import Policies, PolicyCase
 from gateway.policy.teams import TeamSpec
 from gateway.routing.resolve import NO_HEALTH, HealthView, Plan, RouteInput, resolve_policy
 
+Shape = Callable[[str, dict[str, Any]], tuple[str, dict[str, Any]]]   # (endpoint, body) as routing reads them
+
 
 def route_input(policies: Policies, team: str, model: str, body: dict[str, Any], endpoint: str = "chat",
-                headers: dict[str, str] | None = None, key_id: str | None = None) -> RouteInput:
+                headers: dict[str, str] | None = None, key_id: str | None = None,
+                shape: Shape | None = None) -> RouteInput:
+    """``shape``: turns a request of another API (Messages, Responses) into the shape routing reads."""
     spec = policies.teams.get(team) or TeamSpec(team)
+    if shape is not None:
+        endpoint, body = shape(endpoint, body)
     return RouteInput(team=team, model=model, endpoint=endpoint, body=body, raw_size=len(repr(body)),
                       key_id=key_id, headers=headers or {}, allowed=spec.allowed_models)
 
@@ -53,8 +60,9 @@ class CaseResult:
         return f"{'ok  ' if self.ok else 'FAIL'} {self.case.name} ({where}): {self.got}"
 
 
-def run_case(policies: Policies, case: PolicyCase) -> CaseResult:
-    inp = route_input(policies, case.team, case.model, case.body, case.endpoint, dict(case.headers), case.key_id)
+def run_case(policies: Policies, case: PolicyCase, shape: Shape | None = None) -> CaseResult:
+    inp = route_input(policies, case.team, case.model, case.body, case.endpoint, dict(case.headers), case.key_id,
+                      shape)
     try:
         plan = resolve_policy(policies, inp, pick=0.0)
     except GatewayError as exc:
@@ -75,5 +83,5 @@ def _wanted(case: PolicyCase) -> str:
     return f" (expected {', '.join(parts)})"
 
 
-def run_cases(policies: Policies) -> list[CaseResult]:
-    return [run_case(policies, case) for case in policies.cases]
+def run_cases(policies: Policies, shape: Shape | None = None) -> list[CaseResult]:
+    return [run_case(policies, case, shape) for case in policies.cases]
