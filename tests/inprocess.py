@@ -56,8 +56,9 @@ class Gateway:
         return str(secret)
 
     async def post(self, key: str, body: dict[str, Any] | bytes, path: str = "/v1/chat/completions",
-                   disconnect_after: int | None = None) -> tuple[int, bytes]:
-        """(status, body bytes); ``disconnect_after``: the client goes away after that many body parts."""
+                   disconnect_after: int | None = None, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """(status, body bytes); ``disconnect_after``: the client goes away after that many body parts;
+        ``headers``: more request headers."""
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         sent: list[Message] = []
         parts = 0
@@ -81,7 +82,8 @@ class Gateway:
                     gone.set()
 
         scope = {"type": "http", "method": "POST", "path": path, "headers": [
-            (b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json")]}
+            (b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json"),
+            *((k.encode(), v.encode("latin-1")) for k, v in (headers or {}).items())]}
         await self.app(scope, receive, send)
         status = next(m["status"] for m in sent if m["type"] == "http.response.start")
         return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")

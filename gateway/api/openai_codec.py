@@ -95,10 +95,12 @@ class OpenAICodec(Stateless):
         model = validate(self.endpoint, body)
         stream = body.get("stream") is True and self.endpoint != "embeddings"
         opts = body.get("stream_options")
-        return Request(self.endpoint, self.endpoint, body, model, stream,
-                       stream and isinstance(opts, dict) and opts.get("include_usage") is True,
-                       requested_output(body), inbound.raw_size, inbound.headers, inbound.request_id,
-                       inbound.started)
+        req = Request(self.endpoint, self.endpoint, body, model, stream,
+                      stream and isinstance(opts, dict) and opts.get("include_usage") is True,
+                      requested_output(body), inbound.raw_size, inbound.headers, inbound.request_id,
+                      inbound.started)
+        req.user = body.get("user")
+        return req
 
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         body = dict(req.body)

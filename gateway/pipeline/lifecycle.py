@@ -42,6 +42,7 @@ from gateway.tokens import count_completion_text, count_prompt
 
 from .admission import Admission
 from .attempts import Attempts
+from .attribution import attribution
 from .auth import caller_key, secret_matches
 from .codec import Codec
 from .request import Headers, Inbound, Principal, Reply, Request, RequestIds, StreamReply, usd_str
@@ -98,6 +99,7 @@ class Pipeline:
         inbound.team = principal.team
         inbound.request = req = codec.validate(inbound)
         req.policies, req.team = policies, principal.team
+        req.attribution = attribution(req.headers, req.user)
         await codec.load(req, principal.team)
         plan = self.resolve(req, principal, req.model)
         if plan.too_long is not None:   # too long for every window: a cached answer, or compression

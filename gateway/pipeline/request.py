@@ -22,6 +22,8 @@ from gateway.savings.compression import Report
 from gateway.savings.response_cache import Lookup
 from gateway.state.keys import KeyRecord
 
+from .attribution import NOBODY, Attribution
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -82,6 +84,8 @@ class Request:
     cacheable: bool = True                 # the response cache may answer or keep it
     context: Any = None                    # what the codec loaded for it (an earlier turn of a conversation)
     prefer: str | None = None              # a deployment to try first (the one holding that conversation)
+    user: Any = None                       # the end user the body names (OpenAI's user, metadata.user_id)
+    attribution: Attribution = NOBODY      # end user, tags, session, agent (after validation)
 
     @property
     def cache_result(self) -> str:

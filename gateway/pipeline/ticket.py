@@ -49,7 +49,7 @@ class Ticket:
 
     __slots__ = ("books", "req", "principal", "plan", "reservation", "admission", "capped", "output_cap",
                  "deployment", "usage", "cost_nano", "baseline_nano", "savings", "upstream_s", "ttft_s",
-                 "upstream_cost_nano", "status", "_finished", "_recorded")
+                 "upstream_cost_nano", "overran", "status", "_finished", "_recorded")
 
     def __init__(self, books: Books, req: Request, principal: Principal, plan: Plan,
                  reservation: ReserveRequest | None = None, admission: Admission | None = None,
@@ -70,6 +70,7 @@ class Ticket:
         self.upstream_s = 0.0
         self.ttft_s: float | None = None
         self.upstream_cost_nano: int | None = None   # what the upstream said the request cost, if it said
+        self.overran = False                         # it cost more than its hold
         self.status = "ok"
         self._finished = False
         self._recorded = False
@@ -121,6 +122,7 @@ class Ticket:
         cost = min(self.cost_nano, MAX_AMOUNT)
         held = self.admission.reserved_nano if self.admission is not None else None
         if held is not None and cost > held:   # billed beyond the worst case: charged in full, and counted
+            self.overran = True
             self.books.metrics.overran(self.principal.team, cost - held)
             log.warning("request %s cost %d nano-USD, %d more than its hold", self.req.request_id, cost, cost - held)
         try:
@@ -171,4 +173,6 @@ class Ticket:
             ttft_ms=round(self.ttft_s * 1000, 3) if self.ttft_s is not None else None, status=self.status,
             cache=req.cache_result, compressed=report is not None,
             compression_saved_tokens=report.removed if report is not None else 0,
-            estimated=usage.estimated, stream=req.stream)
+            estimated=usage.estimated, stream=req.stream, endpoint=req.endpoint, user=req.attribution.user,
+            tags=req.attribution.tags, session=req.attribution.session, agent=req.attribution.agent,
+            parent_agent=req.attribution.parent_agent, overrun=self.overran)

@@ -71,6 +71,13 @@ class LedgerRecord:
     compression_saved_tokens: int = 0  # prompt tokens compression removed (estimated)
     estimated: bool = False
     stream: bool = False
+    endpoint: str = "chat"             # the inbound API: chat, completions, embeddings, messages, responses
+    user: str | None = None            # the end user (x-gateway-user, the body's user or metadata.user_id)
+    tags: tuple[str, ...] = ()         # x-gateway-tags
+    session: str | None = None         # x-gateway-session, or a client's own session id (Claude Code's)
+    agent: str | None = None           # a coding agent's sub-agent id, and its parent's
+    parent_agent: str | None = None
+    overrun: bool = False              # it cost more than the hold it was admitted with
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)   # orjson serialises dataclasses natively, ~15x faster than asdict
@@ -81,7 +88,10 @@ class LedgerRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LedgerRecord:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        record = cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        if isinstance(record.tags, list):   # JSON has no tuples
+            record.tags = tuple(record.tags)
+        return record
 
 
 def day_of(ts: float, fmt: str = "%Y%m%d") -> str:

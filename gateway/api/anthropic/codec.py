@@ -61,6 +61,8 @@ class MessagesCodec(Stateless):
         req = Request("messages", "chat", chat, body["model"], stream, True, body["max_tokens"], inbound.raw_size,
                       inbound.headers, inbound.request_id, inbound.started)
         req.native, req.dropped = body, dropped
+        metadata = body.get("metadata")
+        req.user = metadata.get("user_id") if isinstance(metadata, dict) else None
         return req
 
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:

@@ -68,6 +68,7 @@ class ResponsesCodec:
                       limit if isinstance(limit, int) else None, inbound.raw_size, inbound.headers,
                       inbound.request_id, inbound.started)
         req.native, req.dropped, req.cacheable = body, dropped, False
+        req.user = body.get("user") or body.get("safety_identifier")
         return req
 
     async def load(self, req: Request, team: str) -> None:
