@@ -102,6 +102,9 @@ class OpenAICodec(Stateless):
         req.user = body.get("user")
         return req
 
+    def wire(self, req: Request, deployment: Deployment) -> str:
+        return req.shape
+
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         body = dict(req.body)
         if req.stream:   # the gateway always asks for the usage chunk; the client sees it only if it asked

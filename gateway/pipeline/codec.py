@@ -85,6 +85,10 @@ class Codec(Protocol):
         """The typed request (after authentication, so a caller without a key learns nothing more)."""
         ...
 
+    def wire(self, req: Request, deployment: Deployment) -> str:
+        """The wire format a call to ``deployment`` is made in: the request's own API, or chat."""
+        ...
+
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         """(wire format, body) of the upstream call to ``deployment``, model and output cap not yet set."""
         ...

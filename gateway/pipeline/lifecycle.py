@@ -180,7 +180,7 @@ class Pipeline:
         try:
             deployment, body = await self.attempts.complete(
                 req, ticket, lambda d, timeout: self.build_call(req, codec, ticket, d, timeout))
-            wire = codec.call_body(req, deployment)[0]
+            wire = codec.wire(req, deployment)
             usage = codec.reply_usage(wire, body) or self.estimate(req, deployment, codec.estimate_output(
                 wire, body, deployment.upstream_model))
             ticket.upstream_cost_nano = codec.upstream_cost(wire, body)
@@ -204,7 +204,7 @@ class Pipeline:
         try:
             deployment, first, chunks, started = await self.attempts.open_stream(
                 req, ticket, lambda d, timeout: self.build_call(req, codec, ticket, d, timeout))
-            wire = codec.call_body(req, deployment)[0]
+            wire = codec.wire(req, deployment)
             encoder = codec.stream(req, wire, deployment, self.savers.assembles(req))
             headers = self.headers(req, ticket, deployment, settled=False, wire=wire)
             headers[0] = (b"content-type", b"text/event-stream")

@@ -65,6 +65,9 @@ class MessagesCodec(Stateless):
         req.user = metadata.get("user_id") if isinstance(metadata, dict) else None
         return req
 
+    def wire(self, req: Request, deployment: Deployment) -> str:
+        return "messages" if deployment.speaks("messages") else "chat"
+
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         if deployment.speaks("messages"):
             body = dict(req.native)

@@ -89,6 +89,9 @@ class ResponsesCodec:
         await self.store.put(stored_record(req.native, prior, answer, team=team, deployment_id=deployment.id,
                                            upstream_state=deployment.speaks("responses")))
 
+    def wire(self, req: Request, deployment: Deployment) -> str:
+        return "responses" if deployment.speaks("responses") else "chat"
+
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         if deployment.speaks("responses"):
             prior = req.context if isinstance(req.context, StoredResponse) else None
