@@ -202,3 +202,23 @@ async def test_a_bug_in_the_request_path_still_settles_and_records(gw: Gateway, 
     assert await gw.reserved("paying") == 0
     monkeypatch.undo()
     assert (await gw.post(key, chat("fast")))[0] == 200     # the team's budget is not locked
+
+
+async def test_a_lost_reserve_reply_releases_its_hold(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store applied the hold but its reply was lost (issue 11, item 10): the client gets 503 and a $0
+    settle releases the hold at once, not after the reservation TTL."""
+    from gateway.state.budgets import StateUnavailable
+    state = gw.app.state.state
+    reserve = state.budgets.reserve
+
+    async def applied_then_lost(req: Any) -> Any:
+        await reserve(req)
+        raise StateUnavailable("reply lost")
+
+    monkeypatch.setattr(state.budgets, "reserve", applied_then_lost)
+    key = await gw.key("paying")
+    status, body = await gw.post(key, chat("fast"))
+    assert status == 503 and orjson.loads(body)["error"]["code"] == "state_unavailable"
+    assert await gw.reserved("paying") == 0
+    record = await gw.one_exit("paying")
+    assert record.status == "state_unavailable" and record.cost_nano == 0

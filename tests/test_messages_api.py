@@ -182,3 +182,18 @@ async def test_a_bill_beyond_the_hold_is_charged_in_full_and_counted(
     [line] = [m for m in metrics.splitlines() if m.startswith('gateway_budget_overrun_usd_total{team="paying"}')]
     overrun = round(float(line.rsplit(" ", 1)[1]) * 1e9)
     assert 0 < overrun < cost          # the part of the cost the hold did not cover
+
+
+async def test_an_absurd_upstream_usage_never_locks_the_budget(gw: Gw, mock_anthropic: MockAnthropic  # noqa: F811
+                                                                ) -> None:
+    """An upstream reporting 10^18 prompt tokens (issue 11, item 1): the settle cannot raise, the hold is gone."""
+    mock_anthropic.set(input=10**18, output=5)
+    client = gw.client(await gw.key("paying"))
+    await client.messages.create(model="claude-sonnet", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    [record] = await gw.records()
+    assert record.status == "ok" and record.cost_nano > 0
+    assert await gw.reserved("paying") == 0
+    mock_anthropic.set(input=10, output=5)
+    with pytest.raises(anthropic.RateLimitError):       # the team's budget is spent (the bill was charged)
+        await client.messages.create(model="claude-sonnet", max_tokens=10,
+                                     messages=[{"role": "user", "content": "hi"}])

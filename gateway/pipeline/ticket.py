@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.access_log import AccessLog
@@ -111,6 +111,14 @@ class Ticket:
         priced = account(usage, deployment.price, self.plan.baseline.price, removed_tokens=removed,
                          overhead=self.req.overhead)
         self.cost_nano, self.baseline_nano, self.savings = priced.cost_nano, priced.baseline_nano, priced.savings
+        if max(self.cost_nano, self.baseline_nano, *(abs(v) for v in self.savings.values())) > MAX_AMOUNT:
+            # an impossible bill (10^18 tokens): charged at the most a budget can hold, flagged, not crashed on
+            log.error("request %s: the upstream reported an impossible usage (%d in, %d out); charged $%d",
+                      self.req.request_id, usage.input_tokens, usage.output_tokens, MAX_AMOUNT // 10**9)
+            self.usage = replace(usage, input_tokens=min(usage.input_tokens, MAX_AMOUNT),
+                                 output_tokens=min(usage.output_tokens, MAX_AMOUNT),
+                                 cached_input_tokens=min(usage.cached_input_tokens, MAX_AMOUNT))
+            self.cost_nano, self.baseline_nano, self.savings = MAX_AMOUNT, 0, {}
 
     async def _settle(self) -> None:
         """Charge what the request really cost (0 if it failed unbilled) and release the rest of the hold."""
