@@ -3,8 +3,9 @@
 Everything an operator sets per process (not per policy) lives here: where the
 policies are, where to listen, Redis, the master key, limits and timeouts (and
 prometheus-client's own ``PROMETHEUS_MULTIPROC_DIR``, which ``gateway serve``
-prepares for its workers). The CLI overrides a few of them from flags; nothing
-else reads the environment.
+prepares for its workers), and where embedded state lives on disk (``GATEWAY_DATA_DIR``,
+default a per-user state directory; ``:memory:`` keeps it in memory). The CLI overrides a few
+of them from flags; nothing else reads the environment.
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+MEMORY = ":memory:"   # GATEWAY_DATA_DIR value: embedded state in this process's memory only
+
 
 class SettingsError(ValueError):
     pass
+
+
+def default_data_dir(env: Mapping[str, str]) -> str:
+    """The per-user state directory: ``$XDG_STATE_HOME/llm-gateway``, else ``~/.local/state/llm-gateway``."""
+    base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "llm-gateway")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -83,6 +92,7 @@ class Settings:
     metrics_dir: str | None = None        # PROMETHEUS_MULTIPROC_DIR: the workers' metric files (workers > 1)
     ledger_max_records: int = 0           # records kept in the ledger's log (0: Redis unbounded, embedded 20,000)
     spool_dir: str | None = None          # ledger records Redis could not take yet wait here on disk (else memory)
+    data_dir: str = MEMORY                # embedded state (no Redis): a SQLite database here, or MEMORY
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -108,10 +118,16 @@ class Settings:
             metrics_dir=e.get("PROMETHEUS_MULTIPROC_DIR") or None,
             ledger_max_records=_count(e, "GATEWAY_LEDGER_MAX_RECORDS", 0),
             spool_dir=e.get("GATEWAY_SPOOL_DIR") or None,
+            data_dir=e.get("GATEWAY_DATA_DIR") or default_data_dir(e),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    @property
+    def persistent(self) -> bool:
+        """Embedded state kept on disk: no Redis, and a data directory other than ``:memory:``."""
+        return not self.redis_url and self.data_dir != MEMORY
 
     def to_env(self) -> dict[str, str]:
         """The settings as environment variables, for worker processes to read back."""
@@ -131,6 +147,7 @@ class Settings:
             "GATEWAY_KEY_CACHE_TTL_S": str(self.key_cache_ttl_s),
             "GATEWAY_POLICY_WATCH_S": str(self.policy_watch_s),
             "GATEWAY_LEDGER_MAX_RECORDS": str(self.ledger_max_records),
+            "GATEWAY_DATA_DIR": self.data_dir,
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url

@@ -1,8 +1,12 @@
-"""Shared state: virtual keys, budgets and the spend ledger, in memory or in Redis.
+"""Shared state: virtual keys, budgets and the spend ledger, in SQLite, in memory or in Redis.
 
-:func:`open_state` builds a :class:`State` from the settings: the embedded in-memory
-stores for the single-process default, or Redis (single node or Redis Cluster) when
-``GATEWAY_REDIS_URL`` is set. ``State`` also owns the writes that must never be lost
+:func:`open_state` builds a :class:`State` from the settings: without ``GATEWAY_REDIS_URL``, the
+embedded stores in a SQLite database in ``GATEWAY_DATA_DIR`` (shared by every worker on the
+machine, kept across restarts; :mod:`gateway.state.sqlite_db`) or, with ``GATEWAY_DATA_DIR=:memory:``,
+in this process's memory; with it, Redis (single node or Redis Cluster). On SQLite, the ledger
+records of one event-loop iteration are committed together at its end (group commit), so a
+request's record is on disk right after its response was written, without a transaction per
+request. ``State`` also owns the writes that must never be lost
 but need not delay a response: ledger records are batched and written by a
 background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage
@@ -17,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.background import cancel
-from gateway.settings import Settings
+from gateway.settings import MEMORY, Settings
 from gateway.state.budgets import Admission, BudgetStore, ReserveRequest, StateUnavailable
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
@@ -50,15 +56,39 @@ class State:
     _next_renewal: float = 0.0
     _records: list[LedgerRecord] = field(default_factory=list)
     _settles: deque[tuple[ReserveRequest, int, int]] = field(default_factory=deque)
+    db: sqlite3.Connection | None = None  # the embedded database, None in memory or on Redis
+    # writes a batch of records at once (SQLite): then records are written at the end of each loop iteration
+    write_now: Callable[[list[LedgerRecord]], None] | None = None
     _task: asyncio.Task[None] | None = None
+    _soon: asyncio.Handle | None = None
 
     @property
     def shared(self) -> bool:
         return self.redis is not None
 
+    @property
+    def backend(self) -> str:
+        """Where the state lives: ``redis``, ``sqlite`` or ``memory``."""
+        return "redis" if self.redis is not None else "sqlite" if self.db is not None else "memory"
+
     def record(self, record: LedgerRecord) -> None:
-        """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S``."""
+        """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S`` (with
+        ``write_now``: at the end of this event-loop iteration, with the others of the iteration)."""
         self._records.append(record)
+        if self.write_now is not None and self._soon is None:
+            with contextlib.suppress(RuntimeError):   # no running loop: the background writer takes it
+                self._soon = asyncio.get_running_loop().call_soon(self._write_soon)
+
+    def _write_soon(self) -> None:
+        self._soon = None
+        if not self._records or self.write_now is None or self.ledger.pending:
+            return   # a backlog is waiting for the background writer: keep the order
+        batch, self._records = self._records, []
+        try:
+            self.write_now(batch)
+        except Exception as exc:   # the database busy or full: the background writer retries the batch
+            log.warning("ledger write of %d records deferred: %r", len(batch), exc)
+            self._records[:0] = batch
 
     async def reserve(self, req: ReserveRequest) -> Admission:
         """Reserve through the budget store and keep an admitted hold alive until it is settled."""
@@ -145,6 +175,9 @@ class State:
     async def aclose(self) -> None:
         await cancel(self._task)
         self._task = None
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         with contextlib.suppress(Exception):
             await self.flush()
         if self.pending:
@@ -152,6 +185,8 @@ class State:
         await self.budgets.aclose()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.db is not None:
+            self.db.close()
 
 
 def redis_client(settings: Settings) -> Any:
@@ -182,8 +217,26 @@ def open_spool(settings: Settings) -> Spool | None:
     return spool
 
 
+def open_sqlite_state(settings: Settings) -> State:
+    """The embedded stores in ``<GATEWAY_DATA_DIR>/gateway.db``, one connection for all three."""
+    from gateway.state.budgets_sqlite import SqliteBudgetStore
+    from gateway.state.keys_sqlite import SqliteKeyStore
+    from gateway.state.ledger_sqlite import SqliteLedger
+    from gateway.state.sqlite_db import connect
+
+    db = connect(settings.data_dir)
+    key_store = SqliteKeyStore(db, owns_connection=False)
+    ledger = SqliteLedger(db, owns_connection=False)
+    return State(SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False), key_store,
+                 CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), BufferedLedger(ledger),
+                 settings.redis_fail_mode == "allow", hold_ttl_s=settings.reservation_ttl_s, db=db,
+                 write_now=ledger.write)
+
+
 def open_state(settings: Settings) -> State:
     fail_open = settings.redis_fail_mode == "allow"
+    if not settings.redis_url and settings.data_dir != MEMORY:
+        return open_sqlite_state(settings)
     if not settings.redis_url:
         keys = MemoryKeyStore()
         return State(MemoryBudgetStore(settings.reservation_ttl_s), keys, CachedKeys(keys, ttl_s=0.0),

@@ -1,0 +1,155 @@
+"""The embedded state's SQLite database: where it lives, how it is opened, and its schema's versions.
+
+Without Redis, keys, budgets, rate windows and the ledger live in one file, ``<data dir>/gateway.db``
+(``GATEWAY_DATA_DIR``), opened by every worker and by ``gateway keys``/``spend``/``ledger export``.
+:func:`connect` sets the journal to WAL (readers never block the writer, and a commit is one append
+to the log) with ``synchronous=NORMAL``: a commit is in the WAL file, in the OS page cache, when it
+returns, so a process killed at any moment (SIGKILL, OOM) loses nothing committed; only a power cut
+or kernel crash can take back the last commits before a checkpoint. ``FULL`` would fsync the WAL on
+every commit, one disk flush per reserve, settle and ledger batch on the event loop; ``NORMAL`` fsyncs
+only at checkpoints. Writers take the lock up front (``BEGIN IMMEDIATE``) and wait for each other up
+to ``BUSY_TIMEOUT_MS``. :func:`migrate` brings a database to :data:`SCHEMA_VERSION` by applying the
+forward migrations in :data:`MIGRATIONS` in order, each in the same transaction as the version row it
+adds to ``schema_version``; a database written by a newer gateway is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+DB_NAME = "gateway.db"
+BUSY_TIMEOUT_MS = 5_000
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is newer than this gateway knows, or a migration failed."""
+
+
+# Each migration takes the schema from version n - 1 to n (index n - 1 here). Never edit a released
+# one: add the next. v1: keys, budgets, rate windows, the ledger and its per-day rollups.
+# v2: an index for a team's records in time order (``read``/``export`` with ``team``).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,          -- SHA-256 of the secret; the secret itself is never stored
+        team TEXT NOT NULL,
+        record TEXT NOT NULL                -- the KeyRecord as JSON
+    );
+    CREATE TABLE budget_buckets (
+        team TEXT NOT NULL, scope TEXT NOT NULL, owner TEXT NOT NULL, period_id TEXT NOT NULL,
+        spent INTEGER NOT NULL DEFAULT 0,
+        expires_at REAL NOT NULL,           -- unix s: dropped after its period's end plus a grace
+        PRIMARY KEY (team, scope, owner, period_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE budget_holds (
+        team TEXT NOT NULL, scope TEXT NOT NULL, owner TEXT NOT NULL, period_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        amount INTEGER NOT NULL,
+        expires_at REAL NOT NULL,           -- a hold not renewed by then has lapsed (its worker died)
+        PRIMARY KEY (team, scope, owner, period_id, request_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE rate_windows (
+        team TEXT NOT NULL, scope TEXT NOT NULL, owner TEXT NOT NULL,
+        minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
+        PRIMARY KEY (team, scope, owner)
+    ) WITHOUT ROWID;
+    CREATE TABLE reservations (
+        team TEXT NOT NULL, request_id TEXT NOT NULL,
+        amount INTEGER NOT NULL, minute INTEGER NOT NULL, tokens INTEGER NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (team, request_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE settled (
+        team TEXT NOT NULL, request_id TEXT NOT NULL, expires_at REAL NOT NULL,
+        PRIMARY KEY (team, request_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX settled_expiry ON settled (expires_at);
+    CREATE INDEX reservations_expiry ON reservations (expires_at);
+    CREATE TABLE ledger (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL, team TEXT NOT NULL, model TEXT NOT NULL,
+        record BLOB NOT NULL                -- the LedgerRecord as JSON
+    );
+    CREATE INDEX ledger_ts ON ledger (ts);
+    CREATE TABLE ledger_rollups (
+        day INTEGER NOT NULL,               -- days since the epoch (UTC)
+        team TEXT NOT NULL, model TEXT NOT NULL,
+        name TEXT NOT NULL,                 -- a counter of gateway.state.ledger.counters
+        value INTEGER NOT NULL,
+        PRIMARY KEY (day, team, model, name)
+    ) WITHOUT ROWID;
+    """,
+    """
+    CREATE INDEX ledger_team_ts ON ledger (team, ts);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def db_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / DB_NAME
+
+
+def connect(data_dir: str | Path, *, migrate_to: int | None = SCHEMA_VERSION) -> sqlite3.Connection:
+    """Open (creating the directory, mode 0700, and the file, mode 0600) and migrate the database.
+    The connection is in autocommit mode: callers open their own ``BEGIN IMMEDIATE`` transactions."""
+    directory = Path(data_dir)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = db_path(directory)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))   # secrets' hashes: owner only
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            raise SchemaError(f"{path}: SQLite would not switch to WAL (a network file system?)")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        if migrate_to is not None:
+            migrate(conn, migrate_to)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def version(conn: sqlite3.Connection) -> int:
+    """The schema version of the database (0: empty)."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'").fetchone()
+    if not exists:
+        return 0
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Apply the migrations after the database's version up to ``target``, all in one write transaction
+    (so concurrent workers starting together apply each one once); returns the version reached."""
+    if not 0 <= target <= SCHEMA_VERSION:
+        raise ValueError(f"target must be 0..{SCHEMA_VERSION}, got {target}")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                     "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        current = version(conn)
+        if current > SCHEMA_VERSION:
+            raise SchemaError(f"the state database is at schema version {current}, newer than this gateway's "
+                              f"{SCHEMA_VERSION}: upgrade the gateway (or point GATEWAY_DATA_DIR elsewhere)")
+        for n in range(current + 1, target + 1):
+            for statement in _statements(MIGRATIONS[n - 1]):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (n, time.time()))
+        conn.execute("COMMIT")
+        return max(current, target)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (``executescript`` would commit our transaction)."""
+    body = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
+    return [s.strip() for s in body.split(";") if s.strip()]
