@@ -1,9 +1,10 @@
-"""The ``gateway`` command: ``serve``, ``check``, ``route``, ``keys``, ``spend`` and ``demo``.
+"""The ``gateway`` command: ``serve``, ``check``, ``route``, ``keys``, ``spend``, ``ledger`` and ``demo``.
 
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
 ``check`` validates the policy files and prints what they define; any error
-names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
-:mod:`gateway.admin.client` (on Redis directly, or through the admin API).
+names file, line and key and exits non-zero. ``keys``, ``spend`` and ``ledger export``
+are run by :mod:`gateway.admin.client` (on Redis or the SQLite data directory
+directly, or through the admin API).
 """
 
 from __future__ import annotations
@@ -58,7 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     spend.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
     spend.add_argument("--by", default="team", choices=("team", "model", "day"))
     spend.add_argument("--format", default="table", choices=("table", "csv", "json"))
-    for admin in (create, listing, revoke, spend):
+    ledger = sub.add_parser("ledger", help="the spend ledger's records")
+    ledger_actions = ledger.add_subparsers(dest="action", required=True)
+    export = ledger_actions.add_parser("export", help="every record in a time range, as CSV or JSONL, oldest first")
+    export.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
+    export.add_argument("--until", help="the end of the range, same forms (default now)")
+    export.add_argument("--team", help="only this team")
+    export.add_argument("--format", default="jsonl", choices=("csv", "jsonl"))
+    for admin in (create, listing, revoke, spend, export):
         admin.add_argument("--url", help="the gateway's address when GATEWAY_REDIS_URL is not set "
                                          "(default http://GATEWAY_HOST:GATEWAY_PORT)")
         admin.add_argument("--config", help="policy directory, to warn about unknown teams (default: policies/)")
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    if args.command in ("keys", "spend"):
+    if args.command in ("keys", "spend", "ledger"):
         from gateway.admin.client import run
 
         return run(settings, args, lambda: policy_teams(settings.config_dir))
