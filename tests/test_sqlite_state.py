@@ -30,7 +30,7 @@ import pytest
 from conftest import ROOT, GatewayFactory, Server, mock_policy
 from gateway.settings import Settings
 from gateway.state import open_state
-from gateway.state.budgets import BudgetRule
+from gateway.state.budgets import BudgetRule, ReserveRequest
 from gateway.state.budgets_sqlite import SqliteBudgetStore
 from gateway.state.keys import hash_secret
 from gateway.state.keys_sqlite import SqliteKeyStore
@@ -163,24 +163,43 @@ async def test_read_pages_through_the_whole_history(tmp_path: Path, monkeypatch:
     await ledger.aclose()
 
 
-async def test_a_record_is_committed_at_the_end_of_its_loop_iteration(tmp_path: Path) -> None:
+async def test_settles_are_on_disk_when_they_return_and_finish_commits_the_record_with_them(tmp_path: Path) -> None:
     state = open_state(Settings(data_dir=str(tmp_path)))
-    assert state.backend == "sqlite" and state.write_now is not None
+    assert state.backend == "sqlite" and state.group is not None
+    rule = BudgetRule("team", "alpha", "daily", USD)
+    reqs = [ReserveRequest(f"g{i}", "alpha", 5_000, 10, (rule,), (), datetime.now(UTC)) for i in range(4)]
+    other = sqlite3.connect(db_path(tmp_path))   # another process's view, as after a SIGKILL
+
+    def seen() -> tuple[int, int, int]:
+        spent, reserved = other.execute("SELECT spent, reserved FROM budget_buckets").fetchone()
+        return other.execute("SELECT COUNT(*) FROM ledger").fetchone()[0], spent, reserved
+
     try:
-        state.record(rec("g1", time.time(), "alpha"))
-        state.record(rec("g2", time.time(), "alpha"))
-        other = sqlite3.connect(db_path(tmp_path))   # another process's view, as after a SIGKILL
-        assert other.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == 0
-        await asyncio.sleep(0)   # the iteration ends: one transaction for both, no flush called
-        assert other.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == 2
-        other.close()
+        for r in reqs:
+            assert (await state.reserve(r)).admitted   # a transaction each, committed at once
+        assert seen() == (0, 0, 20_000)
+        # concurrent settles share one commit, and each is on disk when it returns
+        await asyncio.gather(state.settle(reqs[0], 1_000, 10), state.settle(reqs[1], 1_001, 10))
+        assert seen() == (0, 2_001, 10_000)
+        state.record(rec("g0", time.time(), "alpha"))   # the pipeline's record: queued ...
+        assert seen()[0] == 0 and state.pending == 1
+        await asyncio.sleep(0)                           # ... and committed at the end of the iteration
+        assert seen()[0] == 1 and state.pending == 0
+        # finish: the settle and the record in one commit, done before it returns
+        await state.finish(reqs[2], 3_000, 10, rec("g2", time.time(), "alpha"))
+        assert seen() == (2, 5_001, 5_000)
+        await state.finish(None, 0, 0, rec("refused", time.time(), "alpha"))   # a request that reserved nothing
+        assert seen() == (3, 5_001, 5_000)
+        await state.settle(reqs[0], 1_000, 10)   # a second settle of the same request changes nothing
+        assert seen() == (3, 5_001, 5_000)
     finally:
         await state.aclose()
+        other.close()
 
 
 def test_the_memory_mode_stays_in_memory(tmp_path: Path) -> None:
     state = open_state(Settings(data_dir=":memory:"))
-    assert state.backend == "memory" and state.db is None and state.write_now is None
+    assert state.backend == "memory" and state.db is None and state.group is None
 
 
 # --- budgets across processes -----------------------------------------------------------------------
@@ -272,9 +291,18 @@ def test_sigkill_and_restart_keep_keys_spend_history_and_the_budget(gateway: Gat
     costs: list[Decimal] = []
     for _ in range(4):
         assert chat(first, secret, rids, costs).status_code == 200
+    # A settle is on disk before its answer is sent; the ledger record follows at the end of that loop
+    # iteration (in the settle's own commit once the pipeline calls State.finish): let it land first.
+    db = sqlite3.connect(db_path(data))
+    deadline = time.monotonic() + 10
+    while db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    db.close()
     first.proc.kill()   # SIGKILL right after the last answer: no shutdown, no flush
     first.proc.wait(10)
     spent_before = nano(costs)
+    assert key_usage(data, key_id, int(limit * USD)) == (spent_before, 0)   # every settle, the last one too
     assert 0 < spent_before < int(limit * USD)
 
     # the data directory alone, with the gateway dead: the key, the spend, every record
@@ -285,7 +313,6 @@ def test_sigkill_and_restart_keep_keys_spend_history_and_the_budget(gateway: Gat
     assert (report["total"]["requests"], report["total"]["cost_nano"]) == (4, spent_before)
     exported = [json.loads(line) for line in cli("ledger", "export", "--format", "jsonl", data_dir=data).splitlines()]
     assert [r["request_id"] for r in exported] == rids and sum(r["cost_nano"] for r in exported) == spent_before
-
     second = gateway(policy, env=env)
     refused = None
     for _ in range(100):   # the same key works, on the same budget, until the budget refuses

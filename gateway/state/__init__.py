@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.background import cancel
 from gateway.settings import MEMORY, Settings
@@ -35,6 +35,9 @@ from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
 from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
 from gateway.state.spool import Spool
+
+if TYPE_CHECKING:
+    from gateway.state.sqlite_db import GroupCommit
 
 log = logging.getLogger("gateway.state")
 FLUSH_EVERY_S = 0.1
@@ -57,10 +60,9 @@ class State:
     _records: list[LedgerRecord] = field(default_factory=list)
     _settles: deque[tuple[ReserveRequest, int, int]] = field(default_factory=deque)
     db: sqlite3.Connection | None = None  # the embedded database, None in memory or on Redis
-    # writes a batch of records at once (SQLite): then records are written at the end of each loop iteration
-    write_now: Callable[[list[LedgerRecord]], None] | None = None
+    group: GroupCommit | None = None      # its group commit: settles and records wait there, not in _records
+    queue_record: Callable[[LedgerRecord], None] | None = None
     _task: asyncio.Task[None] | None = None
-    _soon: asyncio.Handle | None = None
 
     @property
     def shared(self) -> bool:
@@ -72,23 +74,28 @@ class State:
         return "redis" if self.redis is not None else "sqlite" if self.db is not None else "memory"
 
     def record(self, record: LedgerRecord) -> None:
-        """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S`` (with
-        ``write_now``: at the end of this event-loop iteration, with the others of the iteration)."""
-        self._records.append(record)
-        if self.write_now is not None and self._soon is None:
-            with contextlib.suppress(RuntimeError):   # no running loop: the background writer takes it
-                self._soon = asyncio.get_running_loop().call_soon(self._write_soon)
+        """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S`` (SQLite: the
+        group commit, at the end of this event-loop iteration)."""
+        if self.queue_record is not None:
+            self.queue_record(record)
+        else:
+            self._records.append(record)
 
-    def _write_soon(self) -> None:
-        self._soon = None
-        if not self._records or self.write_now is None or self.ledger.pending:
-            return   # a backlog is waiting for the background writer: keep the order
-        batch, self._records = self._records, []
-        try:
-            self.write_now(batch)
-        except Exception as exc:   # the database busy or full: the background writer retries the batch
-            log.warning("ledger write of %d records deferred: %r", len(batch), exc)
-            self._records[:0] = batch
+    async def finish(self, req: ReserveRequest | None, cost_nano: int, tokens: int,
+                     record: LedgerRecord | None) -> None:
+        """Settle a request (``req``: its reservation, None if it reserved nothing) and record it. On
+        SQLite both are in the same group commit and on disk when this returns, before the response;
+        elsewhere the same as :meth:`settle` then :meth:`record`."""
+        if record is not None:
+            self.record(record)   # queued first: the settle's commit carries it
+        if req is not None:
+            await self.settle(req, cost_nano, tokens)
+        if self.group is not None and self.group.queued:
+            try:
+                await self.group.wait()
+            except sqlite3.Error as exc:   # still queued: the background writer retries
+                log.warning("ledger record of %s waits for the database: %r", getattr(record, "request_id", "?"),
+                            exc)
 
     async def reserve(self, req: ReserveRequest) -> Admission:
         """Reserve through the budget store and keep an admitted hold alive until it is settled."""
@@ -113,7 +120,8 @@ class State:
     @property
     def pending(self) -> int:
         """Records and settles not yet written to the store."""
-        return len(self._records) + self.ledger.pending + len(self._settles)
+        queued = self.group.queued if self.group is not None else 0
+        return len(self._records) + self.ledger.pending + len(self._settles) + queued
 
     async def flush(self, wait: bool = False) -> None:
         """Write queued ledger records and replay queued settles (oldest first) as far as the store allows;
@@ -122,6 +130,11 @@ class State:
             batch, self._records = self._records, []
             await self.ledger.append(batch)
         await self.ledger.flush(wait)
+        if self.group is not None:
+            try:
+                self.group.commit()
+            except sqlite3.Error as exc:
+                log.warning("state database busy, %d writes wait: %r", self.group.queued, exc)
         while self._settles:
             req, cost, tokens = self._settles[0]
             try:
@@ -175,9 +188,6 @@ class State:
     async def aclose(self) -> None:
         await cancel(self._task)
         self._task = None
-        if self._soon is not None:
-            self._soon.cancel()
-            self._soon = None
         with contextlib.suppress(Exception):
             await self.flush()
         if self.pending:
@@ -222,15 +232,16 @@ def open_sqlite_state(settings: Settings) -> State:
     from gateway.state.budgets_sqlite import SqliteBudgetStore
     from gateway.state.keys_sqlite import SqliteKeyStore
     from gateway.state.ledger_sqlite import SqliteLedger
-    from gateway.state.sqlite_db import connect
+    from gateway.state.sqlite_db import GroupCommit, connect
 
     db = connect(settings.data_dir)
+    group = GroupCommit(db)
     key_store = SqliteKeyStore(db, owns_connection=False)
-    ledger = SqliteLedger(db, owns_connection=False)
-    return State(SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False), key_store,
-                 CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), BufferedLedger(ledger),
-                 settings.redis_fail_mode == "allow", hold_ttl_s=settings.reservation_ttl_s, db=db,
-                 write_now=ledger.write)
+    ledger = SqliteLedger(db, owns_connection=False, group=group)
+    budgets = SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False, group=group)
+    return State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), BufferedLedger(ledger),
+                 settings.redis_fail_mode == "allow", hold_ttl_s=settings.reservation_ttl_s, db=db, group=group,
+                 queue_record=ledger.queue)
 
 
 def open_state(settings: Settings) -> State:

@@ -4,30 +4,38 @@ The semantics are those of :mod:`gateway.state.budgets_memory` and the Redis scr
 operation: a reserve is all-or-nothing over every budget and rate window (the tightest budget
 decides, a partial hold is capped at its headroom, soft thresholds refuse with ``budget_soft``, a
 repeated reserve of a live or settled request is a no-op that reports the state); a settle releases
-the whole hold, adds the actual cost once (a ``settled`` mark makes a second settle a no-op) and
-replaces the TPM estimate by the truth in the window the reserve counted it in; a renew pushes a
-live hold's expiry; a hold not renewed lapses after the reservation TTL. Each operation is one
-``BEGIN IMMEDIATE`` transaction, so workers in other processes see it whole and in order: that is
-the atomicity the Lua script gets from Redis. A bucket's ``reserved`` is the sum of its live holds
-(no counter to drift). Time is the wall clock (one machine, one clock for every worker), injectable
-for tests. A request with no budget and no rate limit has nothing to count and touches no row.
-SQLite errors (the lock not obtained within the busy timeout, a full disk) raise
-:class:`StateUnavailable`, as an unreachable Redis does.
+the whole hold, adds the actual cost once (the request's row becomes its settled mark, so a second
+settle is a no-op) and replaces the TPM estimate by the truth in the window the reserve counted it
+in; a renew pushes a live hold's expiry; a hold not renewed lapses after the reservation TTL (every
+transaction first releases the lapsed ones, found through an index). Each reserve, renew and usage
+is one ``BEGIN IMMEDIATE`` transaction, so workers in other processes see it whole and in order:
+the atomicity the Lua script gets from Redis. A settle is checked at once, queued on the
+connection's :class:`GroupCommit` and awaits the next transaction (a reserve of this process, or
+the commit at the end of the event-loop iteration, with every other settle and ledger record of
+that iteration), so it is on disk when it returns and a request pays for one transaction of its
+own. Until then its hold still counts, which can only refuse, never overspend. Time is the wall
+clock (one machine, one clock for every worker), injectable for tests. A request with no budget
+and no rate limit has nothing to count and touches no row. SQLite errors (the lock not obtained
+within the busy timeout, a full disk) raise :class:`StateUnavailable`, as an unreachable Redis does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+
+import orjson
 
 from gateway.state.budgets import (
     WINDOW_S,
     Admission,
     BudgetRule,
     BudgetUsage,
+    Plan,
     ReserveRequest,
     StateUnavailable,
     admission_from_reply,
@@ -36,9 +44,12 @@ from gateway.state.budgets import (
     period_id,
     plan,
 )
+from gateway.state.sqlite_db import GroupCommit
 
+log = logging.getLogger(__name__)
 _SWEEP_EVERY_S = 60.0
 _NO_LIMITS = (0, 0, 0, 0, -1, -1, -1, -1, -1, -1)   # the reply after (admitted, reserved): no refusal, no limits
+_BUCKET = "team = ? AND scope = ? AND owner = ? AND period_id = ?"
 
 
 class SqliteBudgetStore:
@@ -46,7 +57,8 @@ class SqliteBudgetStore:
 
     def __init__(self, conn: sqlite3.Connection, reservation_ttl_s: float = 900, *,
                  clock: Callable[[], float] = time.time, bucket_grace_s: int = 7 * 86_400,
-                 partial_reservations: bool = True, owns_connection: bool = True) -> None:
+                 partial_reservations: bool = True, group: GroupCommit | None = None,
+                 owns_connection: bool = True) -> None:
         if reservation_ttl_s <= 0:
             raise ValueError("reservation_ttl_s must be > 0")
         self.conn = conn
@@ -56,58 +68,72 @@ class SqliteBudgetStore:
         self._clock = clock
         self._owns = owns_connection
         self._next_sweep = 0.0
+        self._settles: list[tuple[ReserveRequest, Plan, int, int]] = []
+        self.group = group if group is not None else GroupCommit(conn)
+        self.group.join(self)
 
+    # ------------------------------------------------------------------ queued settles (GroupCommit)
+    @property
+    def queued(self) -> int:
+        return len(self._settles)
+
+    def write(self, c: sqlite3.Connection) -> None:
+        now = self._clock()
+        self._lapse(c, now)
+        for req, p, cost, tokens in self._settles:
+            self._settle(c, req, p, cost, tokens, now)
+
+    def committed(self) -> None:
+        self._settles.clear()
+
+    def discard(self, reason: BaseException) -> None:
+        log.error("dropped %d settles that could not be written (%r): %s", len(self._settles), reason,
+                  [(r.request_id, cost) for r, _, cost, _ in self._settles])
+        self._settles.clear()
+
+    # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        c = self.conn
         try:
-            c.execute("BEGIN IMMEDIATE")
+            with self.group.transaction() as c:
+                yield c
         except sqlite3.Error as exc:
             raise StateUnavailable(f"budget database: {exc}") from exc
-        try:
-            yield c
-            c.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
-            raise StateUnavailable(f"budget database: {exc}") from exc
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
-            raise
 
     def _sweep(self, c: sqlite3.Connection, now: float) -> None:
         if now < self._next_sweep:
             return
         self._next_sweep = now + _SWEEP_EVERY_S
-        c.execute("DELETE FROM reservations WHERE expires_at <= ?", (now,))
-        c.execute("DELETE FROM settled WHERE expires_at <= ?", (now,))
+        c.execute("DELETE FROM reservations WHERE settled = 1 AND expires_at <= ?", (now,))
         c.execute("DELETE FROM rate_windows WHERE minute < ?", (int(now // WINDOW_S) - 1,))
-        c.execute("DELETE FROM budget_holds WHERE expires_at <= ?", (now,))
-        c.execute("DELETE FROM budget_holds WHERE (team, scope, owner, period_id) IN (SELECT team, scope, owner, "
-                  "period_id FROM budget_buckets WHERE expires_at <= ?)", (now,))
         c.execute("DELETE FROM budget_buckets WHERE expires_at <= ?", (now,))
 
     @staticmethod
-    def _used(c: sqlite3.Connection, key: tuple[str, str, str, str], now: float) -> tuple[int, int]:
-        """(spent, reserved) of a bucket after dropping its lapsed holds (and the bucket, once expired)."""
-        row = c.execute("SELECT spent, expires_at FROM budget_buckets WHERE team = ? AND scope = ? AND owner = ? "
-                        "AND period_id = ?", key).fetchone()
-        spent = 0
-        if row is not None and row[1] <= now:
-            c.execute("DELETE FROM budget_buckets WHERE team = ? AND scope = ? AND owner = ? AND period_id = ?", key)
-            c.execute("DELETE FROM budget_holds WHERE team = ? AND scope = ? AND owner = ? AND period_id = ?", key)
-        elif row is not None:
-            spent = int(row[0])
-        c.execute("DELETE FROM budget_holds WHERE team = ? AND scope = ? AND owner = ? AND period_id = ? "
-                  "AND expires_at <= ?", (*key, now))
-        held = c.execute("SELECT COALESCE(SUM(amount), 0) FROM budget_holds WHERE team = ? AND scope = ? "
-                         "AND owner = ? AND period_id = ?", key).fetchone()
-        return spent, int(held[0])
+    def _lapse(c: sqlite3.Connection, now: float) -> None:
+        """Release the holds not settled nor renewed in time (their worker died, or never settled)."""
+        lapsed = c.execute("SELECT team, request_id, amount, buckets FROM reservations WHERE settled = 0 AND "
+                           "expires_at <= ?", (now,)).fetchall()
+        for team, rid, amount, buckets in lapsed:
+            if amount:
+                c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
+                              [(amount, team, *b) for b in orjson.loads(buckets)])
+            c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+
+    @staticmethod
+    def _used(c: sqlite3.Connection, key: tuple[str, str, str, str], now: float) -> int:
+        """spent + reserved of a bucket (0 once expired: a new period starts from an empty bucket)."""
+        row = c.execute(f"SELECT spent + reserved, expires_at FROM budget_buckets WHERE {_BUCKET}", key).fetchone()
+        if row is None:
+            return 0
+        if row[1] <= now:
+            c.execute(f"DELETE FROM budget_buckets WHERE {_BUCKET}", key)
+            return 0
+        return int(row[0])
 
     def _expiry(self, end: int, now: float) -> float:
         return float(max(end + self.bucket_grace_s, now + self.bucket_grace_s))
 
+    # ------------------------------------------------------------------ BudgetStore
     async def reserve(self, req: ReserveRequest) -> Admission:
         p = plan(req)
         if not p.budgets and not p.rates:
@@ -116,18 +142,17 @@ class SqliteBudgetStore:
         minute, retry_window = int(now // WINDOW_S), WINDOW_S - int(now) % WINDOW_S
         team, rid = req.team, req.request_id
         with self._write() as c:
+            self._lapse(c, now)
             self._sweep(c, now)
             rec = c.execute("SELECT amount FROM reservations WHERE team = ? AND request_id = ? AND expires_at > ?",
                             (team, rid, now)).fetchone()
-            done = c.execute("SELECT 1 FROM settled WHERE team = ? AND request_id = ? AND expires_at > ?",
-                             (team, rid, now)).fetchone()
-            dup = rec is not None or done is not None
-            amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
+            dup = rec is not None
+            amount = req.cost_nano if not dup else int(rec[0])
 
             kind = idx = limit = used_ = 0
             retry = -1
             keys = [(team, b.scope, b.owner, pid) for b, pid in zip(p.budgets, p.period_ids, strict=True)]
-            used = [sum(self._used(c, k, now)) for k in keys]
+            used = [self._used(c, k, now) for k in keys]
             heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
             soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
                     if rule.soft_nano is not None and u >= rule.soft_nano]
@@ -163,19 +188,17 @@ class SqliteBudgetStore:
             add_n = add_r = add_t = 0
             if admitted and not dup:
                 add_n, add_r, add_t = amount, 1, req.tokens
-                expires = now + self.reservation_ttl_s
-                for key, end in zip(keys, p.period_ends, strict=True):
-                    if amount > 0:
-                        c.execute("INSERT OR REPLACE INTO budget_holds VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                  (*key, rid, amount, expires))
-                    c.execute("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, expires_at) "
-                              "VALUES (?, ?, ?, ?, 0, ?) ON CONFLICT DO UPDATE SET expires_at = "
-                              "MAX(expires_at, excluded.expires_at)", (*key, self._expiry(end, now)))
-                for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
-                    c.execute("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
-                              (team, r.scope, r.owner, minute, nreq + 1, ntok + req.tokens))
-                c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?)",
-                          (team, rid, amount, minute, req.tokens, expires))
+                c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                              "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
+                              "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
+                              [(*key, amount, self._expiry(end, now)) for key, end in zip(keys, p.period_ends,
+                                                                                          strict=True)])
+                c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
+                              [(team, r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
+                               for r, (nreq, ntok) in zip(p.rates, counts, strict=True)])
+                c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                          (team, rid, amount, minute, req.tokens, orjson.dumps([k[1:] for k in keys]).decode(),
+                           now + self.reservation_ttl_s))
 
         lim_r = rem_r = lim_t = rem_t = -1
         for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
@@ -189,78 +212,74 @@ class SqliteBudgetStore:
         return admission_from_reply(p, reply)
 
     async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
+        """Check the settle, queue it and wait for the group commit that carries it (see the module
+        docstring): it is on disk when this returns. StateUnavailable if that commit failed; the settle
+        then stays queued for the next transaction (and a repeated settle is a no-op)."""
         p = plan(req)
         check_amount("actual_cost_nano", actual_cost_nano)
         check_amount("actual_tokens", actual_tokens)
         if not p.budgets and not p.rates:
             return
-        now = self._clock()
+        self._settles.append((req, p, actual_cost_nano, actual_tokens))
+        try:
+            await self.group.wait()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"budget database: {exc}") from exc
+
+    def _settle(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, cost: int, tokens: int,
+                now: float) -> None:
         team, rid = req.team, req.request_id
-        with self._write() as c:
-            if c.execute("SELECT 1 FROM settled WHERE team = ? AND request_id = ? AND expires_at > ?",
-                         (team, rid, now)).fetchone():
-                return
-            c.execute("INSERT OR REPLACE INTO settled VALUES (?, ?, ?)", (team, rid, now + self.reservation_ttl_s))
-            rec = c.execute("SELECT minute, tokens, expires_at FROM reservations WHERE team = ? AND request_id = ?",
-                            (team, rid)).fetchone()
-            c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
-            for rule, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True):
-                key = (team, rule.scope, rule.owner, pid)
-                self._used(c, key, now)
-                c.execute("DELETE FROM budget_holds WHERE team = ? AND scope = ? AND owner = ? AND period_id = ? "
-                          "AND request_id = ?", (*key, rid))
-                c.execute("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, expires_at) "
-                          "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, "
-                          "expires_at = MAX(expires_at, excluded.expires_at)",
-                          (*key, actual_cost_nano, self._expiry(end, now)))
-            if rec is not None and rec[2] > now:
-                for r in p.rates:
-                    c.execute("UPDATE rate_windows SET tokens = MAX(0, tokens + ? - ?) WHERE team = ? AND scope = ? "
-                              "AND owner = ? AND minute = ?", (actual_tokens, rec[1], team, r.scope, r.owner, rec[0]))
+        rec = c.execute("SELECT amount, minute, tokens, buckets, settled FROM reservations WHERE team = ? AND "
+                        "request_id = ? AND expires_at > ?", (team, rid, now)).fetchone()
+        if rec is not None and rec[4]:
+            return   # settled already
+        if rec is not None and rec[0]:   # release the whole hold
+            c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
+                          [(rec[0], team, *b) for b in orjson.loads(rec[3])])
+        c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                      "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, "
+                      "expires_at = MAX(expires_at, excluded.expires_at)",
+                      [(team, rule.scope, rule.owner, pid, cost, self._expiry(end, now))
+                       for rule, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True)])
+        if rec is not None:   # TPM: replace the estimate by the truth
+            c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ? - ?) WHERE team = ? AND scope = ? "
+                          "AND owner = ? AND minute = ?",
+                          [(tokens, rec[2], team, r.scope, r.owner, rec[1]) for r in p.rates])
+        c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, 0, 0, 0, '[]', 1, ?)",
+                  (team, rid, now + self.reservation_ttl_s))
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)
         if not p.budgets and not p.rates:
             return True   # nothing was held, nothing can lapse
         now = self._clock()
-        expires = now + self.reservation_ttl_s
         with self._write() as c:
-            cur = c.execute("UPDATE reservations SET expires_at = ? WHERE team = ? AND request_id = ? "
-                            "AND expires_at > ?", (expires, req.team, req.request_id, now))
-            if cur.rowcount == 0:
-                return False
-            for rule, pid in zip(p.budgets, p.period_ids, strict=True):
-                c.execute("UPDATE budget_holds SET expires_at = ? WHERE team = ? AND scope = ? AND owner = ? "
-                          "AND period_id = ? AND request_id = ? AND expires_at > ?",
-                          (expires, req.team, rule.scope, rule.owner, pid, req.request_id, now))
-        return True
+            self._lapse(c, now)
+            cur = c.execute("UPDATE reservations SET expires_at = ? WHERE team = ? AND request_id = ? AND "
+                            "settled = 0", (now + self.reservation_ttl_s, req.team, req.request_id))
+            return cur.rowcount > 0
 
     async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
-        clock_now = self._clock()
-        out = []
         for rule in budgets:
             check_budget_rule(rule)
+        clock_now = self._clock()
+        out = []
+        with self._write() as c:   # a write: it applies queued settles and releases lapsed holds first
+            self._lapse(c, clock_now)
+            for rule in budgets:
+                pid = period_id(rule.period, now)
+                row = c.execute(f"SELECT spent, reserved FROM budget_buckets WHERE {_BUCKET} AND expires_at > ?",
+                                (team, rule.scope, rule.owner, pid, clock_now)).fetchone()
+                spent, reserved = (int(row[0]), int(row[1])) if row is not None else (0, 0)
+                out.append(BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, spent, reserved))
+        return out
+
+    def flush(self) -> None:
+        """Commit the queued settles now (StateUnavailable if the database cannot take them yet)."""
         try:
-            self.conn.execute("BEGIN")   # one snapshot for every rule
-            try:
-                for rule in budgets:
-                    pid = period_id(rule.period, now)
-                    key = (team, rule.scope, rule.owner, pid)
-                    row = self.conn.execute("SELECT spent FROM budget_buckets WHERE team = ? AND scope = ? AND "
-                                            "owner = ? AND period_id = ? AND expires_at > ?", (*key, clock_now)
-                                            ).fetchone()
-                    held = self.conn.execute("SELECT COALESCE(SUM(amount), 0) FROM budget_holds WHERE team = ? AND "
-                                             "scope = ? AND owner = ? AND period_id = ? AND expires_at > ?",
-                                             (*key, clock_now)).fetchone()
-                    spent = int(row[0]) if row is not None else 0
-                    reserved = int(held[0]) if row is not None else 0
-                    out.append(BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, spent,
-                                           reserved))
-            finally:
-                self.conn.execute("COMMIT")
+            self.group.commit()
         except sqlite3.Error as exc:
             raise StateUnavailable(f"budget database: {exc}") from exc
-        return out
 
     async def ping(self) -> bool:
         try:
@@ -270,5 +289,9 @@ class SqliteBudgetStore:
         return True
 
     async def aclose(self) -> None:
+        with contextlib.suppress(StateUnavailable):
+            self.flush()
+        if self._settles:
+            log.error("closing with %d settles unwritten", len(self._settles))
         if self._owns:
             self.conn.close()

@@ -3,8 +3,8 @@
 Table ``ledger`` holds each :class:`LedgerRecord` as JSON with its ``ts``, team and model (indexed by
 time, and by team then time); ``ledger_rollups`` holds the integer counters of
 :func:`gateway.state.ledger.counters` per (UTC day, team, model), the split :class:`MemoryLedger`
-keeps, so every grouping and team filter sums from it. A batch (``append``) is one transaction:
-its records and its rollup increments are stored together or not at all. ``totals`` takes the
+keeps, so every grouping and team filter sums from it. A batch's records and its rollup increments
+are stored in one transaction, together or not at all. ``totals`` takes the
 whole UTC days of a range from the rollups and the partial days at its ends from the records; both
 sum the same integers, so a report agrees with the records to the nano-dollar. Unlike the memory
 window, no record is ever evicted: ``read`` sees the whole history.
@@ -12,29 +12,61 @@ window, no record is ever evicted: ``read`` sees the whole history.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gateway.state.ledger import DAY_S, LedgerRecord, _Totals, counters, day_of
+from gateway.state.sqlite_db import GroupCommit
 
+log = logging.getLogger(__name__)
 _PAGE = 5_000
 
 
 class SqliteLedger:
-    def __init__(self, conn: sqlite3.Connection, owns_connection: bool = True) -> None:
+    """``append`` stores a batch in a transaction of its own; ``queue`` adds records to the connection's
+    :class:`GroupCommit` instead (the gateway's path: committed at the end of the loop iteration, with
+    the settles of the same requests)."""
+
+    def __init__(self, conn: sqlite3.Connection, owns_connection: bool = True, group: GroupCommit | None = None
+                 ) -> None:
         self.conn = conn
         self._owns = owns_connection
+        self._queued: list[LedgerRecord] = []
+        self.group = group if group is not None else GroupCommit(conn)
+        self.group.join(self)
 
     async def append(self, records: Sequence[LedgerRecord]) -> None:
-        self.write(records)
-
-    def write(self, records: Sequence[LedgerRecord]) -> None:
         """Store a batch in one transaction (``sqlite3.OperationalError``, e.g. the lock not obtained in
         time, leaves nothing written; :class:`BufferedLedger` keeps the batch and retries it)."""
-        if not records:
-            return
+        if records:
+            with self.group.transaction() as c:
+                self._store(c, records)
+
+    def queue(self, record: LedgerRecord) -> None:
+        self._queued.append(record)
+        self.group.touch()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def write(self, c: sqlite3.Connection) -> None:
+        self._store(c, self._queued)
+
+    def committed(self) -> None:
+        self._queued.clear()
+
+    def discard(self, reason: BaseException) -> None:
+        log.error("ledger rejected %d records (%r): %s", len(self._queued), reason,
+                  [r.to_json().decode() for r in self._queued])
+        self._queued.clear()
+
+    @staticmethod
+    def _store(c: sqlite3.Connection, records: Sequence[LedgerRecord]) -> None:
         rollups: dict[tuple[int, str, str], Counter[str]] = {}
         rows = []
         for r in records:
@@ -42,18 +74,11 @@ class SqliteLedger:
             row = rollups.setdefault((int(r.ts // DAY_S), r.team, r.model), Counter())
             for name, value in counters(r).items():
                 row[name] += value
-        increments = [(day, team, model, name, value) for (day, team, model), row in rollups.items()
-                      for name, value in row.items() if value]
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            c.executemany("INSERT INTO ledger (ts, team, model, record) VALUES (?, ?, ?, ?)", rows)
-            c.executemany("INSERT INTO ledger_rollups (day, team, model, name, value) VALUES (?, ?, ?, ?, ?) "
-                          "ON CONFLICT DO UPDATE SET value = value + excluded.value", increments)
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
+        c.executemany("INSERT INTO ledger (ts, team, model, record) VALUES (?, ?, ?, ?)", rows)
+        c.executemany("INSERT INTO ledger_rollups (day, team, model, name, value) VALUES (?, ?, ?, ?, ?) "
+                      "ON CONFLICT DO UPDATE SET value = value + excluded.value",
+                      [(day, team, model, name, value) for (day, team, model), row in rollups.items()
+                       for name, value in row.items() if value])
 
     def scan(self, since: float, until: float | None = None, team: str | None = None) -> Iterator[LedgerRecord]:
         """Records with ``since <= ts < until`` (and of ``team``), oldest first, a page at a time."""
@@ -113,5 +138,7 @@ class SqliteLedger:
         return totals.result()
 
     async def aclose(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.group.commit()
         if self._owns:
             self.conn.close()

@@ -15,11 +15,17 @@ adds to ``schema_version``; a database written by a newer gateway is refused wit
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
+log = logging.getLogger(__name__)
 DB_NAME = "gateway.db"
 BUSY_TIMEOUT_MS = 5_000
 
@@ -42,33 +48,25 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE budget_buckets (
         team TEXT NOT NULL, scope TEXT NOT NULL, owner TEXT NOT NULL, period_id TEXT NOT NULL,
         spent INTEGER NOT NULL DEFAULT 0,
+        reserved INTEGER NOT NULL DEFAULT 0,  -- the sum of the live holds on it (see reservations)
         expires_at REAL NOT NULL,           -- unix s: dropped after its period's end plus a grace
         PRIMARY KEY (team, scope, owner, period_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE budget_holds (
-        team TEXT NOT NULL, scope TEXT NOT NULL, owner TEXT NOT NULL, period_id TEXT NOT NULL,
-        request_id TEXT NOT NULL,
-        amount INTEGER NOT NULL,
-        expires_at REAL NOT NULL,           -- a hold not renewed by then has lapsed (its worker died)
-        PRIMARY KEY (team, scope, owner, period_id, request_id)
     ) WITHOUT ROWID;
     CREATE TABLE rate_windows (
         team TEXT NOT NULL, scope TEXT NOT NULL, owner TEXT NOT NULL,
         minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
         PRIMARY KEY (team, scope, owner)
     ) WITHOUT ROWID;
-    CREATE TABLE reservations (
+    CREATE TABLE reservations (             -- a request's hold until settled, then its settled mark
         team TEXT NOT NULL, request_id TEXT NOT NULL,
-        amount INTEGER NOT NULL, minute INTEGER NOT NULL, tokens INTEGER NOT NULL,
+        amount INTEGER NOT NULL,            -- held on each of its buckets (0 once settled)
+        minute INTEGER NOT NULL, tokens INTEGER NOT NULL,   -- the rate window and TPM estimate it counted
+        buckets TEXT NOT NULL,              -- JSON [[scope, owner, period_id], ...]: where the hold sits
+        settled INTEGER NOT NULL,           -- 0: a hold (lapses at expires_at), 1: settled (forgotten then)
         expires_at REAL NOT NULL,
         PRIMARY KEY (team, request_id)
     ) WITHOUT ROWID;
-    CREATE TABLE settled (
-        team TEXT NOT NULL, request_id TEXT NOT NULL, expires_at REAL NOT NULL,
-        PRIMARY KEY (team, request_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX settled_expiry ON settled (expires_at);
-    CREATE INDEX reservations_expiry ON reservations (expires_at);
+    CREATE INDEX reservations_expiry ON reservations (settled, expires_at);
     CREATE TABLE ledger (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         ts REAL NOT NULL, team TEXT NOT NULL, model TEXT NOT NULL,
@@ -153,3 +151,117 @@ def _statements(script: str) -> list[str]:
     """Split a migration into statements (``executescript`` would commit our transaction)."""
     body = "\n".join(line.split("--", 1)[0] for line in script.splitlines())
     return [s.strip() for s in body.split(";") if s.strip()]
+
+
+class Queued(Protocol):
+    """Writes waiting for the next transaction on the connection (deferred settles, ledger records)."""
+
+    @property
+    def queued(self) -> int: ...
+
+    def write(self, conn: sqlite3.Connection) -> None:
+        """Write everything queued, inside the open transaction."""
+
+    def committed(self) -> None:
+        """What ``write`` wrote is committed: forget it."""
+
+    def discard(self, reason: BaseException) -> None:
+        """``write`` raised something other than a database error: log what is queued, and drop it."""
+
+
+class GroupCommit:
+    """Group commit on one connection: writes that need not hold up a request (a settle, a ledger
+    record) are queued by their owners (:class:`Queued`) and written together, in the next write
+    transaction anyone opens on the connection (a reserve carries the settles before it) or at the
+    latest at the end of the event-loop iteration that queued them (:meth:`touch`). One commit thus
+    covers every request finished in an iteration, and a request's settle and ledger record are
+    committed together, so the budgets and the ledger never disagree. A transaction that fails on
+    a database error (the lock not obtained in time, a full disk) keeps everything queued for the
+    next one; the owner's background flush (:meth:`commit`) retries."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.parts: list[Queued] = []
+        self._soon = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def join(self, part: Queued) -> None:
+        self.parts.append(part)
+
+    @property
+    def queued(self) -> int:
+        return sum(p.queued for p in self.parts)
+
+    def touch(self) -> None:
+        """Something was queued: commit it at the end of this loop iteration (if a loop runs)."""
+        if self._soon:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return   # no loop: the next transaction or commit() carries it
+        self._soon = True
+        loop.call_soon(self._commit_soon)
+
+    async def wait(self) -> None:
+        """Until what is queued now is committed (at the end of this loop iteration, with everything else
+        queued in it). Raises ``sqlite3.Error`` if that commit fails; the writes stay queued."""
+        if not self.queued:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.touch()
+        await waiter
+
+    def _commit_soon(self) -> None:
+        self._soon = False
+        try:
+            self.commit()
+        except sqlite3.Error as exc:
+            log.warning("state database busy, %d writes wait for the next transaction: %r", self.queued, exc)
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    waiter.exception()   # retrieved: a cancelled waiter must not log "never retrieved"
+
+    def commit(self) -> None:
+        """Write and commit everything queued (nothing when nothing is)."""
+        if self.queued or self._waiters:
+            with self.transaction():
+                pass
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE``, the queued writes, the caller's, ``COMMIT``; all rolled back on any error."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for part in self.parts:
+                self._write(c, part)
+            yield c
+            c.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+            raise
+        for part in self.parts:
+            part.committed()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @staticmethod
+    def _write(c: sqlite3.Connection, part: Queued) -> None:
+        if not part.queued:
+            return
+        c.execute("SAVEPOINT queued")
+        try:
+            part.write(c)
+        except sqlite3.Error:
+            raise
+        except Exception as exc:   # a bug, not the database: never let it block every later transaction
+            c.execute("ROLLBACK TO queued")
+            part.discard(exc)
+        c.execute("RELEASE queued")
