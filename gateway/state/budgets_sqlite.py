@@ -4,8 +4,8 @@ The semantics are those of :mod:`gateway.state.budgets_memory` and the Redis scr
 operation: a reserve is all-or-nothing over every budget and rate window (the tightest budget
 decides, a partial hold is capped at its headroom, soft thresholds refuse with ``budget_soft``, a
 repeated reserve of a live or settled request is a no-op that reports the state); a settle releases
-the whole hold, adds the actual cost once (the request's row becomes its settled mark, so a second
-settle is a no-op) and replaces the TPM estimate by the truth in the window the reserve counted it
+the whole hold, adds the actual cost once (a settled mark, kept by this process as in the memory
+store, makes a second settle a no-op) and replaces the TPM estimate by the truth in the window the reserve counted it
 in; a renew pushes a live hold's expiry; a hold not renewed lapses after the reservation TTL (every
 transaction first releases the lapsed ones, found through an index). Each reserve, renew and usage
 is one ``BEGIN IMMEDIATE`` transaction, so workers in other processes see it whole and in order:
@@ -48,6 +48,7 @@ from gateway.state.sqlite_db import GroupCommit
 
 log = logging.getLogger(__name__)
 _SWEEP_EVERY_S = 60.0
+_MAX_SETTLED = 10_000    # a repeated settle comes right after the first: the newest ids suffice
 _NO_LIMITS = (0, 0, 0, 0, -1, -1, -1, -1, -1, -1)   # the reply after (admitted, reserved): no refusal, no limits
 _BUCKET = "team = ? AND scope = ? AND owner = ? AND period_id = ?"
 
@@ -68,7 +69,12 @@ class SqliteBudgetStore:
         self._clock = clock
         self._owns = owns_connection
         self._next_sweep = 0.0
+        self._next_lapse = 0.0
+        self.lapse_every_s = min(1.0, reservation_ttl_s / 4)   # a lapsed hold counts at most this much longer
         self._settles: list[tuple[ReserveRequest, Plan, int, int]] = []
+        # Settled marks live in this process: a request is reserved and settled by one process, and on
+        # one machine no reply is lost, so a repeat can only come from here (as in the memory store).
+        self._settled: dict[tuple[str, str], float] = {}   # (team, request id) -> forget at
         self.group = group if group is not None else GroupCommit(conn)
         self.group.join(self)
 
@@ -79,7 +85,6 @@ class SqliteBudgetStore:
 
     def write(self, c: sqlite3.Connection) -> None:
         now = self._clock()
-        self._lapse(c, now)
         for req, p, cost, tokens in self._settles:
             self._settle(c, req, p, cost, tokens, now)
 
@@ -104,20 +109,28 @@ class SqliteBudgetStore:
         if now < self._next_sweep:
             return
         self._next_sweep = now + _SWEEP_EVERY_S
-        c.execute("DELETE FROM reservations WHERE settled = 1 AND expires_at <= ?", (now,))
+        self._settled = {k: t for k, t in self._settled.items() if t > now}
         c.execute("DELETE FROM rate_windows WHERE minute < ?", (int(now // WINDOW_S) - 1,))
         c.execute("DELETE FROM budget_buckets WHERE expires_at <= ?", (now,))
 
-    @staticmethod
-    def _lapse(c: sqlite3.Connection, now: float) -> None:
-        """Release the holds not settled nor renewed in time (their worker died, or never settled)."""
-        lapsed = c.execute("SELECT team, request_id, amount, buckets FROM reservations WHERE settled = 0 AND "
-                           "expires_at <= ?", (now,)).fetchall()
+    def _lapse(self, c: sqlite3.Connection, now: float, force: bool = False) -> None:
+        """Release the holds not settled nor renewed in time (their worker died, or never settled). The
+        table holds only requests in flight and is scanned every ``lapse_every_s`` at most."""
+        if now < self._next_lapse and not force:
+            return
+        self._next_lapse = now + self.lapse_every_s
+        lapsed = c.execute("SELECT team, request_id, amount, buckets FROM reservations WHERE expires_at <= ?",
+                           (now,)).fetchall()
         for team, rid, amount, buckets in lapsed:
-            if amount:
-                c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
-                              [(amount, team, *b) for b in orjson.loads(buckets)])
-            c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+            self._release(c, team, rid, amount, buckets)
+
+    @staticmethod
+    def _release(c: sqlite3.Connection, team: str, rid: str, amount: int, buckets: str) -> None:
+        """Drop a request's hold: its row and the amount it reserved on each of its buckets."""
+        c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+        if amount:
+            c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
+                          [(amount, team, *b) for b in orjson.loads(buckets)])
 
     @staticmethod
     def _used(c: sqlite3.Connection, key: tuple[str, str, str, str], now: float) -> int:
@@ -144,10 +157,13 @@ class SqliteBudgetStore:
         with self._write() as c:
             self._lapse(c, now)
             self._sweep(c, now)
-            rec = c.execute("SELECT amount FROM reservations WHERE team = ? AND request_id = ? AND expires_at > ?",
-                            (team, rid, now)).fetchone()
-            dup = rec is not None
-            amount = req.cost_nano if not dup else int(rec[0])
+            rec = c.execute("SELECT amount, buckets, expires_at FROM reservations WHERE team = ? AND request_id = ?",
+                            (team, rid)).fetchone()
+            if rec is not None and rec[2] <= now:   # its own lapsed hold, not yet released by _lapse
+                self._release(c, team, rid, rec[0], rec[1])
+                rec = None
+            dup = rec is not None or self._settled.get((team, rid), 0.0) > now
+            amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
 
             kind = idx = limit = used_ = 0
             retry = -1
@@ -196,7 +212,7 @@ class SqliteBudgetStore:
                 c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
                               [(team, r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
                                for r, (nreq, ntok) in zip(p.rates, counts, strict=True)])
-                c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+                c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
                           (team, rid, amount, minute, req.tokens, orjson.dumps([k[1:] for k in keys]).decode(),
                            now + self.reservation_ttl_s))
 
@@ -214,12 +230,18 @@ class SqliteBudgetStore:
     async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
         """Check the settle, queue it and wait for the group commit that carries it (see the module
         docstring): it is on disk when this returns. StateUnavailable if that commit failed; the settle
-        then stays queued for the next transaction (and a repeated settle is a no-op)."""
+        then stays queued for the next transaction. A repeated settle is a no-op."""
         p = plan(req)
         check_amount("actual_cost_nano", actual_cost_nano)
         check_amount("actual_tokens", actual_tokens)
         if not p.budgets and not p.rates:
             return
+        key, now = (req.team, req.request_id), self._clock()
+        if self._settled.get(key, 0.0) > now:
+            return
+        self._settled[key] = now + self.reservation_ttl_s
+        if len(self._settled) > _MAX_SETTLED:         # bounded memory under any request rate: oldest first
+            del self._settled[next(iter(self._settled))]
         self._settles.append((req, p, actual_cost_nano, actual_tokens))
         try:
             await self.group.wait()
@@ -229,24 +251,19 @@ class SqliteBudgetStore:
     def _settle(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, cost: int, tokens: int,
                 now: float) -> None:
         team, rid = req.team, req.request_id
-        rec = c.execute("SELECT amount, minute, tokens, buckets, settled FROM reservations WHERE team = ? AND "
-                        "request_id = ? AND expires_at > ?", (team, rid, now)).fetchone()
-        if rec is not None and rec[4]:
-            return   # settled already
-        if rec is not None and rec[0]:   # release the whole hold
-            c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
-                          [(rec[0], team, *b) for b in orjson.loads(rec[3])])
+        rec = c.execute("SELECT amount, minute, tokens, buckets, expires_at FROM reservations WHERE team = ? AND "
+                        "request_id = ?", (team, rid)).fetchone()
+        if rec is not None:   # release the whole hold (lapsed or not: it is released exactly once, here)
+            self._release(c, team, rid, rec[0], rec[3])
         c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
                       "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, "
                       "expires_at = MAX(expires_at, excluded.expires_at)",
                       [(team, rule.scope, rule.owner, pid, cost, self._expiry(end, now))
                        for rule, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True)])
-        if rec is not None:   # TPM: replace the estimate by the truth
+        if rec is not None and rec[4] > now and p.rates:   # TPM: replace the estimate by the truth
             c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ? - ?) WHERE team = ? AND scope = ? "
                           "AND owner = ? AND minute = ?",
                           [(tokens, rec[2], team, r.scope, r.owner, rec[1]) for r in p.rates])
-        c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, 0, 0, 0, '[]', 1, ?)",
-                  (team, rid, now + self.reservation_ttl_s))
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)
@@ -254,9 +271,8 @@ class SqliteBudgetStore:
             return True   # nothing was held, nothing can lapse
         now = self._clock()
         with self._write() as c:
-            self._lapse(c, now)
             cur = c.execute("UPDATE reservations SET expires_at = ? WHERE team = ? AND request_id = ? AND "
-                            "settled = 0", (now + self.reservation_ttl_s, req.team, req.request_id))
+                            "expires_at > ?", (now + self.reservation_ttl_s, req.team, req.request_id, now))
             return cur.rowcount > 0
 
     async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
@@ -265,7 +281,7 @@ class SqliteBudgetStore:
         clock_now = self._clock()
         out = []
         with self._write() as c:   # a write: it applies queued settles and releases lapsed holds first
-            self._lapse(c, clock_now)
+            self._lapse(c, clock_now, force=True)
             for rule in budgets:
                 pid = period_id(rule.period, now)
                 row = c.execute(f"SELECT spent, reserved FROM budget_buckets WHERE {_BUCKET} AND expires_at > ?",

@@ -57,16 +57,14 @@ MIGRATIONS: tuple[str, ...] = (
         minute INTEGER NOT NULL, requests INTEGER NOT NULL, tokens INTEGER NOT NULL,
         PRIMARY KEY (team, scope, owner)
     ) WITHOUT ROWID;
-    CREATE TABLE reservations (             -- a request's hold until settled, then its settled mark
+    CREATE TABLE reservations (             -- a request's hold, from its reserve until its settle
         team TEXT NOT NULL, request_id TEXT NOT NULL,
-        amount INTEGER NOT NULL,            -- held on each of its buckets (0 once settled)
+        amount INTEGER NOT NULL,            -- held on each of its buckets
         minute INTEGER NOT NULL, tokens INTEGER NOT NULL,   -- the rate window and TPM estimate it counted
         buckets TEXT NOT NULL,              -- JSON [[scope, owner, period_id], ...]: where the hold sits
-        settled INTEGER NOT NULL,           -- 0: a hold (lapses at expires_at), 1: settled (forgotten then)
-        expires_at REAL NOT NULL,
+        expires_at REAL NOT NULL,           -- not renewed by then, it lapses (its worker died)
         PRIMARY KEY (team, request_id)
-    ) WITHOUT ROWID;
-    CREATE INDEX reservations_expiry ON reservations (settled, expires_at);
+    ) WITHOUT ROWID;                        -- only requests in flight: small, scanned for lapsed holds
     CREATE TABLE ledger (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         ts REAL NOT NULL, team TEXT NOT NULL, model TEXT NOT NULL,
@@ -235,10 +233,8 @@ class GroupCommit:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE``, the queued writes, the caller's, ``COMMIT``; all rolled back on any error."""
         c = self.conn
-        c.execute("BEGIN IMMEDIATE")
+        self._begin(c)
         try:
-            for part in self.parts:
-                self._write(c, part)
             yield c
             c.execute("COMMIT")
         except BaseException:
@@ -252,16 +248,26 @@ class GroupCommit:
             if not waiter.done():
                 waiter.set_result(None)
 
-    @staticmethod
-    def _write(c: sqlite3.Connection, part: Queued) -> None:
-        if not part.queued:
-            return
-        c.execute("SAVEPOINT queued")
-        try:
-            part.write(c)
-        except sqlite3.Error:
-            raise
-        except Exception as exc:   # a bug, not the database: never let it block every later transaction
-            c.execute("ROLLBACK TO queued")
-            part.discard(exc)
-        c.execute("RELEASE queued")
+    def _begin(self, c: sqlite3.Connection) -> None:
+        """Open the transaction and write what is queued. A part whose ``write`` fails on something other
+        than the database (a bug) is discarded and the transaction started over without it, so that it
+        cannot block every later transaction."""
+        while True:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for part in self.parts:
+                    if part.queued:
+                        try:
+                            part.write(c)
+                        except sqlite3.Error:
+                            raise
+                        except Exception as exc:
+                            c.execute("ROLLBACK")
+                            part.discard(exc)
+                            break
+                else:
+                    return
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("ROLLBACK")
+                raise
