@@ -10,8 +10,9 @@ request. ``State`` also owns the writes that must never be lost
 but need not delay a response: ledger records are batched and written by a
 background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage
-in memory (ledger records on local disk with ``GATEWAY_SPOOL_DIR``, where a crash loses
-nothing either) and is drained at shutdown. ``State`` also keeps the holds of requests still
+in memory (ledger records and settles on local disk with ``GATEWAY_SPOOL_DIR``, where a crash
+loses nothing either: the next process adopts and replays them) and is drained at shutdown; an
+empty spool file is removed then. ``State`` also keeps the holds of requests still
 running and renews those older than a third of the reservation TTL (a long stream), so a
 hold lapses only when its replica is gone, not while its request is alive.
 """
@@ -34,7 +35,7 @@ from gateway.state.budgets import Admission, BudgetStore, ReserveRequest, StateU
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
 from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
-from gateway.state.spool import Spool
+from gateway.state.spool import SettleSpool, Spool
 
 if TYPE_CHECKING:
     from gateway.state.sqlite_db import GroupCommit
@@ -62,6 +63,7 @@ class State:
     db: sqlite3.Connection | None = None  # the embedded database, None in memory or on Redis
     group: GroupCommit | None = None      # its group commit: settles and records wait there, not in _records
     queue_record: Callable[[LedgerRecord], None] | None = None
+    settle_spool: SettleSpool | None = None   # GATEWAY_SPOOL_DIR: queued settles also wait on disk
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -112,8 +114,10 @@ class State:
             await self.budgets.settle(req, cost_nano, tokens)
         except StateUnavailable as exc:
             log.warning("settle of %s queued, budget store down: %s", req.request_id, exc)
-            if len(self._settles) < MAX_QUEUED_SETTLES:
+            if len(self._settles) < MAX_QUEUED_SETTLES or self.settle_spool is not None:
                 self._settles.append((req, cost_nano, tokens))
+                if self.settle_spool is not None:
+                    self.settle_spool.add([(req, cost_nano, tokens)])
             else:
                 log.error("settle queue full: dropped %s (cost %d nano)", req.request_id, cost_nano)
 
@@ -135,6 +139,7 @@ class State:
                 self.group.commit()
             except sqlite3.Error as exc:
                 log.warning("state database busy, %d writes wait: %r", self.group.queued, exc)
+        replayed = 0
         while self._settles:
             req, cost, tokens = self._settles[0]
             try:
@@ -142,7 +147,12 @@ class State:
             except StateUnavailable:
                 break
             self._settles.popleft()
-
+            replayed += 1
+        if self.settle_spool is not None:
+            if replayed:
+                self.settle_spool.rewrite(self._settles)   # what is left, durably
+            else:
+                self.settle_spool.sync()                   # the settles queued since the last flush
     async def renew_holds(self) -> int:
         """Renew every live hold last renewed a third of the TTL ago; returns how many were renewed."""
         now = time.monotonic()
@@ -192,6 +202,9 @@ class State:
             await self.flush()
         if self.pending:
             log.error("shutting down with %d ledger records or settles unwritten", self.pending)
+        for spool in (self.ledger.spool, self.settle_spool):   # removed when empty, else left for the next process
+            if spool is not None:
+                spool.close()
         await self.budgets.aclose()
         if self.redis is not None:
             await self.redis.aclose()
@@ -259,11 +272,14 @@ def open_state(settings: Settings) -> State:
     from gateway.state.resp import fast_client
 
     client = redis_client(settings)
+    settle_spool = SettleSpool(settings.spool_dir) if settings.spool_dir else None
     key_store = RedisKeyStore(client)
     # the budget script runs twice per request: on a single server, through the pipelining client
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
-    return State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
-                 CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
-                 BufferedLedger(RedisLedger(client, settings.ledger_max_records or None), spool=open_spool(settings)),
-                 fail_open, redis=client,
-                 hold_ttl_s=settings.reservation_ttl_s)
+    state = State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
+                  CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
+                  BufferedLedger(RedisLedger(client, settings.ledger_max_records or None), spool=open_spool(settings)),
+                  fail_open, redis=client, hold_ttl_s=settings.reservation_ttl_s, settle_spool=settle_spool)
+    if settle_spool is not None:
+        state._settles.extend(settle_spool.adopt())   # a dead process's settles: replayed by the first flush
+    return state
