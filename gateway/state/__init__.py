@@ -77,7 +77,7 @@ class State:
 
     def record(self, record: LedgerRecord) -> None:
         """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S`` (SQLite: the
-        group commit, at the end of this event-loop iteration)."""
+        group commit, within 10 ms)."""
         if self.queue_record is not None:
             self.queue_record(record)
         else:

@@ -170,17 +170,20 @@ class Queued(Protocol):
 class GroupCommit:
     """Group commit on one connection: writes that need not hold up a request (a settle, a ledger
     record) are queued by their owners (:class:`Queued`) and written together, in the next write
-    transaction anyone opens on the connection (a reserve carries the settles before it) or at the
-    latest at the end of the event-loop iteration that queued them (:meth:`touch`). One commit thus
-    covers every request finished in an iteration, and a request's settle and ledger record are
-    committed together, so the budgets and the ledger never disagree. A transaction that fails on
-    a database error (the lock not obtained in time, a full disk) keeps everything queued for the
-    next one; the owner's background flush (:meth:`commit`) retries."""
+    transaction anyone opens on the connection (a reserve carries the settles before it). Someone
+    waiting for them (:meth:`wait`: a settle, :meth:`gateway.state.State.finish`) gets a commit at
+    the end of the event-loop iteration, shared by every request that finished in it; writes nobody
+    waits for (the ledger records the pipeline queues after its settle) get one within
+    ``delay_s`` (10 ms), a batch. A transaction that fails on a database error (the lock not
+    obtained in time, a full disk) keeps everything queued for the next one; the owner's
+    background flush (:meth:`commit`) retries."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, delay_s: float = 0.01) -> None:
         self.conn = conn
+        self.delay_s = delay_s
         self.parts: list[Queued] = []
         self._soon = False
+        self._later: asyncio.TimerHandle | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
     def join(self, part: Queued) -> None:
@@ -190,16 +193,19 @@ class GroupCommit:
     def queued(self) -> int:
         return sum(p.queued for p in self.parts)
 
-    def touch(self) -> None:
-        """Something was queued: commit it at the end of this loop iteration (if a loop runs)."""
-        if self._soon:
+    def touch(self, now: bool = False) -> None:
+        """Something was queued: commit it within ``delay_s`` (``now``: at the end of this loop iteration)."""
+        if self._soon or (self._later is not None and not now):
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return   # no loop: the next transaction or commit() carries it
-        self._soon = True
-        loop.call_soon(self._commit_soon)
+        if now or self.delay_s <= 0:
+            self._soon = True
+            loop.call_soon(self._commit_soon)
+        else:
+            self._later = loop.call_later(self.delay_s, self._commit_soon)
 
     async def wait(self) -> None:
         """Until what is queued now is committed (at the end of this loop iteration, with everything else
@@ -208,11 +214,14 @@ class GroupCommit:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        self.touch()
+        self.touch(now=True)
         await waiter
 
     def _commit_soon(self) -> None:
         self._soon = False
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         try:
             self.commit()
         except sqlite3.Error as exc:
