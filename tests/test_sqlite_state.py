@@ -381,3 +381,44 @@ def test_export_on_the_api_for_memory_state_and_its_errors(gateway: GatewayFacto
         bad = admin(server, "GET", "/admin/ledger/export", params=params)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (params, bad.text)
     assert admin(server, "GET", "/admin/ledger/export", key="wrong").status_code == 401
+
+
+def test_export_on_redis_directly_and_bad_arguments(redis_port: int) -> None:
+    """``gateway ledger export`` with GATEWAY_REDIS_URL reads the stream directly; bad arguments exit 2."""
+    from redis.asyncio import Redis
+
+    from gateway.state.ledger import RedisLedger
+
+    team = f"team-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    records = [rec(f"x{i}", now - 60 + i, team, cost=1_000 + i, savings=i) for i in range(5)]
+
+    async def write() -> None:
+        client = Redis(host="127.0.0.1", port=redis_port, db=5)
+        await client.flushdb()
+        await RedisLedger(client).append(records)
+        await client.aclose()
+
+    asyncio.run(write())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | \
+        {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/5"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", "ledger", "export", *args], cwd=str(ROOT), env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    out = run("--since", "1h", "--team", team)
+    assert out.returncode == 0, out.stderr
+    assert [LedgerRecord.from_json(line) for line in out.stdout.splitlines()] == records
+    out = run("--since", "1h", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert [r["request_id"] for r in rows] == [r.request_id for r in records]
+    assert [json.loads(r["savings"]) for r in rows] == [r.savings for r in records]
+    assert [r["cost_usd"] for r in rows] == ["0.000001", "0.000001001", "0.000001002", "0.000001003", "0.000001004"]
+    later = run("--since", datetime.fromtimestamp(now - 58.5, UTC).isoformat(), "--team", team)
+    assert [json.loads(line)["request_id"] for line in later.stdout.splitlines()] == ["x2", "x3", "x4"]
+    for args, says in ((("--since", "yesterday"), "since must be"), (("--since", "1h", "--until", "2h"),
+                                                                    "until must be later than since")):
+        bad = run(*args)
+        assert bad.returncode == 2 and bad.stdout == "" and says in bad.stderr and "Traceback" not in bad.stderr, \
+            bad.stderr
