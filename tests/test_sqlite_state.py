@@ -394,14 +394,14 @@ def test_export_on_redis_directly_and_bad_arguments(redis_port: int) -> None:
     records = [rec(f"x{i}", now - 60 + i, team, cost=1_000 + i, savings=i) for i in range(5)]
 
     async def write() -> None:
-        client = Redis(host="127.0.0.1", port=redis_port, db=5)
+        client = Redis(host="127.0.0.1", port=redis_port, db=11)   # this test's own database
         await client.flushdb()
         await RedisLedger(client).append(records)
         await client.aclose()
 
     asyncio.run(write())
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | \
-        {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/5"}
+        {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/11"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "gateway", "ledger", "export", *args], cwd=str(ROOT), env=env,
