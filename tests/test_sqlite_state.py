@@ -422,3 +422,17 @@ def test_export_on_redis_directly_and_bad_arguments(redis_port: int) -> None:
         bad = run(*args)
         assert bad.returncode == 2 and bad.stdout == "" and says in bad.stderr and "Traceback" not in bad.stderr, \
             bad.stderr
+
+
+async def test_checkpoints_run_off_the_serving_connection(tmp_path: Path) -> None:
+    state = open_state(Settings(data_dir=str(tmp_path)))
+    try:
+        assert state.db is not None and state.checkpointer is not None
+        assert state.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0   # never on the event loop
+        ledger = SqliteLedger(state.db, owns_connection=False)
+        await ledger.append([rec(f"c{i}", 1_800_000_000.0 + i, "alpha") for i in range(200)])
+        busy, frames, done = state.checkpointer.run_once()   # what the checkpoint thread does every second
+        assert (busy, done) == (0, frames) and frames > 0
+    finally:
+        await state.aclose()
+    assert not (tmp_path / "gateway.db-wal").exists()         # the last connection closed cleanly

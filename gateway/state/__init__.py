@@ -38,7 +38,7 @@ from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
 from gateway.state.spool import SettleSpool, Spool
 
 if TYPE_CHECKING:
-    from gateway.state.sqlite_db import GroupCommit
+    from gateway.state.sqlite_db import Checkpointer, GroupCommit
 
 log = logging.getLogger("gateway.state")
 FLUSH_EVERY_S = 0.1
@@ -64,6 +64,7 @@ class State:
     group: GroupCommit | None = None      # its group commit: settles and records wait there, not in _records
     queue_record: Callable[[LedgerRecord], None] | None = None
     settle_spool: SettleSpool | None = None   # GATEWAY_SPOOL_DIR: queued settles also wait on disk
+    checkpointer: Checkpointer | None = None  # SQLite: WAL checkpoints in a thread, off the event loop
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -208,8 +209,10 @@ class State:
         await self.budgets.aclose()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         if self.db is not None:
-            self.db.close()
+            self.db.close()   # the last connection to close checkpoints the rest and removes the WAL
 
 
 def redis_client(settings: Settings) -> Any:
@@ -245,16 +248,18 @@ def open_sqlite_state(settings: Settings) -> State:
     from gateway.state.budgets_sqlite import SqliteBudgetStore
     from gateway.state.keys_sqlite import SqliteKeyStore
     from gateway.state.ledger_sqlite import SqliteLedger
-    from gateway.state.sqlite_db import GroupCommit, connect
+    from gateway.state.sqlite_db import Checkpointer, GroupCommit, connect
 
     db = connect(settings.data_dir)
+    checkpointer = Checkpointer(settings.data_dir)
+    checkpointer.start(db)
     group = GroupCommit(db)
     key_store = SqliteKeyStore(db, owns_connection=False)
     ledger = SqliteLedger(db, owns_connection=False, group=group)
     budgets = SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False, group=group)
     return State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), BufferedLedger(ledger),
                  settings.redis_fail_mode == "allow", hold_ttl_s=settings.reservation_ttl_s, db=db, group=group,
-                 queue_record=ledger.queue)
+                 queue_record=ledger.queue, checkpointer=checkpointer)
 
 
 def open_state(settings: Settings) -> State:

@@ -6,11 +6,14 @@ Without Redis, keys, budgets, rate windows and the ledger live in one file, ``<d
 to the log) with ``synchronous=NORMAL``: a commit is in the WAL file, in the OS page cache, when it
 returns, so a process killed at any moment (SIGKILL, OOM) loses nothing committed; only a power cut
 or kernel crash can take back the last commits before a checkpoint. ``FULL`` would fsync the WAL on
-every commit, one disk flush per reserve, settle and ledger batch on the event loop; ``NORMAL`` fsyncs
-only at checkpoints. Writers take the lock up front (``BEGIN IMMEDIATE``) and wait for each other up
-to ``BUSY_TIMEOUT_MS``. :func:`migrate` brings a database to :data:`SCHEMA_VERSION` by applying the
-forward migrations in :data:`MIGRATIONS` in order, each in the same transaction as the version row it
-adds to ``schema_version``; a database written by a newer gateway is refused with a clear error.
+every commit, one disk flush per reserve and per group commit on the event loop; ``NORMAL`` fsyncs
+only at checkpoints, which :class:`Checkpointer` runs in a thread of its own, off the event loop
+(the serving connection's automatic checkpoints are turned off). Writers take the lock up front
+(``BEGIN IMMEDIATE``) and wait for each other up to ``BUSY_TIMEOUT_MS``. :func:`migrate` brings a
+database to :data:`SCHEMA_VERSION` by applying the forward migrations in :data:`MIGRATIONS` in
+order, each in the same transaction as the version row it adds to ``schema_version``; a database
+written by a newer gateway is refused with a clear error. :class:`GroupCommit` lets writes that
+need not hold up a request share one transaction.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +114,47 @@ def connect(data_dir: str | Path, *, migrate_to: int | None = SCHEMA_VERSION) ->
         conn.close()
         raise
     return conn
+
+
+class Checkpointer:
+    """Copies the WAL back into the database file every ``every_s`` (``PRAGMA wal_checkpoint(PASSIVE)``:
+    it never waits for, nor blocks, a writer) on its own connection and thread, so the fsyncs of a
+    checkpoint never stall the event loop. Connections given to :meth:`start` stop checkpointing
+    on their own (``wal_autocheckpoint = 0``)."""
+
+    def __init__(self, data_dir: str | Path, every_s: float = 1.0) -> None:
+        self.path = db_path(data_dir)
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> tuple[int, int, int]:
+        """One passive checkpoint: (busy, frames in the WAL, frames checkpointed)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(busy), int(frames), int(done)
+        finally:
+            conn.close()
+
+    def start(self, *serving: sqlite3.Connection) -> None:
+        for conn in serving:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._thread = threading.Thread(target=self._run, name="gateway-sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.run_once()
+            except sqlite3.Error as exc:   # busy or I/O: the next round tries again
+                log.warning("state database checkpoint failed: %r", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
 
 
 def version(conn: sqlite3.Connection) -> int:
