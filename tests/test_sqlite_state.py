@@ -436,3 +436,68 @@ async def test_checkpoints_run_off_the_serving_connection(tmp_path: Path) -> Non
     finally:
         await state.aclose()
     assert not (tmp_path / "gateway.db-wal").exists()         # the last connection closed cleanly
+
+
+async def test_random_operations_give_the_memory_stores_answers(tmp_path: Path) -> None:
+    """The same random reserves (partial and strict, soft thresholds, RPM/TPM, repeats), settles (repeated,
+    late, over the hold), renewals and clock jumps past the reservation TTL on both stores, for several
+    seeds: every answer is the same, and the runs went through every kind of answer."""
+    seen: set[str] = set()
+    for seed in range(8):
+        seen |= await random_run(tmp_path / str(seed), seed)
+    assert {"admitted", "partial", "budget", "budget_soft", "rate_requests", "rate_tokens", "renewed True",
+            "renewed False"} <= seen, seen
+
+
+async def random_run(tmp_path: Path, seed: int) -> set[str]:
+    import random
+
+    from redis_fixtures import FakeClock
+
+    from gateway.state.budgets import RateRule
+    from gateway.state.budgets_memory import MemoryBudgetStore
+
+    rnd = random.Random(seed)
+    clock = FakeClock()
+    memory = MemoryBudgetStore(5.0, clock=clock)
+    sqlite_store = SqliteBudgetStore(connect(tmp_path), 5.0, clock=clock)
+    sqlite_store.lapse_every_s = 0.0   # exact lapses, as the memory store purges on every access
+    teams = ("alpha", "beta")
+    budgets = {"alpha": (BudgetRule("team", "alpha", "daily", 40_000, 30_000),
+                         BudgetRule("key", "k1", "monthly", 25_000)),
+               "beta": (BudgetRule("team", "beta", "weekly", 60_000),)}
+    rates = {"alpha": (RateRule("team", "alpha", 4, 5_000),), "beta": (RateRule("key", "k2", None, 2_000),)}
+    issued: list[ReserveRequest] = []
+    seen: set[str] = set()   # the outcomes the run went through: it must cover the interesting ones
+    for step in range(600):
+        op = rnd.random()
+        if op < 0.45 or not issued:
+            team = rnd.choice(teams)
+            if issued and rnd.random() < 0.1:
+                r = rnd.choice(issued)   # a repeated reserve
+            else:
+                r = ReserveRequest(f"q{step}", team, rnd.randrange(0, 9_000), rnd.randrange(0, 900), budgets[team],
+                                   rates[team], datetime(2026, 11, 23, tzinfo=UTC), rnd.randrange(0, 500),
+                                   rnd.random() < 0.8)
+                issued.append(r)
+            admission = await sqlite_store.reserve(r)
+            assert admission == await memory.reserve(r), (seed, step)
+            seen.add(admission.refusal.kind if admission.refusal else
+                     "partial" if 0 < admission.reserved_nano < r.cost_nano else "admitted")
+        elif op < 0.8:
+            r = rnd.choice(issued)
+            cost, tokens = rnd.randrange(0, r.cost_nano + 2), rnd.randrange(0, 900)   # at times over the hold
+            await memory.settle(r, cost, tokens)
+            await sqlite_store.settle(r, cost, tokens)
+        elif op < 0.9:
+            r = rnd.choice(issued)
+            alive = await sqlite_store.renew(r)
+            assert alive == await memory.renew(r), (seed, step)
+            seen.add(f"renewed {alive}")
+        else:
+            clock.t += rnd.choice((0.5, 2.0, 6.0, 61.0))
+        for team in teams:
+            now = datetime(2026, 11, 23, tzinfo=UTC)
+            assert await sqlite_store.usage(team, budgets[team], now) == await memory.usage(team, budgets[team], now)
+    await sqlite_store.aclose()
+    return seen
