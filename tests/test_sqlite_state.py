@@ -501,3 +501,20 @@ async def random_run(tmp_path: Path, seed: int) -> set[str]:
             assert await sqlite_store.usage(team, budgets[team], now) == await memory.usage(team, budgets[team], now)
     await sqlite_store.aclose()
     return seen
+
+
+async def test_export_is_rendered_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gateway.state.ledger_sqlite as ledger_sqlite
+    from gateway.admin.export import export, export_chunks, render, render_chunks
+
+    records = [rec(f"e{i}", time.time() - 100 + i, "alpha", cost=10 + i) for i in range(5)]
+    for fmt in ("csv", "jsonl"):
+        chunks = list(render_chunks(records, fmt, chunk=2))
+        assert len(chunks) == 3 and "".join(chunks) == render(records, fmt)
+    monkeypatch.setattr(ledger_sqlite, "_PAGE", 2)   # SQLite pages through the range as it renders
+    ledger = SqliteLedger(connect(tmp_path))
+    await ledger.append(records)
+    text = await export(ledger, None, "1h", None, "jsonl")
+    assert [LedgerRecord.from_json(line) for line in text.splitlines()] == records
+    assert "".join([c async for c in export_chunks(ledger, "alpha", "1h", None, "csv")]) == render(records, "csv")
+    await ledger.aclose()

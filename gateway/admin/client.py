@@ -22,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Collection, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import orjson
 
@@ -54,7 +54,7 @@ class Backend(Protocol):
 
     async def spend(self, team: str | None, since: str, by: str, fmt: str) -> str: ...
 
-    async def export(self, team: str | None, since: str, until: str | None, fmt: str) -> str: ...
+    async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -123,9 +123,10 @@ class StoreAdmin:
         with self._named():
             return render(await adminops.spend(self.ledger, team, since, by), fmt)
 
-    async def export(self, team: str | None, since: str, until: str | None, fmt: str) -> str:
+    async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None:
         with self._named():
-            return await ledger_export.export(self.ledger, team, since, until, fmt)
+            async for chunk in ledger_export.export_chunks(self.ledger, team, since, until, fmt):
+                out.write(chunk)
 
     async def aclose(self) -> None:
         await self._close()
@@ -179,9 +180,9 @@ class HttpAdmin:
         query = {"since": since, "by": by, "format": fmt} | ({"team": team} if team else {})
         return (await asyncio.to_thread(self._call, "GET", "/spend", query)).decode()
 
-    async def export(self, team: str | None, since: str, until: str | None, fmt: str) -> str:
+    async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None:
         query = {"since": since, "format": fmt} | ({"team": team} if team else {}) | ({"until": until} if until else {})
-        return (await asyncio.to_thread(self._call, "GET", "/ledger/export", query)).decode()
+        out.write((await asyncio.to_thread(self._call, "GET", "/ledger/export", query)).decode())
 
     async def aclose(self) -> None:
         return None
@@ -246,7 +247,8 @@ def show_revoked(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- commands
 async def _command(backend: Backend, command: str, args: Any) -> str:
     if command == "ledger":
-        return await backend.export(args.team, args.since, args.until, args.format)
+        await backend.export(args.team, args.since, args.until, args.format, sys.stdout)   # as it is read
+        return ""
     if command == "spend":
         check_choice("format", args.format, FORMATS)
         return await backend.spend(args.team, args.since, args.by, args.format)
