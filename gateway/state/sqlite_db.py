@@ -32,6 +32,7 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 DB_NAME = "gateway.db"
 BUSY_TIMEOUT_MS = 5_000
+WAL_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 class SchemaError(RuntimeError):
@@ -108,6 +109,7 @@ def connect(data_dir: str | Path, *, migrate_to: int | None = SCHEMA_VERSION) ->
         if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
             raise SchemaError(f"{path}: SQLite would not switch to WAL (a network file system?)")
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")   # the WAL shrinks back after a burst
         if migrate_to is not None:
             migrate(conn, migrate_to)
     except BaseException:
