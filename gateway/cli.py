@@ -1,4 +1,4 @@
-"""The ``gateway`` command: ``serve``, ``check``, ``route``, ``keys``, ``spend`` and ``demo``.
+"""The ``gateway`` command: ``serve``, ``check``, ``route``, ``keys``, ``spend``, ``ledger`` and ``demo``.
 
 Flags override the ``GATEWAY_*`` settings for this process (and its workers).
 ``serve`` checks its address before it announces anything, says where its
@@ -6,8 +6,8 @@ policies came from (the built-in demo set when there is no ``policies/`` here
 and none was named) and which deployments lack their key variable, and runs
 uvicorn with the options of :mod:`gateway.serving` and the log setup of
 :mod:`gateway.access_log`. ``check`` validates the policy files and prints what
-they define; any error names file, line and key and exits non-zero. ``keys`` and ``spend`` are run by
-:mod:`gateway.admin.client` (on Redis directly, or through the admin API).
+they define; any error names file, line and key and exits non-zero. ``keys``, ``spend`` and ``ledger export`` are run by
+:mod:`gateway.admin.client` (on Redis or the SQLite data directory directly, or through the admin API).
 """
 
 from __future__ import annotations
@@ -64,7 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     spend.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
     spend.add_argument("--by", default="team", choices=("team", "model", "day"))
     spend.add_argument("--format", default="table", choices=("table", "csv", "json"))
-    for admin in (create, listing, revoke, spend):
+    ledger = sub.add_parser("ledger", help="the spend ledger's records")
+    ledger_actions = ledger.add_subparsers(dest="action", required=True)
+    export = ledger_actions.add_parser("export", help="every record in a time range, as CSV or JSONL, oldest first")
+    export.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
+    export.add_argument("--until", help="the end of the range, same forms (default now)")
+    export.add_argument("--team", help="only this team")
+    export.add_argument("--format", default="jsonl", choices=("csv", "jsonl"))
+    for admin in (create, listing, revoke, spend, export):
         admin.add_argument("--url", help="the gateway's address when GATEWAY_REDIS_URL is not set "
                                          "(default http://GATEWAY_HOST:GATEWAY_PORT)")
         admin.add_argument("--config", help="policy directory, to warn about unknown teams (default: policies/)")
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    if args.command in ("keys", "spend"):
+    if args.command in ("keys", "spend", "ledger"):
         from gateway.admin.client import run
 
         return run(settings, args, lambda: policy_teams(settings.config_dir))
@@ -193,14 +200,15 @@ def describe(policies: Policies) -> str:
 
 def serve(settings: Settings, config_chosen: bool = True) -> int:
     """``gateway serve``: check the address, find and load the policies, say where they came from and what
-    they lack, then run uvicorn (one process, or ``--workers N`` on Redis) until stopped."""
+    they lack, then run uvicorn (one process, or ``--workers N`` on Redis or SQLite) until stopped."""
     import uvicorn
 
     from gateway.access_log import configure_logging, logging_config
     from gateway.serving import port_problem, uvicorn_options
 
-    if settings.workers > 1 and not settings.redis_url:
-        print("gateway: --workers > 1 needs shared state: set GATEWAY_REDIS_URL", file=sys.stderr)
+    if settings.workers > 1 and not settings.redis_url and not settings.persistent:
+        print("gateway: --workers > 1 needs shared state: set GATEWAY_REDIS_URL or a GATEWAY_DATA_DIR "
+              "(not :memory:)", file=sys.stderr)
         return 2
     problem = port_problem(settings.host, settings.port)
     if problem is not None:
@@ -221,6 +229,13 @@ def serve(settings: Settings, config_chosen: bool = True) -> int:
     settings = replace(settings, config_dir=os.path.abspath(settings.config_dir))
     log.info("policies from %s: %s; %d models", settings.config_dir,
              ", ".join(os.path.basename(f) for f in policies.files), len(policies.unique_models()))
+    if settings.redis_url:
+        log.info("state: Redis")
+    elif settings.persistent:
+        from gateway.state.sqlite_db import db_path
+        log.info("state: SQLite database %s (GATEWAY_DATA_DIR)", db_path(settings.data_dir))
+    else:
+        log.warning("state: in memory (GATEWAY_DATA_DIR=:memory:), lost at exit")
     for deployment, variable in missing_credentials(policies.deployments):
         log.warning("deployment %s: its key variable %s is not set, so requests routed to it are answered "
                     "with an error naming %s (nothing is sent upstream) until it is set and the gateway "

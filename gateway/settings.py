@@ -3,8 +3,9 @@
 Everything an operator sets per process (not per policy) lives here: where the
 policies are, where to listen, Redis, the master key, limits and timeouts (and
 prometheus-client's own ``PROMETHEUS_MULTIPROC_DIR``, which ``gateway serve``
-prepares for its workers). The CLI overrides a few of them from flags; nothing
-else reads the environment.
+prepares for its workers), and where embedded state lives on disk (``GATEWAY_DATA_DIR``,
+default a per-user state directory; ``:memory:`` keeps it in memory). The CLI overrides a few
+of them from flags; nothing else reads the environment.
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+MEMORY = ":memory:"   # GATEWAY_DATA_DIR value: embedded state in this process's memory only
+
 
 class SettingsError(ValueError):
     pass
+
+
+def default_data_dir(env: Mapping[str, str]) -> str:
+    """The per-user state directory: ``$XDG_STATE_HOME/llm-gateway``, else ``~/.local/state/llm-gateway``."""
+    base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "llm-gateway")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -96,6 +105,7 @@ class Settings:
     log_format: str = "text"              # "text" or "json": every log line, the access log included
     keepalive_timeout_s: float = 5.0      # a connection with no request in flight is closed after this
     request_read_timeout_s: float = 30.0  # a request must arrive in full (head and body) within this
+    data_dir: str = MEMORY                # embedded state (no Redis): a SQLite database here, or MEMORY
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -127,10 +137,16 @@ class Settings:
             log_format=_choice(e, "GATEWAY_LOG_FORMAT", ("text", "json")),
             keepalive_timeout_s=_positive(e, "GATEWAY_KEEPALIVE_TIMEOUT_S", 5.0),
             request_read_timeout_s=_positive(e, "GATEWAY_REQUEST_READ_TIMEOUT_S", 30.0),
+            data_dir=e.get("GATEWAY_DATA_DIR") or default_data_dir(e),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    @property
+    def persistent(self) -> bool:
+        """Embedded state kept on disk: no Redis, and a data directory other than ``:memory:``."""
+        return not self.redis_url and self.data_dir != MEMORY
 
     def to_env(self) -> dict[str, str]:
         """The settings as environment variables, for worker processes to read back."""
@@ -156,6 +172,7 @@ class Settings:
             "GATEWAY_LOG_FORMAT": self.log_format,
             "GATEWAY_KEEPALIVE_TIMEOUT_S": str(self.keepalive_timeout_s),
             "GATEWAY_REQUEST_READ_TIMEOUT_S": str(self.request_read_timeout_s),
+            "GATEWAY_DATA_DIR": self.data_dir,
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url

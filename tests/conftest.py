@@ -19,6 +19,22 @@ ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["redis_fixtures"]  # private redis-server fixtures
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_state_in_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite keeps embedded state in memory (``GATEWAY_DATA_DIR=:memory:``) unless a test asks for a
+    data directory, and anything that still falls back to the per-user default lands in a temporary
+    ``XDG_STATE_HOME``: no test writes into the real home directory."""
+    saved = {name: os.environ.get(name) for name in ("GATEWAY_DATA_DIR", "XDG_STATE_HOME")}
+    os.environ["GATEWAY_DATA_DIR"] = ":memory:"
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,6 +102,7 @@ def start_gateway(policy_dir: Path, log: Path, env: dict[str, str] | None = None
                   args: tuple[str, ...] = ()) -> Server:
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    full_env["GATEWAY_DATA_DIR"] = ":memory:"   # unless the test gives a data directory
     full_env.update(env or {})
     with open(log, "wb") as fh:
         proc = subprocess.Popen(

@@ -28,7 +28,9 @@ from redis.asyncio import Redis
 from gateway.state.budgets import BudgetStore
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.budgets_redis import RedisBudgetStore
+from gateway.state.budgets_sqlite import SqliteBudgetStore
 from gateway.state.resp import FastRedis
+from gateway.state.sqlite_db import connect
 
 RESERVED_PORTS = {6379, 16379}
 
@@ -194,14 +196,23 @@ class FakeClock:
 class Harness:
     """Makes stores of one kind and moves their clock: a fake clock (memory) or real time (Redis)."""
 
-    def __init__(self, kind: str, port: int | None) -> None:
+    def __init__(self, kind: str, port: int | None, data_dir: Path | None = None) -> None:
         self.kind, self.port, self.clock = kind, port, FakeClock()
+        self.data_dir = data_dir
         self.stores: list[BudgetStore] = []
+
+    @property
+    def faked(self) -> bool:
+        """The stores run on the fake clock (memory, SQLite), not on the server's real one."""
+        return self.kind in ("memory", "sqlite")
 
     def make(self, ttl_s: float = 600, partial: bool = True) -> BudgetStore:
         store: BudgetStore
         if self.kind == "memory":
             store = MemoryBudgetStore(ttl_s, clock=self.clock, partial_reservations=partial)
+        elif self.kind == "sqlite":
+            assert self.data_dir is not None
+            store = SqliteBudgetStore(connect(self.data_dir), ttl_s, clock=self.clock, partial_reservations=partial)
         else:
             assert self.port is not None
             client = FastRedis("127.0.0.1", self.port) if self.kind == "redis-fast" else \
@@ -212,7 +223,7 @@ class Harness:
 
     async def fresh_window(self) -> None:
         """Make sure the next few seconds stay inside one rate window (minute)."""
-        if self.kind == "memory":
+        if self.faked:
             self.clock.t = (self.clock.t // 60 + 1) * 60 + 5
             return
         assert self.port is not None
@@ -222,17 +233,18 @@ class Harness:
             await asyncio.sleep(0.1)
 
     async def wait_past(self, seconds: float) -> None:
-        if self.kind == "memory":
+        if self.faked:
             self.clock.t += seconds
         else:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis", "redis-fast"])
-async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    """Budget stores in memory, on Redis through redis-py, and on Redis through the pipelining client."""
-    port = request.getfixturevalue("redis_port") if request.param != "memory" else None
-    harness = Harness(request.param, port)
+@pytest.fixture(params=["memory", "sqlite", "redis", "redis-fast"])
+async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    """Budget stores in memory, in SQLite (one database per test), on Redis through redis-py, and on Redis
+    through the pipelining client."""
+    port = request.getfixturevalue("redis_port") if request.param not in ("memory", "sqlite") else None
+    harness = Harness(request.param, port, tmp_path / "state")
     yield harness
     for store in harness.stores:
         await store.aclose()

@@ -28,7 +28,8 @@ KEY_ID = re.compile(r"key_[0-9a-f]{12}")
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | env
+    full = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    full = full | {"GATEWAY_DATA_DIR": ":memory:"} | env   # embedded state: the gateway's admin API
     proc = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=str(ROOT), env=full, capture_output=True,
                           text=True, timeout=60)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr

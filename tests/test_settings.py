@@ -24,6 +24,11 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (s.reservation_ttl_s, s.key_cache_ttl_s, s.policy_watch_s) == (900.0, 2.0, 2.0)
     assert (s.ledger_max_records, s.spool_dir) == (0, None)
     assert (s.log_format, s.keepalive_timeout_s, s.request_read_timeout_s) == ("text", 5.0, 30.0)
+    assert Settings.from_env({"HOME": "/home/u"}).data_dir == "/home/u/.local/state/llm-gateway"
+    assert Settings.from_env({"XDG_STATE_HOME": "/x/state"}).data_dir == "/x/state/llm-gateway"
+    assert Settings.from_env({"HOME": "/home/u"}).persistent and not Settings().persistent   # in code: memory
+    assert not Settings.from_env({"GATEWAY_DATA_DIR": ":memory:"}).persistent
+    assert not Settings.from_env({"GATEWAY_REDIS_URL": "redis://h:1"}).persistent
 
 
 def test_every_variable_is_read_and_survives_the_trip_to_a_worker() -> None:
@@ -34,7 +39,8 @@ def test_every_variable_is_read_and_survives_the_trip_to_a_worker() -> None:
            "GATEWAY_REDIS_TIMEOUT_S": "0.5", "GATEWAY_RESERVATION_TTL_S": "60", "GATEWAY_KEY_CACHE_TTL_S": "0.5",
            "GATEWAY_POLICY_WATCH_S": "0", "GATEWAY_METRICS_KEY": "sk-metrics", "GATEWAY_LEDGER_MAX_RECORDS": "5000",
            "GATEWAY_SPOOL_DIR": "/var/lib/gateway/spool", "GATEWAY_LOG_FORMAT": "JSON",
-           "GATEWAY_KEEPALIVE_TIMEOUT_S": "2.5", "GATEWAY_REQUEST_READ_TIMEOUT_S": "12"}
+           "GATEWAY_KEEPALIVE_TIMEOUT_S": "2.5", "GATEWAY_REQUEST_READ_TIMEOUT_S": "12",
+           "GATEWAY_DATA_DIR": "/var/lib/gateway/state"}
     s = Settings.from_env(env)
     assert (s.config_dir, s.host, s.port, s.workers, s.redis_url) == (
         "/etc/gw", "0.0.0.0", 4100, 4, "redis://127.0.0.1:6390/2")
@@ -42,7 +48,7 @@ def test_every_variable_is_read_and_survives_the_trip_to_a_worker() -> None:
     assert (s.connect_timeout_s, s.upstream_timeout_s, s.redis_timeout_s) == (2.5, 30.0, 0.5)
     assert (s.redis_cluster, s.redis_fail_mode, s.reservation_ttl_s) == (True, "allow", 60.0)
     assert (s.key_cache_ttl_s, s.policy_watch_s, s.ledger_max_records) == (0.5, 0.0, 5000)
-    assert s.spool_dir == "/var/lib/gateway/spool"
+    assert (s.spool_dir, s.data_dir) == ("/var/lib/gateway/spool", "/var/lib/gateway/state")
     assert (s.log_format, s.keepalive_timeout_s, s.request_read_timeout_s) == ("json", 2.5, 12.0)
     assert Settings.from_env(s.to_env()) == s
     assert s.with_overrides(port=5000, host=None).port == 5000 and s.with_overrides(host=None).host == "0.0.0.0"

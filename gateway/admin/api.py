@@ -1,7 +1,7 @@
 """The admin API (``/admin/*``), guarded by ``GATEWAY_MASTER_KEY``, and policy reloads across workers.
 
 :class:`AdminApi` owns the routes: create, list and revoke virtual keys, the teams'
-budget usage, the spend report and the policy reload. Each route checks the master
+budget usage, the spend report, the ledger export and the policy reload. Each route checks the master
 key (``Authorization: Bearer`` or ``x-api-key``; 403 ``admin_disabled`` when none is
 configured, 401 ``invalid_api_key`` when it does not match), parses its parameters
 strictly and calls :mod:`gateway.admin.ops`; failures are ``GatewayError``s, which the
@@ -26,7 +26,9 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.admin import export as ledger_export
 from gateway.admin import ops as adminops
+from gateway.admin.export import EXPORT_MEDIA_TYPES
 from gateway.admin.spend_report import FORMATS, MEDIA_TYPES, check_choice, render
 from gateway.background import cancel
 from gateway.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
@@ -68,6 +70,7 @@ class AdminApi:
         r.add_api_route("/keys/{key_id}", self.revoke_key, methods=["DELETE"])
         r.add_api_route("/teams", self.teams, methods=["GET"])
         r.add_api_route("/spend", self.spend, methods=["GET"])
+        r.add_api_route("/ledger/export", self.export, methods=["GET"])
         r.add_api_route("/reload", self.reload, methods=["POST"])
 
     def authorize(self, request: Request) -> None:
@@ -126,6 +129,16 @@ class AdminApi:
             await self.app.state.flush(wait=True)   # this process's buffered records first (see above)
         report = await adminops.spend(self.app.state.ledger, q.get("team"), q.get("since", "7d"), q.get("by", "team"))
         return Response(render(report, fmt), media_type=MEDIA_TYPES[fmt])
+
+    async def export(self, request: Request) -> Response:
+        self.authorize(request)
+        q = _query(request, ("team", "since", "until", "format"))
+        fmt = q.get("format", "jsonl")
+        with adminops.state_errors("The spend ledger"):
+            await self.app.state.flush(wait=True)   # this process's buffered records first, as for /spend
+        body = await ledger_export.export(self.app.state.ledger, q.get("team"), q.get("since", "7d"), q.get("until"),
+                                          fmt)
+        return Response(body, media_type=EXPORT_MEDIA_TYPES[fmt])
 
     # ------------------------------------------------------------------ reload
     async def reload(self, request: Request) -> Response:

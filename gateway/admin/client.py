@@ -1,9 +1,12 @@
-"""What ``gateway keys ...`` and ``gateway spend`` do: pick a backend, run one operation, print it.
+"""What ``gateway keys ...``, ``gateway spend`` and ``gateway ledger export`` do: pick a backend, run one
+operation, print it.
 
-Two backends answer the same four calls with the same documents: :class:`RedisAdmin`
-runs :mod:`gateway.admin.ops` on the Redis stores (``GATEWAY_REDIS_URL`` set; the
-gateway need not be running), :class:`HttpAdmin` calls a running gateway's admin API
-with ``GATEWAY_MASTER_KEY``. Both raise ``GatewayError`` on failure (the gateway's own
+Three backends answer the same calls with the same documents: :class:`StoreAdmin` runs
+:mod:`gateway.admin.ops` on the stores directly, on Redis (``GATEWAY_REDIS_URL`` set) or in the
+embedded SQLite database of ``GATEWAY_DATA_DIR`` (the default per-user directory when unset), so
+the gateway need not be running and no master key is needed; :class:`HttpAdmin` calls a running
+gateway's admin API with ``GATEWAY_MASTER_KEY`` (``--url`` given, or ``GATEWAY_DATA_DIR=:memory:``,
+whose state lives only in that process). Both raise ``GatewayError`` on failure (the gateway's own
 error, a 503 for an unreachable Redis or gateway), which :func:`run` prints as one
 line on stderr with a non-zero exit: 2 for a bad argument, 1 otherwise. The spend
 report is rendered by :mod:`gateway.admin.spend_report` on either path.
@@ -13,19 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Collection, Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from typing import Any, Protocol, TextIO
 
 import orjson
 
+from gateway.admin import export as ledger_export
 from gateway.admin import ops as adminops
 from gateway.admin.spend_report import FORMATS, check_choice, render
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable
 from gateway.settings import Settings
+from gateway.state.keys import KeyStore
+from gateway.state.ledger import Ledger
 
 HTTP_TIMEOUT_S = 30.0
 
@@ -47,22 +54,49 @@ class Backend(Protocol):
 
     async def spend(self, team: str | None, since: str, by: str, fmt: str) -> str: ...
 
+    async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
-class RedisAdmin:
-    """The operations on Redis directly, as the gateway's workers see it."""
+class StoreAdmin:
+    """The operations on the state stores directly, as the gateway's workers see them."""
 
-    def __init__(self, settings: Settings, known_teams: Callable[[], Collection[str] | None]) -> None:
+    def __init__(self, keys: KeyStore, ledger: Ledger, where: str, close: Callable[[], Awaitable[None]],
+                 known_teams: Callable[[], Collection[str] | None]) -> None:
+        self.keys = keys
+        self.ledger = ledger
+        self.where = where
+        self._close = close
+        self.known_teams = known_teams
+
+    @classmethod
+    def redis(cls, settings: Settings, known_teams: Callable[[], Collection[str] | None]) -> StoreAdmin:
         from gateway.state import redis_client
         from gateway.state.keys import RedisKeyStore
         from gateway.state.ledger import RedisLedger
 
-        self.url = _without_password(settings.redis_url or "")
-        self.client = redis_client(settings)
-        self.keys = RedisKeyStore(self.client)
-        self.ledger = RedisLedger(self.client)
-        self.known_teams = known_teams
+        client = redis_client(settings)
+        where = f"Redis at {_without_password(settings.redis_url or '')}"
+        return cls(RedisKeyStore(client), RedisLedger(client), where, client.aclose, known_teams)
+
+    @classmethod
+    def sqlite(cls, settings: Settings, known_teams: Callable[[], Collection[str] | None]) -> StoreAdmin:
+        from gateway.state.keys_sqlite import SqliteKeyStore
+        from gateway.state.ledger_sqlite import SqliteLedger
+        from gateway.state.sqlite_db import SchemaError, connect, db_path
+
+        where = f"the state database {db_path(settings.data_dir)}"
+        try:
+            db = connect(settings.data_dir)
+        except (OSError, sqlite3.Error, SchemaError) as exc:
+            raise ServiceUnavailable(f"cannot open {where}: {exc}", code="state_unavailable") from None
+
+        async def close() -> None:
+            db.close()
+
+        return cls(SqliteKeyStore(db, owns_connection=False), SqliteLedger(db, owns_connection=False), where,
+                   close, known_teams)
 
     @contextlib.contextmanager
     def _named(self) -> Iterator[None]:
@@ -70,7 +104,7 @@ class RedisAdmin:
             yield
         except ServiceUnavailable as exc:
             cause = exc.__cause__ or exc.message
-            raise ServiceUnavailable(f"Redis at {self.url} is unreachable: {cause}", code=exc.code) from None
+            raise ServiceUnavailable(f"{self.where} is unreachable: {cause}", code=exc.code) from None
 
     async def create_key(self, fields: dict[str, Any]) -> dict[str, Any]:
         req = adminops.key_request(fields)
@@ -89,8 +123,13 @@ class RedisAdmin:
         with self._named():
             return render(await adminops.spend(self.ledger, team, since, by), fmt)
 
+    async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None:
+        with self._named():
+            async for chunk in ledger_export.export_chunks(self.ledger, team, since, until, fmt):
+                out.write(chunk)
+
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self._close()
 
 
 class HttpAdmin:
@@ -141,6 +180,10 @@ class HttpAdmin:
         query = {"since": since, "by": by, "format": fmt} | ({"team": team} if team else {})
         return (await asyncio.to_thread(self._call, "GET", "/spend", query)).decode()
 
+    async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None:
+        query = {"since": since, "format": fmt} | ({"team": team} if team else {}) | ({"until": until} if until else {})
+        out.write((await asyncio.to_thread(self._call, "GET", "/ledger/export", query)).decode())
+
     async def aclose(self) -> None:
         return None
 
@@ -155,11 +198,15 @@ def _without_password(url: str) -> str:
 
 
 def backend_for(settings: Settings, url: str | None, known_teams: Callable[[], Collection[str] | None]) -> Backend:
-    if settings.redis_url:
-        return RedisAdmin(settings, known_teams)
+    """``--url``: that gateway's admin API; else Redis, else the SQLite data directory, directly; with
+    ``GATEWAY_DATA_DIR=:memory:`` the state is the running gateway's own: its admin API."""
+    if url is None and settings.redis_url:
+        return StoreAdmin.redis(settings, known_teams)
+    if url is None and settings.persistent:
+        return StoreAdmin.sqlite(settings, known_teams)
     if not settings.master_key:
-        raise InvalidRequest("GATEWAY_MASTER_KEY is not set: the admin API needs it "
-                             "(or set GATEWAY_REDIS_URL to work on Redis directly).")
+        raise InvalidRequest("GATEWAY_MASTER_KEY is not set: the admin API needs it (or set GATEWAY_REDIS_URL, "
+                             "or GATEWAY_DATA_DIR to a data directory, to work on the state directly).")
     return HttpAdmin(url or f"http://{settings.host}:{settings.port}", settings.master_key)
 
 
@@ -199,6 +246,9 @@ def show_revoked(result: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- commands
 async def _command(backend: Backend, command: str, args: Any) -> str:
+    if command == "ledger":
+        await backend.export(args.team, args.since, args.until, args.format, sys.stdout)   # as it is read
+        return ""
     if command == "spend":
         check_choice("format", args.format, FORMATS)
         return await backend.spend(args.team, args.since, args.by, args.format)
@@ -217,7 +267,7 @@ async def _command(backend: Backend, command: str, args: Any) -> str:
 
 
 def run(settings: Settings, args: Any, known_teams: Callable[[], Collection[str] | None]) -> int:
-    """Run ``keys <action>`` or ``spend`` from parsed arguments; returns the exit status."""
+    """Run ``keys <action>``, ``spend`` or ``ledger export`` from parsed arguments; returns the exit status."""
     async def go() -> str:
         backend = backend_for(settings, args.url, known_teams)
         try:

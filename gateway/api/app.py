@@ -385,7 +385,7 @@ def _fastapi(state: AppState) -> FastAPI:
         redis_ok = await state.state.ping() if state.state.shared else None
         body = {"status": "ok" if redis_ok is not False else "unavailable",
                 "models": len(state.policies.unique_models()), "policy_files": list(state.policies.files),
-                "state": "redis" if state.state.shared else "memory", "redis_reachable": redis_ok,
+                "state": state.state.backend, "redis_reachable": redis_ok,
                 "unwritten_records": state.state.pending,
                 "missing_credentials": [{"deployment": d, "variable": v}   # answered with an error naming v
                                         for d, v in missing_credentials(state.policies.deployments)]}

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from gateway.settings import Settings, SettingsError
+from gateway.settings import MEMORY, Settings, SettingsError
 
 DEMO_POLICIES = Path(__file__).with_name("policies")
 TEAMS = ("research", "support", "marketing", "platform")
@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
-    if settings.workers > 1 and not settings.redis_url:
+    if "GATEWAY_DATA_DIR" not in os.environ:   # the demo's traffic stays out of the real ledger and budgets
+        settings = settings.with_overrides(data_dir=MEMORY)
+    if settings.workers > 1 and not settings.redis_url and not settings.persistent:
         print("gateway: demo --workers > 1 needs shared state: pass --redis-url or set GATEWAY_REDIS_URL",
               file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ class Ticket:
 
     __slots__ = ("books", "req", "principal", "plan", "reservation", "admission", "capped", "output_cap",
                  "deployment", "usage", "cost_nano", "baseline_nano", "savings", "upstream_s", "ttft_s",
-                 "upstream_cost_nano", "overran", "status", "_finished", "_recorded")
+                 "upstream_cost_nano", "overran", "status", "_finished", "_recorded", "_written")
 
     def __init__(self, books: Books, req: Request, principal: Principal, plan: Plan,
                  reservation: ReserveRequest | None = None, admission: Admission | None = None,
@@ -74,6 +74,7 @@ class Ticket:
         self.status = "ok"
         self._finished = False
         self._recorded = False
+        self._written = False      # the ledger record went to the state with the settle
 
     @property
     def finished(self) -> bool:
@@ -84,7 +85,9 @@ class Ticket:
         """End the money path: price ``usage`` (or a cache hit's ``hit`` accounting), settle, record.
 
         Only the first call counts. ``record_later``: the caller writes the reply first and then
-        calls :meth:`record` (the JSON path keeps the ledger write off the response's latency)."""
+        calls :meth:`record` (the JSON path keeps the ledger write off the response's latency), except
+        on a state that commits settles and records together (SQLite): there the record is written
+        with the settle, so a crash after the response cannot lose it."""
         if self._finished:
             return
         self._finished = True
@@ -99,9 +102,13 @@ class Ticket:
                                                   self.upstream_cost_nano)
         except Exception:   # a bug in pricing must still release the hold and leave a record
             log.exception("pricing request %s failed", self.req.request_id)
+        durable = self.books.state.group is not None
+        record = self.ledger_record() if durable or not record_later else None
         try:
-            await self._settle()
+            await self._settle(record)
         finally:
+            if record is not None:
+                self._written = True
             if not record_later:
                 self.record()
 
@@ -120,11 +127,14 @@ class Ticket:
                                  cached_input_tokens=min(usage.cached_input_tokens, MAX_AMOUNT))
             self.cost_nano, self.baseline_nano, self.savings = MAX_AMOUNT, 0, {}
 
-    async def _settle(self) -> None:
-        """Charge what the request really cost (0 if it failed unbilled) and release the rest of the hold."""
+    async def _settle(self, record: LedgerRecord | None) -> None:
+        """Charge what the request really cost (0 if it failed unbilled), release the rest of the hold, and
+        write ``record`` with it (one commit where the state has them)."""
+        state = self.books.state
         reservation = self.reservation
         if reservation is None or (self.admission is not None and not self.admission.admitted):
-            return   # nothing held (a refusal); admitted unmetered while the store was down: settled later
+            await state.finish(None, 0, 0, record)   # nothing held (a refusal)
+            return
         usage = self.usage
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
         cost = min(self.cost_nano, MAX_AMOUNT)
@@ -133,11 +143,13 @@ class Ticket:
             self.overran = True
             self.books.metrics.overran(self.principal.team, cost - held)
             log.warning("request %s cost %d nano-USD, %d more than its hold", self.req.request_id, cost, cost - held)
+        if record is not None:
+            record.overrun = self.overran
         try:
-            await self.books.state.settle(reservation, cost, min(tokens, MAX_AMOUNT))
-        except Exception:   # never leave the hold: settle what was held, at most
+            await state.finish(reservation, cost, min(tokens, MAX_AMOUNT), record)
+        except Exception:   # never leave the hold: settle what was held, at most (the record is queued)
             log.exception("settle of %s failed; settling the hold instead", reservation.request_id)
-            await self.books.state.settle(reservation, min(cost, reservation.cost_nano), 0)
+            await state.settle(reservation, min(cost, reservation.cost_nano), 0)
 
     def record(self) -> None:
         """The ledger record and the metrics of this request (once, whatever calls it again)."""
@@ -147,7 +159,8 @@ class Ticket:
         req, books = self.req, self.books
         req.recorded = True
         record = self.ledger_record()
-        books.state.record(record)
+        if not self._written:
+            books.state.record(record)
         books.access.write(record)
         d, usage = self.deployment, self.usage
         now = time.perf_counter()

@@ -1,13 +1,18 @@
-"""Shared state: virtual keys, budgets and the spend ledger, in memory or in Redis.
+"""Shared state: virtual keys, budgets and the spend ledger, in SQLite, in memory or in Redis.
 
-:func:`open_state` builds a :class:`State` from the settings: the embedded in-memory
-stores for the single-process default, or Redis (single node or Redis Cluster) when
-``GATEWAY_REDIS_URL`` is set. ``State`` also owns the writes that must never be lost
+:func:`open_state` builds a :class:`State` from the settings: without ``GATEWAY_REDIS_URL``, the
+embedded stores in a SQLite database in ``GATEWAY_DATA_DIR`` (shared by every worker on the
+machine, kept across restarts; :mod:`gateway.state.sqlite_db`) or, with ``GATEWAY_DATA_DIR=:memory:``,
+in this process's memory; with it, Redis (single node or Redis Cluster). On SQLite, the ledger
+records of one event-loop iteration are committed together at its end (group commit), so a
+request's record is on disk right after its response was written, without a transaction per
+request. ``State`` also owns the writes that must never be lost
 but need not delay a response: ledger records are batched and written by a
 background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage
-in memory (ledger records on local disk with ``GATEWAY_SPOOL_DIR``, where a crash loses
-nothing either) and is drained at shutdown. ``State`` also keeps the holds of requests still
+in memory (ledger records and settles on local disk with ``GATEWAY_SPOOL_DIR``, where a crash
+loses nothing either: the next process adopts and replays them) and is drained at shutdown; an
+empty spool file is removed then. ``State`` also keeps the holds of requests still
 running and renews those older than a third of the reservation TTL (a long stream), so a
 hold lapses only when its replica is gone, not while its request is alive.
 """
@@ -17,18 +22,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.background import cancel
-from gateway.settings import Settings
+from gateway.settings import MEMORY, Settings
 from gateway.state.budgets import Admission, BudgetStore, ReserveRequest, StateUnavailable
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
 from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
-from gateway.state.spool import Spool
+from gateway.state.spool import SettleSpool, Spool
+
+if TYPE_CHECKING:
+    from gateway.state.sqlite_db import Checkpointer, GroupCommit
 
 log = logging.getLogger("gateway.state")
 FLUSH_EVERY_S = 0.1
@@ -50,15 +60,45 @@ class State:
     _next_renewal: float = 0.0
     _records: list[LedgerRecord] = field(default_factory=list)
     _settles: deque[tuple[ReserveRequest, int, int]] = field(default_factory=deque)
+    db: sqlite3.Connection | None = None  # the embedded database, None in memory or on Redis
+    group: GroupCommit | None = None      # its group commit: settles and records wait there, not in _records
+    queue_record: Callable[[LedgerRecord], None] | None = None
+    settle_spool: SettleSpool | None = None   # GATEWAY_SPOOL_DIR: queued settles also wait on disk
+    checkpointer: Checkpointer | None = None  # SQLite: WAL checkpoints in a thread, off the event loop
     _task: asyncio.Task[None] | None = None
 
     @property
     def shared(self) -> bool:
         return self.redis is not None
 
+    @property
+    def backend(self) -> str:
+        """Where the state lives: ``redis``, ``sqlite`` or ``memory``."""
+        return "redis" if self.redis is not None else "sqlite" if self.db is not None else "memory"
+
     def record(self, record: LedgerRecord) -> None:
-        """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S``."""
-        self._records.append(record)
+        """Queue one ledger record; the background writer stores it within ``FLUSH_EVERY_S`` (SQLite: the
+        group commit, within 10 ms)."""
+        if self.queue_record is not None:
+            self.queue_record(record)
+        else:
+            self._records.append(record)
+
+    async def finish(self, req: ReserveRequest | None, cost_nano: int, tokens: int,
+                     record: LedgerRecord | None) -> None:
+        """Settle a request (``req``: its reservation, None if it reserved nothing) and record it. On
+        SQLite both are in the same group commit and on disk when this returns, before the response;
+        elsewhere the same as :meth:`settle` then :meth:`record`."""
+        if record is not None:
+            self.record(record)   # queued first: the settle's commit carries it
+        if req is not None:
+            await self.settle(req, cost_nano, tokens)
+        if self.group is not None and self.group.queued:
+            try:
+                await self.group.wait()
+            except sqlite3.Error as exc:   # still queued: the background writer retries
+                log.warning("ledger record of %s waits for the database: %r", getattr(record, "request_id", "?"),
+                            exc)
 
     async def reserve(self, req: ReserveRequest) -> Admission:
         """Reserve through the budget store and keep an admitted hold alive until it is settled."""
@@ -75,15 +115,18 @@ class State:
             await self.budgets.settle(req, cost_nano, tokens)
         except StateUnavailable as exc:
             log.warning("settle of %s queued, budget store down: %s", req.request_id, exc)
-            if len(self._settles) < MAX_QUEUED_SETTLES:
+            if len(self._settles) < MAX_QUEUED_SETTLES or self.settle_spool is not None:
                 self._settles.append((req, cost_nano, tokens))
+                if self.settle_spool is not None:
+                    self.settle_spool.add([(req, cost_nano, tokens)])
             else:
                 log.error("settle queue full: dropped %s (cost %d nano)", req.request_id, cost_nano)
 
     @property
     def pending(self) -> int:
         """Records and settles not yet written to the store."""
-        return len(self._records) + self.ledger.pending + len(self._settles)
+        queued = self.group.queued if self.group is not None else 0
+        return len(self._records) + self.ledger.pending + len(self._settles) + queued
 
     async def flush(self, wait: bool = False) -> None:
         """Write queued ledger records and replay queued settles (oldest first) as far as the store allows;
@@ -92,6 +135,12 @@ class State:
             batch, self._records = self._records, []
             await self.ledger.append(batch)
         await self.ledger.flush(wait)
+        if self.group is not None:
+            try:
+                self.group.commit()
+            except sqlite3.Error as exc:
+                log.warning("state database busy, %d writes wait: %r", self.group.queued, exc)
+        replayed = 0
         while self._settles:
             req, cost, tokens = self._settles[0]
             try:
@@ -99,7 +148,12 @@ class State:
             except StateUnavailable:
                 break
             self._settles.popleft()
-
+            replayed += 1
+        if self.settle_spool is not None:
+            if replayed:
+                self.settle_spool.rewrite(self._settles)   # what is left, durably
+            else:
+                self.settle_spool.sync()                   # the settles queued since the last flush
     async def renew_holds(self) -> int:
         """Renew every live hold last renewed a third of the TTL ago; returns how many were renewed."""
         now = time.monotonic()
@@ -149,9 +203,16 @@ class State:
             await self.flush()
         if self.pending:
             log.error("shutting down with %d ledger records or settles unwritten", self.pending)
+        for spool in (self.ledger.spool, self.settle_spool):   # removed when empty, else left for the next process
+            if spool is not None:
+                spool.close()
         await self.budgets.aclose()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+        if self.db is not None:
+            self.db.close()   # the last connection to close checkpoints the rest and removes the WAL
 
 
 def redis_client(settings: Settings) -> Any:
@@ -182,8 +243,29 @@ def open_spool(settings: Settings) -> Spool | None:
     return spool
 
 
+def open_sqlite_state(settings: Settings) -> State:
+    """The embedded stores in ``<GATEWAY_DATA_DIR>/gateway.db``, one connection for all three."""
+    from gateway.state.budgets_sqlite import SqliteBudgetStore
+    from gateway.state.keys_sqlite import SqliteKeyStore
+    from gateway.state.ledger_sqlite import SqliteLedger
+    from gateway.state.sqlite_db import Checkpointer, GroupCommit, connect
+
+    db = connect(settings.data_dir)
+    checkpointer = Checkpointer(settings.data_dir)
+    checkpointer.start(db)
+    group = GroupCommit(db)
+    key_store = SqliteKeyStore(db, owns_connection=False)
+    ledger = SqliteLedger(db, owns_connection=False, group=group)
+    budgets = SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False, group=group)
+    return State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), BufferedLedger(ledger),
+                 settings.redis_fail_mode == "allow", hold_ttl_s=settings.reservation_ttl_s, db=db, group=group,
+                 queue_record=ledger.queue, checkpointer=checkpointer)
+
+
 def open_state(settings: Settings) -> State:
     fail_open = settings.redis_fail_mode == "allow"
+    if not settings.redis_url and settings.data_dir != MEMORY:
+        return open_sqlite_state(settings)
     if not settings.redis_url:
         keys = MemoryKeyStore()
         return State(MemoryBudgetStore(settings.reservation_ttl_s), keys, CachedKeys(keys, ttl_s=0.0),
@@ -195,11 +277,14 @@ def open_state(settings: Settings) -> State:
     from gateway.state.resp import fast_client
 
     client = redis_client(settings)
+    settle_spool = SettleSpool(settings.spool_dir) if settings.spool_dir else None
     key_store = RedisKeyStore(client)
     # the budget script runs twice per request: on a single server, through the pipelining client
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
-    return State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
-                 CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
-                 BufferedLedger(RedisLedger(client, settings.ledger_max_records or None), spool=open_spool(settings)),
-                 fail_open, redis=client,
-                 hold_ttl_s=settings.reservation_ttl_s)
+    state = State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
+                  CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
+                  BufferedLedger(RedisLedger(client, settings.ledger_max_records or None), spool=open_spool(settings)),
+                  fail_open, redis=client, hold_ttl_s=settings.reservation_ttl_s, settle_spool=settle_spool)
+    if settle_spool is not None:
+        state._settles.extend(settle_spool.adopt())   # a dead process's settles: replayed by the first flush
+    return state

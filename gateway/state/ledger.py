@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -371,12 +372,13 @@ class RedisLedger:
 
 
 _RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, rexc.ReadOnlyError, rexc.TryAgainError, rexc.ClusterError,
-              rexc.RedisClusterException, OSError, TimeoutError)
+              rexc.RedisClusterException, OSError, TimeoutError, sqlite3.OperationalError)
 _RETRYABLE_REPLIES = ("OOM", "MISCONF", "LOADING", "BUSY", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN")
 
 
 def retryable(exc: BaseException) -> bool:
-    """Whether a write failure is worth retrying (Redis unreachable, failing over, out of memory)."""
+    """Whether a write failure is worth retrying (Redis unreachable, failing over, out of memory; the
+    SQLite database locked beyond its busy timeout, or its disk full)."""
     if isinstance(exc, _RETRYABLE):
         return True
     return isinstance(exc, rexc.ResponseError) and str(exc).split(" ", 1)[0] in _RETRYABLE_REPLIES

@@ -10,6 +10,13 @@ belongs to a process that is gone: :meth:`Spool.adopt` moves its batches into th
 and removes it. Re-sending a batch is harmless: the Redis ledger applies each batch once, by a
 marker derived from its records (kept a day), so a crash between a write and the offset moving on
 never counts a record twice.
+
+:class:`SettleSpool` does the same for the settles the budget store could not take (fail mode
+``allow`` while Redis is down): each queued settle is appended to ``settles-<host>-<pid>-<random>.jsonl``
+as it is queued (written through to the OS at once, so a killed process loses none; fsynced by the
+background flush), the file is rewritten with what is left as the queue drains, and the next process
+adopts a dead one's file and replays its settles. A settle replayed twice is harmless: the budget
+store applies each request's settle once (its done marker outlives the reservation TTL).
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import IO
 
 import orjson
 
+from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest
 from gateway.state.ledger import LedgerRecord
 
 log = logging.getLogger(__name__)
@@ -105,6 +114,89 @@ class Spool:
 
     def close(self) -> None:
         empty = self.records == 0
+        self._fh.close()
+        if empty:
+            self.path.unlink(missing_ok=True)
+
+
+Settle = tuple[ReserveRequest, int, int]   # the reservation, the actual cost (nano-USD) and tokens
+
+
+def encode_settle(settle: Settle) -> bytes:
+    req, cost, tokens = settle
+    return orjson.dumps({"req": req, "cost": cost, "tokens": tokens}) + b"\n"
+
+
+def decode_settle(line: bytes) -> Settle:
+    data = orjson.loads(line)
+    r = data["req"]
+    req = ReserveRequest(r["request_id"], r["team"], r["cost_nano"], r["tokens"],
+                         tuple(BudgetRule(**b) for b in r["budgets"]), tuple(RateRule(**x) for x in r["rates"]),
+                         datetime.fromisoformat(r["now"]), r["min_cost_nano"], r["partial"])
+    return req, int(data["cost"]), int(data["tokens"])
+
+
+class SettleSpool:
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"settles-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+        self._fh: IO[bytes] = open(self.path, "a+b")   # noqa: SIM115 - held open (and locked) for life
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.entries = 0
+        self._dirty = False
+
+    def add(self, settles: Sequence[Settle]) -> None:
+        """Append settles; in the OS's hands when this returns (a killed process loses none)."""
+        if settles:
+            self._fh.seek(0, os.SEEK_END)
+            self._fh.write(b"".join(encode_settle(s) for s in settles))
+            self._fh.flush()
+            self.entries += len(settles)
+            self._dirty = True
+
+    def rewrite(self, left: Sequence[Settle]) -> None:
+        """The queue has drained down to ``left``: keep only those (durably)."""
+        self._fh.truncate(0)
+        self.entries = 0
+        self.add(left)
+        self.sync(force=True)
+
+    def sync(self, force: bool = False) -> None:
+        if self._dirty or force:
+            os.fsync(self._fh.fileno())
+            self._dirty = False
+
+    def adopt(self) -> list[Settle]:
+        """The settles of dead processes' files, moved into this one (oldest file first)."""
+        adopted: list[Settle] = []
+        for path in sorted(self.dir.glob("settles-*.jsonl")):
+            if path == self.path:
+                continue
+            try:
+                with open(path, "rb") as fh:
+                    try:
+                        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue   # its process is alive
+                    if os.fstat(fh.fileno()).st_nlink == 0:
+                        continue   # adopted by another process between our open and our lock
+                    settles = [decode_settle(line) for line in fh if line.endswith(b"\n")]
+                    self.add(settles)
+                    self.sync()
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            if settles:
+                log.warning("adopted %d unapplied settles from %s", len(settles), path.name)
+            adopted += settles
+        return adopted
+
+    def close(self) -> None:
+        """Close; the file goes if nothing is left in it, else it waits for the next process."""
+        empty = self.entries == 0
+        if not empty:
+            self.sync()
         self._fh.close()
         if empty:
             self.path.unlink(missing_ok=True)

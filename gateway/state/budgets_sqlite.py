@@ -1,0 +1,313 @@
+"""A :class:`BudgetStore` in the embedded SQLite database, shared by every worker on the machine.
+
+The semantics are those of :mod:`gateway.state.budgets_memory` and the Redis script, operation for
+operation: a reserve is all-or-nothing over every budget and rate window (the tightest budget
+decides, a partial hold is capped at its headroom, soft thresholds refuse with ``budget_soft``, a
+repeated reserve of a live or settled request is a no-op that reports the state); a settle releases
+the whole hold, adds the actual cost once (a settled mark, kept by this process as in the memory
+store, makes a second settle a no-op) and replaces the TPM estimate by the truth in the window the reserve counted it
+in; a renew pushes a live hold's expiry; a hold not renewed lapses after the reservation TTL (every
+transaction first releases the lapsed ones, found through an index). Each reserve, renew and usage
+is one ``BEGIN IMMEDIATE`` transaction, so workers in other processes see it whole and in order:
+the atomicity the Lua script gets from Redis. A settle is checked at once, queued on the
+connection's :class:`GroupCommit` and awaits the next transaction (a reserve of this process, or
+the commit at the end of the event-loop iteration, with every other settle and ledger record of
+that iteration), so it is on disk when it returns and a request pays for one transaction of its
+own. Until then its hold still counts, which can only refuse, never overspend. Time is the wall
+clock (one machine, one clock for every worker), injectable for tests. A request with no budget
+and no rate limit has nothing to count and touches no row. SQLite errors (the lock not obtained
+within the busy timeout, a full disk) raise :class:`StateUnavailable`, as an unreachable Redis does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+
+import orjson
+
+from gateway.state.budgets import (
+    WINDOW_S,
+    Admission,
+    BudgetRule,
+    BudgetUsage,
+    Plan,
+    ReserveRequest,
+    StateUnavailable,
+    admission_from_reply,
+    check_amount,
+    check_budget_rule,
+    period_id,
+    plan,
+)
+from gateway.state.sqlite_db import GroupCommit
+
+log = logging.getLogger(__name__)
+_SWEEP_EVERY_S = 60.0
+_MAX_SETTLED = 10_000    # a repeated settle comes right after the first: the newest ids suffice
+_NO_LIMITS = (0, 0, 0, 0, -1, -1, -1, -1, -1, -1)   # the reply after (admitted, reserved): no refusal, no limits
+_BUCKET = "team = ? AND scope = ? AND owner = ? AND period_id = ?"
+
+
+class SqliteBudgetStore:
+    """Budgets and rate limits in SQLite (``conn`` from :func:`gateway.state.sqlite_db.connect`)."""
+
+    def __init__(self, conn: sqlite3.Connection, reservation_ttl_s: float = 900, *,
+                 clock: Callable[[], float] = time.time, bucket_grace_s: int = 7 * 86_400,
+                 partial_reservations: bool = True, group: GroupCommit | None = None,
+                 owns_connection: bool = True) -> None:
+        if reservation_ttl_s <= 0:
+            raise ValueError("reservation_ttl_s must be > 0")
+        self.conn = conn
+        self.reservation_ttl_s = reservation_ttl_s
+        self.bucket_grace_s = bucket_grace_s
+        self.partial_reservations = partial_reservations
+        self._clock = clock
+        self._owns = owns_connection
+        self._next_sweep = 0.0
+        self._next_lapse = 0.0
+        self.lapse_every_s = min(1.0, reservation_ttl_s / 4)   # a lapsed hold counts at most this much longer
+        self._settles: list[tuple[ReserveRequest, Plan, int, int]] = []
+        # Settled marks live in this process: a request is reserved and settled by one process, and on
+        # one machine no reply is lost, so a repeat can only come from here (as in the memory store).
+        self._settled: dict[tuple[str, str], float] = {}   # (team, request id) -> forget at
+        self.group = group if group is not None else GroupCommit(conn)
+        self.group.join(self)
+
+    # ------------------------------------------------------------------ queued settles (GroupCommit)
+    @property
+    def queued(self) -> int:
+        return len(self._settles)
+
+    def write(self, c: sqlite3.Connection) -> None:
+        now = self._clock()
+        for req, p, cost, tokens in self._settles:
+            self._settle(c, req, p, cost, tokens, now)
+
+    def committed(self) -> None:
+        self._settles.clear()
+
+    def discard(self, reason: BaseException) -> None:
+        log.error("dropped %d settles that could not be written (%r): %s", len(self._settles), reason,
+                  [(r.request_id, cost) for r, _, cost, _ in self._settles])
+        self._settles.clear()
+
+    # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self.group.transaction() as c:
+                yield c
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"budget database: {exc}") from exc
+
+    def _sweep(self, c: sqlite3.Connection, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_EVERY_S
+        self._settled = {k: t for k, t in self._settled.items() if t > now}
+        c.execute("DELETE FROM rate_windows WHERE minute < ?", (int(now // WINDOW_S) - 1,))
+        c.execute("DELETE FROM budget_buckets WHERE expires_at <= ?", (now,))
+
+    def _lapse(self, c: sqlite3.Connection, now: float, force: bool = False) -> None:
+        """Release the holds not settled nor renewed in time (their worker died, or never settled). The
+        table holds only requests in flight and is scanned every ``lapse_every_s`` at most."""
+        if now < self._next_lapse and not force:
+            return
+        self._next_lapse = now + self.lapse_every_s
+        lapsed = c.execute("SELECT team, request_id, amount, buckets FROM reservations WHERE expires_at <= ?",
+                           (now,)).fetchall()
+        for team, rid, amount, buckets in lapsed:
+            self._release(c, team, rid, amount, buckets)
+
+    @staticmethod
+    def _release(c: sqlite3.Connection, team: str, rid: str, amount: int, buckets: str) -> None:
+        """Drop a request's hold: its row and the amount it reserved on each of its buckets."""
+        c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+        if amount:
+            c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
+                          [(amount, team, *b) for b in orjson.loads(buckets)])
+
+    @staticmethod
+    def _used(c: sqlite3.Connection, key: tuple[str, str, str, str], now: float) -> int:
+        """spent + reserved of a bucket (0 once expired: a new period starts from an empty bucket)."""
+        row = c.execute(f"SELECT spent + reserved, expires_at FROM budget_buckets WHERE {_BUCKET}", key).fetchone()
+        if row is None:
+            return 0
+        if row[1] <= now:
+            c.execute(f"DELETE FROM budget_buckets WHERE {_BUCKET}", key)
+            return 0
+        return int(row[0])
+
+    def _expiry(self, end: int, now: float) -> float:
+        return float(max(end + self.bucket_grace_s, now + self.bucket_grace_s))
+
+    # ------------------------------------------------------------------ BudgetStore
+    async def reserve(self, req: ReserveRequest) -> Admission:
+        p = plan(req)
+        if not p.budgets and not p.rates:
+            return admission_from_reply(p, (1, req.cost_nano, *_NO_LIMITS))
+        now = self._clock()
+        minute, retry_window = int(now // WINDOW_S), WINDOW_S - int(now) % WINDOW_S
+        team, rid = req.team, req.request_id
+        with self._write() as c:
+            self._lapse(c, now)
+            self._sweep(c, now)
+            rec = c.execute("SELECT amount, buckets, expires_at FROM reservations WHERE team = ? AND request_id = ?",
+                            (team, rid)).fetchone()
+            if rec is not None and rec[2] <= now:   # its own lapsed hold, not yet released by _lapse
+                self._release(c, team, rid, rec[0], rec[1])
+                rec = None
+            dup = rec is not None or self._settled.get((team, rid), 0.0) > now
+            amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
+
+            kind = idx = limit = used_ = 0
+            retry = -1
+            keys = [(team, b.scope, b.owner, pid) for b, pid in zip(p.budgets, p.period_ids, strict=True)]
+            used = [self._used(c, k, now) for k in keys]
+            heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
+            soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
+                    if rule.soft_nano is not None and u >= rule.soft_nano]
+            if soft and not dup:
+                si = soft[0]
+                kind, idx, limit, used_ = 4, si + 1, p.budgets[si].soft_nano or 0, used[si]
+            elif heads and not dup:
+                bi = heads.index(min(heads))
+                if req.cost_nano > heads[bi]:
+                    least = max(1, min(req.min_cost_nano, req.cost_nano))
+                    if self.partial_reservations and req.partial and heads[bi] >= least:
+                        amount = heads[bi]
+                    else:
+                        kind, idx, limit, used_ = 1, bi + 1, p.budgets[bi].limit_nano, used[bi]
+
+            counts = []
+            for r in p.rates:
+                w = c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
+                              "AND owner = ?", (team, r.scope, r.owner)).fetchone()
+                counts.append((0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2])))
+            if kind == 0 and not dup:
+                for j, (r, (nreq, _)) in enumerate(zip(p.rates, counts, strict=True), 1):
+                    if r.rpm is not None and nreq + 1 > r.rpm and (idx == 0 or r.rpm - nreq < limit - used_):
+                        kind, idx, limit, used_, retry = 2, j, r.rpm, nreq, retry_window
+                if kind == 0:
+                    for j, (r, (_, ntok)) in enumerate(zip(p.rates, counts, strict=True), 1):
+                        if r.tpm is not None and ntok + req.tokens > r.tpm and \
+                                (idx == 0 or r.tpm - ntok < limit - used_):
+                            kind, idx, limit, used_ = 3, j, r.tpm, ntok
+                            retry = -1 if req.tokens > r.tpm else retry_window
+
+            admitted = kind == 0
+            add_n = add_r = add_t = 0
+            if admitted and not dup:
+                add_n, add_r, add_t = amount, 1, req.tokens
+                c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                              "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
+                              "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
+                              [(*key, amount, self._expiry(end, now)) for key, end in zip(keys, p.period_ends,
+                                                                                          strict=True)])
+                c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
+                              [(team, r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
+                               for r, (nreq, ntok) in zip(p.rates, counts, strict=True)])
+                c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          (team, rid, amount, minute, req.tokens, orjson.dumps([k[1:] for k in keys]).decode(),
+                           now + self.reservation_ttl_s))
+
+        lim_r = rem_r = lim_t = rem_t = -1
+        for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
+            if r.rpm is not None and (lim_r < 0 or r.rpm - nreq - add_r < rem_r):
+                lim_r, rem_r = r.rpm, r.rpm - nreq - add_r
+            if r.tpm is not None and (lim_t < 0 or r.tpm - ntok - add_t < rem_t):
+                lim_t, rem_t = r.tpm, r.tpm - ntok - add_t
+        rem_n = min((h - add_n for h in heads), default=-1)
+        reply = (int(admitted), amount if admitted else 0, kind, idx, limit, used_, retry,
+                 lim_r, rem_r, lim_t, rem_t, rem_n)
+        return admission_from_reply(p, reply)
+
+    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
+        """Check the settle, queue it and wait for the group commit that carries it (see the module
+        docstring): it is on disk when this returns. StateUnavailable if that commit failed; the settle
+        then stays queued for the next transaction. A repeated settle is a no-op."""
+        p = plan(req)
+        check_amount("actual_cost_nano", actual_cost_nano)
+        check_amount("actual_tokens", actual_tokens)
+        if not p.budgets and not p.rates:
+            return
+        key, now = (req.team, req.request_id), self._clock()
+        if self._settled.get(key, 0.0) > now:
+            return
+        self._settled[key] = now + self.reservation_ttl_s
+        if len(self._settled) > _MAX_SETTLED:         # bounded memory under any request rate: oldest first
+            del self._settled[next(iter(self._settled))]
+        self._settles.append((req, p, actual_cost_nano, actual_tokens))
+        try:
+            await self.group.wait()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"budget database: {exc}") from exc
+
+    def _settle(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, cost: int, tokens: int,
+                now: float) -> None:
+        team, rid = req.team, req.request_id
+        rec = c.execute("SELECT amount, minute, tokens, buckets, expires_at FROM reservations WHERE team = ? AND "
+                        "request_id = ?", (team, rid)).fetchone()
+        if rec is not None:   # release the whole hold (lapsed or not: it is released exactly once, here)
+            self._release(c, team, rid, rec[0], rec[3])
+        c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                      "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, "
+                      "expires_at = MAX(expires_at, excluded.expires_at)",
+                      [(team, rule.scope, rule.owner, pid, cost, self._expiry(end, now))
+                       for rule, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True)])
+        if rec is not None and rec[4] > now and p.rates:   # TPM: replace the estimate by the truth
+            c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ? - ?) WHERE team = ? AND scope = ? "
+                          "AND owner = ? AND minute = ?",
+                          [(tokens, rec[2], team, r.scope, r.owner, rec[1]) for r in p.rates])
+
+    async def renew(self, req: ReserveRequest) -> bool:
+        p = plan(req)
+        if not p.budgets and not p.rates:
+            return True   # nothing was held, nothing can lapse
+        now = self._clock()
+        with self._write() as c:
+            cur = c.execute("UPDATE reservations SET expires_at = ? WHERE team = ? AND request_id = ? AND "
+                            "expires_at > ?", (now + self.reservation_ttl_s, req.team, req.request_id, now))
+            return cur.rowcount > 0
+
+    async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
+        for rule in budgets:
+            check_budget_rule(rule)
+        clock_now = self._clock()
+        out = []
+        with self._write() as c:   # a write: it applies queued settles and releases lapsed holds first
+            self._lapse(c, clock_now, force=True)
+            for rule in budgets:
+                pid = period_id(rule.period, now)
+                row = c.execute(f"SELECT spent, reserved FROM budget_buckets WHERE {_BUCKET} AND expires_at > ?",
+                                (team, rule.scope, rule.owner, pid, clock_now)).fetchone()
+                spent, reserved = (int(row[0]), int(row[1])) if row is not None else (0, 0)
+                out.append(BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, spent, reserved))
+        return out
+
+    def flush(self) -> None:
+        """Commit the queued settles now (StateUnavailable if the database cannot take them yet)."""
+        try:
+            self.group.commit()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"budget database: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            self.conn.execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(StateUnavailable):
+            self.flush()
+        if self._settles:
+            log.error("closing with %d settles unwritten", len(self._settles))
+        if self._owns:
+            self.conn.close()
