@@ -65,3 +65,24 @@ async def test_an_exhausted_budget_refuses_without_waiting(gw: Gateway) -> None:
     status, body = await gw.post(key, ask())
     assert status == 429 and orjson.loads(body)["error"]["code"] == "budget_exceeded"
     assert len(calls) == 1          # refused on its first try: nothing held, nothing to wait for
+
+
+async def test_a_tpm_limit_caps_the_output_instead_of_refusing(gw: Gateway) -> None:
+    """A key with --tpm 1000 and a request without max_tokens (issue 16, item 2): the hold is the tokens left
+    in the minute, the output is capped to fit them, and the settle counts what was really used."""
+    _, key = await gw.app.state.state.key_store.create("tpm-team", "test", tpm=1000)
+    status, body = await gw.post(key, {"model": "agent", "messages": [{"role": "user", "content": "go"}]})
+    assert status == 200, body
+    [record] = await gw.records()
+    assert record.status == "ok" and record.input_tokens + record.output_tokens <= 1000
+    status, body = await gw.post(key, {"model": "agent", "messages": [{"role": "user", "content": "again"}]})
+    assert status == 200, body                       # the first request settled to its truth: room is left
+
+
+async def test_keys_create_warns_of_a_tpm_below_one_default_request() -> None:
+    from gateway.admin.ops import KeyRequest, create_key
+    from gateway.state.keys import MemoryKeyStore
+    reply = await create_key(MemoryKeyStore(), KeyRequest(team="t", tpm=1000), None)
+    assert any("tpm 1000" in w for w in reply["warnings"])
+    quiet = await create_key(MemoryKeyStore(), KeyRequest(team="t", tpm=100_000), None)
+    assert quiet["warnings"] == []

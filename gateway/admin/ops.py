@@ -23,7 +23,7 @@ from typing import Any, cast
 from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.admin.spend_report import build_report, check_choice, iso, parse_since, usd
-from gateway.budgets.rules import budget_rules
+from gateway.budgets.rules import DEFAULT_OUTPUT_CAP, budget_rules
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.policy import TeamSpec
 from gateway.state.budgets import MAX_AMOUNT, PERIODS, BudgetStore, BudgetUsage, StateUnavailable, period_end
@@ -160,6 +160,9 @@ async def create_key(store: KeyStore, req: KeyRequest, known_teams: Collection[s
     if known_teams is not None and req.team not in known_teams:
         warnings.append(f"team '{req.team}' is not defined in the policies: it has no team budget, rate limit "
                         f"or model restriction (only this key's own limits apply)")
+    if req.tpm is not None and req.tpm < DEFAULT_OUTPUT_CAP:
+        warnings.append(f"tpm {req.tpm} is below one default request ({DEFAULT_OUTPUT_CAP} output tokens when a "
+                        f"request sets no max_tokens): such requests are capped to the tokens left in the minute")
     return {"key": key_view(record, now), "secret": secret, "warnings": warnings}
 
 

@@ -17,6 +17,7 @@ replayed later) and ``refuse`` answers 503.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +25,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.budgets.rules import affordable_output, budget_rules, rate_rules, refusal_error, worst_case
+from gateway.budgets.rules import (
+    affordable_output,
+    budget_rules,
+    choices_of,
+    prompt_bound,
+    rate_rules,
+    refusal_error,
+    worst_case,
+)
 from gateway.errors import GatewayError, state_unavailable
 from gateway.routing.resolve import Plan
 from gateway.state import State
@@ -35,6 +44,11 @@ from .request import Principal, Request, RequestIds
 from .ticket import Books, Ticket
 
 log = logging.getLogger("gateway")
+
+
+class NoRoom(Exception):
+    """Not even one output token fits what a rate limit leaves."""
+
 HOLD_POLL_S = 0.05   # how often a request refused for others' holds tries again
 
 
@@ -77,6 +91,13 @@ class Admission:
             await asyncio.sleep(HOLD_POLL_S)   # other requests' holds may settle below their worst case
             ticket = await self._try(req, principal, plan, budgets, rates)
             refusal = ticket.admission.refusal if ticket.admission else None
+        if refusal is not None and refusal.kind == "rate_tokens" and ticket.admission is not None:
+            left = ticket.admission.rate.remaining_tokens   # the minute's tokens: the output is capped to fit
+            if left is not None and left > 0 and req.endpoint != "embeddings":
+                with contextlib.suppress(NoRoom):
+                    ticket = await self._try(req, principal, plan, budgets, rates, partial=not downgrades,
+                                             tokens_left=left)
+                    refusal = ticket.admission.refusal if ticket.admission else None
         if refusal is not None and refusal.kind in ("budget", "budget_soft") and downgrades:
             assert spec.downgrade_to is not None
             cheaper = replace(resolve(spec.downgrade_to), route="downgrade", requested=plan.requested,
@@ -96,16 +117,26 @@ class Admission:
         return ticket
 
     async def _try(self, req: Request, principal: Principal, plan: Plan, budgets: tuple[BudgetRule, ...],
-                   rates: tuple[RateRule, ...], partial: bool = True) -> Ticket:
+                   rates: tuple[RateRule, ...], partial: bool = True, tokens_left: int | None = None) -> Ticket:
+        """Reserve; with ``tokens_left`` (what a TPM limit leaves in its minute), for an output capped to fit
+        them (:class:`NoRoom` when not even one output token fits)."""
         prompt = plan.prompt_tokens
         if prompt is None:
-            prompt = count_prompt(req.body, req.endpoint, plan.candidates[0].upstream_model)
-        worst, least, tokens = worst_case(req.body, plan.candidates, prompt, req.endpoint)
+            prompt = count_prompt(req.body, req.shape, plan.candidates[0].upstream_model)
+        body, token_cap = req.body, None
+        if tokens_left is not None:
+            bound = max(prompt_bound(d, prompt) for d in plan.candidates)
+            token_cap = (tokens_left - bound) // choices_of(body)
+            if token_cap < 1:
+                raise NoRoom
+            body = {**{k: v for k, v in body.items() if k != "max_completion_tokens"}, "max_tokens": token_cap}
+        worst, least, tokens = worst_case(body, plan.candidates, prompt, req.endpoint)
         worst, least, tokens = min(worst, MAX_AMOUNT), min(least, MAX_AMOUNT), min(tokens, MAX_AMOUNT)
         reservation = ReserveRequest(self.ids.hold(), principal.team, worst, tokens, budgets, rates,
                                      datetime.now(UTC), least, partial)
         ticket = Ticket(self.books, req, principal, plan, reservation,
                         capped=bool(budgets) and req.endpoint != "embeddings")
+        ticket.token_cap = token_cap
         try:
             ticket.admission = admission = await self.state.reserve(reservation)
         except StateUnavailable as exc:

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from gateway.budgets.rules import call_output_cap, rate_headers, requested_output
+from gateway.budgets.rules import call_output_cap, output_cap, rate_headers, requested_output
 from gateway.errors import AuthenticationFailed, GatewayError, ServiceUnavailable
 from gateway.policy import CompressionSettings, Deployment, Policies, TeamSpec
 from gateway.policy.teams import DEFAULT_TEAM
@@ -169,6 +169,8 @@ class Pipeline:
         wire, body = codec.call_body(req, deployment)
         body["model"] = deployment.upstream_model
         cap = call_output_cap(ticket.capped, ticket.output_cap, req.body, deployment)
+        if ticket.token_cap is not None:   # the rate limit's tokens left this minute, whatever the price
+            cap = min(cap if cap is not None else output_cap(req.body, deployment), ticket.token_cap)
         if cap is not None:
             codec.cap_output(wire, body, cap, deployment)
         if wire == req.shape:

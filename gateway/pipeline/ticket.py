@@ -49,7 +49,7 @@ class Ticket:
 
     __slots__ = ("books", "req", "principal", "plan", "reservation", "admission", "capped", "output_cap",
                  "deployment", "usage", "cost_nano", "baseline_nano", "savings", "upstream_s", "ttft_s",
-                 "upstream_cost_nano", "overran", "status", "_finished", "_recorded", "_written")
+                 "upstream_cost_nano", "overran", "token_cap", "status", "_finished", "_recorded", "_written")
 
     def __init__(self, books: Books, req: Request, principal: Principal, plan: Plan,
                  reservation: ReserveRequest | None = None, admission: Admission | None = None,
@@ -62,6 +62,7 @@ class Ticket:
         self.admission = admission              # the store's answer (None: store down, admitted in fail mode allow)
         self.capped = capped                    # a budget applies: the upstream may produce no more than held
         self.output_cap: int | None = None      # a partial hold: the most output tokens it pays for
+        self.token_cap: int | None = None       # a TPM limit's last tokens in the minute: the most output it allows
         self.deployment: Deployment | None = None
         self.usage: Usage | None = None
         self.cost_nano = 0
