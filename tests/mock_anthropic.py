@@ -4,7 +4,9 @@
 server-sent events (message_start with cache usage and the 5m/1h
 ``cache_creation`` breakdown, content blocks, message_delta, message_stop).
 With ``tools`` in the request (and no tool result to answer) it calls the
-first or the forced tool. Knobs come from request headers (``x-mock-*``, sent
+first or the forced tool, unless the ``tools`` knob is ``off`` (then it always answers in
+text: a coding agent such as Claude Code, handed a valid call of its first tool, spawns agents
+without end). Knobs come from request headers (``x-mock-*``, sent
 by a deployment's ``headers``) or from :meth:`MockAnthropic.set`; headers win.
 A ``thinking`` knob puts a thinking block (``thinking_delta`` and
 ``signature_delta`` when streamed) before the answer; ``stream-cut`` ends a
@@ -46,6 +48,7 @@ DEFAULTS: dict[str, str] = {
     "stream-cut": "",         # streaming: end the stream after the first delta, no message_stop
     "end-delay-ms": "0",      # streaming: wait between message_stop and the end of the body
     "thinking": "",           # a thinking block with this text (and a signature) before the answer
+    "tools": "on",            # "off": answer in text even when the request offers tools
 }
 SIGNATURE = "c2lnbmF0dXJlLW1vY2s="
 
@@ -182,7 +185,7 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
             self._answer(body, knob)
 
         def _answer(self, body: dict[str, Any], knob: Any) -> None:
-            tool = _pick_tool(body)
+            tool = _pick_tool(body) if knob("tools") != "off" else None
             text = knob("text")
             words = len(text.split())
             if tool is not None:

@@ -1,0 +1,434 @@
+"""The real coding clients through the gateway: Claude Code on ``/v1/messages``, Codex on ``/v1/responses``.
+
+A session fixture installs ``@anthropic-ai/claude-code`` and ``@openai/codex`` (pinned; their
+native binaries ship inside the registry packages) with ``npm install --prefix`` into a cache
+directory reused across runs (``~/.cache/llm-gateway-tests``), and skips with the reason when npm
+or its registry cannot be reached. One gateway process serves the module, on a private Redis
+(so every ledger record can be read back one by one) with a master key (virtual keys are created
+through the admin API). Each client runs with ``HOME``, ``CLAUDE_CONFIG_DIR`` and ``CODEX_HOME``
+in this test's temporary directory, never the user's own, and with a timeout after which its
+process group is killed by PID. Checked against the loopback mocks (``tests/mock_anthropic.py``
+told to answer in text, ``tests/mock_responses.py``) and the simulated model through
+translation: the answer the client prints, one ledger record per upstream call, each priced to
+the nano-dollar from the mock's usage and the policy's prices, the upstream key substituted for
+the virtual key, and a budget refusal the client reports as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from mock_anthropic import MockAnthropic, mock_anthropic, mock_anthropic_server  # noqa: F401
+from mock_responses import MockResponses, mock_responses, mock_responses_server  # noqa: F401
+from redis.asyncio import Redis
+
+from conftest import Server, start_gateway, stop
+from gateway.state.ledger import LedgerRecord, RedisLedger
+
+pytestmark = pytest.mark.e2e
+
+CLAUDE_CODE = ("@anthropic-ai/claude-code", "2.1.332", "claude")
+CODEX = ("@openai/codex", "0.171.0", "codex")
+MASTER = "sk-clients-e2e-master"
+ANTHROPIC_UPSTREAM_KEY = "sk-ant-upstream-clients-e2e"
+OPENAI_UPSTREAM_KEY = "sk-openai-upstream-clients-e2e"
+DB = 11                 # this module's logical database on the session's private redis-server
+CLIENT_TIMEOUT_S = 45   # one client run; its process group is killed when it overruns
+NPM_VIEW_TIMEOUT_S = 30
+NPM_INSTALL_TIMEOUT_S = 300
+
+# pico-USD per token, the policy's prices below: $3 in, $15 out, $0.30 cache read, $3.75 5-minute
+# and $6 1-hour cache write per Mtok (claude-gw); $2 in, $8 out, $0.50 cached in (gpt-gw); $1 in,
+# $2 out (the simulated model)
+A_IN, A_OUT, A_READ, A_WRITE_5M, A_WRITE_1H = 3_000_000, 15_000_000, 300_000, 3_750_000, 6_000_000
+O_IN, O_OUT, O_CACHED = 2_000_000, 8_000_000, 500_000
+SIM_IN, SIM_OUT = 1_000_000, 2_000_000
+
+POLICY = """\
+models:
+  claude-gw:
+    deployments:
+      - provider: anthropic
+        name: anthropic-mock
+        model: claude-sonnet-4-5
+        api_base: {anthropic}
+        api_key_env: CLIENTS_E2E_ANTHROPIC_KEY
+        price: {{input_per_mtok: 3, output_per_mtok: 15, cache_read_per_mtok: 0.3, cache_write_per_mtok: 3.75,
+                cache_write_1h_per_mtok: 6}}
+  gpt-gw:
+    deployments:
+      - provider: openai
+        name: responses-mock
+        model: gpt-mock
+        api_base: {responses}/v1
+        api_key_env: CLIENTS_E2E_OPENAI_KEY
+        price: {{input_per_mtok: 2, output_per_mtok: 8, cache_read_per_mtok: 0.5}}
+  local:
+    deployments:
+      - provider: simulated
+        name: local-sim
+        price: {{input_per_mtok: 1, output_per_mtok: 2}}
+teams:        # one per test, so each reads back only its own ledger records
+  claude-native: {{}}
+  claude-local: {{}}
+  codex-native: {{}}
+  codex-local: {{}}
+  claude-broke:
+    budgets: [{{period: daily, usd: 0.000001}}]
+  codex-broke:
+    budgets: [{{period: daily, usd: 0.000001}}]
+"""
+
+
+def nano_of(pico: int) -> int:
+    return (pico + 500) // 1000
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:
+        return f"exit status {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+
+
+def run_bounded(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> Run | None:
+    """Run ``cmd`` in its own process group; None when it overran ``timeout`` (the group is then killed).
+    Whatever it left running in its group after it exits is ended too (by the group's id, its PID)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+        return None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return Run(proc.returncode, out, err)
+
+
+def run_client(cmd: list[str], env: dict[str, str], cwd: Path) -> Run:
+    result = run_bounded(cmd, env, cwd, CLIENT_TIMEOUT_S)
+    if result is None:
+        pytest.fail(f"{Path(cmd[0]).name} ran longer than {CLIENT_TIMEOUT_S}s and was killed: {cmd[1:]}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- install
+@dataclass(frozen=True)
+class Clients:
+    claude: Path
+    codex: Path
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llm-gateway-tests"
+
+
+def _installed_version(prefix: Path, package: str) -> str | None:
+    try:
+        return str(json.loads((prefix / "node_modules" / package / "package.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One installer at a time across concurrent test sessions sharing the cache."""
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _runs(binary: Path, version: str, env: dict[str, str], cwd: Path) -> Run | None:
+    """``binary --version`` when it names ``version``, else None."""
+    if not binary.exists():
+        return None
+    with contextlib.suppress(OSError):     # e.g. a placeholder its package's postinstall did not replace
+        probe = run_bounded([str(binary), "--version"], env, cwd, 30)
+        if probe is not None and probe.returncode == 0 and version in probe.stdout:
+            return probe
+    return None
+
+
+@pytest.fixture(scope="session")
+def coding_clients() -> Clients:
+    """Claude Code and Codex at their pinned versions, installed once into the cache directory."""
+    packages = (CLAUDE_CODE, CODEX)
+    prefix = cache_root() / ("npm-" + "-".join(f"{p.split('/')[-1]}-{v}" for p, v, _ in packages))
+    prefix.mkdir(parents=True, exist_ok=True)
+    binaries = [prefix / "node_modules" / ".bin" / name for _, _, name in packages]
+    env = dict(os.environ, npm_config_update_notifier="false", npm_config_fund="false",
+               npm_config_audit="false", npm_config_cache=str(cache_root() / "npm-cache"))
+
+    def ready() -> bool:
+        return all(_installed_version(prefix, p) == v and _runs(b, v, env, prefix) is not None
+                   for (p, v, _), b in zip(packages, binaries, strict=True))
+
+    with _locked(prefix / ".install.lock"):
+        if not ready():
+            npm = shutil.which("npm")
+            if npm is None:
+                pytest.skip("npm is not on the PATH: cannot install Claude Code and Codex for these tests")
+            for package, version, _ in packages:
+                view = run_bounded([npm, "view", f"{package}@{version}", "version"], env, prefix, NPM_VIEW_TIMEOUT_S)
+                if view is None or view.returncode != 0 or view.stdout.strip() != version:
+                    detail = "timed out" if view is None else (view.stderr.strip() or view.stdout.strip())[-300:]
+                    pytest.skip(f"the npm registry is unreachable or lacks {package}@{version} "
+                                f"(npm view: {detail})")
+            shutil.rmtree(prefix / "node_modules", ignore_errors=True)   # a fresh install runs the postinstalls
+            install = run_bounded([npm, "install", "--prefix", str(prefix), *(f"{p}@{v}" for p, v, _ in packages)],
+                                  env, prefix, NPM_INSTALL_TIMEOUT_S)
+            if install is None or install.returncode != 0:
+                detail = f"timed out after {NPM_INSTALL_TIMEOUT_S}s" if install is None else install.stderr[-500:]
+                pytest.skip(f"npm install of the coding clients failed: {detail}")
+            if not ready():
+                pytest.skip(f"Claude Code {CLAUDE_CODE[1]} and Codex {CODEX[1]} are installed in {prefix}, but a "
+                            f"binary does not run on this platform (npm install said: {install.stderr[-300:]})")
+    return Clients(*binaries)
+
+
+# ---------------------------------------------------------------------------------------------- gateway
+@dataclass
+class Gateway:
+    server: Server
+    redis_port: int
+
+    def key(self, team: str) -> str:
+        reply = httpx.post(f"{self.server.url}/admin/keys", headers={"Authorization": f"Bearer {MASTER}"},
+                           json={"team": team, "name": "coding-client"}, timeout=30)
+        assert reply.status_code == 201, reply.text
+        return str(reply.json()["secret"])
+
+    def records(self, team: str, since: float, expect: int, timeout: float = 10.0) -> list[LedgerRecord]:
+        """The team's ledger records since ``since``, once ``expect`` are written (a short wait for more
+        shows any extra record)."""
+        async def read() -> list[LedgerRecord]:
+            client = Redis(host="127.0.0.1", port=self.redis_port, db=DB)
+            try:
+                ledger = RedisLedger(client)
+                deadline = time.monotonic() + timeout
+                while True:
+                    records = await ledger.read(since, team=team)
+                    if len(records) >= expect or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)    # the writer flushes every 0.1 s: a record beyond those expected shows
+                return await ledger.read(since, team=team)
+            finally:
+                await client.aclose()
+        return asyncio.run(read())
+
+
+@pytest.fixture(scope="module")
+def gateway_for_clients(tmp_path_factory: pytest.TempPathFactory, redis_port: int,
+                        mock_anthropic_server: MockAnthropic,  # noqa: F811
+                        mock_responses_server: MockResponses) -> Iterator[Gateway]:  # noqa: F811
+    flush = redis.Redis(host="127.0.0.1", port=redis_port, db=DB)
+    flush.flushdb()
+    flush.close()
+    root = tmp_path_factory.mktemp("clients-gateway")
+    policy_dir = root / "policies"
+    policy_dir.mkdir()
+    (policy_dir / "models.yaml").write_text(textwrap.dedent(POLICY.format(
+        anthropic=mock_anthropic_server.url, responses=mock_responses_server.url)))
+    server = start_gateway(policy_dir, root / "gateway.log", {
+        "GATEWAY_MASTER_KEY": MASTER, "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{DB}",
+        "CLIENTS_E2E_ANTHROPIC_KEY": ANTHROPIC_UPSTREAM_KEY, "CLIENTS_E2E_OPENAI_KEY": OPENAI_UPSTREAM_KEY})
+    try:
+        yield Gateway(server, redis_port)
+    finally:
+        stop(server.proc)
+
+
+def base_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment with nothing of the user's but PATH: HOME and the working directory are fresh."""
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
+           "TERM": "dumb", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    return env, work
+
+
+# ---------------------------------------------------------------------------------------------- Claude Code
+def claude(clients: Clients, gw: Gateway, tmp_path: Path, key: str, model: str, prompt: str) -> Run:
+    env, work = base_env(tmp_path)
+    env.update({
+        "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
+        "ANTHROPIC_BASE_URL": gw.server.url,
+        "ANTHROPIC_API_KEY": key,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "DISABLE_AUTOUPDATER": "1",
+        "ANTHROPIC_SMALL_FAST_MODEL": model,       # any background call goes to a model the gateway knows
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": model,
+    })
+    return run_client([str(clients.claude), "-p", prompt, "--model", model], env, work)
+
+
+def test_claude_code_native_answer_ledger_and_cost(coding_clients: Clients, gateway_for_clients: Gateway,
+                                                   mock_anthropic: MockAnthropic,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    gw = gateway_for_clients
+    mock_anthropic.set(tools="off", input=25, cache_read=1000, cache_write_5m=200, cache_write_1h=100, output=7,
+                       text="Four, said the mock.")
+    key = gw.key("claude-native")
+    since = time.time() - 1
+    result = claude(coding_clients, gw, tmp_path, key, "claude-gw", "What is 2 + 2?")
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == "Four, said the mock.", result
+    calls = [r for r in mock_anthropic.requests if r.path.split("?")[0] == "/v1/messages"]
+    assert calls, result
+    for call in calls:   # the virtual key never reaches the upstream; the client's own fields do
+        assert call.headers["x-api-key"] == ANTHROPIC_UPSTREAM_KEY and key not in json.dumps(call.headers)
+        assert call.body["model"] == "claude-sonnet-4-5" and call.body["stream"] is True
+        assert call.headers["anthropic-version"] and call.body["tools"]
+    records = gw.records("claude-native", since, len(calls))
+    assert len(records) == len(calls), (records, result)
+    cost = nano_of(25 * A_IN + 1000 * A_READ + 200 * A_WRITE_5M + 100 * A_WRITE_1H + 7 * A_OUT)
+    assert cost == 1_830_000
+    for record in records:
+        assert (record.status, record.requested_model, record.deployment, record.provider, record.stream) == \
+            ("ok", "claude-gw", "anthropic-mock", "anthropic", True)
+        assert (record.input_tokens, record.cached_input_tokens, record.cache_write_tokens, record.output_tokens) \
+            == (1325, 1000, 300, 7)
+        assert record.cost_nano == cost
+
+
+def test_claude_code_reports_a_budget_refusal(coding_clients: Clients, gateway_for_clients: Gateway,
+                                              mock_anthropic: MockAnthropic,  # noqa: F811
+                                              tmp_path: Path) -> None:
+    gw = gateway_for_clients
+    mock_anthropic.set(tools="off")
+    since = time.time() - 1
+    result = claude(coding_clients, gw, tmp_path, gw.key("claude-broke"), "claude-gw", "What is 2 + 2?")
+    assert result.returncode != 0, result
+    shown = result.stdout + result.stderr
+    assert "budget_exceeded" in shown and "team 'claude-broke'" in shown, result
+    assert mock_anthropic.requests == []        # refused before any upstream call
+    records = gw.records("claude-broke", since, 1)
+    assert [(r.status, r.cost_nano, r.requested_model) for r in records] == [("budget_exceeded", 0, "claude-gw")]
+
+
+def test_claude_code_on_the_simulated_model_through_translation(coding_clients: Clients,
+                                                                 gateway_for_clients: Gateway,
+                                                                 tmp_path: Path) -> None:
+    gw = gateway_for_clients
+    team_key = gw.key("claude-local")
+    since = time.time() - 1
+    result = claude(coding_clients, gw, tmp_path, team_key, "local", "Say hello.")
+    assert result.returncode == 0, result
+    assert result.stdout.strip(), result
+    records = gw.records("claude-local", since, 1)
+    assert records, result
+    for record in records:
+        assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
+        assert record.input_tokens > 0 and record.output_tokens > 0
+        assert record.cost_nano == nano_of(record.input_tokens * SIM_IN + record.output_tokens * SIM_OUT)
+
+
+# ---------------------------------------------------------------------------------------------- Codex
+def codex(clients: Clients, gw: Gateway, tmp_path: Path, key: str, model: str, prompt: str) -> Run:
+    env, work = base_env(tmp_path)
+    codex_home = tmp_path / "codex-home"
+    codex_home.mkdir()
+    (codex_home / "config.toml").write_text(textwrap.dedent(f"""\
+        model = "{model}"
+        model_provider = "gateway"
+
+        [model_providers.gateway]
+        name = "LLM gateway"
+        base_url = "{gw.server.url}/v1"
+        env_key = "GATEWAY_VIRTUAL_KEY"
+        wire_api = "responses"
+        request_max_retries = 0
+        stream_max_retries = 0
+        """))
+    env.update({"CODEX_HOME": str(codex_home), "GATEWAY_VIRTUAL_KEY": key})
+    return run_client([str(clients.codex), "exec", "--skip-git-repo-check", prompt], env, work)
+
+
+def test_codex_native_answer_ledger_and_cost(coding_clients: Clients, gateway_for_clients: Gateway,
+                                             mock_responses: MockResponses,  # noqa: F811
+                                             tmp_path: Path) -> None:
+    gw = gateway_for_clients
+    text = f"Four, said the mock {uuid.uuid4().hex[:6]}."
+    mock_responses.set(input=1000, cached=600, output=50, reasoning=20, text=text)
+    key = gw.key("codex-native")
+    since = time.time() - 1
+    result = codex(coding_clients, gw, tmp_path, key, "gpt-gw", "What is 2 + 2?")
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == text, result
+    calls = [r for r in mock_responses.requests if r.path == "/v1/responses"]
+    assert calls and len(calls) == len(mock_responses.requests), result
+    for call in calls:
+        assert call.headers["authorization"] == f"Bearer {OPENAI_UPSTREAM_KEY}"
+        assert call.body["model"] == "gpt-mock" and call.body["stream"] is True and call.body["store"] is False
+    # the mock calls Codex's first function tool with arguments Codex refuses; Codex sends the refusal back
+    # as a function_call_output, and the mock answers that in text
+    assert [item.get("type") for item in calls[-1].body["input"]].count("function_call_output") == len(calls) - 1
+    records = gw.records("codex-native", since, len(calls))
+    assert len(records) == len(calls), (records, result)
+    cost = nano_of((1000 - 600) * O_IN + 600 * O_CACHED + (50 + 20) * O_OUT)
+    assert cost == 1_660_000
+    for record in records:
+        assert (record.status, record.requested_model, record.deployment, record.provider, record.stream) == \
+            ("ok", "gpt-gw", "responses-mock", "openai", True)
+        assert (record.input_tokens, record.cached_input_tokens, record.output_tokens, record.reasoning_tokens) \
+            == (1000, 600, 70, 20)
+        assert record.cost_nano == cost
+
+
+def test_codex_on_the_simulated_model_through_translation(coding_clients: Clients, gateway_for_clients: Gateway,
+                                                          tmp_path: Path) -> None:
+    gw = gateway_for_clients
+    since = time.time() - 1
+    result = codex(coding_clients, gw, tmp_path, gw.key("codex-local"), "local", "Say hello.")
+    assert result.returncode == 0, result
+    assert result.stdout.strip(), result
+    records = gw.records("codex-local", since, 1)
+    assert records, result
+    for record in records:
+        assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
+        assert record.input_tokens > 0 and record.output_tokens > 0
+        assert record.cost_nano == nano_of(record.input_tokens * SIM_IN + record.output_tokens * SIM_OUT)
+
+
+def test_codex_reports_a_budget_refusal(coding_clients: Clients, gateway_for_clients: Gateway,
+                                        mock_responses: MockResponses,  # noqa: F811
+                                        tmp_path: Path) -> None:
+    gw = gateway_for_clients
+    since = time.time() - 1
+    result = codex(coding_clients, gw, tmp_path, gw.key("codex-broke"), "gpt-gw", "What is 2 + 2?")
+    assert result.returncode != 0, result
+    assert "budget" in result.stdout + result.stderr, result
+    assert mock_responses.requests == []
+    records = gw.records("codex-broke", since, 1)
+    assert records and all((r.status, r.cost_nano) == ("budget_exceeded", 0) for r in records), records
