@@ -245,6 +245,13 @@ class Gateway:
                 await client.aclose()
         return asyncio.run(read())
 
+    def access(self, team: str) -> list[dict[str, str]]:
+        """The gateway's access lines for ``team`` (one per request it answered, whatever the outcome)."""
+        lines = [line.split("gateway.access: ", 1)[1] for line in self.server.output().splitlines()
+                 if "gateway.access: " in line]
+        fields = [dict(part.split("=", 1) for part in line.split() if "=" in part) for line in lines]
+        return [f for f in fields if f.get("team") == team]
+
 
 @pytest.fixture(scope="module")
 def gateway_for_clients(tmp_path_factory: pytest.TempPathFactory, redis_port: int,
@@ -309,9 +316,10 @@ def test_claude_code_native_answer_ledger_and_cost(coding_clients: Clients, gate
     for call in calls:   # the virtual key never reaches the upstream; the client's own fields do
         assert call.headers["x-api-key"] == ANTHROPIC_UPSTREAM_KEY and key not in json.dumps(call.headers)
         assert call.body["model"] == "claude-sonnet-4-5" and call.body["stream"] is True
-        assert call.headers["anthropic-version"] and call.body["tools"]
+        assert call.headers["anthropic-version"] and call.body["tools"] and isinstance(call.body["system"], list)
     records = gw.records("claude-native", since, len(calls))
     assert len(records) == len(calls), (records, result)
+    assert [a["status"] for a in gw.access("claude-native")] == ["ok"] * len(calls)   # no other request failed
     cost = nano_of(25 * A_IN + 1000 * A_READ + 200 * A_WRITE_5M + 100 * A_WRITE_1H + 7 * A_OUT)
     assert cost == 1_830_000
     for record in records:
@@ -330,10 +338,11 @@ def test_claude_code_reports_a_budget_refusal(coding_clients: Clients, gateway_f
     since = time.time() - 1
     result = claude(coding_clients, gw, tmp_path, gw.key("claude-broke"), "claude-gw", "What is 2 + 2?")
     assert result.returncode != 0, result
-    shown = result.stdout + result.stderr
-    assert "budget_exceeded" in shown and "team 'claude-broke'" in shown, result
+    assert "429" in result.stdout and "budget_exceeded" in result.stdout, result     # Claude Code shows the
+    assert "The daily budget of team 'claude-broke'" in result.stdout, result        # gateway's code and message
     assert mock_anthropic.requests == []        # refused before any upstream call
     records = gw.records("claude-broke", since, 1)
+    assert [a["status"] for a in gw.access("claude-broke")] == ["budget_exceeded"]
     assert [(r.status, r.cost_nano, r.requested_model) for r in records] == [("budget_exceeded", 0, "claude-gw")]
 
 
@@ -348,6 +357,7 @@ def test_claude_code_on_the_simulated_model_through_translation(coding_clients: 
     assert result.stdout.strip(), result
     records = gw.records("claude-local", since, 1)
     assert records, result
+    assert [a["status"] for a in gw.access("claude-local")] == ["ok"] * len(records)   # every request the client sent
     for record in records:
         assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
         assert record.input_tokens > 0 and record.output_tokens > 0
@@ -389,13 +399,14 @@ def test_codex_native_answer_ledger_and_cost(coding_clients: Clients, gateway_fo
     calls = [r for r in mock_responses.requests if r.path == "/v1/responses"]
     assert calls and len(calls) == len(mock_responses.requests), result
     for call in calls:
-        assert call.headers["authorization"] == f"Bearer {OPENAI_UPSTREAM_KEY}"
+        assert call.headers["authorization"] == f"Bearer {OPENAI_UPSTREAM_KEY}" and key not in json.dumps(call.headers)
         assert call.body["model"] == "gpt-mock" and call.body["stream"] is True and call.body["store"] is False
     # the mock calls Codex's first function tool with arguments Codex refuses; Codex sends the refusal back
     # as a function_call_output, and the mock answers that in text
     assert [item.get("type") for item in calls[-1].body["input"]].count("function_call_output") == len(calls) - 1
     records = gw.records("codex-native", since, len(calls))
     assert len(records) == len(calls), (records, result)
+    assert [a["status"] for a in gw.access("codex-native")] == ["ok"] * len(calls)    # no other request failed
     cost = nano_of((1000 - 600) * O_IN + 600 * O_CACHED + (50 + 20) * O_OUT)
     assert cost == 1_660_000
     for record in records:
@@ -415,6 +426,7 @@ def test_codex_on_the_simulated_model_through_translation(coding_clients: Client
     assert result.stdout.strip(), result
     records = gw.records("codex-local", since, 1)
     assert records, result
+    assert [a["status"] for a in gw.access("codex-local")] == ["ok"] * len(records)   # every request the client sent
     for record in records:
         assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
         assert record.input_tokens > 0 and record.output_tokens > 0
@@ -428,7 +440,9 @@ def test_codex_reports_a_budget_refusal(coding_clients: Clients, gateway_for_cli
     since = time.time() - 1
     result = codex(coding_clients, gw, tmp_path, gw.key("codex-broke"), "gpt-gw", "What is 2 + 2?")
     assert result.returncode != 0, result
-    assert "budget" in result.stdout + result.stderr, result
+    # the gateway's OpenAI error type insufficient_quota, which Codex renders in its own words
+    assert "ERROR: Quota exceeded" in result.stderr, result
     assert mock_responses.requests == []
     records = gw.records("codex-broke", since, 1)
-    assert records and all((r.status, r.cost_nano) == ("budget_exceeded", 0) for r in records), records
+    assert [a["status"] for a in gw.access("codex-broke")] == ["budget_exceeded"]
+    assert [(r.status, r.cost_nano, r.requested_model) for r in records] == [("budget_exceeded", 0, "gpt-gw")]
