@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from mock_anthropic import MockAnthropic, mock_anthropic, mock_anthropic_server  # noqa: F401
+from mock_anthropic import SIGNATURE, MockAnthropic, mock_anthropic, mock_anthropic_server  # noqa: F401
 from mock_responses import MockResponses, mock_responses, mock_responses_server  # noqa: F401
 from redis.asyncio import Redis
 
@@ -86,6 +86,7 @@ models:
         price: {{input_per_mtok: 1, output_per_mtok: 2}}
 teams:        # one per test, so each reads back only its own ledger records
   claude-native: {{}}
+  claude-tools: {{}}
   claude-local: {{}}
   codex-native: {{}}
   codex-local: {{}}
@@ -279,7 +280,7 @@ def base_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
     home = tmp_path / "home"
     work = tmp_path / "work"
     home.mkdir()
-    work.mkdir()
+    work.mkdir(exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
            "TERM": "dumb", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     return env, work
@@ -304,7 +305,7 @@ def test_claude_code_native_answer_ledger_and_cost(coding_clients: Clients, gate
                                                    mock_anthropic: MockAnthropic,  # noqa: F811
                                                    tmp_path: Path) -> None:
     gw = gateway_for_clients
-    mock_anthropic.set(tools="off", input=25, cache_read=1000, cache_write_5m=200, cache_write_1h=100, output=7,
+    mock_anthropic.set(tool="off", input=25, cache_read=1000, cache_write_5m=200, cache_write_1h=100, output=7,
                        text="Four, said the mock.")
     key = gw.key("claude-native")
     since = time.time() - 1
@@ -330,11 +331,41 @@ def test_claude_code_native_answer_ledger_and_cost(coding_clients: Clients, gate
         assert record.cost_nano == cost
 
 
+def test_claude_code_tool_round_trip_with_thinking(coding_clients: Clients, gateway_for_clients: Gateway,
+                                                   mock_anthropic: MockAnthropic,  # noqa: F811
+                                                   tmp_path: Path) -> None:
+    """The mock asks Claude Code to Read a file in its working directory, after a signed thinking block; Claude
+    Code runs the tool and sends its result (and the thinking block, signature intact) back through the gateway."""
+    gw = gateway_for_clients
+    note = tmp_path / "work" / "note.txt"
+    note.parent.mkdir()
+    secret = f"the note's secret is {uuid.uuid4().hex}"
+    note.write_text(secret + "\n")
+    mock_anthropic.set(tool="Read", tool_input=json.dumps({"file_path": str(note)}), thinking="Read the note first.",
+                       input=40, output=9, text="The note has been read.")
+    result = claude(coding_clients, gw, tmp_path, gw.key("claude-tools"), "claude-gw", "What does note.txt say?")
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == "The note has been read.", result
+    calls = [r for r in mock_anthropic.requests if r.path.split("?")[0] == "/v1/messages"]
+    assert len(calls) == 2, result
+    *_, assistant, user = calls[1].body["messages"]
+    assert [b["type"] for b in assistant["content"]] == ["thinking", "tool_use"]
+    assert assistant["content"][0]["signature"] == SIGNATURE and assistant["content"][0]["thinking"]
+    assert assistant["content"][1]["id"] == "toolu_mock_01" and assistant["content"][1]["name"] == "Read"
+    [tool_result] = [b for b in user["content"] if b.get("type") == "tool_result"]
+    assert tool_result["tool_use_id"] == "toolu_mock_01" and not tool_result.get("is_error")
+    assert secret in json.dumps(tool_result["content"])
+    records = gw.records("claude-tools", time.time() - 120, 2)
+    assert [a["status"] for a in gw.access("claude-tools")] == ["ok", "ok"]
+    assert [(r.status, r.input_tokens, r.output_tokens, r.cost_nano) for r in records] == \
+        [("ok", 40, 9, nano_of(40 * A_IN + 9 * A_OUT))] * 2
+
+
 def test_claude_code_reports_a_budget_refusal(coding_clients: Clients, gateway_for_clients: Gateway,
                                               mock_anthropic: MockAnthropic,  # noqa: F811
                                               tmp_path: Path) -> None:
     gw = gateway_for_clients
-    mock_anthropic.set(tools="off")
+    mock_anthropic.set(tool="off")
     since = time.time() - 1
     result = claude(coding_clients, gw, tmp_path, gw.key("claude-broke"), "claude-gw", "What is 2 + 2?")
     assert result.returncode != 0, result
