@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -178,41 +179,80 @@ def _runs(binary: Path, version: str, env: dict[str, str], cwd: Path) -> Run | N
     return None
 
 
-@pytest.fixture(scope="session")
-def coding_clients() -> Clients:
-    """Claude Code and Codex at their pinned versions, installed once into the cache directory."""
+class ClientsUnavailable(Exception):
+    """Why the coding clients cannot be installed here (the tests that need them skip with it)."""
+
+
+def npm_env(cache: Path, **settings: str) -> dict[str, str]:
+    env = dict(os.environ, npm_config_update_notifier="false", npm_config_fund="false", npm_config_audit="false",
+               npm_config_cache=str(cache), npm_config_fetch_retries="1", npm_config_fetch_timeout="20000")
+    env.update(settings)
+    return env
+
+
+def install_clients(prefix: Path, env: dict[str, str]) -> Clients:
+    """Claude Code and Codex at their pinned versions in ``prefix`` (installed there unless they already run):
+    a short ``npm view`` of each first, then ``npm install --prefix``; every step bounded."""
     packages = (CLAUDE_CODE, CODEX)
-    prefix = cache_root() / ("npm-" + "-".join(f"{p.split('/')[-1]}-{v}" for p, v, _ in packages))
     prefix.mkdir(parents=True, exist_ok=True)
     binaries = [prefix / "node_modules" / ".bin" / name for _, _, name in packages]
-    env = dict(os.environ, npm_config_update_notifier="false", npm_config_fund="false",
-               npm_config_audit="false", npm_config_cache=str(cache_root() / "npm-cache"))
 
     def ready() -> bool:
         return all(_installed_version(prefix, p) == v and _runs(b, v, env, prefix) is not None
                    for (p, v, _), b in zip(packages, binaries, strict=True))
 
     with _locked(prefix / ".install.lock"):
+        if ready():
+            return Clients(*binaries)
+        npm = shutil.which("npm", path=env.get("PATH"))
+        if npm is None:
+            raise ClientsUnavailable("npm is not on the PATH: cannot install Claude Code and Codex")
+        for package, version, _ in packages:
+            view = run_bounded([npm, "view", f"{package}@{version}", "version"], env, prefix, NPM_VIEW_TIMEOUT_S)
+            if view is None or view.returncode != 0 or view.stdout.strip() != version:
+                detail = f"timed out after {NPM_VIEW_TIMEOUT_S}s" if view is None else \
+                    (view.stderr.strip() or view.stdout.strip())[-300:]
+                raise ClientsUnavailable(f"the npm registry is unreachable or lacks {package}@{version} "
+                                         f"(npm view: {detail})")
+        shutil.rmtree(prefix / "node_modules", ignore_errors=True)   # a fresh install runs the postinstalls
+        install = run_bounded([npm, "install", "--prefix", str(prefix), *(f"{p}@{v}" for p, v, _ in packages)],
+                              env, prefix, NPM_INSTALL_TIMEOUT_S)
+        if install is None or install.returncode != 0:
+            detail = f"timed out after {NPM_INSTALL_TIMEOUT_S}s" if install is None else install.stderr[-500:]
+            raise ClientsUnavailable(f"npm install of the coding clients failed: {detail}")
         if not ready():
-            npm = shutil.which("npm")
-            if npm is None:
-                pytest.skip("npm is not on the PATH: cannot install Claude Code and Codex for these tests")
-            for package, version, _ in packages:
-                view = run_bounded([npm, "view", f"{package}@{version}", "version"], env, prefix, NPM_VIEW_TIMEOUT_S)
-                if view is None or view.returncode != 0 or view.stdout.strip() != version:
-                    detail = "timed out" if view is None else (view.stderr.strip() or view.stdout.strip())[-300:]
-                    pytest.skip(f"the npm registry is unreachable or lacks {package}@{version} "
-                                f"(npm view: {detail})")
-            shutil.rmtree(prefix / "node_modules", ignore_errors=True)   # a fresh install runs the postinstalls
-            install = run_bounded([npm, "install", "--prefix", str(prefix), *(f"{p}@{v}" for p, v, _ in packages)],
-                                  env, prefix, NPM_INSTALL_TIMEOUT_S)
-            if install is None or install.returncode != 0:
-                detail = f"timed out after {NPM_INSTALL_TIMEOUT_S}s" if install is None else install.stderr[-500:]
-                pytest.skip(f"npm install of the coding clients failed: {detail}")
-            if not ready():
-                pytest.skip(f"Claude Code {CLAUDE_CODE[1]} and Codex {CODEX[1]} are installed in {prefix}, but a "
-                            f"binary does not run on this platform (npm install said: {install.stderr[-300:]})")
+            raise ClientsUnavailable(f"Claude Code {CLAUDE_CODE[1]} and Codex {CODEX[1]} are installed in {prefix}, "
+                                     f"but a binary does not run on this platform ({install.stderr[-300:]})")
     return Clients(*binaries)
+
+
+@pytest.fixture(scope="session")
+def coding_clients() -> Clients:
+    """The clients, installed once into the cache directory and reused across runs; a skip says why not."""
+    name = "npm-" + "-".join(f"{p.split('/')[-1]}-{v}" for p, v, _ in (CLAUDE_CODE, CODEX))
+    try:
+        return install_clients(cache_root() / name, npm_env(cache_root() / "npm-cache"))
+    except ClientsUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def test_install_says_why_without_npm(tmp_path: Path) -> None:
+    env = npm_env(tmp_path / "cache", PATH=str(tmp_path / "empty-bin"))
+    with pytest.raises(ClientsUnavailable, match="npm is not on the PATH"):
+        install_clients(tmp_path / "prefix", env)
+
+
+def test_install_says_why_when_the_registry_is_unreachable(tmp_path: Path) -> None:
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not on the PATH")
+    with socket.socket() as s:      # a loopback port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    env = npm_env(tmp_path / "cache", npm_config_registry=f"http://127.0.0.1:{closed}/", npm_config_fetch_retries="0")
+    with pytest.raises(ClientsUnavailable, match="registry is unreachable") as refused:
+        install_clients(tmp_path / "prefix", env)
+    assert CLAUDE_CODE[0] in str(refused.value)
+    assert not (tmp_path / "prefix" / "node_modules").exists()
 
 
 # ---------------------------------------------------------------------------------------------- gateway
