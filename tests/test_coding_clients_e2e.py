@@ -7,11 +7,13 @@ or its registry cannot be reached. One gateway process serves the module, on a p
 (so every ledger record can be read back one by one) with a master key (virtual keys are created
 through the admin API). Each client runs with ``HOME``, ``CLAUDE_CONFIG_DIR`` and ``CODEX_HOME``
 in this test's temporary directory, never the user's own, and with a timeout after which its
-process group is killed by PID. Checked against the loopback mocks (``tests/mock_anthropic.py``
-told to answer in text, ``tests/mock_responses.py``) and the simulated model through
-translation: the answer the client prints, one ledger record per upstream call, each priced to
-the nano-dollar from the mock's usage and the policy's prices, the upstream key substituted for
-the virtual key, and a budget refusal the client reports as an error.
+process group is killed by PID. Upstreams: the loopback Messages mock (``tests/mock_anthropic.py``,
+told to answer in text, or to call Claude Code's Read tool once), the Responses mock
+(``tests/mock_responses.py``), the chat-only mock (``bench/mock_upstream.py``) and the simulated
+model, the last two through translation. Checked: the answer the client prints, tool round trips,
+one ledger record per upstream call (and one access line per client request), each priced to the
+nano-dollar from the mock's usage and the policy's prices, the upstream key substituted for the
+virtual key, and a budget refusal the client reports as an error.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import pytest
 import redis
 from mock_anthropic import SIGNATURE, MockAnthropic, mock_anthropic, mock_anthropic_server  # noqa: F401
 from mock_responses import MockResponses, mock_responses, mock_responses_server  # noqa: F401
+from mock_upstream import chat_prompt_tokens
 from redis.asyncio import Redis
 
 from conftest import Server, start_gateway, stop
@@ -80,6 +83,15 @@ models:
         api_base: {responses}/v1
         api_key_env: CLIENTS_E2E_OPENAI_KEY
         price: {{input_per_mtok: 2, output_per_mtok: 8, cache_read_per_mtok: 0.5}}
+  gpt-chat:
+    deployments:
+      - provider: openai
+        name: chat-mock
+        model: mock-cached40-reasoning7-chunks5
+        api_base: {chat}/v1
+        apis: [chat]
+        api_key_env: CLIENTS_E2E_OPENAI_KEY
+        price: {{input_per_mtok: 2, output_per_mtok: 8, cache_read_per_mtok: 0.5}}
   local:
     deployments:
       - provider: simulated
@@ -91,6 +103,7 @@ teams:        # one per test, so each reads back only its own ledger records
   claude-local: {{}}
   codex-native: {{}}
   codex-local: {{}}
+  codex-chat: {{}}
   claude-broke:
     budgets: [{{period: daily, usd: 0.000001}}]
   codex-broke:
@@ -297,7 +310,8 @@ class Gateway:
 @pytest.fixture(scope="module")
 def gateway_for_clients(tmp_path_factory: pytest.TempPathFactory, redis_port: int,
                         mock_anthropic_server: MockAnthropic,  # noqa: F811
-                        mock_responses_server: MockResponses) -> Iterator[Gateway]:  # noqa: F811
+                        mock_responses_server: MockResponses,  # noqa: F811
+                        mock_upstream: str) -> Iterator[Gateway]:
     flush = redis.Redis(host="127.0.0.1", port=redis_port, db=DB)
     flush.flushdb()
     flush.close()
@@ -305,7 +319,7 @@ def gateway_for_clients(tmp_path_factory: pytest.TempPathFactory, redis_port: in
     policy_dir = root / "policies"
     policy_dir.mkdir()
     (policy_dir / "models.yaml").write_text(textwrap.dedent(POLICY.format(
-        anthropic=mock_anthropic_server.url, responses=mock_responses_server.url)))
+        anthropic=mock_anthropic_server.url, responses=mock_responses_server.url, chat=mock_upstream)))
     server = start_gateway(policy_dir, root / "gateway.log", {
         "GATEWAY_MASTER_KEY": MASTER, "GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{DB}",
         "CLIENTS_E2E_ANTHROPIC_KEY": ANTHROPIC_UPSTREAM_KEY, "CLIENTS_E2E_OPENAI_KEY": OPENAI_UPSTREAM_KEY})
@@ -502,6 +516,34 @@ def test_codex_on_the_simulated_model_through_translation(coding_clients: Client
         assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
         assert record.input_tokens > 0 and record.output_tokens > 0
         assert record.cost_nano == nano_of(record.input_tokens * SIM_IN + record.output_tokens * SIM_OUT)
+
+
+def test_codex_through_translation_to_a_chat_only_upstream(coding_clients: Clients, gateway_for_clients: Gateway,
+                                                            mock_reset: str, tmp_path: Path) -> None:
+    """Codex's Responses requests become chat completions for a deployment without ``responses`` in its
+    ``apis``; the mock calls Codex's first tool (arguments Codex refuses), Codex answers with the refusal as a
+    function_call_output (a tool message upstream), the mock answers in text. Each record's tokens are the mock's
+    own count of the request it got, cached and reasoning tokens priced apart."""
+    gw = gateway_for_clients
+    result = codex(coding_clients, gw, tmp_path, gw.key("codex-chat"), "gpt-chat", "What is 2 + 2?")
+    assert result.returncode == 0, result
+    assert result.stdout.strip(), result
+    calls = [r for r in httpx.get(f"{mock_reset}/_requests", timeout=10).json()
+             if r["path"].endswith("/chat/completions")]
+    assert len(calls) == 2, result
+    first, second = (c["body"] for c in calls)
+    assert first["model"] == "mock-cached40-reasoning7-chunks5" and first["stream"] is True and first["tools"]
+    assert first["messages"][-1]["role"] == "user" and second["messages"][-1]["role"] == "tool"
+    assert all(c["headers"]["authorization"] == f"Bearer {OPENAI_UPSTREAM_KEY}" for c in calls)
+    records = gw.records("codex-chat", time.time() - 120, 2)
+    assert [a["status"] for a in gw.access("codex-chat")] == ["ok", "ok"]
+    # the mock: a tool call costs 16 completion tokens, a stream of text 5 chunks; both plus 7 reasoning
+    expected = [(chat_prompt_tokens(body["messages"]), 40, completion + 7, 7)
+                for body, completion in ((first, 16), (second, 5))]
+    assert [(r.input_tokens, r.cached_input_tokens, r.output_tokens, r.reasoning_tokens) for r in records] == expected
+    assert [r.cost_nano for r in records] == [nano_of((prompt - 40) * O_IN + 40 * O_CACHED + out * O_OUT)
+                                             for prompt, _, out, _ in expected]
+    assert all((r.status, r.deployment, r.provider) == ("ok", "chat-mock", "openai") for r in records)
 
 
 def test_codex_reports_a_budget_refusal(coding_clients: Clients, gateway_for_clients: Gateway,
