@@ -343,7 +343,8 @@ def base_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 
 # ---------------------------------------------------------------------------------------------- Claude Code
-def claude(clients: Clients, gw: Gateway, tmp_path: Path, key: str, model: str, prompt: str) -> Run:
+def claude(clients: Clients, gw: Gateway, tmp_path: Path, key: str, model: str, prompt: str,
+           *args: str) -> Run:
     env, work = base_env(tmp_path)
     env.update({
         "CLAUDE_CONFIG_DIR": str(tmp_path / "claude-config"),
@@ -354,7 +355,7 @@ def claude(clients: Clients, gw: Gateway, tmp_path: Path, key: str, model: str, 
         "ANTHROPIC_SMALL_FAST_MODEL": model,       # any background call goes to a model the gateway knows
         "ANTHROPIC_DEFAULT_HAIKU_MODEL": model,
     })
-    return run_client([str(clients.claude), "-p", prompt, "--model", model], env, work)
+    return run_client([str(clients.claude), "-p", prompt, "--model", model, *args], env, work)
 
 
 def test_claude_code_native_answer_ledger_and_cost(coding_clients: Clients, gateway_for_clients: Gateway,
@@ -400,9 +401,11 @@ def test_claude_code_tool_round_trip_with_thinking(coding_clients: Clients, gate
     note.write_text(secret + "\n")
     mock_anthropic.set(tool="Read", tool_input=json.dumps({"file_path": str(note)}), thinking="Read the note first.",
                        input=40, output=9, text="The note has been read.")
-    result = claude(coding_clients, gw, tmp_path, gw.key("claude-tools"), "claude-gw", "What does note.txt say?")
+    result = claude(coding_clients, gw, tmp_path, gw.key("claude-tools"), "claude-gw", "What does note.txt say?",
+                    "--output-format", "json")
     assert result.returncode == 0, result
-    assert result.stdout.strip() == "The note has been read.", result
+    summary = json.loads(result.stdout)
+    assert (summary["result"], summary["is_error"], summary["num_turns"]) == ("The note has been read.", False, 2)
     calls = [r for r in mock_anthropic.requests if r.path.split("?")[0] == "/v1/messages"]
     assert len(calls) == 2, result
     *_, assistant, user = calls[1].body["messages"]
@@ -416,6 +419,9 @@ def test_claude_code_tool_round_trip_with_thinking(coding_clients: Clients, gate
     assert [a["status"] for a in gw.access("claude-tools")] == ["ok", "ok"]
     assert [(r.status, r.input_tokens, r.output_tokens, r.cost_nano) for r in records] == \
         [("ok", 40, 9, nano_of(40 * A_IN + 9 * A_OUT))] * 2
+    seen = summary["modelUsage"]["claude-gw"]     # the usage Claude Code read from the streams is the ledger's
+    assert (seen["inputTokens"], seen["outputTokens"]) == (sum(r.input_tokens for r in records),
+                                                           sum(r.output_tokens for r in records))
 
 
 def test_claude_code_reports_a_budget_refusal(coding_clients: Clients, gateway_for_clients: Gateway,
