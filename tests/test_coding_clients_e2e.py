@@ -295,7 +295,7 @@ class Gateway:
                     if len(records) >= expect or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.1)
-                await asyncio.sleep(0.5)    # the writer flushes every 0.1 s: a record beyond those expected shows
+                await asyncio.sleep(1.0)    # the writer flushes every 0.1 s: a record beyond those expected shows
                 return await ledger.read(since, team=team)
             finally:
                 await client.aclose()
