@@ -92,6 +92,15 @@ models:
         apis: [chat]
         api_key_env: CLIENTS_E2E_OPENAI_KEY
         price: {{input_per_mtok: 2, output_per_mtok: 8, cache_read_per_mtok: 0.5}}
+  claude-chat:
+    deployments:
+      - provider: openai
+        name: chat-mock-for-claude
+        model: mock-cached40-chunks5
+        api_base: {chat}/v1
+        apis: [chat]
+        api_key_env: CLIENTS_E2E_OPENAI_KEY
+        price: {{input_per_mtok: 2, output_per_mtok: 8, cache_read_per_mtok: 0.5}}
   local:
     deployments:
       - provider: simulated
@@ -101,6 +110,7 @@ teams:        # one per test, so each reads back only its own ledger records
   claude-native: {{}}
   claude-tools: {{}}
   claude-local: {{}}
+  claude-chat: {{}}
   codex-native: {{}}
   codex-local: {{}}
   codex-chat: {{}}
@@ -456,6 +466,42 @@ def test_claude_code_on_the_simulated_model_through_translation(coding_clients: 
         assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
         assert record.input_tokens > 0 and record.output_tokens > 0
         assert record.cost_nano == nano_of(record.input_tokens * SIM_IN + record.output_tokens * SIM_OUT)
+
+
+def test_claude_code_through_translation_to_a_chat_only_upstream(coding_clients: Clients,
+                                                                  gateway_for_clients: Gateway,
+                                                                  mock_reset: str, tmp_path: Path) -> None:
+    """Claude Code's Messages requests become chat completions; the mock calls Claude Code's first tool with
+    input it refuses (a tool_use translated from tool_calls), Claude Code sends the refusal as a tool_result (a
+    tool message upstream), the mock answers in text. Each record's tokens are the mock's own count."""
+    gw = gateway_for_clients
+    result = claude(coding_clients, gw, tmp_path, gw.key("claude-chat"), "claude-chat", "What is 2 + 2?",
+                    "--output-format", "json")
+    assert result.returncode == 0, result
+    summary = json.loads(result.stdout)
+    assert summary["result"].strip() and not summary["is_error"] and summary["num_turns"] == 2, result
+    calls = [r for r in httpx.get(f"{mock_reset}/_requests", timeout=10).json()
+             if r["path"].endswith("/chat/completions")]
+    assert len(calls) == 2, result
+    first, second = (c["body"] for c in calls)
+    assert first["model"] == "mock-cached40-chunks5" and first["stream"] is True and first["tools"]
+    assert first["messages"][0]["role"] == "system"
+    assert any("What is 2 + 2?" in json.dumps(m["content"]) for m in first["messages"] if m["role"] == "user")
+    [tool_call] = second["messages"][-2]["tool_calls"]
+    assert (tool_call["function"]["name"], json.loads(tool_call["function"]["arguments"])) == \
+        (first["tools"][0]["function"]["name"], {"q": "mock"})
+    assert second["messages"][-1]["role"] == "tool" and second["messages"][-1]["tool_call_id"] == tool_call["id"]
+    records = gw.records("claude-chat", time.time() - 120, 2)
+    assert [a["status"] for a in gw.access("claude-chat")] == ["ok", "ok"]
+    # the mock: a tool call costs 16 completion tokens, a stream of text 5 chunks
+    expected = [(chat_prompt_tokens(body["messages"]), 40, completion)
+                for body, completion in ((first, 16), (second, 5))]
+    assert [(r.input_tokens, r.cached_input_tokens, r.output_tokens) for r in records] == expected
+    assert [r.cost_nano for r in records] == [nano_of((prompt - 40) * O_IN + 40 * O_CACHED + out * O_OUT)
+                                             for prompt, _, out in expected]
+    seen = summary["modelUsage"]["claude-chat"]   # what Claude Code read: uncached input apart from cache reads
+    assert (seen["inputTokens"] + seen["cacheReadInputTokens"], seen["cacheReadInputTokens"], seen["outputTokens"]) \
+        == (sum(e[0] for e in expected), 80, 21)
 
 
 # ---------------------------------------------------------------------------------------------- Codex
