@@ -4,7 +4,10 @@
 server-sent events (message_start with cache usage and the 5m/1h
 ``cache_creation`` breakdown, content blocks, message_delta, message_stop).
 With ``tools`` in the request (and no tool result to answer) it calls the
-first or the forced tool. Knobs come from request headers (``x-mock-*``, sent
+first or the forced tool; the ``tool`` knob names another offered tool to call instead, or is
+``off`` to always answer in text (a coding agent such as Claude Code, handed a valid call of its
+first tool, spawns agents without end), and ``tool-input`` (a JSON object) replaces the sample
+input. Knobs come from request headers (``x-mock-*``, sent
 by a deployment's ``headers``) or from :meth:`MockAnthropic.set`; headers win.
 A ``thinking`` knob puts a thinking block (``thinking_delta`` and
 ``signature_delta`` when streamed) before the answer; ``stream-cut`` ends a
@@ -46,6 +49,8 @@ DEFAULTS: dict[str, str] = {
     "stream-cut": "",         # streaming: end the stream after the first delta, no message_stop
     "end-delay-ms": "0",      # streaming: wait between message_stop and the end of the body
     "thinking": "",           # a thinking block with this text (and a signature) before the answer
+    "tool": "",               # the tool to call: "" the first or forced one, "off" none, else the one of that name
+    "tool-input": "",         # a JSON object: the input of that call (default: a sample from its schema)
 }
 SIGNATURE = "c2lnbmF0dXJlLW1vY2s="
 
@@ -92,9 +97,11 @@ def _tool_input(tool: dict[str, Any]) -> dict[str, Any]:
             if name in (schema.get("required") or list(props))}
 
 
-def _pick_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+def _pick_tool(body: dict[str, Any], wanted: str = "") -> dict[str, Any] | None:
     tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "input_schema" in t]   # not server tools
     choice = body.get("tool_choice") or {}
+    if wanted:
+        tools = [t for t in tools if t.get("name") == wanted]
     if not tools or choice.get("type") == "none":
         return None
     messages = body.get("messages") or []
@@ -182,11 +189,12 @@ def _handler(mock: MockAnthropic) -> type[BaseHTTPRequestHandler]:
             self._answer(body, knob)
 
         def _answer(self, body: dict[str, Any], knob: Any) -> None:
-            tool = _pick_tool(body)
+            wanted = knob("tool")
+            tool = _pick_tool(body, wanted) if wanted != "off" else None
             text = knob("text")
             words = len(text.split())
             if tool is not None:
-                tool_input = _tool_input(tool)
+                tool_input = json.loads(knob("tool-input")) if knob("tool-input") else _tool_input(tool)
                 block: dict[str, Any] = {"type": "tool_use", "id": "toolu_mock_01", "name": tool["name"],
                                          "input": tool_input}
                 stop_reason, output = "tool_use", int(knob("output") or 12)
