@@ -26,6 +26,7 @@ from gateway.admin import ops as adminops
 from gateway.admin.spend_report import FORMATS, check_choice, render
 from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable
 from gateway.settings import Settings
+from gateway.state.ledger import Ledger
 
 HTTP_TIMEOUT_S = 30.0
 
@@ -61,7 +62,11 @@ class RedisAdmin:
         self.url = _without_password(settings.redis_url or "")
         self.client = redis_client(settings)
         self.keys = RedisKeyStore(self.client)
-        self.ledger = RedisLedger(self.client)
+        self.redis_ledger = RedisLedger(self.client)
+        self.ledger: Ledger = self.redis_ledger
+        if settings.clickhouse_url:   # the history is there; the Redis stream is only a buffer
+            from gateway.state.ledger_archive import clickhouse_ledger
+            self.ledger = clickhouse_ledger(settings)
         self.known_teams = known_teams
 
     @contextlib.contextmanager
@@ -90,6 +95,8 @@ class RedisAdmin:
             return render(await adminops.spend(self.ledger, team, since, by), fmt)
 
     async def aclose(self) -> None:
+        if self.ledger is not self.redis_ledger:
+            await self.ledger.aclose()
         await self.client.aclose()
 
 

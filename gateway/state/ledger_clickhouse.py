@@ -283,7 +283,8 @@ class ClickHouseLedger:
                  "input_tokens": r["input_tokens"], "output_tokens": r["output_tokens"]}
                 for key, r in sorted(rows.items())]
 
-    def _daily_query(self, dims: list[str], first: int, end: int | None, team: str | None) -> tuple[str, dict[str, Any]]:
+    def _daily_query(self, dims: list[str], first: int, end: int | None, team: str | None
+                     ) -> tuple[str, dict[str, Any]]:
         params: dict[str, Any] = {"first": first}
         where = "day >= toDate(%(first)s)"   # Date from an integer: days since the epoch
         if end is not None:
@@ -356,7 +357,7 @@ def migrate(client: Any, db: str, columns: Sequence[schema.Column] = schema.COLU
 
 
 def _apply_retention(client: Any, db: str, days: int) -> None:
-    query = (f"SELECT engine_full FROM system.tables WHERE database = %(db)s AND name = %(name)s")
+    query = ("SELECT engine_full FROM system.tables WHERE database = %(db)s AND name = %(name)s")
     engine = str(client.query(query, parameters={"db": db, "name": schema.RECORDS}).result_rows[0][0])
     current = re.search(r"toIntervalDay\((\d+)\)|INTERVAL (\d+) DAY", engine)
     have = int(next(g for g in current.groups() if g)) if current else 0
