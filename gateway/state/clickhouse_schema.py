@@ -124,11 +124,10 @@ def _added(db: str, columns: Sequence[Column], version: int) -> list[str]:
     out = [f"ALTER TABLE {db}.{RECORDS} ADD COLUMN IF NOT EXISTS {c.name} {c.type}" for c in new]
     rolled = [c for c in new if c.dimension or c.counter]
     if rolled:
-        for c in rolled:
-            out.append(f"ALTER TABLE {db}.{DAILY} ADD COLUMN IF NOT EXISTS {c.name} {c.type}")
-        keys = ", ".join(["day", *(c.name for c in now if c.dimension)])
-        if any(c.dimension for c in new):
-            out.append(f"ALTER TABLE {db}.{DAILY} MODIFY ORDER BY ({keys})")
+        changes = [f"ADD COLUMN {c.name} {c.type}" for c in rolled]
+        if any(c.dimension for c in new):   # a new column joins the sorting key in the ALTER that adds it
+            changes.append(f"MODIFY ORDER BY ({', '.join(['day', *(c.name for c in now if c.dimension)])})")
+        out.append(f"ALTER TABLE {db}.{DAILY} {', '.join(changes)}")
         out += [f"DROP VIEW IF EXISTS {db}.{DAILY_MV}", _mv(db, now)]
     return out
 
