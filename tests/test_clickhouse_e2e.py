@@ -50,7 +50,8 @@ async def test_two_workers_on_redis_and_clickhouse_agree_to_the_nano_dollar(
     try:
         server = gateway(policy(mock_reset, f"  {team}: {{budgets: [{{period: monthly, usd: 1000}}]}}"),
                          env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{port}/0", "GATEWAY_MASTER_KEY": MASTER,
-                              "GATEWAY_CLICKHOUSE_URL": f"chdb://{engine}", "GATEWAY_SPOOL_DIR": str(tmp_path / "spool")},
+                              "GATEWAY_CLICKHOUSE_URL": f"chdb://{engine}",
+                              "GATEWAY_SPOOL_DIR": str(tmp_path / "spool")},
                          args=("--workers", "2"))
         _, secret = await new_key(port, team)
         start = time.time()
