@@ -288,3 +288,28 @@ def test_settings_read_the_clickhouse_variables() -> None:
     assert Settings.from_env(s.to_env()).clickhouse_url == "http://ch:8123/gw"
     with pytest.raises(ValueError, match="GATEWAY_CLICKHOUSE_RETENTION_DAYS"):
         Settings.from_env({"GATEWAY_CLICKHOUSE_RETENTION_DAYS": "-1"})
+
+
+async def test_every_clickhouse_dashboard_query_runs_on_the_ledger_schema(ch: ClickHouseLedger) -> None:
+    import json
+
+    from conftest import ROOT
+    batch = records(120, seed=12)
+    await ch.append(batch)
+    frm, to = f"toDateTime({int(BASE)}, 'UTC')", f"toDateTime({int(BASE + 7 * DAY_S)}, 'UTC')"
+    boards = sorted((ROOT / "grafana" / "dashboards-clickhouse").glob("*.json"))
+    queries = [(p["title"], t["rawSql"].replace("$__fromTime", frm).replace("$__toTime", to))
+               for path in boards for p in json.loads(path.read_text())["panels"] for t in p["targets"]]
+    assert len(queries) >= 5
+
+    def run(client: object) -> dict[str, list[tuple[object, ...]]]:
+        return {title: client.query(sql).result_rows for title, sql in queries}  # type: ignore[attr-defined]
+    results = await ch._run(run)
+    for title, rows in results.items():
+        assert rows, f"panel {title!r} returned no rows"
+    by_team = {row[0]: row for row in results["Spend by team"]}
+    for team in {r.team for r in batch}:
+        mine = [r for r in batch if r.team == team]
+        assert by_team[team][1] == len(mine)
+        assert round(by_team[team][4] * 1e9) == sum(r.cost_nano for r in mine)
+    assert sum(row[2] for row in results["Spend by key"]) == len(batch)
