@@ -313,3 +313,65 @@ async def test_every_clickhouse_dashboard_query_runs_on_the_ledger_schema(ch: Cl
         assert by_team[team][1] == len(mine)
         assert round(by_team[team][4] * 1e9) == sum(r.cost_nano for r in mine)
     assert sum(row[2] for row in results["Spend by key"]) == len(batch)
+
+
+async def test_reports_by_key_provider_and_lists_need_clickhouse(ch: ClickHouseLedger) -> None:
+    import time
+
+    from gateway.admin import ops as adminops
+    from gateway.admin.spend_report import REPORT_BY, check_by
+    from gateway.errors import InvalidRequest
+    from gateway.state.ledger_clickhouse import DIMENSIONS
+    assert tuple(DIMENSIONS) == REPORT_BY
+    now = time.time()
+    batch = [record(i, now - 60 * i, random.Random(i)) for i in range(50)]
+    await ch.append(batch)
+    doc = await adminops.spend(ch, None, "1d", "team,model")
+    assert doc["by"] == "team,model" and doc["total"]["requests"] == 50
+    assert {row["team,model"] for row in doc["rows"]} == {f"{r.team} / {r.model}" for r in batch}
+    assert "TEAM,MODEL" in render(doc, "table")
+    with pytest.raises(InvalidRequest, match="needs the ClickHouse ledger"):
+        await adminops.spend(MemoryLedger(), None, "1d", "key")
+    for bad in ("team,bogus", "team,team", ""):
+        with pytest.raises(ValueError, match="by must be"):
+            check_by(bad)
+
+
+@pytest.mark.e2e
+def test_gateway_spend_reads_clickhouse_directly(tmp_path: Path, redis_port: int) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    async def fill() -> list[LedgerRecord]:
+        ledger = ClickHouseLedger(f"chdb://{tmp_path / 'engine'}")
+        now = time.time()
+        batch = [record(i, now - 30 * i, random.Random(i)) for i in range(40)]
+        try:
+            await ledger.append(batch)
+        finally:
+            await ledger.aclose()
+        return batch
+    batch = asyncio_run(fill())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "GATEWAY_CLICKHOUSE_URL": f"chdb://{tmp_path / 'engine'}"}
+    for by in ("team", "key", "team,model"):
+        out = subprocess.run([sys.executable, "-m", "gateway", "spend", "--by", by, "--since", "1d", "--format",
+                              "json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads(out.stdout)
+        assert doc["total"]["requests"] == 40
+        assert doc["total"]["cost_nano"] == sum(r.cost_nano for r in batch)
+    bad = subprocess.run([sys.executable, "-m", "gateway", "spend", "--by", "prompt"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "by must be" in bad.stderr
+
+
+def asyncio_run(coro: object) -> list[LedgerRecord]:
+    import asyncio
+    return asyncio.run(coro)  # type: ignore[arg-type, no-any-return]
