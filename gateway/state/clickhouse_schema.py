@@ -14,6 +14,9 @@ schema version that added it. The tables and the migrations are derived from it:
 Adding a field (say ``user``) is one change: a :class:`Column` with ``since=2`` (``dimension=True``
 to roll up by it). Version 2 is then derived: ``ADD COLUMN`` on the records, and for a dimension
 ``ADD COLUMN`` plus ``MODIFY ORDER BY`` on the rollup and the view re-created to group by it.
+A multi-valued field (``tags``, an ``Array(String)``) is a plain column here; rolling up by tag
+needs a rollup table of its own (``arrayJoin`` repeats a request's counters under each of its
+tags, so those sums must never be added across tags), one more migration step.
 """
 
 from __future__ import annotations
