@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     spend = sub.add_parser("spend", help="spend report from the ledger, with savings")
     spend.add_argument("--team", help="only this team")
     spend.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
-    spend.add_argument("--by", default="team", choices=("team", "model", "day"))
+    spend.add_argument("--by", default="team", help="team, model or day; with ClickHouse also key, provider or "
+                                                    "a comma-separated list such as team,model (default team)")
     spend.add_argument("--format", default="table", choices=("table", "csv", "json"))
     ledger = sub.add_parser("ledger", help="the spend ledger's records")
     ledger_actions = ledger.add_subparsers(dest="action", required=True)

@@ -106,6 +106,9 @@ class Settings:
     keepalive_timeout_s: float = 5.0      # a connection with no request in flight is closed after this
     request_read_timeout_s: float = 30.0  # a request must arrive in full (head and body) within this
     data_dir: str = MEMORY                # embedded state (no Redis): a SQLite database here, or MEMORY
+    clickhouse_url: str | None = None     # the ledger's history in ClickHouse (http(s)://... or chdb://...)
+    clickhouse_retention_days: int = 400  # ClickHouse keeps records and rollups this long (0: for ever)
+    ledger_buffer_records: int = 100_000  # with ClickHouse, the Redis stream keeps only this many records
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,6 +141,9 @@ class Settings:
             keepalive_timeout_s=_positive(e, "GATEWAY_KEEPALIVE_TIMEOUT_S", 5.0),
             request_read_timeout_s=_positive(e, "GATEWAY_REQUEST_READ_TIMEOUT_S", 30.0),
             data_dir=e.get("GATEWAY_DATA_DIR") or default_data_dir(e),
+            clickhouse_url=e.get("GATEWAY_CLICKHOUSE_URL") or None,
+            clickhouse_retention_days=_count(e, "GATEWAY_CLICKHOUSE_RETENTION_DAYS", 400),
+            ledger_buffer_records=_count(e, "GATEWAY_LEDGER_BUFFER_RECORDS", 100_000),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -173,6 +179,8 @@ class Settings:
             "GATEWAY_KEEPALIVE_TIMEOUT_S": str(self.keepalive_timeout_s),
             "GATEWAY_REQUEST_READ_TIMEOUT_S": str(self.request_read_timeout_s),
             "GATEWAY_DATA_DIR": self.data_dir,
+            "GATEWAY_CLICKHOUSE_RETENTION_DAYS": str(self.clickhouse_retention_days),
+            "GATEWAY_LEDGER_BUFFER_RECORDS": str(self.ledger_buffer_records),
         }
         if self.redis_url:
             env["GATEWAY_REDIS_URL"] = self.redis_url
@@ -182,6 +190,8 @@ class Settings:
             env["GATEWAY_METRICS_KEY"] = self.metrics_key
         if self.spool_dir:
             env["GATEWAY_SPOOL_DIR"] = self.spool_dir
+        if self.clickhouse_url:
+            env["GATEWAY_CLICKHOUSE_URL"] = self.clickhouse_url
         if self.metrics_dir:
             env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         return env

@@ -66,9 +66,9 @@ def host_path(spec: str) -> tuple[Path | None, str]:
 
 def test_compose_stack_has_what_it_promises(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"gateway", "redis", "prometheus", "grafana"} <= set(services)
+    assert {"gateway", "redis", "prometheus", "grafana", "clickhouse"} <= set(services)
     core = {name for name, s in services.items() if "profiles" not in s}
-    assert core == {"gateway", "redis", "prometheus", "grafana"}
+    assert core == {"gateway", "redis", "prometheus", "grafana", "clickhouse"}
     for name, service in services.items():                                    # every bind mount exists
         for spec in service.get("volumes", []):
             path, _ = host_path(spec)
@@ -358,3 +358,64 @@ def test_grafana_datasource_points_at_the_stacks_prometheus() -> None:
     assert "9090:9090" in compose["services"]["prometheus"]["ports"]
     prometheus_yml = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert ds["jsonData"]["timeInterval"] == prometheus_yml["global"]["scrape_interval"]
+
+
+# --------------------------------------------------------------------------------------- clickhouse
+
+def test_clickhouse_server_and_the_gateway_wired_to_it(compose: dict[str, Any],
+                                                       manifests: list[dict[str, Any]]) -> None:
+    from urllib.parse import urlparse
+    services = compose["services"]
+    ch, gw = services["clickhouse"], services["gateway"]
+    url = urlparse(gw["environment"]["GATEWAY_CLICKHOUSE_URL"])
+    assert (url.scheme, url.hostname, url.port, url.path) == ("http", "clickhouse", 8123, "/gateway")
+    assert url.username == ch["environment"]["CLICKHOUSE_USER"] and ch["environment"]["CLICKHOUSE_DB"] == "gateway"
+    assert url.password == ch["environment"]["CLICKHOUSE_PASSWORD"]
+    assert gw["depends_on"]["clickhouse"]["condition"] == "service_healthy"
+    assert "8123/ping" in " ".join(ch["healthcheck"]["test"])
+    assert any(host_path(v)[1] == "/var/lib/clickhouse" for v in ch["volumes"])
+    assert "'.[clickhouse]'" in (DEPLOY / "Dockerfile").read_text()       # the image has the client
+
+    deployment = find(manifests, "Deployment", "gateway")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    k8s_url = urlparse(env["GATEWAY_CLICKHOUSE_URL"]["value"])
+    assert k8s_url.password == "$(CLICKHOUSE_PASSWORD)"
+    names = [e["name"] for e in container["env"]]
+    assert names.index("CLICKHOUSE_PASSWORD") < names.index("GATEWAY_CLICKHOUSE_URL")   # $(...) needs it first
+    service = find(manifests, "Service", k8s_url.hostname or "")
+    assert service["spec"]["ports"][0]["port"] == k8s_url.port
+    statefulset = find(manifests, "StatefulSet", "clickhouse")
+    pod = statefulset["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [server] = pod["spec"]["containers"]
+    server_env = {e["name"]: e for e in server["env"]}
+    assert server_env["CLICKHOUSE_DB"]["value"] == k8s_url.path.strip("/")
+    assert server_env["CLICKHOUSE_USER"]["value"] == k8s_url.username
+    ref = server_env["CLICKHOUSE_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == env["CLICKHOUSE_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "gateway-admin",
+                                                                               "key": "CLICKHOUSE_PASSWORD"}
+    assert server["volumeMounts"][0]["mountPath"] == "/var/lib/clickhouse"
+    assert "CLICKHOUSE_PASSWORD=" in (K8S / "kustomization.yaml").read_text()
+
+
+def test_grafana_clickhouse_datasource_and_dashboard_are_provisioned(compose: dict[str, Any]) -> None:
+    [ds] = yaml.safe_load((ROOT / "grafana/provisioning/datasources/clickhouse.yml").read_text())["datasources"]
+    assert ds["type"] == "grafana-clickhouse-datasource" and ds["uid"] == "clickhouse"
+    assert (ds["jsonData"]["host"], ds["jsonData"]["port"]) == ("clickhouse", 8123)
+    ch = compose["services"]["clickhouse"]["environment"]
+    assert ds["jsonData"]["defaultDatabase"] == ch["CLICKHOUSE_DB"]
+    assert ds["jsonData"]["username"] == ch["CLICKHOUSE_USER"]
+    grafana = compose["services"]["grafana"]
+    assert ds["secureJsonData"]["password"] == "$CLICKHOUSE_PASSWORD"
+    assert "CLICKHOUSE_PASSWORD" in grafana["environment"]
+    assert "grafana-clickhouse-datasource" in grafana["environment"]["GF_INSTALL_PLUGINS"]
+    [provider] = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/llm-gateway-clickhouse.yml").read_text()
+                                )["providers"]
+    mounts = {target: path for path, target in map(host_path, grafana["volumes"]) if path is not None}
+    assert mounts[provider["options"]["path"]] == ROOT / "grafana" / "dashboards-clickhouse"
+    boards = list((ROOT / "grafana" / "dashboards-clickhouse").glob("*.json"))
+    assert boards
+    for path in boards:
+        for panel in json.loads(path.read_text())["panels"]:
+            assert panel["datasource"]["uid"] == ds["uid"], (path.name, panel["title"])

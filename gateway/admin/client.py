@@ -78,7 +78,17 @@ class StoreAdmin:
 
         client = redis_client(settings)
         where = f"Redis at {_without_password(settings.redis_url or '')}"
-        return cls(RedisKeyStore(client), RedisLedger(client), where, client.aclose, known_teams)
+        ledger: Ledger = RedisLedger(client)
+        if not settings.clickhouse_url:
+            return cls(RedisKeyStore(client), ledger, where, client.aclose, known_teams)
+        from gateway.state.ledger_archive import clickhouse_ledger
+        archive = clickhouse_ledger(settings)   # the history is there; the Redis stream is only a buffer
+
+        async def close() -> None:
+            await archive.aclose()
+            await client.aclose()
+
+        return cls(RedisKeyStore(client), archive, where, close, known_teams)
 
     @classmethod
     def sqlite(cls, settings: Settings, known_teams: Callable[[], Collection[str] | None]) -> StoreAdmin:

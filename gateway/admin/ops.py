@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.admin.spend_report import build_report, check_choice, iso, parse_since, usd
+from gateway.admin.spend_report import build_report, check_by, iso, parse_since, usd
 from gateway.budgets.rules import DEFAULT_OUTPUT_CAP, budget_rules
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.policy import TeamSpec
@@ -216,7 +216,7 @@ def spend_params(team: str | None, since: str, by: str, now: float) -> tuple[str
     except ValueError as exc:
         raise _bad("since", str(exc)) from None
     try:
-        check_choice("by", by, GROUP_BY)
+        check_by(by)
     except ValueError as exc:
         raise _bad("by", str(exc)) from None
     return (team.strip() or None) if team else None, start, by
@@ -227,6 +227,12 @@ async def spend(ledger: Ledger, team: str | None, since: str, by: str) -> dict[s
     now = time.time()
     team, start, by = spend_params(team, since, by, now)
     with state_errors("The spend ledger"):
-        rows = await ledger.totals(start, None, team, by)
+        try:
+            rows = await ledger.totals(start, None, team, by)
+        except ValueError as exc:   # a grouping this ledger cannot answer (key, provider, lists: ClickHouse only)
+            if by in GROUP_BY:
+                raise
+            raise _bad("by", f"grouping by {by!r} needs the ClickHouse ledger (GATEWAY_CLICKHOUSE_URL); "
+                             f"this ledger answers {', '.join(GROUP_BY)} ({exc})") from None
     return build_report(rows, by=by, team=team, since=start, until=now)
 

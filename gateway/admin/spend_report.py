@@ -19,9 +19,12 @@ from typing import Any
 
 import orjson
 
-from gateway.state.ledger import GROUP_BY, SAVINGS_SOURCES
+from gateway.state.ledger import SAVINGS_SOURCES
 
 FORMATS = ("table", "csv", "json")
+# what a report may be grouped by: any ledger answers GROUP_BY (team, model, day); the ClickHouse
+# ledger also key and provider, and any comma-separated list of them ("team,model")
+REPORT_BY = ("team", "key", "model", "provider", "day")
 MEDIA_TYPES = {"json": "application/json", "csv": "text/csv; charset=utf-8", "table": "text/plain; charset=utf-8"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 _MAX_BACK_S = 20 * 366 * 86_400
@@ -53,6 +56,15 @@ def parse_since(text: str, now: float) -> float:
     return (when.replace(tzinfo=UTC) if when.tzinfo is None else when).timestamp()
 
 
+def check_by(by: str) -> str:
+    """``by`` if it is one of :data:`REPORT_BY` or a comma-separated list of them; ValueError otherwise."""
+    parts = by.split(",")
+    if not all(p in REPORT_BY for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"by must be one of {', '.join(REPORT_BY)} or a comma-separated list of them "
+                         f"(key, provider and lists need GATEWAY_CLICKHOUSE_URL), got {by!r}")
+    return by
+
+
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
@@ -76,7 +88,7 @@ def _money(row: dict[str, Any]) -> dict[str, Any]:
 def build_report(rows: Sequence[dict[str, Any]], *, by: str, team: str | None, since: float,
                  until: float) -> dict[str, Any]:
     """The report document from :meth:`Ledger.totals` rows (sorted by key), with a total row."""
-    check_choice("by", by, GROUP_BY)
+    check_by(by)
     total: dict[str, Any] = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_nano": 0,
                              "baseline_nano": 0, "savings_nano": dict.fromkeys(SAVINGS_SOURCES, 0)}
     for row in rows:

@@ -35,6 +35,7 @@ from gateway.state.budgets import Admission, BudgetStore, ReserveRequest, StateU
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
 from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
+from gateway.state.ledger_archive import buffered, stream_maxlen
 from gateway.state.spool import SettleSpool, Spool
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def open_sqlite_state(settings: Settings) -> State:
     key_store = SqliteKeyStore(db, owns_connection=False)
     ledger = SqliteLedger(db, owns_connection=False, group=group)
     budgets = SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False, group=group)
-    return State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), BufferedLedger(ledger),
+    return State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), buffered(settings, ledger),
                  settings.redis_fail_mode == "allow", hold_ttl_s=settings.reservation_ttl_s, db=db, group=group,
                  queue_record=ledger.queue, checkpointer=checkpointer)
 
@@ -269,7 +270,7 @@ def open_state(settings: Settings) -> State:
     if not settings.redis_url:
         keys = MemoryKeyStore()
         return State(MemoryBudgetStore(settings.reservation_ttl_s), keys, CachedKeys(keys, ttl_s=0.0),
-                     BufferedLedger(MemoryLedger(settings.ledger_max_records or 20_000)), fail_open,
+                     buffered(settings, MemoryLedger(settings.ledger_max_records or 20_000)), fail_open,
                      hold_ttl_s=settings.reservation_ttl_s)
     from gateway.state.budgets_redis import RedisBudgetStore
     from gateway.state.keys import RedisKeyStore
@@ -283,7 +284,7 @@ def open_state(settings: Settings) -> State:
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
     state = State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
                   CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
-                  BufferedLedger(RedisLedger(client, settings.ledger_max_records or None), spool=open_spool(settings)),
+                  buffered(settings, RedisLedger(client, stream_maxlen(settings)), spool=open_spool(settings)),
                   fail_open, redis=client, hold_ttl_s=settings.reservation_ttl_s, settle_spool=settle_spool)
     if settle_spool is not None:
         state._settles.extend(settle_spool.adopt())   # a dead process's settles: replayed by the first flush
