@@ -19,16 +19,12 @@ from typing import Any
 
 import orjson
 
+from gateway.money import usd_text
 from gateway.state.ledger import LedgerRecord
 
 ACCESS_LOGGER = "gateway.access"
 
 
-def usd(nano: int) -> str:
-    """Integer nano-USD as an exact decimal string."""
-    sign, nano = ("-", -nano) if nano < 0 else ("", nano)
-    whole, frac = divmod(nano, 1_000_000_000)
-    return sign + (f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else f"{whole}")
 
 
 def access_fields(record: LedgerRecord) -> dict[str, Any]:
@@ -38,7 +34,7 @@ def access_fields(record: LedgerRecord) -> dict[str, Any]:
         "model": record.requested_model, "deployment": record.deployment or None,
         "provider": record.provider or None, "route": record.route, "status": record.status,
         "input_tokens": record.input_tokens, "output_tokens": record.output_tokens,
-        "cached_tokens": record.cached_input_tokens, "cost_usd": usd(record.cost_nano),
+        "cached_tokens": record.cached_input_tokens, "cost_usd": usd_text(record.cost_nano),
         "latency_ms": record.latency_ms, "ttft_ms": record.ttft_ms, "stream": record.stream,
         "cache": record.cache, "estimated": record.estimated,
     }
@@ -64,7 +60,7 @@ def access_line(record: LedgerRecord, json_format: bool) -> str:
     return (f"request_id={_q(r.request_id)} team={_q(r.team)} key_id={_q(r.key_id)} model={_q(r.requested_model)} "
             f"deployment={_q(r.deployment or None)} provider={_q(r.provider or None)} route={_q(r.route)} "
             f"status={_q(r.status)} input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
-            f"cached_tokens={r.cached_input_tokens} cost_usd={usd(r.cost_nano)} latency_ms={r.latency_ms:g} "
+            f"cached_tokens={r.cached_input_tokens} cost_usd={usd_text(r.cost_nano)} latency_ms={r.latency_ms:g} "
             f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={_q(r.cache)} "
             f"estimated={'true' if r.estimated else 'false'}")
 

@@ -58,3 +58,10 @@ def pico_from_usd(value: float | str | int) -> int:
 def pico_to_nano(pico: int) -> int:
     """Pico-USD to nano-USD, rounded half-up (the one rounding of a request's cost)."""
     return (pico + 500) // 1000
+
+
+def usd_text(nano: int) -> str:
+    """Integer nano-USD as the shortest exact decimal: ``0.05``, ``3``, ``0.000000001``, ``-0.1``."""
+    sign, nano = ("-", -nano) if nano < 0 else ("", nano)
+    whole, frac = divmod(nano, 1_000_000_000)
+    return sign + (f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else f"{whole}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
+from gateway.money import usd_text
 from gateway.policy import Deployment, TeamSpec
 from gateway.pricing import usd_to_nano
 from gateway.state.budgets import Admission, BudgetRule, Period, RateRule, Refusal
@@ -134,11 +135,11 @@ def refusal_error(refusal: Refusal, admission: Admission) -> GatewayError:
     if refusal.kind == "budget_soft":
         return BudgetExceeded(
             f"The {refusal.period} budget of {who} is past its soft threshold: "
-            f"spent and reserved ${refusal.used / 1e9:.6f} of ${refusal.limit / 1e9:.6f}.")
+            f"spent and reserved ${usd_text(refusal.used)} of ${usd_text(refusal.limit)}.")
     if refusal.kind == "budget":
         return BudgetExceeded(
             f"The {refusal.period} budget of {who} cannot cover this request: "
-            f"spent and reserved ${refusal.used / 1e9:.6f} of ${refusal.limit / 1e9:.6f}.")
+            f"spent and reserved ${usd_text(refusal.used)} of ${usd_text(refusal.limit)}.")
     what = "requests" if refusal.kind == "rate_requests" else "tokens"
     headers = {k.decode(): v.decode() for k, v in rate_headers(admission)}
     if refusal.retry_after_s is None:   # a single request larger than the whole minute's allowance

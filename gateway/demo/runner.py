@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from gateway.money import usd_text
 from gateway.settings import MEMORY, Settings, SettingsError
 
 DEMO_POLICIES = Path(__file__).with_name("policies")
@@ -128,7 +129,6 @@ def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple
     """The closing report. ``requests`` are the demo's own requests (the header's count is their total);
     ``summaries`` the compression summary calls the gateway made for a team, each its own ledger record,
     their cost part of the team's spend; spend and savings come from the ledger."""
-    from gateway.pipeline.request import usd_str
 
     summaries = summaries or {}
     head = f"{'team':<10} {'requests':>8} {'ok':>6} {'budget':>6} {'limited':>7} {'failed':>6} " \
@@ -142,11 +142,11 @@ def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple
         cost, savings = row.get("cost_nano", 0), sum(row.get("savings_nano", {}).values())
         spend, saved = spend + cost, saved + savings
         lines.append(f"{team:<10} {t.requests:>8} {t.ok:>6} {t.budget:>6} {t.rate_limited:>7} {t.failed:>6} "
-                     f"{len(summaries.get(team, ())):>9} {usd_str(cost):>12} {_signed_usd(savings):>12}")
+                     f"{len(summaries.get(team, ())):>9} {usd_text(cost):>12} {usd_text(savings):>12}")
     lines.append("-" * len(head))
     calls = sum(len(v) for v in summaries.values())
     lines.append(f"{'total':<10} {total.requests:>8} {total.ok:>6} {total.budget:>6} {total.rate_limited:>7} "
-                 f"{total.failed:>6} {calls:>9} {usd_str(spend):>12} {_signed_usd(saved):>12}")
+                 f"{total.failed:>6} {calls:>9} {usd_text(spend):>12} {usd_text(saved):>12}")
     lines.append("columns: budget = refused by a budget, limited = rate limited,\n"
                  "         summaries = compression summary calls the gateway made to shorten long conversations\n"
                  "         (each its own ledger record, billed to the team: its cost is in the team's spend)")
@@ -158,13 +158,13 @@ def summary(traffic: Any, totals: dict[str, dict[str, Any]], budgets: list[tuple
         lines.append("\nBudgets now:")
         for team, u in budgets:
             used = 100 * u.spent_nano / u.limit_nano if u.limit_nano else 100.0
-            lines.append(f"  {team:<10} {u.period:<8} spent ${usd_str(u.spent_nano)} of ${usd_str(u.limit_nano)} "
+            lines.append(f"  {team:<10} {u.period:<8} spent ${usd_text(u.spent_nano)} of ${usd_text(u.limit_nano)} "
                          f"({used:.1f}%)")
     charged = total.cost_nano
     summary_cost = sum(sum(v) for v in summaries.values())
-    extra = f" plus ${usd_str(summary_cost)} for the {calls} compression summaries it ran for them" if calls else ""
-    lines.append(f"\nClients were charged ${usd_str(charged)} in all (the cost_usd the gateway returned){extra}; "
-                 f"that is ${usd_str(charged + summary_cost)}, and the ledger says ${usd_str(spend)}.")
+    extra = f" plus ${usd_text(summary_cost)} for the {calls} compression summaries it ran for them" if calls else ""
+    lines.append(f"\nClients were charged ${usd_text(charged)} in all (the cost_usd the gateway returned){extra}; "
+                 f"that is ${usd_text(charged + summary_cost)}, and the ledger says ${usd_text(spend)}.")
     if serving:
         lines.append(f"Metrics: {url}/metrics")
     else:
@@ -179,12 +179,6 @@ def prometheus_hint(port: int) -> str:
     return (f"Prometheus without Docker, from the repository root{target}:\n"
             f"  prometheus --config.file={config} --storage.tsdb.path=/tmp/gateway-prometheus\n"
             "then open http://127.0.0.1:9090 (alerts: the Alerts tab).")
-
-
-def _signed_usd(nano: int) -> str:
-    from gateway.pipeline.request import usd_str
-
-    return usd_str(nano) if nano >= 0 else "-" + usd_str(-nano)
 
 
 def _check_port(host: str, port: int) -> None:

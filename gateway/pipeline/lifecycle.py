@@ -24,6 +24,7 @@ import orjson
 
 from gateway.budgets.rules import call_output_cap, output_cap, rate_headers, requested_output
 from gateway.errors import AuthenticationFailed, GatewayError, ServiceUnavailable
+from gateway.money import usd_text
 from gateway.policy import CompressionSettings, Deployment, Policies, TeamSpec
 from gateway.policy.teams import DEFAULT_TEAM
 from gateway.pricing import Usage, usage_from_openai
@@ -45,7 +46,7 @@ from .attempts import Attempts
 from .attribution import attribution
 from .auth import caller_key, secret_matches
 from .codec import Codec
-from .request import Headers, Inbound, Principal, Reply, Request, RequestIds, StreamReply, usd_str
+from .request import Headers, Inbound, Principal, Reply, Request, RequestIds, StreamReply
 from .savers import SavingStages, build_store
 from .streaming import relay
 from .ticket import Books, Ticket
@@ -191,7 +192,7 @@ class Pipeline:
             await self.savers.store(req, ticket, deployment, answer)
             await keep(codec, req, ticket, deployment, answer)
             headers = self.headers(req, ticket, deployment, settled=True, wire=wire)
-            headers.append((b"x-gateway-cost-usd", usd_str(ticket.cost_nano).encode()))
+            headers.append((b"x-gateway-cost-usd", usd_text(ticket.cost_nano).encode()))
         except BaseException as exc:
             if ticket.finished:
                 ticket.record()
@@ -323,7 +324,7 @@ class Pipeline:
                 remaining = admission.remaining_nano
                 if settled:
                     remaining = max(0, remaining + admission.reserved_nano - ticket.cost_nano)
-                headers.append((b"x-gateway-budget-remaining-usd", usd_str(remaining).encode()))
+                headers.append((b"x-gateway-budget-remaining-usd", usd_text(remaining).encode()))
             headers.extend(rate_headers(admission))
         return headers
 

@@ -5,7 +5,7 @@ and validated once: its endpoint, model, whether it streams, whether the client 
 usage chunk, its output limit, and the body in the internal (OpenAI chat-family) shape the
 stages read. The authenticate stage adds the :class:`Principal`; the pipeline hands back a
 :class:`Reply` or a :class:`StreamReply` for the edge to write. Also here: request ids and
-money as text.
+money as a JSON number.
 """
 
 from __future__ import annotations
@@ -141,11 +141,6 @@ class RequestIds:
     def hold(self) -> str:
         """A fresh gateway id, never the client's."""
         return f"{self._prefix}{next(self._seq):x}"
-
-
-def usd_str(nano: int) -> str:
-    whole, frac = divmod(nano, 1_000_000_000)
-    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else f"{whole}"
 
 
 def nano_float(nano: int) -> float:
