@@ -50,6 +50,8 @@ teams:
     budgets: [{{period: daily, usd: 10}}]
   broke:
     budgets: [{{period: daily, usd: 0.0000001}}]
+  strict:
+    strict_translation: true
 """
 
 
@@ -197,3 +199,15 @@ async def test_an_absurd_upstream_usage_never_locks_the_budget(gw: Gw, mock_anth
     with pytest.raises(anthropic.RateLimitError):       # the team's budget is spent (the bill was charged)
         await client.messages.create(model="claude-sonnet", max_tokens=10,
                                      messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_strict_translation_refuses_what_translation_would_drop(gw: Gw) -> None:
+    client = gw.client(await gw.key("strict"))
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await client.messages.create(model="local", max_tokens=50, messages=[{"role": "user", "content": "hi"}],
+                                     thinking={"type": "adaptive"})
+    assert "thinking" in str(refused.value) and "strict_translation" in str(refused.value)
+    plain = await client.messages.create(model="local", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    assert plain.content[0].text                     # nothing to drop: translated as usual
+    [refusal, ok] = await gw.records()
+    assert refusal.status == "unsupported_feature" and refusal.cost_nano == 0 and ok.status == "ok"

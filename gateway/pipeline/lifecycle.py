@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from gateway.budgets.rules import call_output_cap, output_cap, rate_headers, requested_output
-from gateway.errors import AuthenticationFailed, GatewayError, ServiceUnavailable
+from gateway.errors import AuthenticationFailed, GatewayError, InvalidRequest, ServiceUnavailable
 from gateway.money import usd_text
 from gateway.policy import CompressionSettings, Deployment, Policies, TeamSpec
 from gateway.policy.teams import DEFAULT_TEAM
@@ -168,6 +168,11 @@ class Pipeline:
         """The upstream call for ``deployment``: the codec's body for it, the upstream model, the output cap
         the ticket's hold pays for, and prompt-cache breakpoints when the policy asks for them."""
         wire, body = codec.call_body(req, deployment)
+        if req.dropped and wire != req.endpoint and (ticket.principal.spec.strict_translation or (
+                ticket.plan.rule is not None and ticket.plan.rule.strict_translation)):
+            raise InvalidRequest(f"{deployment.id} does not speak the {req.endpoint} API, and translating this "
+                                 f"request would drop: {', '.join(req.dropped)} (strict_translation is on).",
+                                 code="unsupported_feature")
         body["model"] = deployment.upstream_model
         cap = call_output_cap(ticket.capped, ticket.output_cap, req.body, deployment)
         if ticket.token_cap is not None:   # the rate limit's tokens left this minute, whatever the price

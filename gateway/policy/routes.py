@@ -59,6 +59,7 @@ class Route:
     baseline: ModelSpec | None = None                 # the model savings are measured against
     expected_output_tokens: int = 256                 # for "cheapest" when max_tokens is absent
     overrides: tuple[tuple[str, dict[str, Any]], ...] = ()   # (cache | prompt_cache | compression, settings)
+    strict_translation: bool = False                  # a feature translation would drop: a 400 instead
     file: str = ""
     line: int = 0
 
@@ -125,6 +126,7 @@ def _parse_route(data: Any, path: str, where: tuple[str, int], models: dict[str,
     deadline_s = f.take_number("deadline_s", None, minimum=0.01)
     baseline_name = f.take_str("baseline", None)
     expected_output = f.take_int("expected_output_tokens", 256, minimum=1)
+    strict = bool(f.take_bool("strict_translation", False))
     overrides = []
     for kind in OVERRIDE_KINDS:
         section = f.take_mapping(kind)
@@ -155,7 +157,7 @@ def _parse_route(data: Any, path: str, where: tuple[str, int], models: dict[str,
                  retry_on=frozenset(retry_on), max_attempts=max_attempts,
                  deadline_s=float(deadline_s) if deadline_s is not None else None,
                  baseline=baseline, expected_output_tokens=expected_output, overrides=tuple(overrides),
-                 file=data.file, line=data.line)
+                 strict_translation=strict, file=data.file, line=data.line)
 
 
 def _set(values: list[str] | None) -> frozenset[str] | None:

@@ -39,6 +39,7 @@ class TeamSpec:
     rpm: int | None = None
     tpm: int | None = None
     allowed_models: frozenset[str] | None = None   # None: every model
+    strict_translation: bool = False               # a feature translation would drop: a 400 instead
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -89,6 +90,7 @@ def _parse_team(name: str, body: Any, where: tuple[str, int], model_names: froze
     rpm = f.take_int("rpm", None, minimum=1)
     tpm = f.take_int("tpm", None, minimum=1)
     allowed = f.take_str_list("allowed_models", None)
+    strict = bool(f.take_bool("strict_translation", False))
     if allowed is not None:
         unknown = [m for m in allowed if m not in model_names]
         if unknown:
@@ -96,4 +98,4 @@ def _parse_team(name: str, body: Any, where: tuple[str, int], model_names: froze
     f.finish()
     return TeamSpec(name=name, budgets=budgets, on_exceed=on_exceed, downgrade_to=downgrade_to,
                     soft_alert=soft_alert, rpm=rpm, tpm=tpm,
-                    allowed_models=frozenset(allowed) if allowed is not None else None)
+                    allowed_models=frozenset(allowed) if allowed is not None else None, strict_translation=strict)
