@@ -36,6 +36,17 @@ Behaviour knobs, per request; the most specific source wins:
                                                context_length_exceeded
     x-mock-prefix-cache: N       apcN          automatic prefix caching in blocks of N
                                                words (chat; see "Prefix caching" below)
+    x-mock-fault: NAME           NAME          a broken upstream (chat and completions; see
+                                               "Faults" below)
+
+Faults (model token or x-mock-fault; the fault-matrix tests drive them):
+    reset       the connection is reset (RST) once the request is read
+    badjson     200 application/json whose body is not JSON (cut inside an object)
+    plainjson   a stream request answered with the plain JSON body (as if "stream" were ignored)
+    hang        the request is read and nothing is ever sent (not even headers)
+    drip        200 with content-length, then the body one byte every 0.3 s (stream: SSE frames, same pace)
+    garbage     200 text/event-stream whose events are not chunks: bad JSON, lists, unknown fields, binary
+                bytes, an over-long line, then [DONE]; a usage chunk only where the request asked for one
 
 Model tokens are the parts of the model name split on anything that is not a
 letter or digit, e.g. "mock-lat0-chunks20-delay5" or "mock-cached40-reasoning7".
@@ -86,6 +97,7 @@ import gc
 import hashlib
 import re
 import signal
+import socket
 import struct
 import sys
 import time
@@ -122,11 +134,14 @@ _HEADER_KNOBS = {
     b"x-mock-completion-tokens": "tokens",
     b"x-mock-context-window": "context",
     b"x-mock-prefix-cache": "apc",
+    b"x-mock-fault": "fault",
 }
 _MODEL_KNOBS = {"lat": "latency_ms", "chunks": "chunks", "delay": "chunk_delay_ms", "status": "status",
                 "cut": "cut", "cached": "cached", "reasoning": "reasoning", "tokens": "tokens", "ctx": "context",
                 "apc": "apc"}
 _FLOAT_KNOBS = ("latency_ms", "chunk_delay_ms")
+FAULTS = ("reset", "badjson", "plainjson", "hang", "drip", "garbage")
+DRIP_S = 0.3
 
 ENDPOINTS = ("chat.completions", "completions", "embeddings", "models", "other")
 
@@ -156,6 +171,7 @@ class State:
         self.reset()
 
     def reset(self) -> None:
+        self.faults: dict[str, int] = {}
         self.endpoints = dict.fromkeys(ENDPOINTS, 0)
         self.control = 0
         self.total = 0
@@ -198,6 +214,7 @@ class State:
             "endpoints": dict(self.endpoints),
             "streams": self.streams,
             "streams_completed": self.streams_completed,
+            "faults": dict(self.faults),
             "streams_cut": self.streams_cut,
             "client_disconnects": self.client_disconnects,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
@@ -230,6 +247,9 @@ class State:
                 if part == "nousage":
                     knobs["usage"] = False
                     continue
+                if part in FAULTS:
+                    knobs["fault"] = part
+                    continue
                 m = _TOKEN_RE.match(part)
                 if m:
                     knobs[_MODEL_KNOBS[m.group(1)]] = int(m.group(2))
@@ -249,6 +269,11 @@ class State:
                 text = raw.decode("latin-1").strip()
                 if key == "usage":
                     k["usage"] = text.lower() not in ("none", "0", "false", "off", "no")
+                    continue
+                if key == "fault":
+                    if text not in FAULTS:
+                        raise MockError(400, f"mock: unknown fault {text!r}", code="mock_bad_header")
+                    k["fault"] = text
                     continue
                 try:
                     val = float(text) if key in _FLOAT_KNOBS else int(text)
@@ -621,6 +646,12 @@ class MockProtocol(asyncio.Protocol):
                 else self._stream_text(req, body, model, knobs)
             self.task = self.loop.create_task(coro)
             return None
+        if kind == "fault":  # (created, "fault", name, endpoint, body, model, knobs)
+            _, _, fault, ep, body, model, knobs = answer
+            st.faults[fault] = st.faults.get(fault, 0) + 1
+            self.busy = True
+            self.task = self.loop.create_task(self._fault(req, fault, ep, body, model, knobs))
+            return None
         return self._models(req)
 
     def _prepare(self, req: Request, endpoint: str, now: int) -> tuple[tuple[Any, ...], bool]:
@@ -656,11 +687,14 @@ class MockProtocol(asyncio.Protocol):
             err = json_error(400, f"mock: this model's maximum context length is {window} tokens",
                              code="context_length_exceeded", param="messages")
             return (now, "json", 400, (err,), None, delay), True
+        fault = knobs.get("fault")
+        if fault and fault != "plainjson" and endpoint != "embeddings":
+            return (now, "fault", fault, endpoint, body, model, knobs), False
         reusable = True
         if knobs.get("apc") and endpoint == "chat.completions":   # depends on what came before: never reused
             knobs = {**knobs, "cached": st.prefix_cached(model, body.get("messages"), knobs["apc"])}
             reusable = False
-        if body.get("stream") is True and endpoint != "embeddings":
+        if body.get("stream") is True and endpoint != "embeddings" and fault != "plainjson":
             return (now, "stream", endpoint, body, model, knobs), reusable
         if endpoint == "chat.completions":
             payload = self._chat(body, model, knobs, now)
@@ -763,6 +797,69 @@ class MockProtocol(asyncio.Protocol):
         tokens = text_prompt_tokens(items)
         return {"object": "list", "data": data, "model": model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    # --- faults
+    async def _fault(self, req: Request, fault: str, endpoint: str, body: dict[str, Any], model: str,
+                     k: dict[str, Any]) -> None:
+        try:
+            await self._fault_inner(req, fault, endpoint, body, model, k)
+        finally:
+            self.task = None
+            if not self.closed and fault != "hang":
+                self._done_async()
+
+    async def _fault_inner(self, req: Request, fault: str, endpoint: str, body: dict[str, Any], model: str,
+                           k: dict[str, Any]) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        stream = body.get("stream") is True
+        if fault == "hang":
+            return                                   # busy for ever: the connection dies with its client
+        if fault == "reset":
+            sock = transport.get_extra_info("socket")
+            if sock is not None:                     # linger 0: close() sends RST instead of FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.closed = True
+            transport.abort()
+            return
+        if fault == "badjson":
+            data = b'{"id": "chatcmpl-bad", "object": "chat.completion", "choices": [{"index": 0, "mess'
+            return self._send(http_response(200, data, req.keep_alive), req.keep_alive)
+        if fault == "drip":
+            if stream:
+                frames = b"".join(sse_frame({"id": "chatcmpl-drip", "object": "chat.completion.chunk",
+                                             "created": 0, "model": model,
+                                             "choices": [{"index": 0, "delta": {"content": w},
+                                                          "finish_reason": None}]})
+                                  for w in answer_words(k["chunks"]))
+                transport.write(_SSE_HEAD + b"\r\n")
+                payload = frames
+            else:
+                payload = orjson.dumps(self._chat(body, model, k, int(time.time())) if endpoint == "chat.completions"
+                                       else self._text(body, model, k, int(time.time())))
+                transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                                % len(payload))
+            for i in range(len(payload)):            # never finishes in any sane timeout
+                if self.closed:
+                    return
+                transport.write(b"%x\r\n%s\r\n" % (1, payload[i:i + 1]) if stream else payload[i:i + 1])
+                await asyncio.sleep(DRIP_S)
+            return
+        # garbage: an SSE stream of events that are not chunks
+        base = {"id": "chatcmpl-garbage", "object": "chat.completion.chunk", "created": 0, "model": model}
+        events = [b"data: {not json at all\n\n", b"data: [1, 2, 3]\n\n", b"data: \"a string\"\n\n",
+                  b"event: ping\ndata: {}\n\n", b"data: {\"choices\": \"nope\"}\n\n",
+                  b"data: {\"choices\": [{\"delta\": 7}]}\n\n", b"data: \xff\xfe\x00\x01binary\n\n",
+                  b"data: " + b"x" * 70_000 + b"\n\n", b": a comment\n\n", b"retry: 10\n\n",
+                  sse_frame({**base, "choices": [{"index": 0, "delta": {"content": "garbage"},
+                                                  "finish_reason": "stop"}]})]
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            events.append(sse_frame({**base, "choices": [], "usage": usage_block(
+                chat_prompt_tokens(body.get("messages")), 1, 0, 0)}))
+        data = b"".join(events) + b"data: [DONE]\n\n"
+        transport.write(_SSE_HEAD + b"\r\n" + b"%x\r\n%s\r\n" % (len(data), data) + _LAST_CHUNK)
 
     # --- streams
     async def _pace(self, parts: list[bytes], delay: float) -> None:

@@ -67,6 +67,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._cancel_read_deadline()
         super().on_message_complete()
+        # a body still arriving after its reply was sent (an early 413): uvicorn cancelled the keep-alive
+        # timer on every read, so arm it again, or the connection would stay open for good
+        if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
 
     def _arm_read_deadline(self) -> None:
         self._cancel_read_deadline()

@@ -1,0 +1,468 @@
+"""The fault matrix end to end (issue 11, "make it a suite"): every upstream fault, a Redis outage in both fail
+modes with and without the spool, and a worker killed mid-load, each against real ``gateway serve`` processes
+(2 workers on a private Redis) in front of the mock upstream (bench/mock_upstream.py and its fault knobs).
+
+Each case checks what the client got (status and error code), the request's ledger record (found by its
+``x-request-id``: status and cost) and the team's budget to the nano-dollar: spent equal to the ledger's sum and
+nothing left reserved. Every wait is on a condition with a generous deadline, never on a timing margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+from redis_fixtures import RedisProc, free_port
+
+from conftest import GatewayFactory, Server
+from gateway.state.budgets import BudgetRule
+from gateway.state.budgets_redis import RedisBudgetStore
+from gateway.state.keys import RedisKeyStore
+from gateway.state.ledger import LedgerRecord, RedisLedger
+
+pytestmark = pytest.mark.e2e
+
+USD = 1_000_000_000
+LIMIT_USD = 100
+MSG = [{"role": "user", "content": "hello there"}]
+# $1,000 per M input tokens and $5,000 per M output tokens: one input token is 1,000,000 nano, one output
+# 5,000,000. The mock counts the prompt as 8 tokens and answers 10, so a whole answer costs 58,000,000 nano;
+# a stream cut after 5 chunks (no usage from the upstream) is charged the gateway's own count: 9 in, 5 out.
+ANSWER_NANO = 8 * 1_000_000 + 10 * 5_000_000
+CUT_NANO = 9 * 1_000_000 + 5 * 5_000_000
+PRICE = "price: {input_per_mtok: 1000, output_per_mtok: 5000}"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str            # the fault, also the policy model and its team
+    upstream: str        # the mock's model name (its knobs)
+    stream: bool
+    status: int          # what the client must get
+    code: str | None     # the error code, or None for an answer
+    cost_nano: int       # what the ledger record (and the budget) must be charged
+    timeout_s: float = 0  # the deployment's timeout, 0 for the default
+
+
+CASES = [
+    Case("http500", "mock-status500", False, 502, "upstream_error", 0),
+    Case("http500-stream", "mock-status500", True, 502, "upstream_error", 0),
+    Case("http429", "mock-status429", False, 429, "rate_limit_exceeded", 0),
+    Case("http429-stream", "mock-status429", True, 429, "rate_limit_exceeded", 0),
+    Case("reset", "mock-reset", False, 502, "upstream_error", 0),
+    Case("reset-stream", "mock-reset", True, 502, "upstream_error", 0),
+    Case("badjson", "mock-badjson", False, 502, "upstream_error", 0),
+    Case("plainjson-stream", "mock-plainjson-tokens10", True, 200, None, ANSWER_NANO),
+    Case("hang", "mock-hang", False, 504, "upstream_timeout", 0, 1.0),
+    Case("hang-stream", "mock-hang", True, 504, "upstream_timeout", 0, 1.0),
+    Case("drip", "mock-drip", False, 504, "upstream_timeout", 0, 1.0),
+    Case("drip-stream", "mock-drip", True, 504, "upstream_timeout", 0, 1.0),
+    Case("cut-stream", "mock-cut5-chunks10", True, 200, "upstream_error", CUT_NANO),
+    Case("garbage-stream", "mock-garbage", True, 502, "upstream_error", 0),
+    Case("ok", "mock-tokens10", False, 200, None, ANSWER_NANO),
+    Case("ok-stream", "mock-chunks10", True, 200, None, ANSWER_NANO),
+]
+
+
+TRANSLATED = {"messages": ("/v1/messages", {"max_tokens": 10, "messages": MSG}),
+              "responses": ("/v1/responses", {"max_output_tokens": 10, "input": "hello there"})}
+
+
+def team_of(case: Case) -> str:
+    return "f-" + case.name
+
+
+def matrix_policy(mock: str) -> str:
+    lines = ["models:"]
+    for case in CASES:
+        timeout = f", timeout_s: {case.timeout_s}" if case.timeout_s else ""
+        lines += [f"  {case.name}:", "    deployments:",
+                  f"      - {{provider: openai, name: {case.name}, model: {case.upstream}, "
+                  f"api_base: '{mock}/v1', apis: [chat, completions], {PRICE}{timeout}}}"]
+    lines += ["  priced:", "    deployments:",
+              f"      - {{provider: openai, name: priced, model: mock-tokens10-chunks10, api_base: '{mock}/v1', "
+              f"{PRICE}}}"]
+    lines.append("teams:")
+    for case in CASES:
+        lines.append(f"  {team_of(case)}: {{budgets: [{{period: monthly, usd: {LIMIT_USD}}}]}}")
+    for surface in TRANSLATED:
+        lines.append(f"  tight-{surface}: {{budgets: [{{period: monthly, usd: 0.1}}]}}")
+    return "\n".join(lines) + "\n"
+
+
+def load_policy(mock: str, team: str) -> str:
+    return (f"models:\n  priced:\n    deployments:\n      - {{provider: openai, name: priced, "
+            f"model: mock-tokens10-chunks10, api_base: '{mock}/v1', {PRICE}}}\n"
+            f"  slow:\n    deployments:\n      - {{provider: openai, name: slow, "
+            f"model: mock-tokens10-chunks10-lat50-delay50, api_base: '{mock}/v1', {PRICE}}}\n"
+            f"teams:\n  {team}: {{budgets: [{{period: monthly, usd: {LIMIT_USD}}}]}}\n")
+
+
+async def new_key(port: int, team: str) -> str:
+    client = Redis(host="127.0.0.1", port=port)
+    try:
+        _, secret = await RedisKeyStore(client).create(team, "faults")
+        return secret
+    finally:
+        await client.aclose()
+
+
+async def budget(rc: Redis, team: str) -> tuple[int, int]:
+    """(spent, reserved) of the team's monthly budget, in nano-USD."""
+    [u] = await RedisBudgetStore(rc).usage(team, [BudgetRule("team", team, "monthly", LIMIT_USD * USD)],
+                                           datetime.now(UTC))
+    return u.spent_nano, u.reserved_nano
+
+
+async def wait_for(check: Any, timeout: float = 60.0) -> Any:
+    """Poll an async condition until it holds (returns its last value either way)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value[0] or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.1)
+
+
+async def records_by_id(rc: Redis, since: float, team: str, ids: set[str],
+                        timeout: float = 60.0) -> dict[str, list[LedgerRecord]]:
+    """The team's ledger records grouped by request id, once every id in ``ids`` has one."""
+    ledger = RedisLedger(rc)
+
+    async def check() -> tuple[bool, dict[str, list[LedgerRecord]]]:
+        grouped: dict[str, list[LedgerRecord]] = {}
+        for record in await ledger.read(since, team=team):
+            grouped.setdefault(record.request_id, []).append(record)
+        return ids <= grouped.keys(), grouped
+
+    return (await wait_for(check, timeout))[1]
+
+
+async def settled(rc: Redis, team: str, total: int, timeout: float = 60.0) -> tuple[int, int]:
+    """The team's (spent, reserved) once it equals (total, 0), or its last value at the deadline."""
+    async def check() -> tuple[bool, tuple[int, int]]:
+        used = await budget(rc, team)
+        return used == (total, 0), used
+    return (await wait_for(check, timeout))[1]
+
+
+@dataclass
+class Reply:
+    status: int
+    request_id: str | None
+    code: str | None           # the error code: of the body, or of an error event inside a 200 stream
+    text: str
+    cost_usd: float | None     # usage.cost_usd the client was told
+    complete: bool             # a stream ended with [DONE]
+    retry_after: str | None = None
+
+
+def error_code_in(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            try:
+                event = json.loads(line[6:])
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("error"), dict):
+                return str(event["error"].get("code"))
+    return None
+
+
+def cost_in(text: str) -> float | None:
+    cost = None
+    for line in text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            try:
+                event = json.loads(line[6:])
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+                cost = event["usage"].get("cost_usd")
+    return cost
+
+
+async def call(client: httpx.AsyncClient, url: str, key: str, model: str, stream: bool) -> Reply:
+    body: dict[str, Any] = {"model": model, "messages": MSG, "max_tokens": 10}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    chunks: list[bytes] = []
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body,
+                             headers={"authorization": f"Bearer {key}"}) as resp:
+        try:
+            async for chunk in resp.aiter_bytes():
+                chunks.append(chunk)
+        except httpx.HTTPError:
+            pass                                 # a 200 stream the gateway had to cut
+    text = b"".join(chunks).decode("utf-8", "replace")
+    rid = resp.headers.get("x-request-id")
+    if resp.status_code != 200 or not stream:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = {}
+        err = data.get("error") if isinstance(data, dict) else None
+        usage = data.get("usage") if isinstance(data, dict) else None
+        return Reply(resp.status_code, rid, err.get("code") if isinstance(err, dict) else None, text,
+                     usage.get("cost_usd") if isinstance(usage, dict) else None, True,
+                     resp.headers.get("retry-after"))
+    return Reply(200, rid, error_code_in(text), text, cost_in(text), text.rstrip().endswith("data: [DONE]"))
+
+
+@pytest.fixture(scope="module")
+def matrix_gateway(tmp_path_factory: pytest.TempPathFactory, redis_port: int,
+                   mock_upstream: str) -> Any:
+    from conftest import start_gateway, stop
+    policy_dir = tmp_path_factory.mktemp("matrix")
+    (policy_dir / "models.yaml").write_text(matrix_policy(mock_upstream))
+    server = start_gateway(policy_dir, policy_dir / "gateway.log",
+                           env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}, args=("--workers", "2"))
+    yield server
+    stop(server.proc)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+async def test_upstream_fault(case: Case, matrix_gateway: Server, redis_port: int) -> None:
+    team = team_of(case)
+    key = await new_key(redis_port, team)
+    rc = Redis(host="127.0.0.1", port=redis_port)
+    try:
+        before = await settled(rc, team, (await budget(rc, team))[0], timeout=5)
+        since = time.time() - 1
+        async with httpx.AsyncClient(timeout=120) as client:
+            replies = [await call(client, matrix_gateway.url, key, case.name, case.stream) for _ in range(2)]
+        for reply in replies:
+            assert reply.status == case.status, (case, reply.text[:300])
+            assert reply.status == 200 or reply.code == case.code, reply.text[:300]
+            if reply.status == 429:                      # the upstream's retry-after (1 s) reaches the client
+                assert reply.retry_after == "1", reply
+            assert reply.request_id
+            if case.status == 200 and case.code is None:
+                assert reply.complete and reply.code is None, reply.text[:300]
+            if case.status == 200 and case.code is not None:  # cut after the 200: never a clean end
+                assert not reply.complete and reply.code == case.code, reply.text[-300:]
+            assert "127.0.0.1" not in reply.text and "mock failure" not in reply.text
+        ids = {r.request_id for r in replies if r.request_id}
+        grouped = await records_by_id(rc, since, team, ids)
+        assert all(len(grouped.get(i, [])) == 1 for i in ids), {i: len(grouped.get(i, [])) for i in ids}
+        records = [grouped[r.request_id][0] for r in replies if r.request_id]
+        for reply, record in zip(replies, records, strict=True):
+            assert record.cost_nano == case.cost_nano, (case, record)
+            if case.code is None:
+                assert record.status == "ok", record
+            else:
+                assert record.status != "ok", record
+            if reply.cost_usd is not None:             # what the client was told is what was charged
+                assert round(reply.cost_usd * USD) == record.cost_nano, (reply.cost_usd, record)
+        total = before[0] + sum(r.cost_nano for r in records)
+        assert await settled(rc, team, total) == (total, 0)
+    finally:
+        await rc.aclose()
+
+
+@pytest.mark.parametrize("surface", sorted(TRANSLATED))
+async def test_translated_surfaces_never_settle_above_a_tight_budget(surface: str, matrix_gateway: Server,
+                                                                    redis_port: int) -> None:
+    """Messages and Responses sent to a chat-only deployment: the hold must cover the prompt, so the last request
+    admitted with a partial hold (its output lowered to what the headroom pays for) still fits the $0.10."""
+    team = f"tight-{surface}"
+    key = await new_key(redis_port, team)
+    path, extra = TRANSLATED[surface]
+    statuses = []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(6):                                  # $0.058 each: the budget ends at the second
+            r = await client.post(f"{matrix_gateway.url}{path}", headers={"x-api-key": key},
+                                  json={"model": "ok", **extra})
+            statuses.append(r.status_code)
+    assert statuses[0] == 200 and statuses[-1] == 429, statuses
+    rc = Redis(host="127.0.0.1", port=redis_port)
+    try:
+        [u] = await RedisBudgetStore(rc).usage(team, [BudgetRule("team", team, "monthly", USD // 10)],
+                                               datetime.now(UTC))
+        assert u.reserved_nano == 0 and u.spent_nano <= USD // 10, (u.spent_nano, u.reserved_nano)
+    finally:
+        await rc.aclose()
+
+
+# --- Redis killed and restarted mid-load; a worker killed mid-load
+
+async def drive(url: str, key: str, loops: int, per_loop: int, replies: list[Reply],
+                model: str = "priced", every: int = 3) -> None:
+    """``loops`` clients sending ``per_loop`` requests each (one in ``every`` a stream), recording every reply."""
+    limits = httpx.Limits(max_connections=loops, max_keepalive_connections=loops)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def loop(n: int) -> None:
+            for i in range(per_loop):
+                try:
+                    replies.append(await call(client, url, key, model, stream=(n + i) % every == 0))
+                except httpx.HTTPError:
+                    replies.append(Reply(0, None, "transport", "", None, False))   # no answer at all
+                await asyncio.sleep(0.01)
+        await asyncio.gather(*(loop(n) for n in range(loops)))
+
+
+def redis_args() -> tuple[str, ...]:
+    return ("--appendonly", "yes", "--appendfsync", "always")    # keys and budgets survive the restart
+
+
+@pytest.mark.parametrize("spool", [False, True], ids=["memory-queue", "spool"])
+@pytest.mark.parametrize("fail_mode", ["refuse", "allow"])
+async def test_redis_killed_and_restarted_mid_load(fail_mode: str, spool: bool, gateway: GatewayFactory,
+                                                   mock_upstream: str, tmp_path: Path) -> None:
+    port = free_port()
+    rdir = tmp_path / "redis"
+    redis_proc = RedisProc(port, rdir, *redis_args())
+    team = f"r-{uuid.uuid4().hex[:8]}"
+    env = {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{port}/0", "GATEWAY_REDIS_FAIL_MODE": fail_mode,
+           "GATEWAY_KEY_CACHE_TTL_S": "120"}                    # both workers keep the key through the outage
+    if spool:
+        env["GATEWAY_SPOOL_DIR"] = str(tmp_path / "spool")
+    try:
+        server = gateway(load_policy(mock_upstream, team), env=env, args=("--workers", "2"))
+        key = await new_key(port, team)
+        since = time.time() - 1
+        warm: list[Reply] = []
+        await drive(server.url, key, 16, 2, warm)               # 16 connections: both workers see the key
+        assert {r.status for r in warm} == {200}, [r.text[:200] for r in warm if r.status != 200]
+        replies: list[Reply] = []
+        outage: list[int] = []                                   # replies counted when Redis stopped
+
+        async def outage_mid_load() -> None:
+            while len(replies) < 20:
+                await asyncio.sleep(0.05)
+            redis_proc.stop()
+            outage.append(len(replies))
+            deadline = time.monotonic() + 60                     # until 12 replies came back while it was down
+            while len(replies) < outage[0] + 12 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            outage.append(len(replies))
+            redis_proc.__init__(port, rdir, *redis_args())  # type: ignore[misc]
+
+        await asyncio.gather(drive(server.url, key, 4, 40, replies), outage_mid_load())
+        during = replies[outage[0]:outage[1]]
+        statuses = {r.status for r in replies}
+        if fail_mode == "allow":
+            assert statuses == {200}, [r.text[:200] for r in replies if r.status != 200][:3]
+        else:
+            assert statuses <= {200, 503}, [r.text[:200] for r in replies if r.status not in (200, 503)][:3]
+            assert any(r.status == 503 for r in during), [r.status for r in during]
+            assert all(r.code == "state_unavailable" for r in replies if r.status == 503)
+        answered = warm + replies
+        ids = {r.request_id for r in answered}
+        assert None not in ids and len(ids) == len(answered)
+        rc = Redis(host="127.0.0.1", port=port)
+        try:
+            grouped = await records_by_id(rc, since, team, ids)   # type: ignore[arg-type]
+            assert set(grouped) == ids, (len(ids - set(grouped)), "answered requests without a record")
+            doubled = {i: len(v) for i, v in grouped.items() if len(v) != 1}
+            assert not doubled, doubled
+            for reply in answered:
+                [record] = grouped[reply.request_id]             # type: ignore[index]
+                assert record.cost_nano == (ANSWER_NANO if reply.status == 200 else 0), (reply, record)
+            total = sum(v[0].cost_nano for v in grouped.values())
+            assert await settled(rc, team, total) == (total, 0)  # queued settles replayed, no hold left
+        finally:
+            await rc.aclose()
+    finally:
+        redis_proc.stop()
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The uvicorn worker processes of a ``gateway serve --workers N`` (children running spawn_main)."""
+    pids = []
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if b"spawn_main" in cmdline or b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+                pids.append(int(child))
+    return pids
+
+
+@dataclass
+class KillRun:
+    answered: list[Reply]          # complete answers (a body, or a stream to its end)
+    lost: list[Reply]              # no answer or a stream cut by the worker's death
+    records: dict[str, list[LedgerRecord]]
+    used: tuple[int, int]          # the team's (spent, reserved) once settled or at the deadline
+
+
+@pytest.fixture(scope="module")
+def worker_killed_run(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str, redis_port: int) -> KillRun:
+    """288 slow streams (24 clients) on 2 workers; one worker SIGKILLed after 60 answers."""
+    from conftest import start_gateway, stop
+    team = f"w-{uuid.uuid4().hex[:8]}"
+    policy_dir = tmp_path_factory.mktemp("killed")
+    (policy_dir / "models.yaml").write_text(load_policy(mock_upstream, team))
+    server = start_gateway(policy_dir, policy_dir / "gateway.log",
+                           env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                                "GATEWAY_RESERVATION_TTL_S": "5"},   # a dead worker's holds expire in seconds
+                           args=("--workers", "2"))
+    try:
+        workers = worker_pids(server.proc.pid)
+        assert len(workers) == 2, workers
+        return asyncio.run(_kill_run(server, workers[0], team, redis_port))
+    finally:
+        stop(server.proc)
+
+
+async def _kill_run(server: Server, victim: int, team: str, redis_port: int) -> KillRun:
+    key = await new_key(redis_port, team)
+    since = time.time() - 1
+    replies: list[Reply] = []
+
+    async def kill_mid_load() -> None:
+        while len(replies) < 60:
+            await asyncio.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)                           # our own gateway's worker, by PID
+
+    # slow streams (10 chunks 50 ms apart): many in flight and many just finished when the worker dies
+    await asyncio.gather(drive(server.url, key, 24, 12, replies, model="slow", every=1), kill_mid_load())
+    answered = [r for r in replies if r.status and r.complete]
+    lost = [r for r in replies if not (r.status and r.complete)]
+    rc = Redis(host="127.0.0.1", port=redis_port)
+    try:
+        grouped = await records_by_id(rc, since, team, {r.request_id for r in answered if r.request_id}, 20)
+        total = sum(v[0].cost_nano for v in grouped.values())
+        used = await settled(rc, team, total, 30)
+        return KillRun(answered, lost, grouped, used)
+    finally:
+        await rc.aclose()
+
+
+def test_worker_killed_mid_load_holds_expire_and_nothing_is_doubled(worker_killed_run: KillRun) -> None:
+    run = worker_killed_run
+    assert len(run.answered) >= 150 and len(run.answered) + len(run.lost) == 288, (len(run.answered), len(run.lost))
+    assert all(r.status == 200 and r.request_id for r in run.answered)
+    assert all(len(v) == 1 for v in run.records.values())
+    assert all(v[0].status == "ok" and v[0].cost_nano == ANSWER_NANO for v in run.records.values())
+    spent, reserved = run.used
+    assert reserved == 0                                          # the dead worker's holds expired (TTL 5 s)
+    # every settle is in the budget: the ledger's sum, plus whole answers whose record died with the worker
+    recorded = sum(v[0].cost_nano for v in run.records.values())
+    assert spent >= recorded and (spent - recorded) % ANSWER_NANO == 0
+    assert (spent - recorded) // ANSWER_NANO <= len(run.answered) - len(run.records) + len(run.lost)
+
+
+# Not strict: whether a record is waiting in the dead worker's batch at the kill is a matter of timing (it lost
+# 0 to 5 of ~190 answered streams here). Remove the marker once the record is written with the settle.
+@pytest.mark.xfail(strict=False, reason="issue 11: a worker keeps settled requests' ledger records in memory for "
+                                        "up to 0.2 s after answering; a SIGKILL loses them")
+def test_worker_killed_mid_load_every_answer_has_its_record(worker_killed_run: KillRun) -> None:
+    run = worker_killed_run
+    missing = [r.request_id for r in run.answered if r.request_id not in run.records]
+    assert not missing, f"{len(missing)} of {len(run.answered)} answered requests have no ledger record"
+    assert run.used[0] == sum(v[0].cost_nano for v in run.records.values())   # budget equal to the ledger sum
