@@ -24,7 +24,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.admin.spend_report import build_report, check_by, iso, parse_since, usd
 from gateway.budgets.rules import DEFAULT_OUTPUT_CAP, budget_rules
-from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from gateway.errors import InvalidRequest, NotFound, state_unavailable
 from gateway.policy import TeamSpec
 from gateway.state.budgets import MAX_AMOUNT, PERIODS, BudgetStore, BudgetUsage, StateUnavailable, period_end
 from gateway.state.keys import KeyRecord, KeyStore
@@ -42,7 +42,7 @@ def state_errors(what: str = "Key, budget and ledger state") -> Iterator[None]:
     try:
         yield
     except (StateUnavailable, RedisError, RedisClusterException, OSError) as exc:
-        raise ServiceUnavailable(f"{what} is unreachable: {exc}", code="state_unavailable") from exc
+        raise state_unavailable(exc, what) from exc
 
 
 @dataclass(frozen=True, slots=True)
