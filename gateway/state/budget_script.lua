@@ -1,6 +1,7 @@
--- Gateway budgets + rate limits, script version v1 (also in every key prefix: gw:v1:{team:<team>}:...).
+-- Gateway budgets + rate limits, script version v2 (also in every key prefix: gw:v2:{team:<team>}:...).
 -- ARGV[1] selects the operation (reserve | settle | renew | usage); ARGV[2] must equal VERSION.
--- All keys of one call share the team's hash tag, so the script works on Redis Cluster.
+-- Team and key budgets share the team's hash tag; end-user, tag and session buckets and windows have
+-- their own ({user:<id>}, ...), shared by every team: one call spans slots only when it names those.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
 --
 -- Budget bucket  bud:<scope>:<owner>:<period_id>   hash  spent, reserved, r:<request_id> -> amount held
@@ -8,7 +9,7 @@
 -- Rate window    rl:<scope>:<owner>                hash  w (minute number), r (requests), t (tokens)
 -- Reservation    res:<request_id>                  hash  c (amount held), m (minute), k (estimated tokens)
 -- Settled mark   done:<request_id>                 string, TTL = settled_ttl
-local VERSION = 'v1'
+local VERSION = 'v2'
 if ARGV[2] ~= VERSION then
   return redis.error_reply('ERR budget script is ' .. VERSION .. ', caller expects ' .. tostring(ARGV[2]))
 end
@@ -50,11 +51,13 @@ local op = ARGV[1]
 if op == 'reserve' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr
   -- ARGV: op, ver, rid, cost, tokens, ttl_ms, partial_min (0: no partial holds), grace_s, nb, nr,
-  --       (limit, expireat, soft (-1: none)) * nb, (rpm, tpm) * nr
+  --       (limit, expireat floor, soft (-1: none), keep_s) * nb, (rpm, tpm) * nr
+  -- a bucket expires at max(floor, now + keep_s): a calendar period's end plus grace, or keep_s after
+  -- its last request for a lifetime (total) or minute bucket
   local rid, cost, tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local ttl_ms, partial_min, grace = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local nb, nr = tonumber(ARGV[9]), tonumber(ARGV[10])
-  local rk, ra = 2 + 2 * nb, 10 + 3 * nb
+  local rk, ra = 2 + 2 * nb, 10 + 4 * nb
   -- a repeated call for a live or settled request is a no-op that reports the current state
   local dup = redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1
   local amount = cost
@@ -64,14 +67,14 @@ if op == 'reserve' then
   local used, limits, bi, bh, si = {}, {}, 0, 0, 0
   for i = 1, nb do
     local sp, rs = purge(KEYS[2 * i + 1], KEYS[2 * i + 2])
-    used[i], limits[i] = sp + rs, tonumber(ARGV[8 + 3 * i])
+    used[i], limits[i] = sp + rs, tonumber(ARGV[7 + 4 * i])
     local h = limits[i] - used[i]
     if bi == 0 or h < bh then bi, bh = i, h end                  -- the tightest budget decides
-    local soft = tonumber(ARGV[10 + 3 * i])
+    local soft = tonumber(ARGV[9 + 4 * i])
     if si == 0 and soft >= 0 and used[i] >= soft then si = i end -- past a soft threshold
   end
   if not dup and si > 0 then
-    kind, idx, rlimit, rused = 4, si, tonumber(ARGV[10 + 3 * si]), used[si]
+    kind, idx, rlimit, rused = 4, si, tonumber(ARGV[9 + 4 * si]), used[si]
   elseif not dup and bi > 0 and cost > bh then
     if partial_min > 0 and bh >= partial_min then
       amount = bh                                                 -- cap the hold at the headroom
@@ -111,7 +114,7 @@ if op == 'reserve' then
         redis.call('HSET', bud, 'r:' .. rid, s(amount))
         redis.call('ZADD', bres, s(now_ms + ttl_ms), rid)
       end
-      local at = s(math.max(tonumber(ARGV[9 + 3 * i]), now_s + grace))
+      local at = s(math.max(tonumber(ARGV[8 + 4 * i]), now_s + tonumber(ARGV[10 + 4 * i])))
       redis.call('EXPIREAT', bud, at)
       redis.call('EXPIREAT', bres, at)
     end
@@ -139,7 +142,7 @@ if op == 'reserve' then
 
 elseif op == 'settle' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr
-  -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, expireat * nb
+  -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, (floor, keep_s) * nb
   local rid, actual, atok = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local grace, nb, nr = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then return 0 end   -- settled already
@@ -156,7 +159,7 @@ elseif op == 'settle' then
     end
     if actual > 0 then                                            -- then count what was really spent
       redis.call('HINCRBY', bud, 'spent', s(actual))
-      redis.call('EXPIREAT', bud, s(math.max(tonumber(ARGV[9 + i]), now_s + grace)))
+      redis.call('EXPIREAT', bud, s(math.max(tonumber(ARGV[8 + 2 * i]), now_s + tonumber(ARGV[9 + 2 * i]))))
     end
   end
   if rec[1] then                                                  -- TPM: replace the estimate by the truth

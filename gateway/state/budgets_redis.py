@@ -4,9 +4,13 @@
 cluster) and run with EVALSHA, falling back to EVAL when a node answers NOSCRIPT (restart,
 failover, SCRIPT FLUSH, or a node that was down at load time). ``ARGV[1]`` selects
 reserve, settle, renew or usage; ``ARGV[2]`` carries :data:`SCRIPT_VERSION`, which the script
-checks and which is also part of every key: ``gw:v1:{team:<team>}:...``. The hash tag
-makes all keys of one request (team and key budgets, rate windows, the reservation
-record) share a slot. Names inside keys are
+checks and which is also part of every key: ``gw:v2:{team:<team>}:...``. The hash tag
+makes the team's keys of one request (team and key budgets and rate windows, the reservation
+record) share a slot; end-user, tag and session buckets and windows are shared by every team
+and carry their own tag (``gw:v2:{user:<id>}:...``). On one Redis a request's keys all go to
+one script call; a Redis Cluster refuses a script over several slots, so there those
+budgets need the two-phase reserve described in the README (not built yet: such a store
+raises at the first request that names them). Names inside keys are
 percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
 Redis and cluster errors surface as :class:`StateUnavailable`; the pipeline picks the
 fail mode. :meth:`RedisBudgetStore.aclose` closes the client it was given.
@@ -26,6 +30,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.state.budgets import (
+    CROSS_SCOPES,
     Admission,
     BudgetRule,
     BudgetUsage,
@@ -40,7 +45,7 @@ from gateway.state.budgets import (
 )
 from gateway.state.resp import FastRedis
 
-SCRIPT_VERSION = "v1"
+SCRIPT_VERSION = "v2"
 SCRIPT = resources.files("gateway.state").joinpath("budget_script.lua").read_text(encoding="utf-8")
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode(), usedforsecurity=False).hexdigest()
 PREFIX = "gw"
@@ -56,15 +61,22 @@ def team_tag(team: str) -> str:
     return f"{PREFIX}:{SCRIPT_VERSION}:{{team:{_q(team)}}}"
 
 
+def home_tag(team: str, scope: str, owner: str) -> str:
+    """The tag a bucket or window lives under: its team's, or its own for an end user, tag or session."""
+    if scope in CROSS_SCOPES:
+        return f"{PREFIX}:{SCRIPT_VERSION}:{{{scope}:{_q(owner)}}}"
+    return team_tag(team)
+
+
 def bucket_keys(team: str, rule: BudgetRule, pid: str) -> tuple[str, str]:
     """(hash of spent/reserved/holds, zset of hold deadlines) of one budget period bucket."""
     tail = f"{_q(rule.scope)}:{_q(rule.owner)}:{pid}"
-    tag = team_tag(team)
+    tag = home_tag(team, rule.scope, rule.owner)
     return f"{tag}:bud:{tail}", f"{tag}:bres:{tail}"
 
 
 def rate_key(team: str, scope: str, owner: str) -> str:
-    return f"{team_tag(team)}:rl:{_q(scope)}:{_q(owner)}"
+    return f"{home_tag(team, scope, owner)}:rl:{_q(scope)}:{_q(owner)}"
 
 
 def request_keys(team: str, request_id: str) -> tuple[str, str]:
@@ -118,8 +130,9 @@ class RedisBudgetStore:
             "reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
             max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
             len(p.budgets), len(p.rates)]
-        for rule, end in zip(p.budgets, p.period_ends, strict=True):
-            args += [rule.limit_nano, end + self.bucket_grace_s, -1 if rule.soft_nano is None else rule.soft_nano]
+        for i, rule in enumerate(p.budgets):
+            floor, keep = p.arg_pair(i, self.bucket_grace_s)
+            args += [rule.limit_nano, floor, -1 if rule.soft_nano is None else rule.soft_nano, keep]
         for rate in p.rates:
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
         reply = await self._run(keys, args)
@@ -137,8 +150,9 @@ class RedisBudgetStore:
                 *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
         args: list[str | int] = [
             "settle", SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
-            self.bucket_grace_s, len(p.budgets), len(p.rates),
-            *(end + self.bucket_grace_s for end in p.period_ends)]
+            self.bucket_grace_s, len(p.budgets), len(p.rates)]
+        for i in range(len(p.budgets)):
+            args += p.arg_pair(i, self.bucket_grace_s)
         await self._run(keys, args)
 
     async def renew(self, req: ReserveRequest) -> bool:
@@ -172,4 +186,4 @@ class RedisBudgetStore:
 
 
 __all__ = ["PREFIX", "SCRIPT", "SCRIPT_SHA", "SCRIPT_VERSION", "RedisBudgetStore", "bucket_keys", "rate_key",
-           "request_keys", "team_tag"]
+           "home_tag", "request_keys", "team_tag"]
