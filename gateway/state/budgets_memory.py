@@ -6,7 +6,8 @@ default ``time.time``): it aligns the fixed 60-second rate windows to the minute
 and expires reservations whose owner never settled them after ``reservation_ttl_s``.
 Buckets and windows of end users, tags and sessions are shared by every team (filed under
 no team), those of teams and keys under their team, as in Redis. Expired reservations,
-settled-ids, rate windows and old period buckets are dropped lazily; the reserve reply is decoded by the same code as the Redis store's.
+settled-ids, rate windows and old period buckets are dropped lazily; the reserve reply is
+decoded by the same code as the Redis store's.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ class MemoryBudgetStore:
                     bucket.reserved += amount
                     bucket.holds[req.request_id] = (amount, now + self.reservation_ttl_s)
             for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
-                self._windows[(_home(req.team, r.scope), r.scope, r.owner)] = _Window(minute, nreq + 1, ntok + req.tokens)
+                self._windows[(_home(req.team, r.scope), r.scope, r.owner)] = _Window(
+                    minute, nreq + 1, ntok + req.tokens)
             self._records[rec_key] = _Record(amount, minute, req.tokens, now + self.reservation_ttl_s)
 
         lim_r = rem_r = lim_t = rem_t = -1
