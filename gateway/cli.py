@@ -62,7 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     spend = sub.add_parser("spend", help="spend report from the ledger, with savings")
     spend.add_argument("--team", help="only this team")
     spend.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
-    spend.add_argument("--by", default="team", choices=("team", "model", "day"))
+    spend.add_argument("--by", default="team",
+                       help="one or two of team, key, user, tag, session, model, provider, deployment, route, "
+                            "endpoint, day (e.g. team,user; default team)")
+    spend.add_argument("--key", help="only this key id")
+    spend.add_argument("--user", help="only this end user")
+    spend.add_argument("--tag", help="only requests with this tag")
+    spend.add_argument("--session", help="only this session")
+    spend.add_argument("--top", type=int, help="the N costliest rows; the rest summed as (other)")
     spend.add_argument("--format", default="table", choices=("table", "csv", "json"))
     for admin in (create, listing, revoke, spend):
         admin.add_argument("--url", help="the gateway's address when GATEWAY_REDIS_URL is not set "

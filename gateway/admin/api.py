@@ -116,7 +116,7 @@ class AdminApi:
 
     async def spend(self, request: Request) -> Response:
         self.authorize(request)
-        q = _query(request, ("team", "since", "by", "format"))
+        q = _query(request, ("team", "since", "by", "format", "key", "user", "tag", "session", "top"))
         fmt = q.get("format", "json")
         try:
             check_choice("format", fmt, FORMATS)
@@ -124,7 +124,12 @@ class AdminApi:
             raise InvalidRequest(str(exc), code="invalid_value", param="format") from None
         with adminops.state_errors("The spend ledger"):
             await self.app.state.flush(wait=True)   # this process's buffered records first (see above)
-        report = await adminops.spend(self.app.state.ledger, q.get("team"), q.get("since", "7d"), q.get("by", "team"))
+        top = q.get("top")
+        if top is not None and not top.isdigit():
+            raise InvalidRequest(f"top must be a positive integer, got {top!r}", code="invalid_value", param="top")
+        report = await adminops.spend(self.app.state.ledger, q.get("team"), q.get("since", "7d"), q.get("by", "team"),
+                                      {n: q.get(n) for n in ("key", "user", "tag", "session")},
+                                      int(top) if top is not None else None)
         return Response(render(report, fmt), media_type=MEDIA_TYPES[fmt])
 
     # ------------------------------------------------------------------ reload

@@ -22,13 +22,24 @@ from typing import Any, cast
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.admin.spend_report import build_report, check_choice, iso, parse_since, usd
+from gateway.admin.spend_report import (
+    FILTERS,
+    build_report,
+    from_rollups,
+    group_records,
+    iso,
+    matches,
+    parse_by,
+    parse_since,
+    top_rows,
+    usd,
+)
 from gateway.budgets.rules import budget_rules
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.policy import TeamSpec
 from gateway.state.budgets import MAX_AMOUNT, PERIODS, BudgetStore, BudgetUsage, StateUnavailable, period_end
 from gateway.state.keys import KeyRecord, KeyStore
-from gateway.state.ledger import GROUP_BY, Ledger
+from gateway.state.ledger import Ledger
 
 KEY_FIELDS = ("team", "name", "budget_usd", "budget_period", "rpm", "tpm", "expires_in_days")
 MAX_NAME = 200
@@ -213,17 +224,47 @@ def spend_params(team: str | None, since: str, by: str, now: float) -> tuple[str
     except ValueError as exc:
         raise _bad("since", str(exc)) from None
     try:
-        check_choice("by", by, GROUP_BY)
+        parse_by(by)
     except ValueError as exc:
         raise _bad("by", str(exc)) from None
     return (team.strip() or None) if team else None, start, by
 
 
-async def spend(ledger: Ledger, team: str | None, since: str, by: str) -> dict[str, Any]:
-    """The spend report document over the ledger's records from ``since`` until now."""
+def spend_filters(filters: Mapping[str, str | None] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in (filters or {}).items():
+        if name not in FILTERS:
+            raise _bad(name, f"unknown filter {name!r}; filters are {', '.join(FILTERS)}")
+        if value is not None and value.strip():
+            if len(value) > 256 or not value.isprintable():
+                raise _bad(name, f"{name} must be a printable string of at most 256 characters")
+            out[name] = value.strip()
+    return out
+
+
+async def spend(ledger: Ledger, team: str | None, since: str, by: str,
+                filters: Mapping[str, str | None] | None = None, top: int | None = None) -> dict[str, Any]:
+    """The spend report document over the ledger's records from ``since`` until now: from the rollups
+    when they can answer (by team, model or day without filters), else from the records."""
     now = time.time()
     team, start, by = spend_params(team, since, by, now)
+    dims, wanted = parse_by(by), spend_filters(filters)
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise _bad("top", f"top must be a positive integer, got {top!r}")
+    notes: list[str] = []
     with state_errors("The spend ledger"):
-        rows = await ledger.totals(start, None, team, by)
-    return build_report(rows, by=by, team=team, since=start, until=now)
-
+        if from_rollups(dims, wanted):
+            rows = await ledger.totals(start, None, team, dims[0])
+            total = None
+        else:
+            records = [r for r in await ledger.read(start, None, team) if matches(r, wanted)]
+            rows, total = group_records(records, dims)
+            if not wanted:   # the records must hold what the rollups counted, else some were not kept
+                rolled = await ledger.totals(start, None, team, "team")
+                counted, kept = sum(int(row["cost_nano"]) for row in rolled), int(total["cost_nano"])
+                if counted != kept or len(records) != sum(int(row["requests"]) for row in rolled):
+                    notes.append(f"the window is larger than the ledger keeps records for: these rows cover "
+                                 f"${usd(kept)} of the ${usd(counted)} spent (see gateway spend --by team)")
+    if top is not None:
+        rows = top_rows(list(rows), top, dims)
+    return build_report(rows, by=by, team=team, since=start, until=now, total=total, filters=wanted, notes=notes)
