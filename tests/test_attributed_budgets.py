@@ -192,3 +192,30 @@ def test_bad_limit_policies_name_the_key(tmp_path: Path, bad: str, where: str) -
 def test_period_ids_of_total_and_minute() -> None:
     assert period_id("total", NOW) == "t"
     assert period_id("minute", NOW) == f"n{int(NOW.timestamp()) // 60}"
+
+
+async def test_admin_views_of_users_tags_and_sessions(tmp_path: Path) -> None:
+    from gateway.admin import ops as adminops
+    from gateway.errors import InvalidRequest, NotFound
+    from gateway.state.budgets_memory import MemoryBudgetStore
+
+    (tmp_path / "p.yaml").write_text(POLICY)
+    policies = load_policies(str(tmp_path))
+    store = MemoryBudgetStore()
+    rule = BudgetRule("user", "carol", "daily", 2 * USD)
+    r = req("research", CENTS_5, (rule,), now=datetime.now(UTC))
+    assert (await store.reserve(r)).admitted
+    await store.settle(r, CENTS_5, 10)
+    listed = await adminops.limit_views(policies.users, store)
+    assert [u["name"] for u in listed["data"]] == ["vip@example.com"]
+    assert listed["default"]["budgets"] == [{"period": "daily", "limit_usd": "2.00"}] and listed["default"]["rpm"] == 30
+    [carol] = (await adminops.limit_views(policies.users, store, "carol"))["data"]
+    assert carol["from_default"] and carol["budgets"][0]["spent_nano"] == CENTS_5
+    assert carol["budgets"][0]["remaining_usd"] == "1.95"
+    [session] = (await adminops.limit_views(policies.sessions, store, "run-9"))["data"]
+    assert [b["period"] for b in session["budgets"]] == ["total", "minute"]
+    assert session["max_usd_per_minute"] == "0.50"
+    with pytest.raises(NotFound):
+        await adminops.limit_views(policies.tags, store, "unknown-tag")
+    with pytest.raises(InvalidRequest):
+        await adminops.limit_views(policies.users, store, "x" * 300)

@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
+from admin_helpers import MASTER, admin
 from redis.asyncio import Redis
 from redis_fixtures import server_time
 from test_budgets_e2e import ask, client_for, mock_calls, new_key, policy
@@ -46,7 +47,8 @@ sessions:
   default: {{budgets: [{{period: total, usd: 0.25}}]}}
 """
     server = gateway(policy(mock_reset, f"  {team}: {{}}") + extra,
-                     env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}, args=("--workers", "4"))
+                     env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "GATEWAY_MASTER_KEY": MASTER},
+                     args=("--workers", "4"))
     _, secret = await new_key(redis_port, team)
     client = client_for(server, secret)
     user, session = f"u-{uuid.uuid4().hex[:8]}", f"s-{uuid.uuid4().hex[:8]}"
@@ -63,6 +65,10 @@ sessions:
         assert await mock_calls(mock_reset) - before == fits
         assert sum((r[1][0] if isinstance(r[1], tuple) else r[1]) for r in ok) == Decimal(fits) / 20
         assert await spent_and_held(redis_port, rule) == (fits * CENTS_5, 0)
+    for section, name, spent in (("users", user, 4), ("tags", tag, 3), ("sessions", session, 5)):
+        [view] = admin(server, "GET", f"/admin/{section}", params={"name": name}).json()["data"]
+        assert view["budgets"][0]["spent_nano"] == spent * CENTS_5 and view["budgets"][0]["remaining_nano"] == 0
+    assert admin(server, "GET", "/admin/tags").json()["data"][0]["name"] == tag
     await client.close()
 
 

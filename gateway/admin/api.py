@@ -67,6 +67,9 @@ class AdminApi:
         r.add_api_route("/keys", self.list_keys, methods=["GET"])
         r.add_api_route("/keys/{key_id}", self.revoke_key, methods=["DELETE"])
         r.add_api_route("/teams", self.teams, methods=["GET"])
+        r.add_api_route("/users", self.users, methods=["GET"])
+        r.add_api_route("/tags", self.tags, methods=["GET"])
+        r.add_api_route("/sessions", self.sessions, methods=["GET"])
         r.add_api_route("/spend", self.spend, methods=["GET"])
         r.add_api_route("/reload", self.reload, methods=["POST"])
 
@@ -113,6 +116,21 @@ class AdminApi:
         _query(request, ())
         teams = await adminops.team_views(list(self.app.policies.teams.values()), self.app.state.budgets)
         return _json({"object": "list", "data": teams})
+
+    async def _limits(self, request: Request, section: str) -> Response:
+        self.authorize(request)
+        q = _query(request, ("name",))
+        table = getattr(self.app.policies, section)
+        return _json(await adminops.limit_views(table, self.app.state.budgets, q.get("name")))
+
+    async def users(self, request: Request) -> Response:
+        return await self._limits(request, "users")
+
+    async def tags(self, request: Request) -> Response:
+        return await self._limits(request, "tags")
+
+    async def sessions(self, request: Request) -> Response:
+        return await self._limits(request, "sessions")
 
     async def spend(self, request: Request) -> Response:
         self.authorize(request)

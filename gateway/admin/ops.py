@@ -36,8 +36,8 @@ from gateway.admin.spend_report import (
 )
 from gateway.budgets.rules import budget_rules
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
-from gateway.policy import TeamSpec
-from gateway.state.budgets import MAX_AMOUNT, PERIODS, BudgetStore, BudgetUsage, StateUnavailable, period_end
+from gateway.policy import LimitTable, TeamSpec
+from gateway.state.budgets import MAX_AMOUNT, BudgetStore, BudgetUsage, StateUnavailable, period_end
 from gateway.state.keys import KeyRecord, KeyStore
 from gateway.state.ledger import Ledger
 
@@ -45,6 +45,9 @@ KEY_FIELDS = ("team", "name", "budget_usd", "budget_period", "rpm", "tpm", "expi
 MAX_NAME = 200
 MAX_EXPIRY_DAYS = 36_600
 DAY_S = 86_400
+
+
+KEY_PERIODS = ("daily", "weekly", "monthly", "total")
 
 
 @contextlib.contextmanager
@@ -122,8 +125,8 @@ def key_request(body: Any) -> KeyRequest:
     team = cast(str, _text(body, "team", 128, required=True))
     budget_usd = _budget(body.get("budget_usd"))
     period = _text(body, "budget_period", 16)
-    if period is not None and period not in PERIODS:
-        raise _bad("budget_period", f"'budget_period' must be one of {', '.join(PERIODS)}, got {period!r}.")
+    if period is not None and period not in KEY_PERIODS:
+        raise _bad("budget_period", f"'budget_period' must be one of {', '.join(KEY_PERIODS)}, got {period!r}.")
     if period is not None and budget_usd is None:
         raise _bad("budget_period", "'budget_period' needs 'budget_usd'.")
     days = body.get("expires_in_days")
@@ -192,14 +195,47 @@ async def revoke_key(store: KeyStore, key_id: str) -> dict[str, Any]:
     return {"revoked": revoked, "key": key_view(record, time.time())}
 
 
-def _budget_view(team: TeamSpec, u: BudgetUsage, now: datetime) -> dict[str, Any]:
+async def limit_views(table: LimitTable, budgets: BudgetStore, name: str | None = None,
+                      now: datetime | None = None) -> dict[str, Any]:
+    """The ``users``, ``tags`` or ``sessions`` policy with each named entry's budgets (limit, spent,
+    reserved, remaining per period, the minute brake as period ``minute``); with ``name``, only that
+    one, under its own entry or the section's default (an end user or session the policy does not name)."""
+    now = now or datetime.now(UTC)
+    if name is not None:
+        name = name.strip()
+        if not name or len(name) > 256 or not name.isprintable():
+            raise _bad("name", "name must be a printable string of 1 to 256 characters")
+    names = [name] if name is not None else sorted(table.entries)
+    out = []
+    for owner in names:
+        limits = table.get(owner)
+        if limits is None:
+            raise NotFound(f"No {table.scope} limits apply to {owner!r} (no entry and no default).",
+                           code=f"{table.scope}_not_found", param="name")
+        rules = budget_rules(TeamSpec("-"), None, False, ((table.scope, owner, limits),))
+        with state_errors("The budget store"):
+            usage = await budgets.usage("-", rules, now)
+        out.append({"name": owner, "object": table.scope, "from_default": owner not in table.entries,
+                    "budgets": [_budget_view(None, u, now) for u in usage], "rpm": limits.rpm, "tpm": limits.tpm,
+                    "max_usd_per_minute": usd(limits.max_usd_per_minute_nano)
+                    if limits.max_usd_per_minute_nano is not None else None})
+    default = None
+    if table.default is not None:
+        d = table.default
+        default = {"budgets": [{"period": b.period, "limit_usd": usd(b.limit_nano)} for b in d.budgets],
+                   "rpm": d.rpm, "tpm": d.tpm, "max_usd_per_minute": usd(d.max_usd_per_minute_nano)
+                   if d.max_usd_per_minute_nano is not None else None}
+    return {"object": "list", "data": out, "default": default}
+
+
+def _budget_view(team: TeamSpec | None, u: BudgetUsage, now: datetime) -> dict[str, Any]:
     used = u.spent_nano + u.reserved_nano
     return {"period": u.period, "period_id": u.period_id, "period_ends": iso(period_end(u.period, now).timestamp()),
             "limit_usd": usd(u.limit_nano), "spent_usd": usd(u.spent_nano), "reserved_usd": usd(u.reserved_nano),
             "remaining_usd": usd(u.remaining_nano), "limit_nano": u.limit_nano, "spent_nano": u.spent_nano,
             "reserved_nano": u.reserved_nano, "remaining_nano": u.remaining_nano,
             "used_fraction": round(used / u.limit_nano, 6) if u.limit_nano else (1.0 if used else 0.0),
-            "soft_alert_reached": used >= u.limit_nano * team.soft_alert}
+            "soft_alert_reached": used >= u.limit_nano * (team.soft_alert if team is not None else 0.8)}
 
 
 async def team_views(teams: Sequence[TeamSpec], budgets: BudgetStore, now: datetime | None = None
