@@ -8,9 +8,12 @@ checks and which is also part of every key: ``gw:v2:{team:<team>}:...``. The has
 makes the team's keys of one request (team and key budgets and rate windows, the reservation
 record) share a slot; end-user, tag and session buckets and windows are shared by every team
 and carry their own tag (``gw:v2:{user:<id>}:...``). On one Redis a request's keys all go to
-one script call; a Redis Cluster refuses a script over several slots, so there those
-budgets need the two-phase reserve described in the README (not built yet: such a store
-raises at the first request that names them). Names inside keys are
+one script call. A Redis Cluster refuses a script over several slots, so there a request
+that names them is split by hash tag and reserved in two phases: each slot holds atomically in
+its own script call (end users', tags', sessions' first, the team's last, each passing on the
+possibly capped amount); a refusal releases the holds already taken (compensation), and a
+crash in between leaves holds that expire with the reservation TTL. Each slot keeps its own
+reservation record and settled marker, so settle and renew are per slot and replay-safe. Names inside keys are
 percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
 Redis and cluster errors surface as :class:`StateUnavailable`; the pipeline picks the
 fail mode. :meth:`RedisBudgetStore.aclose` closes the client it was given.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -35,6 +39,8 @@ from gateway.state.budgets import (
     BudgetRule,
     BudgetUsage,
     Plan,
+    RateRule,
+    RateStatus,
     ReserveRequest,
     StateUnavailable,
     admission_from_reply,
@@ -79,10 +85,25 @@ def rate_key(team: str, scope: str, owner: str) -> str:
     return f"{home_tag(team, scope, owner)}:rl:{_q(scope)}:{_q(owner)}"
 
 
-def request_keys(team: str, request_id: str) -> tuple[str, str]:
-    """(reservation record, settled marker) of one request."""
-    tag = team_tag(team)
+def request_keys(team: str, request_id: str, tag: str | None = None) -> tuple[str, str]:
+    """(reservation record, settled marker) of one request, under its team's tag (or ``tag``: on a
+    cluster, every slot a request holds budget in keeps its own record and marker)."""
+    tag = tag or team_tag(team)
     return f"{tag}:res:{_q(request_id)}", f"{tag}:done:{_q(request_id)}"
+
+
+def merge_admissions(parts: Sequence[Admission], reserved: int) -> Admission:
+    """One admission from the slots' own (all admitted): the least remaining, the tightest rate limits."""
+    remaining = [a.remaining_nano for a in parts if a.remaining_nano is not None]
+
+    def tightest(pairs: list[tuple[int | None, int | None]]) -> tuple[int | None, int | None]:
+        known = [(lim, rem) for lim, rem in pairs if lim is not None and rem is not None]
+        return min(known, key=lambda lr: lr[1]) if known else (None, None)
+
+    lim_r, rem_r = tightest([(a.rate.limit_requests, a.rate.remaining_requests) for a in parts])
+    lim_t, rem_t = tightest([(a.rate.limit_tokens, a.rate.remaining_tokens) for a in parts])
+    return Admission(True, None, RateStatus(lim_r, rem_r, lim_t, rem_t), min(remaining) if remaining else None,
+                     reserved)
 
 
 class RedisBudgetStore:
@@ -98,6 +119,7 @@ class RedisBudgetStore:
         self.settled_ttl_s = max(int(settled_ttl_s), int(reservation_ttl_s) + 1)
         self.bucket_grace_s = int(bucket_grace_s)
         self.partial_reservations = partial_reservations
+        self._cluster = isinstance(client, RedisCluster)
         self._loaded = False
 
     async def _run(self, keys: list[str], args: list[str | int]) -> Any:
@@ -122,9 +144,59 @@ class RedisBudgetStore:
             keys.extend(bucket_keys(team, rule, pid))
         return keys
 
+    def _split(self, req: ReserveRequest, p: Plan) -> list[tuple[str, ReserveRequest]] | None:
+        """On a cluster, the request's parts per hash tag (end users', tags', sessions' first, the team's
+        last), each with only its own rules; None when one script call can do it (one Redis, or every key
+        under the team's tag)."""
+        if not self._cluster:
+            return None
+        home = team_tag(req.team)
+        groups: dict[str, tuple[list[BudgetRule], list[RateRule]]] = {}
+        for b in p.budgets:
+            groups.setdefault(home_tag(req.team, b.scope, b.owner), ([], []))[0].append(b)
+        for r in p.rates:
+            groups.setdefault(home_tag(req.team, r.scope, r.owner), ([], []))[1].append(r)
+        if all(tag == home for tag in groups):
+            return None
+        order = [t for t in groups if t != home] + ([home] if home in groups else [])
+        return [(t, replace(req, budgets=tuple(groups[t][0]), rates=tuple(groups[t][1]))) for t in order]
+
     async def reserve(self, req: ReserveRequest) -> Admission:
         p = plan(req)
-        keys = [*request_keys(req.team, req.request_id), *self._bucket_keys(req.team, p),
+        parts = self._split(req, p)
+        if parts is None:
+            return await self._reserve_at(None, req, p)
+        # Two phases across slots: each part holds atomically in its own slot, passing on the (possibly
+        # capped) amount; a refusal or an error releases the parts already held (compensation). A crash
+        # between the phases leaves holds that expire with the reservation TTL, like any dead replica's.
+        held: list[tuple[str, ReserveRequest]] = []
+        admissions: list[Admission] = []
+        amount = req.cost_nano
+        try:
+            for tag, sub in parts:
+                sub = replace(sub, cost_nano=min(sub.cost_nano, amount))
+                adm = await self._reserve_at(tag, sub, plan(sub))
+                if not adm.admitted:
+                    await self._release(held)
+                    return adm
+                held.append((tag, sub))
+                admissions.append(adm)
+                if plan(sub).budgets:
+                    amount = min(amount, adm.reserved_nano)
+        except StateUnavailable:
+            await self._release(held)
+            raise
+        return merge_admissions(admissions, amount)
+
+    async def _release(self, held: Sequence[tuple[str, ReserveRequest]]) -> None:
+        """Compensation: give back the holds of a request refused in another slot (best effort: a hold
+        that cannot be released now expires with the reservation TTL)."""
+        for tag, sub in held:
+            with contextlib.suppress(StateUnavailable):
+                await self._settle_at(tag, sub, plan(sub), 0, 0)
+
+    async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> Admission:
+        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
                 *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
         args: list[str | int] = [
             "reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
@@ -146,7 +218,17 @@ class RedisBudgetStore:
         p = plan(req)
         check_amount("actual_cost_nano", actual_cost_nano)
         check_amount("actual_tokens", actual_tokens)
-        keys = [*request_keys(req.team, req.request_id), *self._bucket_keys(req.team, p),
+        parts = self._split(req, p)
+        if parts is None:
+            await self._settle_at(None, req, p, actual_cost_nano, actual_tokens)
+            return
+        # every slot settles once (its own settled marker): a replay after a partial failure is exact
+        for tag, sub in parts:
+            await self._settle_at(tag, sub, plan(sub), actual_cost_nano, actual_tokens)
+
+    async def _settle_at(self, tag: str | None, req: ReserveRequest, p: Plan, actual_cost_nano: int,
+                         actual_tokens: int) -> None:
+        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
                 *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
         args: list[str | int] = [
             "settle", SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
@@ -157,7 +239,13 @@ class RedisBudgetStore:
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)
-        keys = [request_keys(req.team, req.request_id)[0], *self._bucket_keys(req.team, p)]
+        parts = self._split(req, p)
+        if parts is None:
+            return await self._renew_at(None, req, p)
+        return all([await self._renew_at(tag, sub, plan(sub)) for tag, sub in parts])
+
+    async def _renew_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> bool:
+        keys = [request_keys(req.team, req.request_id, tag)[0], *self._bucket_keys(req.team, p)]
         args: list[str | int] = ["renew", SCRIPT_VERSION, req.request_id,
                                  max(1, round(self.reservation_ttl_s * 1000)), len(p.budgets)]
         return int(await self._run(keys, args)) == 1
@@ -168,11 +256,17 @@ class RedisBudgetStore:
         for rule in budgets:
             check_budget_rule(rule)
         pids = [period_id(rule.period, now) for rule in budgets]
-        keys: list[str] = []
-        for rule, pid in zip(budgets, pids, strict=True):
-            keys.extend(bucket_keys(team, rule, pid))
-        reply = [int(x) for x in await self._run(keys, ["usage", SCRIPT_VERSION, len(budgets)])]
-        return [BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, reply[2 * i], reply[2 * i + 1])
+        groups: dict[str, list[int]] = {}   # one script call per hash tag on a cluster
+        for i, rule in enumerate(budgets):
+            groups.setdefault(home_tag(team, rule.scope, rule.owner) if self._cluster else "", []).append(i)
+        reply: dict[int, tuple[int, int]] = {}
+        for indexes in groups.values():
+            keys: list[str] = []
+            for i in indexes:
+                keys.extend(bucket_keys(team, budgets[i], pids[i]))
+            got = [int(x) for x in await self._run(keys, ["usage", SCRIPT_VERSION, len(indexes)])]
+            reply.update({i: (got[2 * j], got[2 * j + 1]) for j, i in enumerate(indexes)})
+        return [BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, *reply[i])
                 for i, (rule, pid) in enumerate(zip(budgets, pids, strict=True))]
 
     async def ping(self) -> bool:
