@@ -26,6 +26,7 @@ from gateway.policy.caching import (
 from gateway.policy.cases import PolicyCase, parse_cases
 from gateway.policy.limits import Limits, LimitTable, parse_limits
 from gateway.policy.models import Deployment, ModelSpec, SimulatedSpec, parse_models
+from gateway.policy.notify import NotifySpec, parse_notify
 from gateway.policy.routes import HealthSpec, Route, parse_health, parse_routes
 from gateway.policy.teams import DEFAULT_TEAM, TeamBudget, TeamSpec, parse_teams
 from gateway.policy.yamlsource import Located, LocatedList, PolicyError, load_file
@@ -36,8 +37,8 @@ __all__ = ["DEFAULT_TEAM", "CacheSettings", "LimitTable", "Limits",
            "Policies", "PolicyCase", "PolicyError", "PromptCacheSettings", "ResponseCachePolicy", "Route",
            "SimulatedSpec", "TeamBudget", "TeamSpec", "load_policies", "policy_files"]
 
-SECTIONS = ("models", "routes", "health", "teams", "users", "tags", "sessions", "tests", "cache", "prompt_cache",
-            "compression")
+SECTIONS = ("models", "routes", "health", "teams", "users", "tags", "sessions", "notify", "tests", "cache",
+            "prompt_cache", "compression")
 LIST_SECTIONS = ("routes", "tests")
 
 
@@ -57,6 +58,7 @@ class Policies:
     users: LimitTable = field(default_factory=lambda: LimitTable("user"))
     tags: LimitTable = field(default_factory=lambda: LimitTable("tag"))
     sessions: LimitTable = field(default_factory=lambda: LimitTable("session"))
+    notify: NotifySpec = field(default_factory=NotifySpec)
 
     def model(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
@@ -118,7 +120,8 @@ def load_policies(config_dir: str, env: dict[str, str] | None = None) -> Policie
     return Policies(models=models, files=tuple(files), deployments=deployments, teams=teams, routes=routes,
                     route_names=route_names, health=health, cases=cases, cache=cache, prompt_cache=prompt_cache,
                     compression=compression, users=limits["users"], tags=limits["tags"],
-                    sessions=limits["sessions"])
+                    sessions=limits["sessions"],
+                    notify=parse_notify(merged["notify"], env) if "notify" in merged else NotifySpec())
 
 
 def _merge(merged: dict[str, Any], section: str, value: Any, doc: Located) -> None:

@@ -51,6 +51,7 @@ class State:
     _records: list[LedgerRecord] = field(default_factory=list)
     _settles: deque[tuple[ReserveRequest, int, int]] = field(default_factory=deque)
     _task: asyncio.Task[None] | None = None
+    notifier: Any = None                  # budget notifications (gateway.budgets.notify.Notifier), told of settles
 
     @property
     def shared(self) -> bool:
@@ -73,6 +74,8 @@ class State:
         self._holds.pop(req.request_id, None)
         try:
             await self.budgets.settle(req, cost_nano, tokens)
+            if self.notifier is not None and req.budgets:
+                self.notifier.touched(req)
         except StateUnavailable as exc:
             log.warning("settle of %s queued, budget store down: %s", req.request_id, exc)
             if len(self._settles) < MAX_QUEUED_SETTLES:
