@@ -194,7 +194,22 @@ def describe(policies: Policies) -> str:
         limits = "".join(f", {k} {v}" for k, v in (("rpm", team.rpm), ("tpm", team.tpm)) if v)
         allowed = f", models {sorted(team.allowed_models)}" if team.allowed_models is not None else ""
         exceed = f" then {team.on_exceed}" + (f" to {team.downgrade_to}" if team.downgrade_to else "")
-        lines.append(f"  {team.name}: {budgets}{exceed if team.budgets else ''}{limits}{allowed}")
+        brake = f", max ${team.max_usd_per_minute_nano / 1e9:g}/minute" if team.max_usd_per_minute_nano else ""
+        lines.append(f"  {team.name}: {budgets}{exceed if team.budgets else ''}{limits}{brake}{allowed}")
+    for title, table in (("users", policies.users), ("tags", policies.tags), ("sessions", policies.sessions)):
+        named = list(table.entries.items()) + ([("default (each other)", table.default)] if table.default else [])
+        if named:
+            lines.append(f"{title}:")
+        for name, lim in named:
+            budgets = ", ".join(f"${b.limit_nano / 1e9:g} {b.period}" for b in lim.budgets) or "no budget"
+            extra = "".join(f", {k} {v}" for k, v in (("rpm", lim.rpm), ("tpm", lim.tpm)) if v)
+            if lim.max_usd_per_minute_nano:
+                extra += f", max ${lim.max_usd_per_minute_nano / 1e9:g}/minute"
+            lines.append(f"  {name}: {budgets}{extra}")
+    for hook in policies.notify.webhooks:
+        watched = ", ".join(f"{s}:{o}" if o else s for s, o in hook.watches)
+        lines.append(f"notify {hook.name}: {hook.url} at {', '.join(f'{t:.0%}' for t in hook.thresholds)} "
+                     f"of [{watched}]{' (signed)' if hook.secret else ''}")
     return "\n".join(lines)
 
 
