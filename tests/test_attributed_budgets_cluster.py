@@ -106,3 +106,38 @@ async def test_a_replica_dying_between_the_phases_leaves_holds_that_expire(redis
         assert (await store.reserve(req(team, CENTS_5, (rule,)))).admitted
     finally:
         await store.aclose()
+
+
+async def test_four_workers_on_the_cluster_hold_a_user_budget_spanning_two_teams(
+        gateway, mock_reset: str, redis_cluster_ports: list[int]) -> None:  # type: ignore[no-untyped-def]
+    from test_budgets_e2e import ask, client_for, policy
+
+    from gateway.state.keys import RedisKeyStore
+
+    cluster = RedisCluster(host="127.0.0.1", port=redis_cluster_ports[0])
+    try:
+        await cluster.initialize()
+        user = f"u-{uuid.uuid4().hex[:8]}"
+        teams = await teams_on_other_masters(cluster, home_tag("", "user", user), 2)
+        text = policy(mock_reset, "".join(f"  {t}: {{budgets: [{{period: monthly, usd: 1}}]}}\n" for t in teams))
+        text += "users:\n  default: {budgets: [{period: daily, usd: 0.3}]}\n"
+        server = gateway(text, env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_cluster_ports[0]}/0",
+                                    "GATEWAY_REDIS_CLUSTER": "1"}, args=("--workers", "4"))
+        clients = [client_for(server, (await RedisKeyStore(cluster).create(t, "test"))[1]) for t in teams]
+        results = await asyncio.gather(*(ask(clients[i % 2], stream=i % 3 == 0, extra_headers={"x-gateway-user": user})
+                                         for i in range(16)))
+        assert [r[0] for r in results].count("ok") == 6                 # $0.30 of $0.05 requests, across teams
+        assert all(r[1][:2] == (429, "budget_exceeded") for r in results if r[0] == "error")
+        [u] = await RedisBudgetStore(cluster).usage("x", [BudgetRule("user", user, "daily", 3 * USD // 10)],
+                                                    datetime.now(UTC))
+        assert (u.spent_nano, u.reserved_nano) == (3 * USD // 10, 0)
+        team_spent = 0
+        for t in teams:
+            [tu] = await RedisBudgetStore(cluster).usage(t, [BudgetRule("team", t, "monthly", USD)], datetime.now(UTC))
+            assert tu.reserved_nano == 0
+            team_spent += tu.spent_nano
+        assert team_spent == 3 * USD // 10
+        for c in clients:
+            await c.close()
+    finally:
+        await cluster.aclose()
