@@ -219,3 +219,42 @@ async def test_admin_views_of_users_tags_and_sessions(tmp_path: Path) -> None:
         await adminops.limit_views(policies.tags, store, "unknown-tag")
     with pytest.raises(InvalidRequest):
         await adminops.limit_views(policies.users, store, "x" * 300)
+
+
+async def test_a_key_carries_its_own_spend_rate_brake() -> None:
+    from gateway.admin import ops as adminops
+    from gateway.errors import InvalidRequest
+    from gateway.state.budgets_memory import MemoryBudgetStore
+    from gateway.state.keys import KeyRecord, MemoryKeyStore
+
+    keys = MemoryKeyStore()
+    asked = adminops.key_request({"team": "t", "max_usd_per_minute": "0.1", "budget_usd": 5, "budget_period": "total"})
+    view = await adminops.create_key(keys, asked, None)
+    record = await keys.get(view["key"]["id"])
+    assert record is not None and record.max_usd_per_minute == "0.1" and view["key"]["max_usd_per_minute"] == "0.1"
+    assert KeyRecord.from_json(record.to_json()) == record
+    legacy = orjson_without(record.to_json(), "max_usd_per_minute")   # a record stored before the field existed
+    assert KeyRecord.from_json(legacy).max_usd_per_minute is None
+    rules = budget_rules(TeamSpec("t"), record)
+    assert [(r.period, r.limit_nano) for r in rules] == [("total", 5 * USD), ("minute", USD // 10)]
+    store = MemoryBudgetStore()
+    got = []
+    for _ in range(3):
+        r = req("t", CENTS_5, rules, now=datetime.now(UTC).replace(second=1), partial=False)
+        adm = await store.reserve(r)
+        got.append(adm.admitted)
+        if adm.admitted:
+            await store.settle(r, CENTS_5, 10)
+    assert got == [True, True, False]
+    for bad in ({"team": "t", "max_usd_per_minute": "lots"}, {"team": "t", "max_usd_per_minute": -1},
+                {"team": "t", "budget_usd": 1, "budget_period": "minute"}):
+        with pytest.raises(InvalidRequest):
+            adminops.key_request(bad)
+
+
+def orjson_without(raw: bytes, field: str) -> bytes:
+    import orjson
+
+    doc = orjson.loads(raw)
+    doc.pop(field)
+    return orjson.dumps(doc)

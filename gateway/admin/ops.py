@@ -38,16 +38,13 @@ from gateway.budgets.rules import budget_rules
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.policy import LimitTable, TeamSpec
 from gateway.state.budgets import MAX_AMOUNT, BudgetStore, BudgetUsage, StateUnavailable, period_end
-from gateway.state.keys import KeyRecord, KeyStore
+from gateway.state.keys import KEY_PERIODS, KeyRecord, KeyStore
 from gateway.state.ledger import Ledger
 
-KEY_FIELDS = ("team", "name", "budget_usd", "budget_period", "rpm", "tpm", "expires_in_days")
+KEY_FIELDS = ("team", "name", "budget_usd", "budget_period", "rpm", "tpm", "expires_in_days", "max_usd_per_minute")
 MAX_NAME = 200
 MAX_EXPIRY_DAYS = 36_600
 DAY_S = 86_400
-
-
-KEY_PERIODS = ("daily", "weekly", "monthly", "total")
 
 
 @contextlib.contextmanager
@@ -68,6 +65,7 @@ class KeyRequest:
     rpm: int | None = None
     tpm: int | None = None
     expires_in_days: float | None = None
+    max_usd_per_minute: str | None = None
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> InvalidRequest:
@@ -99,19 +97,18 @@ def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def _budget(value: Any) -> str | None:
+def _budget(value: Any, name: str = "budget_usd") -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _bad("budget_usd", f"'budget_usd' must be a USD amount, got {value!r}.", "invalid_type")
+        raise _bad(name, f"'{name}' must be a USD amount, got {value!r}.", "invalid_type")
     try:
         amount = Decimal(str(value).strip())
     except InvalidOperation:
-        raise _bad("budget_usd", f"'budget_usd' must be a USD amount such as 20 or 0.50, got {value!r}.") from None
+        raise _bad(name, f"'{name}' must be a USD amount such as 20 or 0.50, got {value!r}.") from None
     top = MAX_AMOUNT // 10**9
     if not amount.is_finite() or not 0 <= amount <= top or amount != amount.quantize(Decimal("1e-9")):
-        raise _bad("budget_usd", f"'budget_usd' must be from 0 to {top} USD with at most 9 decimals, "
-                                 f"got {value!r}.")
+        raise _bad(name, f"'{name}' must be from 0 to {top} USD with at most 9 decimals, got {value!r}.")
     return str(amount)
 
 
@@ -137,7 +134,8 @@ def key_request(body: Any) -> KeyRequest:
     return KeyRequest(team=team, name=_text(body, "name", MAX_NAME) or "", budget_usd=budget_usd,
                       budget_period=period or ("monthly" if budget_usd is not None else None),
                       rpm=_positive_int(body, "rpm"), tpm=_positive_int(body, "tpm"),
-                      expires_in_days=float(days) if days is not None else None)
+                      expires_in_days=float(days) if days is not None else None,
+                      max_usd_per_minute=_budget(body.get("max_usd_per_minute"), "max_usd_per_minute"))
 
 
 def _iso(ts: float | None) -> str | None:
@@ -156,7 +154,7 @@ def key_view(record: KeyRecord, now: float) -> dict[str, Any]:
             "status": key_status(record, now), "prefix": record.prefix, "created_at": iso(record.created_at),
             "expires_at": _iso(record.expires_at), "revoked_at": _iso(record.revoked_at),
             "budget_usd": record.budget_usd, "budget_period": record.budget_period,
-            "rpm": record.rpm, "tpm": record.tpm}
+            "rpm": record.rpm, "tpm": record.tpm, "max_usd_per_minute": record.max_usd_per_minute}
 
 
 async def create_key(store: KeyStore, req: KeyRequest, known_teams: Collection[str] | None) -> dict[str, Any]:
@@ -167,7 +165,8 @@ async def create_key(store: KeyStore, req: KeyRequest, known_teams: Collection[s
     try:
         with state_errors():
             record, secret = await store.create(req.team, req.name, expires_at=expires, budget_usd=req.budget_usd,
-                                                budget_period=req.budget_period, rpm=req.rpm, tpm=req.tpm)
+                                                budget_period=req.budget_period, rpm=req.rpm, tpm=req.tpm,
+                                                max_usd_per_minute=req.max_usd_per_minute)
     except ValueError as exc:   # the store's own checks, should the ones above ever miss a case
         raise InvalidRequest(f"Invalid key: {exc}", code="invalid_value") from None
     warnings = []

@@ -53,6 +53,8 @@ def budget_rules(team: TeamSpec, key: KeyRecord | None, soft: bool = False,
     if key is not None and key.budget_usd is not None:
         rules.append(BudgetRule("key", key.id, cast(Period, key.budget_period or "monthly"),
                                 usd_to_nano(key.budget_usd)))
+    if key is not None and key.max_usd_per_minute is not None:
+        rules.append(BudgetRule("key", key.id, "minute", usd_to_nano(key.max_usd_per_minute)))
     for scope, owner, limits in attributed:
         rules.extend(BudgetRule(scope, owner, cast(Period, b.period), b.limit_nano) for b in limits.budgets)
         if limits.max_usd_per_minute_nano is not None:
