@@ -102,6 +102,8 @@ class State:
             except StateUnavailable:
                 break
             self._settles.popleft()
+            if self.notifier is not None and req.budgets:
+                self.notifier.touched(req)
 
     async def renew_holds(self) -> int:
         """Renew every live hold last renewed a third of the TTL ago; returns how many were renewed."""

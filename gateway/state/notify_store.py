@@ -6,11 +6,13 @@ atomic step, puts the delivery in the outbox, so a gateway that restarts before 
 loses nothing (Redis keeps it). :meth:`take` leases due deliveries to one worker (another
 worker does not take them for ``lease_s``); :meth:`done` removes a delivered one and
 :meth:`retry` schedules the next attempt. All Redis keys share the ``{notify}`` hash tag, so
-each script works on Redis Cluster.
+each script works on Redis Cluster. :class:`SqliteNotifyStore` does the same in one SQLite file
+for the embedded deployment (every worker of one machine shares it; a restart keeps it).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,3 +144,62 @@ class RedisNotifyStore:
             await self._r.zadd(self.outbox, {claim_id: at}, xx=True)
         except _ERRORS as exc:
             raise StateUnavailable(f"notification store unavailable: {exc}") from exc
+
+
+class SqliteNotifyStore:
+    """Claims and outbox in a SQLite file: each operation is one ``BEGIN IMMEDIATE`` transaction, so
+    the workers of one machine sharing the file claim and lease atomically, and pending deliveries
+    survive a restart."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._db = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS notify_claims (id TEXT PRIMARY KEY, expires REAL NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS notify_outbox (id TEXT PRIMARY KEY, due REAL NOT NULL, "
+                         "payload BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)")
+
+    def _tx(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                out = work(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return out
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"notification store unavailable: {exc}") from exc
+
+    async def claim(self, claim_id: str, payload: bytes, keep_s: int) -> bool:
+        now = self.clock()
+
+        def work(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM notify_claims WHERE id = ? AND expires <= ?", (claim_id, now))
+            if db.execute("INSERT OR IGNORE INTO notify_claims VALUES (?, ?)", (claim_id, now + keep_s)).rowcount != 1:
+                return False
+            db.execute("INSERT OR REPLACE INTO notify_outbox VALUES (?, ?, ?, 0)", (claim_id, now, payload))
+            return True
+        return bool(self._tx(work))
+
+    async def take(self, lease_s: float, limit: int) -> list[Pending]:
+        now = self.clock()
+
+        def work(db: sqlite3.Connection) -> list[Pending]:
+            rows = db.execute("SELECT id, payload, attempts FROM notify_outbox WHERE due <= ? ORDER BY due LIMIT ?",
+                              (now, limit)).fetchall()
+            for cid, _, _ in rows:
+                db.execute("UPDATE notify_outbox SET due = ?, attempts = attempts + 1 WHERE id = ?",
+                           (now + lease_s, cid))
+            return [Pending(cid, bytes(payload), attempts + 1) for cid, payload, attempts in rows]
+        return list(self._tx(work))
+
+    async def done(self, claim_id: str) -> None:
+        self._tx(lambda db: db.execute("DELETE FROM notify_outbox WHERE id = ?", (claim_id,)))
+
+    async def retry(self, claim_id: str, at: float) -> None:
+        self._tx(lambda db: db.execute("UPDATE notify_outbox SET due = ? WHERE id = ?", (at, claim_id)))
+
+    def close(self) -> None:
+        self._db.close()
