@@ -83,7 +83,7 @@ class Admission:
         ticket = await self._try(req, principal, plan, budgets, rates, partial=not downgrades)
         refusal = ticket.admission.refusal if ticket.admission else None
         waited_until = time.monotonic() + self.hold_wait_s
-        while refusal is not None and refusal.kind == "budget" and not downgrades \
+        while refusal is not None and refusal.kind == "budget" and refusal.period != "minute" and not downgrades \
                 and time.monotonic() < waited_until and await self._held_by_others(principal.team, budgets, ticket):
             await asyncio.sleep(HOLD_POLL_S)   # other requests' holds may settle below their worst case
             ticket = await self._try(req, principal, plan, budgets, rates)

@@ -9,7 +9,9 @@ headroom and the hold is capped at the tightest budget's headroom
 (:attr:`Admission.reserved_nano`), so the last cents of a budget stay usable whatever
 the request's max_tokens; with ``False`` the whole worst case must fit. Budgets live in
 period buckets named by :func:`period_id` (the client computes it from the UTC date),
-so a new period starts from an empty bucket with no reset job. Rate limits use a fixed
+so a new period starts from an empty bucket with no reset job; ``total`` is one lifetime bucket and
+``minute`` (the ``max_usd_per_minute`` brake) one sliding-window bucket whose holds drop out 60 s
+after their reservation and are replaced, not released, by the actual cost at settle. Rate limits use a fixed
 60-second window aligned to the store clock's minute. This module has no I/O; both
 stores share the reply decoding below so they cannot drift.
 """
@@ -77,11 +79,11 @@ def period_end(period: Period, now: datetime) -> datetime:
 
 def period_id(period: Period, now: datetime) -> str:
     """Bucket name of the period containing ``now``: ``d20261123``, ``w2026-48`` (ISO year-week), ``m202611``,
-    ``t`` (lifetime), ``n<minutes since the epoch>`` (a spend-rate brake's minute)."""
+    ``t`` (lifetime), ``w60`` (a spend-rate brake: a sliding 60-second window, one bucket)."""
     if period == "total":
         return "t"
     if period == "minute":
-        return f"n{int(_utc(now).timestamp()) // 60}"
+        return "w60"
     start = period_start(period, now)
     if period == "daily":
         return f"d{start.year:04d}{start.month:02d}{start.day:02d}"
@@ -196,6 +198,7 @@ class Plan:
     period_ids: tuple[str, ...]  # one per budget
     period_ends: tuple[int, ...]  # one per budget, unix seconds
     keeps: tuple[int | None, ...] = ()  # one per budget: keep its bucket this long after now (None: the grace)
+    windows_ms: tuple[int, ...] = ()  # one per budget: > 0 for a sliding-window bucket (the minute brake)
 
     def expire_at(self, i: int, now: float, grace: int) -> int:
         """When budget ``i``'s bucket may be forgotten (unix seconds): a calendar period's end plus the
@@ -228,15 +231,7 @@ def plan(req: ReserveRequest) -> Plan:
     check_amount("cost_nano", req.cost_nano)
     check_amount("tokens", req.tokens)
     check_amount("min_cost_nano", req.min_cost_nano)
-    now = _utc(req.now)
-    p = _plan(req.budgets, req.rates, now.date())
-    if any(b.period == "minute" for b in p.budgets):   # the brake's bucket changes every minute
-        p = Plan(p.budgets, p.rates,
-                 tuple(period_id("minute", now) if b.period == "minute" else pid
-                       for b, pid in zip(p.budgets, p.period_ids, strict=True)),
-                 tuple(int(period_end("minute", now).timestamp()) if b.period == "minute" else end
-                       for b, end in zip(p.budgets, p.period_ends, strict=True)), p.keeps)
-    return p
+    return _plan(req.budgets, req.rates, _utc(req.now).date())
 
 
 def keep_of(rule: BudgetRule) -> int | None:
@@ -275,6 +270,7 @@ def _plan(rules: tuple[BudgetRule, ...], rate_rules: tuple[RateRule, ...], day: 
         period_ids=tuple(period_id(b.period, now) for b in bs),
         period_ends=tuple(int(period_end(b.period, now).timestamp()) for b in bs),
         keeps=tuple(keep_of(b) for b in bs),
+        windows_ms=tuple(WINDOW_S * 1000 if b.period == "minute" else 0 for b in bs),
     )
 
 

@@ -161,10 +161,10 @@ class MemoryBudgetStore:
         add_n = add_r = add_t = 0
         if admitted and not dup:
             add_n, add_r, add_t = amount, 1, req.tokens
-            for bucket in buckets:
+            for bucket, win_ms in zip(buckets, p.windows_ms, strict=True):
                 if amount > 0:
                     bucket.reserved += amount
-                    bucket.holds[req.request_id] = (amount, now + self.reservation_ttl_s)
+                    bucket.holds[req.request_id] = (amount, now + (win_ms / 1000 if win_ms else self.reservation_ttl_s))
             for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
                 self._windows[(_home(req.team, r.scope), r.scope, r.owner)] = _Window(
                     minute, nreq + 1, ntok + req.tokens)
@@ -196,7 +196,16 @@ class MemoryBudgetStore:
         record = self._records.pop(key, None)
         if record is not None and record.expires_at <= now:
             record = None
-        for bucket in self._buckets_of(req.team, p, now):
+        for bucket, win_ms in zip(self._buckets_of(req.team, p, now), p.windows_ms, strict=True):
+            if win_ms:     # a sliding window: the hold becomes the actual cost, and drops out with its window
+                kept = bucket.holds.get(req.request_id)
+                if kept is not None:
+                    bucket.reserved += actual_cost_nano - kept[0]
+                    bucket.holds[req.request_id] = (actual_cost_nano, kept[1])
+                elif actual_cost_nano > 0:
+                    bucket.reserved += actual_cost_nano
+                    bucket.holds[req.request_id] = (actual_cost_nano, now + win_ms / 1000)
+                continue
             held = bucket.holds.pop(req.request_id, None)
             if held is not None:
                 bucket.reserved -= held[0]
@@ -216,7 +225,9 @@ class MemoryBudgetStore:
             return False
         expires = now + self.reservation_ttl_s
         self._records[key] = _Record(record.amount, record.minute, record.tokens, expires)
-        for rule, pid in zip(p.budgets, p.period_ids, strict=True):
+        for rule, pid, win_ms in zip(p.budgets, p.period_ids, p.windows_ms, strict=True):
+            if win_ms:     # a window hold never outlives its window
+                continue
             bucket = self._buckets.get((_home(req.team, rule.scope), rule.scope, rule.owner, pid))
             held = bucket.holds.get(req.request_id) if bucket is not None else None
             if bucket is not None and held is not None and held[1] > now:

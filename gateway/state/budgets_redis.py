@@ -204,7 +204,7 @@ class RedisBudgetStore:
             len(p.budgets), len(p.rates)]
         for i, rule in enumerate(p.budgets):
             floor, keep = p.arg_pair(i, self.bucket_grace_s)
-            args += [rule.limit_nano, floor, -1 if rule.soft_nano is None else rule.soft_nano, keep]
+            args += [rule.limit_nano, floor, -1 if rule.soft_nano is None else rule.soft_nano, keep, p.windows_ms[i]]
         for rate in p.rates:
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
         reply = await self._run(keys, args)
@@ -234,7 +234,7 @@ class RedisBudgetStore:
             "settle", SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
             self.bucket_grace_s, len(p.budgets), len(p.rates)]
         for i in range(len(p.budgets)):
-            args += p.arg_pair(i, self.bucket_grace_s)
+            args += [*p.arg_pair(i, self.bucket_grace_s), p.windows_ms[i]]
         await self._run(keys, args)
 
     async def renew(self, req: ReserveRequest) -> bool:
@@ -247,7 +247,7 @@ class RedisBudgetStore:
     async def _renew_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> bool:
         keys = [request_keys(req.team, req.request_id, tag)[0], *self._bucket_keys(req.team, p)]
         args: list[str | int] = ["renew", SCRIPT_VERSION, req.request_id,
-                                 max(1, round(self.reservation_ttl_s * 1000)), len(p.budgets)]
+                                 max(1, round(self.reservation_ttl_s * 1000)), len(p.budgets), *p.windows_ms]
         return int(await self._run(keys, args)) == 1
 
     async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
