@@ -506,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", action="store_true",
                    help="start a private redis-server (cpu of the mock) and give the gateway's default team a "
                         "budget and RPM/TPM limits, so every request reserves and settles in Redis")
+    p.add_argument("--user-tag-budgets", action="store_true",
+                   help="with --budgets: also a users.default and a tag budget, and send x-gateway-user and "
+                        "x-gateway-tags, so every request reserves against a user and a tag budget too")
     args = p.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
@@ -531,7 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(config, "models.yaml").write_text((BENCH / "policies" / "models.yaml").read_text())
         Path(config, "teams.yaml").write_text(
             "teams:\n  bench:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
-            "    rpm: 100000000\n    tpm: 100000000000\n")
+            "    rpm: 100000000\n    tpm: 100000000000\n"
+            + ("users:\n  default: {budgets: [{period: daily, usd: 100000}]}\n"
+               "tags:\n  bench: {budgets: [{period: monthly, usd: 1000000}]}\n" if args.user_tag_budgets else ""))
+        if args.user_tag_budgets:
+            args.header += ["x-gateway-user: bench-user", "x-gateway-tags: bench"]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             redis_port = s.getsockname()[1]

@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--team", required=True, help="the team the key's traffic belongs to")
     create.add_argument("--name", help="a label for the key")
     create.add_argument("--budget-usd", help="the key's own budget in USD (inside its team's)")
-    create.add_argument("--budget-period", help="daily, weekly or monthly (default monthly)")
+    create.add_argument("--budget-period", help="daily, weekly, monthly or total (default monthly)")
     create.add_argument("--rpm", type=int, help="requests per minute for this key")
     create.add_argument("--tpm", type=int, help="tokens per minute for this key")
+    create.add_argument("--max-usd-per-minute", help="spend-rate brake: USD per UTC minute for this key")
     create.add_argument("--expires-in-days", type=float, help="the key stops working after this many days")
     listing = actions.add_parser("list", help="list keys (never their secrets)")
     listing.add_argument("--team", help="only this team's keys")
@@ -62,8 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     spend = sub.add_parser("spend", help="spend report from the ledger, with savings")
     spend.add_argument("--team", help="only this team")
     spend.add_argument("--since", default="7d", help="30m, 24h, 7d, 2w or an ISO date (default 7d)")
-    spend.add_argument("--by", default="team", help="team, model or day; with ClickHouse also key, provider or "
-                                                    "a comma-separated list such as team,model (default team)")
+    spend.add_argument("--by", default="team",
+                       help="one or two of team, key, user, tag, session, model, provider, deployment, route, "
+                            "endpoint, day (e.g. team,user; default team)")
+    spend.add_argument("--key", help="only this key id")
+    spend.add_argument("--user", help="only this end user")
+    spend.add_argument("--tag", help="only requests with this tag")
+    spend.add_argument("--session", help="only this session")
+    spend.add_argument("--top", type=int, help="the N costliest rows; the rest summed as (other)")
     spend.add_argument("--format", default="table", choices=("table", "csv", "json"))
     ledger = sub.add_parser("ledger", help="the spend ledger's records")
     ledger_actions = ledger.add_subparsers(dest="action", required=True)
@@ -195,7 +202,22 @@ def describe(policies: Policies) -> str:
         limits = "".join(f", {k} {v}" for k, v in (("rpm", team.rpm), ("tpm", team.tpm)) if v)
         allowed = f", models {sorted(team.allowed_models)}" if team.allowed_models is not None else ""
         exceed = f" then {team.on_exceed}" + (f" to {team.downgrade_to}" if team.downgrade_to else "")
-        lines.append(f"  {team.name}: {budgets}{exceed if team.budgets else ''}{limits}{allowed}")
+        brake = f", max ${team.max_usd_per_minute_nano / 1e9:g}/minute" if team.max_usd_per_minute_nano else ""
+        lines.append(f"  {team.name}: {budgets}{exceed if team.budgets else ''}{limits}{brake}{allowed}")
+    for title, table in (("users", policies.users), ("tags", policies.tags), ("sessions", policies.sessions)):
+        named = list(table.entries.items()) + ([("default (each other)", table.default)] if table.default else [])
+        if named:
+            lines.append(f"{title}:")
+        for name, lim in named:
+            budgets = ", ".join(f"${b.limit_nano / 1e9:g} {b.period}" for b in lim.budgets) or "no budget"
+            extra = "".join(f", {k} {v}" for k, v in (("rpm", lim.rpm), ("tpm", lim.tpm)) if v)
+            if lim.max_usd_per_minute_nano:
+                extra += f", max ${lim.max_usd_per_minute_nano / 1e9:g}/minute"
+            lines.append(f"  {name}: {budgets}{extra}")
+    for hook in policies.notify.webhooks:
+        watched = ", ".join(f"{s}:{o}" if o else s for s, o in hook.watches)
+        lines.append(f"notify {hook.name}: {hook.url} at {', '.join(f'{t:.0%}' for t in hook.thresholds)} "
+                     f"of [{watched}]{' (signed)' if hook.secret else ''}")
     return "\n".join(lines)
 
 

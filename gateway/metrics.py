@@ -198,6 +198,9 @@ class Metrics:
         self.cost_drift_usd = Counter(
             "gateway_cost_drift_usd", "Absolute difference between the gateway's price of a request and the "
             "cost the upstream reported for it (OpenRouter, litellm, xAI).", ["provider", "model"], registry=r)
+        self.budget_notifications = Counter(
+            "gateway_budget_notifications", "Budget threshold notifications: claimed (this process sends it), "
+            "delivered, failed (an attempt; retried), dropped.", ["scope", "result"], registry=r)
         self._known_models: frozenset[str] = frozenset()
         self.team_label = BoundedValues(EXTRA_TEAMS)
         self.code_label = BoundedValues(EXTRA_CODES, KNOWN_CODES)
@@ -261,6 +264,11 @@ class Metrics:
     def tokens_counted(self, team: str, source: str) -> None:
         """A token-count request answered, by the upstream or by the gateway's estimate."""
         self.child(self.token_counts, self.team_label(team), source).inc()
+
+    def budget_notified(self, scope: str, result: str) -> None:
+        """A budget notification claimed, delivered, failed (one attempt) or dropped; ``scope`` is bounded."""
+        self.child(self.budget_notifications, scope if scope in ("team", "key", "user", "tag", "session") else "other",
+                   result).inc()
 
     def budget_refused(self, team: str) -> None:
         self.child(self.budget_rejections, self.team_label(team)).inc()

@@ -128,7 +128,14 @@ def test_keys_and_spend_commands(setup: tuple[str, Server, dict[str, str]], tmp_
     failed(cli("keys", "create", "--team", "alpha", "--rpm", "0", env=env), 2, "'rpm' must be a positive integer")
     failed(cli("keys", "create", "--team", "  ", env=env), 2, "'team' must not be empty")
     failed(cli("keys", "create", "--team", "a", "--budget-period", "daily", env=env), 2, "needs 'budget_usd'")
-    assert cli("spend", "--by", "key", env=env).returncode == 2    # argparse's choices
+    failed(cli("spend", "--by", "galaxy", env=env), 2, "by must be one of team, key, user")
+    failed(cli("spend", "--by", "team,user,tag", env=env), 2, "one dimension or two")
+    by_key_model = spend_json(env, 8, "--by", "key,model")
+    assert sum(r["cost_nano"] for r in by_key_model["rows"]) == report["total"]["cost_nano"]
+    assert {alpha_id, beta_id} <= {r["key"] for r in by_key_model["rows"]}
+    top = spend_json(env, 8, "--by", "key", "--top", "1")
+    assert len(top["rows"]) == 2 and top["rows"][1]["key"] == "(other)"
+    assert sum(r["cost_nano"] for r in top["rows"]) == report["total"]["cost_nano"]
     assert len(json.loads(ok(cli("keys", "list", "--json", env=env)))) == 3   # no failed create left a key
 
 

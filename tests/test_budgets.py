@@ -397,7 +397,7 @@ async def test_script_reloads_after_flush_and_errors_become_state_unavailable(re
     assert await used(store, team, rule) == (0, 2 * CENTS_5)
     # another script version is refused by the script itself
     assert f"local VERSION = '{SCRIPT_VERSION}'" in SCRIPT
-    with pytest.raises(Exception, match="budget script is v1"):
+    with pytest.raises(Exception, match=f"budget script is {SCRIPT_VERSION}"):
         await client.eval(SCRIPT, 0, "usage", "v0", 0)
     await store.aclose()
     dead = RedisBudgetStore(Redis(host="127.0.0.1", port=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)))

@@ -114,9 +114,9 @@ async def test_group_by_key_provider_and_pairs(ch: ClickHouseLedger) -> None:
     batch = records(200, seed=5)
     await ch.append(batch)
     rows = await ch.totals(BASE, None, by="team,model")
-    want: dict[str, int] = {}
+    want: dict[tuple[str, str], int] = {}
     for r in batch:
-        want[f"{r.team} / {r.model}"] = want.get(f"{r.team} / {r.model}", 0) + r.cost_nano
+        want[(r.team, r.model)] = want.get((r.team, r.model), 0) + r.cost_nano
     assert {row["key"]: row["cost_nano"] for row in rows} == want
     keys = {row["key"]: row["requests"] for row in await ch.totals(BASE + 100, None, by="key")}
     assert keys == {k or "": sum(1 for r in batch if r.key_id == k and r.ts >= BASE + 100)

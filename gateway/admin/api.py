@@ -69,6 +69,9 @@ class AdminApi:
         r.add_api_route("/keys", self.list_keys, methods=["GET"])
         r.add_api_route("/keys/{key_id}", self.revoke_key, methods=["DELETE"])
         r.add_api_route("/teams", self.teams, methods=["GET"])
+        r.add_api_route("/users", self.users, methods=["GET"])
+        r.add_api_route("/tags", self.tags, methods=["GET"])
+        r.add_api_route("/sessions", self.sessions, methods=["GET"])
         r.add_api_route("/spend", self.spend, methods=["GET"])
         r.add_api_route("/ledger/export", self.export, methods=["GET"])
         r.add_api_route("/reload", self.reload, methods=["POST"])
@@ -117,9 +120,24 @@ class AdminApi:
         teams = await adminops.team_views(list(self.app.policies.teams.values()), self.app.state.budgets)
         return _json({"object": "list", "data": teams})
 
+    async def _limits(self, request: Request, section: str) -> Response:
+        self.authorize(request)
+        q = _query(request, ("name",))
+        table = getattr(self.app.policies, section)
+        return _json(await adminops.limit_views(table, self.app.state.budgets, q.get("name")))
+
+    async def users(self, request: Request) -> Response:
+        return await self._limits(request, "users")
+
+    async def tags(self, request: Request) -> Response:
+        return await self._limits(request, "tags")
+
+    async def sessions(self, request: Request) -> Response:
+        return await self._limits(request, "sessions")
+
     async def spend(self, request: Request) -> Response:
         self.authorize(request)
-        q = _query(request, ("team", "since", "by", "format"))
+        q = _query(request, ("team", "since", "by", "format", "key", "user", "tag", "session", "top"))
         fmt = q.get("format", "json")
         try:
             check_choice("format", fmt, FORMATS)
@@ -127,7 +145,12 @@ class AdminApi:
             raise InvalidRequest(str(exc), code="invalid_value", param="format") from None
         with adminops.state_errors("The spend ledger"):
             await self.app.state.flush(wait=True)   # this process's buffered records first (see above)
-        report = await adminops.spend(self.app.state.ledger, q.get("team"), q.get("since", "7d"), q.get("by", "team"))
+        top = q.get("top")
+        if top is not None and not top.isdigit():
+            raise InvalidRequest(f"top must be a positive integer, got {top!r}", code="invalid_value", param="top")
+        report = await adminops.spend(self.app.state.ledger, q.get("team"), q.get("since", "7d"), q.get("by", "team"),
+                                      {n: q.get(n) for n in ("key", "user", "tag", "session")},
+                                      int(top) if top is not None else None)
         return Response(render(report, fmt), media_type=MEDIA_TYPES[fmt])
 
     async def export(self, request: Request) -> Response:

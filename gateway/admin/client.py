@@ -52,7 +52,8 @@ class Backend(Protocol):
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]: ...
 
-    async def spend(self, team: str | None, since: str, by: str, fmt: str) -> str: ...
+    async def spend(self, team: str | None, since: str, by: str, fmt: str,
+                    filters: dict[str, str | None] | None = None, top: int | None = None) -> str: ...
 
     async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None: ...
 
@@ -129,9 +130,10 @@ class StoreAdmin:
         with self._named():
             return await adminops.revoke_key(self.keys, key_id)
 
-    async def spend(self, team: str | None, since: str, by: str, fmt: str) -> str:
+    async def spend(self, team: str | None, since: str, by: str, fmt: str,
+                    filters: dict[str, str | None] | None = None, top: int | None = None) -> str:
         with self._named():
-            return render(await adminops.spend(self.ledger, team, since, by), fmt)
+            return render(await adminops.spend(self.ledger, team, since, by, filters, top), fmt)
 
     async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None:
         with self._named():
@@ -186,8 +188,10 @@ class HttpAdmin:
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
         return dict(await self._json("DELETE", f"/keys/{urllib.parse.quote(key_id, safe='')}"))
 
-    async def spend(self, team: str | None, since: str, by: str, fmt: str) -> str:
+    async def spend(self, team: str | None, since: str, by: str, fmt: str,
+                    filters: dict[str, str | None] | None = None, top: int | None = None) -> str:
         query = {"since": since, "by": by, "format": fmt} | ({"team": team} if team else {})
+        query |= {k: v for k, v in (filters or {}).items() if v} | ({"top": str(top)} if top is not None else {})
         return (await asyncio.to_thread(self._call, "GET", "/spend", query)).decode()
 
     async def export(self, team: str | None, since: str, until: str | None, fmt: str, out: TextIO) -> None:
@@ -261,7 +265,8 @@ async def _command(backend: Backend, command: str, args: Any) -> str:
         return ""
     if command == "spend":
         check_choice("format", args.format, FORMATS)
-        return await backend.spend(args.team, args.since, args.by, args.format)
+        filters = {name: getattr(args, name, None) for name in ("key", "user", "tag", "session")}
+        return await backend.spend(args.team, args.since, args.by, args.format, filters, getattr(args, "top", None))
     if args.action == "create":
         fields = {name: getattr(args, name) for name in adminops.KEY_FIELDS if getattr(args, name) is not None}
         result = await backend.create_key(fields)

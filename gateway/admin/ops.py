@@ -22,15 +22,26 @@ from typing import Any, cast
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.admin.spend_report import build_report, check_by, iso, parse_since, usd
+from gateway.admin.spend_report import (
+    FILTERS,
+    build_report,
+    from_rollups,
+    group_records,
+    iso,
+    matches,
+    parse_by,
+    parse_since,
+    top_rows,
+    usd,
+)
 from gateway.budgets.rules import DEFAULT_OUTPUT_CAP, budget_rules
 from gateway.errors import InvalidRequest, NotFound, state_unavailable
-from gateway.policy import TeamSpec
-from gateway.state.budgets import MAX_AMOUNT, PERIODS, BudgetStore, BudgetUsage, StateUnavailable, period_end
-from gateway.state.keys import KeyRecord, KeyStore
-from gateway.state.ledger import GROUP_BY, Ledger
+from gateway.policy import LimitTable, TeamSpec
+from gateway.state.budgets import MAX_AMOUNT, BudgetStore, BudgetUsage, StateUnavailable, period_end
+from gateway.state.keys import KEY_PERIODS, KeyRecord, KeyStore
+from gateway.state.ledger import Ledger
 
-KEY_FIELDS = ("team", "name", "budget_usd", "budget_period", "rpm", "tpm", "expires_in_days")
+KEY_FIELDS = ("team", "name", "budget_usd", "budget_period", "rpm", "tpm", "expires_in_days", "max_usd_per_minute")
 MAX_NAME = 200
 MAX_EXPIRY_DAYS = 36_600
 DAY_S = 86_400
@@ -54,6 +65,7 @@ class KeyRequest:
     rpm: int | None = None
     tpm: int | None = None
     expires_in_days: float | None = None
+    max_usd_per_minute: str | None = None
 
 
 def _bad(param: str, message: str, code: str = "invalid_value") -> InvalidRequest:
@@ -85,19 +97,18 @@ def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     return value
 
 
-def _budget(value: Any) -> str | None:
+def _budget(value: Any, name: str = "budget_usd") -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _bad("budget_usd", f"'budget_usd' must be a USD amount, got {value!r}.", "invalid_type")
+        raise _bad(name, f"'{name}' must be a USD amount, got {value!r}.", "invalid_type")
     try:
         amount = Decimal(str(value).strip())
     except InvalidOperation:
-        raise _bad("budget_usd", f"'budget_usd' must be a USD amount such as 20 or 0.50, got {value!r}.") from None
+        raise _bad(name, f"'{name}' must be a USD amount such as 20 or 0.50, got {value!r}.") from None
     top = MAX_AMOUNT // 10**9
     if not amount.is_finite() or not 0 <= amount <= top or amount != amount.quantize(Decimal("1e-9")):
-        raise _bad("budget_usd", f"'budget_usd' must be from 0 to {top} USD with at most 9 decimals, "
-                                 f"got {value!r}.")
+        raise _bad(name, f"'{name}' must be from 0 to {top} USD with at most 9 decimals, got {value!r}.")
     return str(amount)
 
 
@@ -111,8 +122,8 @@ def key_request(body: Any) -> KeyRequest:
     team = cast(str, _text(body, "team", 128, required=True))
     budget_usd = _budget(body.get("budget_usd"))
     period = _text(body, "budget_period", 16)
-    if period is not None and period not in PERIODS:
-        raise _bad("budget_period", f"'budget_period' must be one of {', '.join(PERIODS)}, got {period!r}.")
+    if period is not None and period not in KEY_PERIODS:
+        raise _bad("budget_period", f"'budget_period' must be one of {', '.join(KEY_PERIODS)}, got {period!r}.")
     if period is not None and budget_usd is None:
         raise _bad("budget_period", "'budget_period' needs 'budget_usd'.")
     days = body.get("expires_in_days")
@@ -123,7 +134,8 @@ def key_request(body: Any) -> KeyRequest:
     return KeyRequest(team=team, name=_text(body, "name", MAX_NAME) or "", budget_usd=budget_usd,
                       budget_period=period or ("monthly" if budget_usd is not None else None),
                       rpm=_positive_int(body, "rpm"), tpm=_positive_int(body, "tpm"),
-                      expires_in_days=float(days) if days is not None else None)
+                      expires_in_days=float(days) if days is not None else None,
+                      max_usd_per_minute=_budget(body.get("max_usd_per_minute"), "max_usd_per_minute"))
 
 
 def _iso(ts: float | None) -> str | None:
@@ -142,7 +154,7 @@ def key_view(record: KeyRecord, now: float) -> dict[str, Any]:
             "status": key_status(record, now), "prefix": record.prefix, "created_at": iso(record.created_at),
             "expires_at": _iso(record.expires_at), "revoked_at": _iso(record.revoked_at),
             "budget_usd": record.budget_usd, "budget_period": record.budget_period,
-            "rpm": record.rpm, "tpm": record.tpm}
+            "rpm": record.rpm, "tpm": record.tpm, "max_usd_per_minute": record.max_usd_per_minute}
 
 
 async def create_key(store: KeyStore, req: KeyRequest, known_teams: Collection[str] | None) -> dict[str, Any]:
@@ -153,7 +165,8 @@ async def create_key(store: KeyStore, req: KeyRequest, known_teams: Collection[s
     try:
         with state_errors():
             record, secret = await store.create(req.team, req.name, expires_at=expires, budget_usd=req.budget_usd,
-                                                budget_period=req.budget_period, rpm=req.rpm, tpm=req.tpm)
+                                                budget_period=req.budget_period, rpm=req.rpm, tpm=req.tpm,
+                                                max_usd_per_minute=req.max_usd_per_minute)
     except ValueError as exc:   # the store's own checks, should the ones above ever miss a case
         raise InvalidRequest(f"Invalid key: {exc}", code="invalid_value") from None
     warnings = []
@@ -184,14 +197,47 @@ async def revoke_key(store: KeyStore, key_id: str) -> dict[str, Any]:
     return {"revoked": revoked, "key": key_view(record, time.time())}
 
 
-def _budget_view(team: TeamSpec, u: BudgetUsage, now: datetime) -> dict[str, Any]:
+async def limit_views(table: LimitTable, budgets: BudgetStore, name: str | None = None,
+                      now: datetime | None = None) -> dict[str, Any]:
+    """The ``users``, ``tags`` or ``sessions`` policy with each named entry's budgets (limit, spent,
+    reserved, remaining per period, the minute brake as period ``minute``); with ``name``, only that
+    one, under its own entry or the section's default (an end user or session the policy does not name)."""
+    now = now or datetime.now(UTC)
+    if name is not None:
+        name = name.strip()
+        if not name or len(name) > 256 or not name.isprintable():
+            raise _bad("name", "name must be a printable string of 1 to 256 characters")
+    names = [name] if name is not None else sorted(table.entries)
+    out = []
+    for owner in names:
+        limits = table.get(owner)
+        if limits is None:
+            raise NotFound(f"No {table.scope} limits apply to {owner!r} (no entry and no default).",
+                           code=f"{table.scope}_not_found", param="name")
+        rules = budget_rules(TeamSpec("-"), None, False, ((table.scope, owner, limits),))
+        with state_errors("The budget store"):
+            usage = await budgets.usage("-", rules, now)
+        out.append({"name": owner, "object": table.scope, "from_default": owner not in table.entries,
+                    "budgets": [_budget_view(None, u, now) for u in usage], "rpm": limits.rpm, "tpm": limits.tpm,
+                    "max_usd_per_minute": usd(limits.max_usd_per_minute_nano)
+                    if limits.max_usd_per_minute_nano is not None else None})
+    default = None
+    if table.default is not None:
+        d = table.default
+        default = {"budgets": [{"period": b.period, "limit_usd": usd(b.limit_nano)} for b in d.budgets],
+                   "rpm": d.rpm, "tpm": d.tpm, "max_usd_per_minute": usd(d.max_usd_per_minute_nano)
+                   if d.max_usd_per_minute_nano is not None else None}
+    return {"object": "list", "data": out, "default": default}
+
+
+def _budget_view(team: TeamSpec | None, u: BudgetUsage, now: datetime) -> dict[str, Any]:
     used = u.spent_nano + u.reserved_nano
     return {"period": u.period, "period_id": u.period_id, "period_ends": iso(period_end(u.period, now).timestamp()),
             "limit_usd": usd(u.limit_nano), "spent_usd": usd(u.spent_nano), "reserved_usd": usd(u.reserved_nano),
             "remaining_usd": usd(u.remaining_nano), "limit_nano": u.limit_nano, "spent_nano": u.spent_nano,
             "reserved_nano": u.reserved_nano, "remaining_nano": u.remaining_nano,
             "used_fraction": round(used / u.limit_nano, 6) if u.limit_nano else (1.0 if used else 0.0),
-            "soft_alert_reached": used >= u.limit_nano * team.soft_alert}
+            "soft_alert_reached": used >= u.limit_nano * (team.soft_alert if team is not None else 0.8)}
 
 
 async def team_views(teams: Sequence[TeamSpec], budgets: BudgetStore, now: datetime | None = None
@@ -216,23 +262,54 @@ def spend_params(team: str | None, since: str, by: str, now: float) -> tuple[str
     except ValueError as exc:
         raise _bad("since", str(exc)) from None
     try:
-        check_by(by)
+        parse_by(by)
     except ValueError as exc:
         raise _bad("by", str(exc)) from None
     return (team.strip() or None) if team else None, start, by
 
 
-async def spend(ledger: Ledger, team: str | None, since: str, by: str) -> dict[str, Any]:
-    """The spend report document over the ledger's records from ``since`` until now."""
+def spend_filters(filters: Mapping[str, str | None] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in (filters or {}).items():
+        if name not in FILTERS:
+            raise _bad(name, f"unknown filter {name!r}; filters are {', '.join(FILTERS)}")
+        if value is not None and value.strip():
+            if len(value) > 256 or not value.isprintable():
+                raise _bad(name, f"{name} must be a printable string of at most 256 characters")
+            out[name] = value.strip()
+    return out
+
+
+async def spend(ledger: Ledger, team: str | None, since: str, by: str,
+                filters: Mapping[str, str | None] | None = None, top: int | None = None) -> dict[str, Any]:
+    """The spend report document over the ledger's records from ``since`` until now: from the rollups
+    when they can answer (by team, model or day without filters), else from the records."""
     now = time.time()
     team, start, by = spend_params(team, since, by, now)
+    dims, wanted = parse_by(by), spend_filters(filters)
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise _bad("top", f"top must be a positive integer, got {top!r}")
+    notes: list[str] = []
     with state_errors("The spend ledger"):
-        try:
-            rows = await ledger.totals(start, None, team, by)
-        except ValueError as exc:   # a grouping this ledger cannot answer (key, provider, lists: ClickHouse only)
-            if by in GROUP_BY:
-                raise
-            raise _bad("by", f"grouping by {by!r} needs the ClickHouse ledger (GATEWAY_CLICKHOUSE_URL); "
-                             f"this ledger answers {', '.join(GROUP_BY)} ({exc})") from None
-    return build_report(rows, by=by, team=team, since=start, until=now)
-
+        rows = None
+        total = None
+        if from_rollups(dims, wanted):
+            rows = await ledger.totals(start, None, team, dims[0])
+        elif not wanted and dims[0] not in ("tag", "user", "session", "endpoint", "route", "deployment") \
+                and (len(dims) == 1 or dims[1] not in ("tag", "user", "session", "endpoint", "route", "deployment")):
+            try:   # a ledger that groups by these itself (ClickHouse: key, provider, pairs)
+                rows = await ledger.totals(start, None, team, ",".join(dims))
+            except ValueError:
+                rows = None
+        if rows is None:
+            records = [r for r in await ledger.read(start, None, team) if matches(r, wanted)]
+            rows, total = group_records(records, dims)
+            if not wanted:   # the records must hold what the rollups counted, else some were not kept
+                rolled = await ledger.totals(start, None, team, "team")
+                counted, kept = sum(int(row["cost_nano"]) for row in rolled), int(total["cost_nano"])
+                if counted != kept or len(records) != sum(int(row["requests"]) for row in rolled):
+                    notes.append(f"the window is larger than the ledger keeps records for: these rows cover "
+                                 f"${usd(kept)} of the ${usd(counted)} spent (see gateway spend --by team)")
+    if top is not None:
+        rows = top_rows(list(rows), top, dims)
+    return build_report(rows, by=by, team=team, since=start, until=now, total=total, filters=wanted, notes=notes)

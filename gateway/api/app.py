@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from gateway.api.openai_codec import OpenAICodec
 from gateway.api.responses.codec import ResponsesCodec
 from gateway.api.responses.conversation import response_not_found
 from gateway.api.responses.items import input_items_page
+from gateway.budgets.notify import Notifier
 from gateway.budgets.rules import budget_rules
 from gateway.errors import (
     AuthenticationFailed,
@@ -60,6 +62,7 @@ from gateway.routing.cooldowns import HealthBook
 from gateway.settings import Settings
 from gateway.state import State, open_state
 from gateway.state.budgets import StateUnavailable
+from gateway.state.notify_store import MemoryNotifyStore, NotifyStore, RedisNotifyStore, SqliteNotifyStore
 from gateway.state.responses_store import open_responses_store
 
 log = logging.getLogger("gateway")
@@ -127,6 +130,14 @@ def build_state(settings: Settings, policies: Policies | None = None) -> AppStat
     pipeline = Pipeline(policies, providers, metrics, state, settings, health)
     responses = ResponsesCodec(open_responses_store(state.redis, settings.responses_ttl_s,
                                                     settings.responses_max_entries, settings.responses_max_bytes))
+    notify_store: NotifyStore
+    if state.redis is not None:
+        notify_store = RedisNotifyStore(state.redis)
+    elif settings.persistent:   # claims and the outbox outlive a restart, shared by the machine's workers
+        notify_store = SqliteNotifyStore(os.path.join(settings.data_dir, "notify.sqlite3"))
+    else:
+        notify_store = MemoryNotifyStore()
+    state.notifier = Notifier(lambda: pipeline.policies.notify, state.budgets, notify_store, metrics)
     app_state = AppState(settings, client, providers, metrics, state, pipeline, responses)
     app_state.watcher = PolicyWatcher(settings.config_dir, app_state.reload, settings.policy_watch_s)
     return app_state
@@ -277,6 +288,8 @@ def _fastapi(state: AppState) -> FastAPI:
         log.info("gateway ready: %d models from %s", len(state.policies.unique_models()),
                  state.settings.config_dir)
         state.state.start()
+        if state.state.notifier is not None:
+            state.state.notifier.start()
         state.pipeline.health.start()
         if state.watcher is not None:
             state.watcher.start()
@@ -293,6 +306,8 @@ def _fastapi(state: AppState) -> FastAPI:
             await state.watcher.stop()
         await state.pipeline.health.aclose()
         await admin.aclose()
+        if state.state.notifier is not None:
+            await state.state.notifier.aclose()
         await state.state.aclose()
         for provider in state.providers.values():
             await provider.aclose()

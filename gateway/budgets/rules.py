@@ -1,6 +1,8 @@
 """From a request to the budgets and limits that apply, and back to HTTP: pure functions.
 
-Which budgets and rate limits bind a request (its team's, its key's); what it may
+Which budgets and rate limits bind a request (its team's, its key's, its end user's, tags'
+and session's from the ``users``/``tags``/``sessions`` policies, and the ``max_usd_per_minute``
+brakes as ``minute`` budgets); what it may
 cost at worst (its prompt, bounded for tokenizers we only approximate, plus its
 output cap, at the most expensive candidate's prices); how many output tokens a
 smaller hold can pay for (the last cents of a budget admit a request whose output
@@ -12,18 +14,22 @@ No I/O: the budget store does the atomic part.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
 from gateway.money import usd_text
-from gateway.policy import Deployment, TeamSpec
+from gateway.policy import Deployment, Limits, Policies, TeamSpec
 from gateway.pricing import usd_to_nano
 from gateway.state.budgets import Admission, BudgetRule, Period, RateRule, Refusal
 from gateway.state.keys import KeyRecord
 
 DEFAULT_OUTPUT_CAP = 4096   # worst-case output when neither the request nor the deployment caps it
 EXACT_TOKENIZER_PROVIDERS = frozenset({"openai", "simulated"})  # prompts counted with their own tokenizer
+if TYPE_CHECKING:
+    from gateway.pipeline.attribution import Attribution
+
 Headers = list[tuple[bytes, bytes]]
+_SCOPE_NAMES = {"team": "team", "key": "key", "user": "end user", "tag": "tag", "session": "session"}
 
 
 def call_output_cap(capped: bool, held_cap: int | None, body: dict[str, Any], deployment: Deployment) -> int | None:
@@ -37,22 +43,51 @@ def call_output_cap(capped: bool, held_cap: int | None, body: dict[str, Any], de
     return None if cap == requested_output(body) else cap
 
 
-def budget_rules(team: TeamSpec, key: KeyRecord | None, soft: bool = False) -> tuple[BudgetRule, ...]:
-    """The budgets that bind a request; with ``soft``, the team's carry its soft-alert threshold."""
+def budget_rules(team: TeamSpec, key: KeyRecord | None, soft: bool = False,
+                 attributed: tuple[tuple[str, str, Limits], ...] = ()) -> tuple[BudgetRule, ...]:
+    """The budgets that bind a request; with ``soft``, the team's carry its soft-alert threshold.
+    ``attributed``: the end user's, tags' and session's limits (:func:`attributed_limits`)."""
     rules = [BudgetRule("team", team.name, cast(Period, b.period), b.limit_nano,
                         int(b.limit_nano * team.soft_alert) if soft else None) for b in team.budgets]
+    if team.max_usd_per_minute_nano is not None:
+        rules.append(BudgetRule("team", team.name, "minute", team.max_usd_per_minute_nano))
     if key is not None and key.budget_usd is not None:
         rules.append(BudgetRule("key", key.id, cast(Period, key.budget_period or "monthly"),
                                 usd_to_nano(key.budget_usd)))
+    if key is not None and key.max_usd_per_minute is not None:
+        rules.append(BudgetRule("key", key.id, "minute", usd_to_nano(key.max_usd_per_minute)))
+    for scope, owner, limits in attributed:
+        rules.extend(BudgetRule(scope, owner, cast(Period, b.period), b.limit_nano) for b in limits.budgets)
+        if limits.max_usd_per_minute_nano is not None:
+            rules.append(BudgetRule(scope, owner, "minute", limits.max_usd_per_minute_nano))
     return tuple(rules)
 
 
-def rate_rules(team: TeamSpec, key: KeyRecord | None) -> tuple[RateRule, ...]:
+def attributed_limits(policies: Policies | None, who: Attribution) -> tuple[tuple[str, str, Limits], ...]:
+    """(scope, owner, limits) of the request's end user, each of its tags and its session that the
+    policies limit (an entry of their own, else the section's ``default``)."""
+    if policies is None or (who.user is None and not who.tags and who.session is None):
+        return ()
+    out: list[tuple[str, str, Limits]] = []
+    if who.user is not None and (u := policies.users.get(who.user)) is not None and not u.empty:
+        out.append(("user", who.user, u))
+    for tag in who.tags:
+        if (t := policies.tags.get(tag)) is not None and not t.empty:
+            out.append(("tag", tag, t))
+    if who.session is not None and (s := policies.sessions.get(who.session)) is not None and not s.empty:
+        out.append(("session", who.session, s))
+    return tuple(out)
+
+
+def rate_rules(team: TeamSpec, key: KeyRecord | None,
+               attributed: tuple[tuple[str, str, Limits], ...] = ()) -> tuple[RateRule, ...]:
     rules = []
     if team.rpm or team.tpm:
         rules.append(RateRule("team", team.name, team.rpm, team.tpm))
     if key is not None and (key.rpm or key.tpm):
         rules.append(RateRule("key", key.id, key.rpm, key.tpm))
+    rules.extend(RateRule(scope, owner, limits.rpm, limits.tpm) for scope, owner, limits in attributed
+                 if limits.rpm or limits.tpm)
     return tuple(rules)
 
 
@@ -131,7 +166,15 @@ def cap_output(body: dict[str, Any], cap: int, deployment: Deployment, endpoint:
 
 
 def refusal_error(refusal: Refusal, admission: Admission) -> GatewayError:
-    who = f"team '{refusal.owner}'" if refusal.scope == "team" else f"key {refusal.owner}"
+    who = f"key {refusal.owner}" if refusal.scope == "key" else f"{_SCOPE_NAMES[refusal.scope]} '{refusal.owner}'"
+    if refusal.kind == "budget" and refusal.period == "minute":
+        return BudgetExceeded(
+            f"The spend-rate brake of {who} (max_usd_per_minute ${refusal.limit / 1e9:.6f}) stops this request: "
+            f"spent and reserved ${refusal.used / 1e9:.6f} in this minute; retry in the next.")
+    if refusal.kind == "budget" and refusal.period == "total":
+        return BudgetExceeded(
+            f"The lifetime (total) budget of {who} cannot cover this request: "
+            f"spent and reserved ${refusal.used / 1e9:.6f} of ${refusal.limit / 1e9:.6f}.")
     if refusal.kind == "budget_soft":
         return BudgetExceeded(
             f"The {refusal.period} budget of {who} is past its soft threshold: "

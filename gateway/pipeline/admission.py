@@ -1,5 +1,8 @@
 """The reserve stage: hold the worst case against every budget and rate limit, and hand out the ticket.
 
+The budgets are the team's and key's and those of the request's end user, tags and session
+(``users``/``tags``/``sessions`` policies), all held in one atomic store call.
+
 :meth:`Admission.reserve` works out which budgets and limits bind the request
 (:mod:`gateway.budgets.rules`), what it may cost at worst on any candidate, and asks the
 budget store to hold it atomically. It returns the request's
@@ -27,6 +30,7 @@ from typing import Any
 
 from gateway.budgets.rules import (
     affordable_output,
+    attributed_limits,
     budget_rules,
     choices_of,
     prompt_bound,
@@ -80,13 +84,14 @@ class Admission:
         spec, key = principal.spec, principal.key
         downgrades = (spec.on_exceed == "downgrade" and spec.downgrade_to is not None
                       and any(d.model != spec.downgrade_to for d in plan.candidates))
-        budgets, rates = budget_rules(spec, key, soft=downgrades), rate_rules(spec, key)
+        attributed = attributed_limits(req.policies, req.attribution)
+        budgets, rates = budget_rules(spec, key, downgrades, attributed), rate_rules(spec, key, attributed)
         if not budgets and not rates:
             return Ticket(self.books, req, principal, plan)
         ticket = await self._try(req, principal, plan, budgets, rates, partial=not downgrades)
         refusal = ticket.admission.refusal if ticket.admission else None
         waited_until = time.monotonic() + self.hold_wait_s
-        while refusal is not None and refusal.kind == "budget" and not downgrades \
+        while refusal is not None and refusal.kind == "budget" and refusal.period != "minute" and not downgrades \
                 and time.monotonic() < waited_until and await self._held_by_others(principal.team, budgets, ticket):
             await asyncio.sleep(HOLD_POLL_S)   # other requests' holds may settle below their worst case
             ticket = await self._try(req, principal, plan, budgets, rates)
@@ -103,7 +108,7 @@ class Admission:
             cheaper = replace(resolve(spec.downgrade_to), route="downgrade", requested=plan.requested,
                               baseline=plan.baseline)
             req.route = cheaper.route
-            ticket = await self._try(req, principal, cheaper, budget_rules(spec, key), rates)
+            ticket = await self._try(req, principal, cheaper, budget_rules(spec, key, False, attributed), rates)
             refusal = ticket.admission.refusal if ticket.admission else None
         if refusal is not None:
             assert ticket.admission is not None
@@ -148,7 +153,9 @@ class Admission:
 
     async def admit_hit(self, req: Request, principal: Principal, plan: Plan) -> Ticket:
         """Count a cache hit against RPM (no tokens, no budget hold); refuse it only for a rate limit."""
-        budgets, rates = budget_rules(principal.spec, principal.key), rate_rules(principal.spec, principal.key)
+        attributed = attributed_limits(req.policies, req.attribution)
+        budgets = budget_rules(principal.spec, principal.key, False, attributed)
+        rates = rate_rules(principal.spec, principal.key, attributed)
         now = datetime.now(UTC)
         for rules in (budgets, ()):
             if not rules and not rates:

@@ -24,17 +24,21 @@ from gateway.policy.caching import (
     parse_prompt_cache,
 )
 from gateway.policy.cases import PolicyCase, parse_cases
+from gateway.policy.limits import Limits, LimitTable, parse_limits
 from gateway.policy.models import Deployment, ModelSpec, SimulatedSpec, parse_models
+from gateway.policy.notify import NotifySpec, parse_notify
 from gateway.policy.routes import HealthSpec, Route, parse_health, parse_routes
 from gateway.policy.teams import DEFAULT_TEAM, TeamBudget, TeamSpec, parse_teams
 from gateway.policy.yamlsource import Located, LocatedList, PolicyError, load_file
 from gateway.pricing import PriceBook
 
-__all__ = ["DEFAULT_TEAM", "CacheSettings", "CompressionSettings", "Deployment", "HealthSpec", "Layered", "ModelSpec",
+__all__ = ["DEFAULT_TEAM", "CacheSettings", "LimitTable", "Limits",
+           "CompressionSettings", "Deployment", "HealthSpec", "Layered", "ModelSpec",
            "Policies", "PolicyCase", "PolicyError", "PromptCacheSettings", "ResponseCachePolicy", "Route",
            "SimulatedSpec", "TeamBudget", "TeamSpec", "load_policies", "policy_files"]
 
-SECTIONS = ("models", "routes", "health", "teams", "tests", "cache", "prompt_cache", "compression")
+SECTIONS = ("models", "routes", "health", "teams", "users", "tags", "sessions", "notify", "tests", "cache",
+            "prompt_cache", "compression")
 LIST_SECTIONS = ("routes", "tests")
 
 
@@ -51,6 +55,10 @@ class Policies:
     cache: ResponseCachePolicy = field(default_factory=ResponseCachePolicy)
     prompt_cache: Layered[PromptCacheSettings] = field(default_factory=lambda: Layered(PromptCacheSettings()))
     compression: Layered[CompressionSettings] = field(default_factory=lambda: Layered(CompressionSettings()))
+    users: LimitTable = field(default_factory=lambda: LimitTable("user"))
+    tags: LimitTable = field(default_factory=lambda: LimitTable("tag"))
+    sessions: LimitTable = field(default_factory=lambda: LimitTable("session"))
+    notify: NotifySpec = field(default_factory=NotifySpec)
 
     def model(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
@@ -107,9 +115,13 @@ def load_policies(config_dir: str, env: dict[str, str] | None = None) -> Policie
                 prompt_cache = prompt_cache.with_route(route.name, override)
             else:
                 compression = compression.with_route(route.name, override)
+    limits = {name: parse_limits(name, merged[name]) if name in merged else LimitTable(scope)
+              for name, scope in (("users", "user"), ("tags", "tag"), ("sessions", "session"))}
     return Policies(models=models, files=tuple(files), deployments=deployments, teams=teams, routes=routes,
                     route_names=route_names, health=health, cases=cases, cache=cache, prompt_cache=prompt_cache,
-                    compression=compression)
+                    compression=compression, users=limits["users"], tags=limits["tags"],
+                    sessions=limits["sessions"],
+                    notify=parse_notify(merged["notify"], env) if "notify" in merged else NotifySpec())
 
 
 def _merge(merged: dict[str, Any], section: str, value: Any, doc: Located) -> None:

@@ -40,9 +40,16 @@ class TeamSpec:
     tpm: int | None = None
     allowed_models: frozenset[str] | None = None   # None: every model
     strict_translation: bool = False               # a feature translation would drop: a 400 instead
+    max_usd_per_minute_nano: int | None = None     # spend-rate brake: settled + reserved in a UTC minute
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
+
+
+def take_brake(f: Fields) -> int | None:
+    """``max_usd_per_minute`` in nano-USD, or None."""
+    usd = f.take_number("max_usd_per_minute", None, minimum=0, maximum=MAX_BUDGET_USD)
+    return None if usd is None else usd_to_nano(str(usd))
 
 
 def parse_teams(section: Any, model_names: frozenset[str]) -> dict[str, TeamSpec]:
@@ -54,14 +61,14 @@ def parse_teams(section: Any, model_names: frozenset[str]) -> dict[str, TeamSpec
     return teams
 
 
-def _parse_budgets(items: LocatedList, path: str) -> tuple[TeamBudget, ...]:
+def parse_budgets(items: LocatedList, path: str, periods: frozenset[str] = PERIODS) -> tuple[TeamBudget, ...]:
     budgets: list[TeamBudget] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
         b = Fields(item, f"{path}[{i}]", items.position(i))
         period = b.take_str("period")
-        if period not in PERIODS:
-            raise b.error("period", f"must be one of {sorted(PERIODS)}, got {period!r}")
+        if period not in periods:
+            raise b.error("period", f"must be one of {sorted(periods)}, got {period!r}")
         if period in seen:
             raise b.error("period", f"a {period} budget is already defined for this team")
         seen.add(period)
@@ -77,7 +84,7 @@ def _parse_team(name: str, body: Any, where: tuple[str, int], model_names: froze
         return TeamSpec(name)
     f = Fields(body, path, where)
     raw_budgets = f.take_list("budgets")
-    budgets = _parse_budgets(raw_budgets, f"{path}.budgets") if raw_budgets is not None else ()
+    budgets = parse_budgets(raw_budgets, f"{path}.budgets") if raw_budgets is not None else ()
     on_exceed = f.take_str("on_exceed", "block")
     if on_exceed not in ("block", "downgrade"):
         raise f.error("on_exceed", f"must be 'block' or 'downgrade', got {on_exceed!r}")
@@ -89,6 +96,7 @@ def _parse_team(name: str, body: Any, where: tuple[str, int], model_names: froze
     soft_alert = float(f.take_number("soft_alert", 0.8, minimum=0, maximum=1))
     rpm = f.take_int("rpm", None, minimum=1)
     tpm = f.take_int("tpm", None, minimum=1)
+    brake = take_brake(f)
     allowed = f.take_str_list("allowed_models", None)
     strict = bool(f.take_bool("strict_translation", False))
     if allowed is not None:
@@ -97,5 +105,5 @@ def _parse_team(name: str, body: Any, where: tuple[str, int], model_names: froze
             raise f.error("allowed_models", f"unknown model(s) {unknown}")
     f.finish()
     return TeamSpec(name=name, budgets=budgets, on_exceed=on_exceed, downgrade_to=downgrade_to,
-                    soft_alert=soft_alert, rpm=rpm, tpm=tpm,
+                    soft_alert=soft_alert, rpm=rpm, tpm=tpm, max_usd_per_minute_nano=brake,
                     allowed_models=frozenset(allowed) if allowed is not None else None, strict_translation=strict)

@@ -67,6 +67,7 @@ class State:
     settle_spool: SettleSpool | None = None   # GATEWAY_SPOOL_DIR: queued settles also wait on disk
     checkpointer: Checkpointer | None = None  # SQLite: WAL checkpoints in a thread, off the event loop
     _task: asyncio.Task[None] | None = None
+    notifier: Any = None                  # budget notifications (gateway.budgets.notify.Notifier), told of settles
 
     @property
     def shared(self) -> bool:
@@ -114,6 +115,8 @@ class State:
         self._holds.pop(req.request_id, None)
         try:
             await self.budgets.settle(req, cost_nano, tokens)
+            if self.notifier is not None and req.budgets:
+                self.notifier.touched(req)
         except StateUnavailable as exc:
             log.warning("settle of %s queued, budget store down: %s", req.request_id, exc)
             if len(self._settles) < MAX_QUEUED_SETTLES or self.settle_spool is not None:
@@ -150,11 +153,14 @@ class State:
                 break
             self._settles.popleft()
             replayed += 1
+            if self.notifier is not None and req.budgets:
+                self.notifier.touched(req)
         if self.settle_spool is not None:
             if replayed:
                 self.settle_spool.rewrite(self._settles)   # what is left, durably
             else:
                 self.settle_spool.sync()                   # the settles queued since the last flush
+
     async def renew_holds(self) -> int:
         """Renew every live hold last renewed a third of the TTL ago; returns how many were renewed."""
         now = time.monotonic()

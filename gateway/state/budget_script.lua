@@ -1,6 +1,7 @@
--- Gateway budgets + rate limits, script version v1 (also in every key prefix: gw:v1:{team:<team>}:...).
+-- Gateway budgets + rate limits, script version v2 (also in every key prefix: gw:v2:{team:<team>}:...).
 -- ARGV[1] selects the operation (reserve | settle | renew | usage); ARGV[2] must equal VERSION.
--- All keys of one call share the team's hash tag, so the script works on Redis Cluster.
+-- Team and key budgets share the team's hash tag; end-user, tag and session buckets and windows have
+-- their own ({user:<id>}, ...), shared by every team: one call spans slots only when it names those.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
 --
 -- Budget bucket  bud:<scope>:<owner>:<period_id>   hash  spent, reserved, r:<request_id> -> amount held
@@ -8,7 +9,7 @@
 -- Rate window    rl:<scope>:<owner>                hash  w (minute number), r (requests), t (tokens)
 -- Reservation    res:<request_id>                  hash  c (amount held), m (minute), k (estimated tokens)
 -- Settled mark   done:<request_id>                 string, TTL = settled_ttl
-local VERSION = 'v1'
+local VERSION = 'v2'
 if ARGV[2] ~= VERSION then
   return redis.error_reply('ERR budget script is ' .. VERSION .. ', caller expects ' .. tostring(ARGV[2]))
 end
@@ -50,11 +51,16 @@ local op = ARGV[1]
 if op == 'reserve' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr
   -- ARGV: op, ver, rid, cost, tokens, ttl_ms, partial_min (0: no partial holds), grace_s, nb, nr,
-  --       (limit, expireat, soft (-1: none)) * nb, (rpm, tpm) * nr
+  --       (limit, expireat floor, soft (-1: none), keep_s, window_ms) * nb, (rpm, tpm) * nr
+  -- a bucket expires at max(floor, now + keep_s): a calendar period's end plus grace, or keep_s after
+  -- its last request for a lifetime (total) or window bucket. window_ms > 0: a sliding-window bucket
+  -- (the max_usd_per_minute brake): every request's amount is a hold that drops out window_ms after its
+  -- reservation, and settling replaces the hold by the actual cost instead of moving it to 'spent', so
+  -- spent + reserved is exactly what requests reserved in the last window_ms cost or may cost
   local rid, cost, tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local ttl_ms, partial_min, grace = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local nb, nr = tonumber(ARGV[9]), tonumber(ARGV[10])
-  local rk, ra = 2 + 2 * nb, 10 + 3 * nb
+  local rk, ra = 2 + 2 * nb, 10 + 5 * nb
   -- a repeated call for a live or settled request is a no-op that reports the current state
   local dup = redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1
   local amount = cost
@@ -64,14 +70,14 @@ if op == 'reserve' then
   local used, limits, bi, bh, si = {}, {}, 0, 0, 0
   for i = 1, nb do
     local sp, rs = purge(KEYS[2 * i + 1], KEYS[2 * i + 2])
-    used[i], limits[i] = sp + rs, tonumber(ARGV[8 + 3 * i])
+    used[i], limits[i] = sp + rs, tonumber(ARGV[6 + 5 * i])
     local h = limits[i] - used[i]
     if bi == 0 or h < bh then bi, bh = i, h end                  -- the tightest budget decides
-    local soft = tonumber(ARGV[10 + 3 * i])
+    local soft = tonumber(ARGV[8 + 5 * i])
     if si == 0 and soft >= 0 and used[i] >= soft then si = i end -- past a soft threshold
   end
   if not dup and si > 0 then
-    kind, idx, rlimit, rused = 4, si, tonumber(ARGV[10 + 3 * si]), used[si]
+    kind, idx, rlimit, rused = 4, si, tonumber(ARGV[8 + 5 * si]), used[si]
   elseif not dup and bi > 0 and cost > bh then
     if partial_min > 0 and bh >= partial_min then
       amount = bh                                                 -- cap the hold at the headroom
@@ -109,9 +115,10 @@ if op == 'reserve' then
       if amount > 0 then
         redis.call('HINCRBY', bud, 'reserved', s(amount))
         redis.call('HSET', bud, 'r:' .. rid, s(amount))
-        redis.call('ZADD', bres, s(now_ms + ttl_ms), rid)
+        local win = tonumber(ARGV[10 + 5 * i])
+        redis.call('ZADD', bres, s(now_ms + (win > 0 and win or ttl_ms)), rid)
       end
-      local at = s(math.max(tonumber(ARGV[9 + 3 * i]), now_s + grace))
+      local at = s(math.max(tonumber(ARGV[7 + 5 * i]), now_s + tonumber(ARGV[9 + 5 * i])))
       redis.call('EXPIREAT', bud, at)
       redis.call('EXPIREAT', bres, at)
     end
@@ -139,7 +146,7 @@ if op == 'reserve' then
 
 elseif op == 'settle' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr
-  -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, expireat * nb
+  -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, (floor, keep_s, window_ms) * nb
   local rid, actual, atok = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local grace, nb, nr = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then return 0 end   -- settled already
@@ -149,14 +156,29 @@ elseif op == 'settle' then
     local bud, bres = KEYS[2 * i + 1], KEYS[2 * i + 2]
     purge(bud, bres)
     local held = redis.call('HGET', bud, 'r:' .. rid)
-    if held then                                                  -- release the whole hold
-      redis.call('HINCRBY', bud, 'reserved', s(-num(held)))
-      redis.call('HDEL', bud, 'r:' .. rid)
-      redis.call('ZREM', bres, rid)
+    local win = tonumber(ARGV[9 + 3 * i])
+    if win > 0 then                                               -- a window: the hold becomes the cost
+      if held then
+        redis.call('HINCRBY', bud, 'reserved', s(actual - num(held)))
+        redis.call('HSET', bud, 'r:' .. rid, s(actual))
+      elseif actual > 0 then                                      -- held nothing (or aged out): count it now
+        redis.call('HINCRBY', bud, 'reserved', s(actual))
+        redis.call('HSET', bud, 'r:' .. rid, s(actual))
+        redis.call('ZADD', bres, s(now_ms + win), rid)
+        redis.call('EXPIREAT', bres, s(now_s + tonumber(ARGV[8 + 3 * i])))
+      end
+    else
+      if held then                                                -- release the whole hold
+        redis.call('HINCRBY', bud, 'reserved', s(-num(held)))
+        redis.call('HDEL', bud, 'r:' .. rid)
+        redis.call('ZREM', bres, rid)
+      end
+      if actual > 0 then                                          -- then count what was really spent
+        redis.call('HINCRBY', bud, 'spent', s(actual))
+      end
     end
-    if actual > 0 then                                            -- then count what was really spent
-      redis.call('HINCRBY', bud, 'spent', s(actual))
-      redis.call('EXPIREAT', bud, s(math.max(tonumber(ARGV[9 + i]), now_s + grace)))
+    if actual > 0 then
+      redis.call('EXPIREAT', bud, s(math.max(tonumber(ARGV[7 + 3 * i]), now_s + tonumber(ARGV[8 + 3 * i]))))
     end
   end
   if rec[1] then                                                  -- TPM: replace the estimate by the truth
@@ -172,7 +194,7 @@ elseif op == 'settle' then
   return 1
 
 elseif op == 'renew' then
-  -- KEYS: res, (bud, bres) * nb; ARGV: op, ver, rid, ttl_ms, nb
+  -- KEYS: res, (bud, bres) * nb; ARGV: op, ver, rid, ttl_ms, nb, window_ms * nb (window holds never renew)
   -- Push a live hold's expiry ttl_ms past now (a request still running, e.g. a long stream), so it
   -- does not lapse as if its replica had died. 0 when nothing is left to renew (settled or lapsed).
   local rid, ttl_ms, nb = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -180,7 +202,9 @@ elseif op == 'renew' then
   redis.call('PEXPIRE', KEYS[1], s(ttl_ms))
   for i = 1, nb do
     local bres = KEYS[2 * i + 1]
-    if redis.call('ZSCORE', bres, rid) then redis.call('ZADD', bres, 'XX', s(now_ms + ttl_ms), rid) end
+    if tonumber(ARGV[5 + i]) == 0 and redis.call('ZSCORE', bres, rid) then
+      redis.call('ZADD', bres, 'XX', s(now_ms + ttl_ms), rid)
+    end
   end
   return 1
 

@@ -9,7 +9,9 @@ headroom and the hold is capped at the tightest budget's headroom
 (:attr:`Admission.reserved_nano`), so the last cents of a budget stay usable whatever
 the request's max_tokens; with ``False`` the whole worst case must fit. Budgets live in
 period buckets named by :func:`period_id` (the client computes it from the UTC date),
-so a new period starts from an empty bucket with no reset job. Rate limits use a fixed
+so a new period starts from an empty bucket with no reset job; ``total`` is one lifetime bucket and
+``minute`` (the ``max_usd_per_minute`` brake) one sliding-window bucket whose holds drop out 60 s
+after their reservation and are replaced, not released, by the actual cost at settle. Rate limits use a fixed
 60-second window aligned to the store clock's minute. This module has no I/O; both
 stores share the reply decoding below so they cannot drift.
 """
@@ -22,9 +24,18 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Literal, Protocol, get_args
 
-Period = Literal["daily", "weekly", "monthly"]
+Period = Literal["daily", "weekly", "monthly", "total", "minute"]
 PERIODS: tuple[str, ...] = get_args(Period)
-SCOPES = ("team", "key")
+SCOPES = ("team", "key", "user", "tag", "session")
+CROSS_SCOPES = frozenset({"user", "tag", "session"})   # shared by every team: stored outside the team's keys
+
+
+def home_of(team: str, scope: str) -> str:
+    """The team a bucket or rate window is filed under: none for end users, tags and sessions (shared)."""
+    return "" if scope in CROSS_SCOPES else team
+SESSION_KEEP_S = 86_400          # a session's lifetime budget is forgotten a day after its last request
+LIFETIME_KEEP_S = 10 * 366 * 86_400   # a user's or tag's lifetime budget: kept (renewed on every request)
+MINUTE_KEEP_S = 120
 MAX_AMOUNT = 2**53 - 1  # Lua numbers are doubles: every amount must stay exactly representable
 KIND_NAMES = {1: "budget", 2: "rate_requests", 3: "rate_tokens", 4: "budget_soft"}
 WINDOW_S = 60
@@ -39,7 +50,12 @@ def _utc(now: datetime) -> datetime:
 
 
 def period_start(period: Period, now: datetime) -> datetime:
-    """Start (UTC) of the period containing ``now``; naive datetimes are taken as UTC."""
+    """Start (UTC) of the period containing ``now``; naive datetimes are taken as UTC. ``total`` (a lifetime
+    budget) starts at the epoch; ``minute`` (a spend-rate brake) at the UTC minute."""
+    if period == "total":
+        return datetime(1970, 1, 1, tzinfo=UTC)
+    if period == "minute":
+        return _utc(now).replace(second=0, microsecond=0)
     day = _utc(now).replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "daily":
         return day
@@ -53,6 +69,10 @@ def period_start(period: Period, now: datetime) -> datetime:
 def period_end(period: Period, now: datetime) -> datetime:
     """Exclusive end (UTC) of the period containing ``now``: the next period's start."""
     start = period_start(period, now)
+    if period == "total":
+        return datetime(9999, 12, 31, tzinfo=UTC)
+    if period == "minute":
+        return start + timedelta(minutes=1)
     if period == "daily":
         return start + timedelta(days=1)
     if period == "weekly":
@@ -63,7 +83,12 @@ def period_end(period: Period, now: datetime) -> datetime:
 
 
 def period_id(period: Period, now: datetime) -> str:
-    """Bucket name of the period containing ``now``: ``d20261123``, ``w2026-48`` (ISO year-week), ``m202611``."""
+    """Bucket name of the period containing ``now``: ``d20261123``, ``w2026-48`` (ISO year-week), ``m202611``,
+    ``t`` (lifetime), ``w60`` (a spend-rate brake: a sliding 60-second window, one bucket)."""
+    if period == "total":
+        return "t"
+    if period == "minute":
+        return "w60"
     start = period_start(period, now)
     if period == "daily":
         return f"d{start.year:04d}{start.month:02d}{start.day:02d}"
@@ -75,8 +100,8 @@ def period_id(period: Period, now: datetime) -> str:
 
 @dataclass(frozen=True, slots=True)
 class BudgetRule:
-    scope: str  # "team" or "key"
-    owner: str  # team name or key id
+    scope: str  # "team", "key", "user", "tag" or "session"
+    owner: str  # team name, key id, end user, tag or session id
     period: Period
     limit_nano: int
     soft_nano: int | None = None  # refuse as "budget_soft" once spent+reserved reached this (for downgrades)
@@ -84,7 +109,7 @@ class BudgetRule:
 
 @dataclass(frozen=True, slots=True)
 class RateRule:
-    scope: str  # "team" or "key"
+    scope: str  # one of SCOPES
     owner: str
     rpm: int | None
     tpm: int | None
@@ -177,6 +202,21 @@ class Plan:
     rates: tuple[RateRule, ...]
     period_ids: tuple[str, ...]  # one per budget
     period_ends: tuple[int, ...]  # one per budget, unix seconds
+    keeps: tuple[int | None, ...] = ()  # one per budget: keep its bucket this long after now (None: the grace)
+    windows_ms: tuple[int, ...] = ()  # one per budget: > 0 for a sliding-window bucket (the minute brake)
+
+    def expire_at(self, i: int, now: float, grace: int) -> int:
+        """When budget ``i``'s bucket may be forgotten (unix seconds): a calendar period's end plus the
+        store's grace; a lifetime or minute bucket ``keeps[i]`` after this request."""
+        keep = self.keeps[i]
+        if keep is None:
+            return int(max(self.period_ends[i] + grace, now + grace))
+        return int(now) + keep
+
+    def arg_pair(self, i: int, grace: int) -> tuple[int, int]:
+        """(expire-at floor, keep seconds) for the Lua script, which takes max(floor, server now + keep)."""
+        keep = self.keeps[i]
+        return (self.period_ends[i] + grace, grace) if keep is None else (0, keep)
 
 
 def check_budget_rule(rule: BudgetRule) -> None:
@@ -197,6 +237,14 @@ def plan(req: ReserveRequest) -> Plan:
     check_amount("tokens", req.tokens)
     check_amount("min_cost_nano", req.min_cost_nano)
     return _plan(req.budgets, req.rates, _utc(req.now).date())
+
+
+def keep_of(rule: BudgetRule) -> int | None:
+    if rule.period == "minute":
+        return MINUTE_KEEP_S
+    if rule.period == "total":
+        return SESSION_KEEP_S if rule.scope == "session" else LIFETIME_KEEP_S
+    return None
 
 
 @lru_cache(maxsize=4096)
@@ -226,6 +274,8 @@ def _plan(rules: tuple[BudgetRule, ...], rate_rules: tuple[RateRule, ...], day: 
         rates=tuple(r for r in rates.values() if r.rpm is not None or r.tpm is not None),
         period_ids=tuple(period_id(b.period, now) for b in bs),
         period_ends=tuple(int(period_end(b.period, now).timestamp()) for b in bs),
+        keeps=tuple(keep_of(b) for b in bs),
+        windows_ms=tuple(WINDOW_S * 1000 if b.period == "minute" else 0 for b in bs),
     )
 
 

@@ -4,8 +4,10 @@ Every operation runs without awaiting, so on one asyncio loop each call is atomi
 just like the Lua script. Time comes from an injectable wall clock (unix seconds,
 default ``time.time``): it aligns the fixed 60-second rate windows to the minute
 and expires reservations whose owner never settled them after ``reservation_ttl_s``.
-Expired reservations, settled-ids, rate windows and old period buckets are dropped
-lazily; the reserve reply is decoded by the same code as the Redis store's.
+Buckets and windows of end users, tags and sessions are shared by every team (filed under
+no team), those of teams and keys under their team, as in Redis. Expired reservations,
+settled-ids, rate windows and old period buckets are dropped lazily; the reserve reply is
+decoded by the same code as the Redis store's.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from gateway.state.budgets import (
     Admission,
     BudgetRule,
     BudgetUsage,
+    Plan,
     ReserveRequest,
     admission_from_reply,
     check_amount,
     check_budget_rule,
+    home_of,
     period_id,
     plan,
 )
@@ -89,16 +93,21 @@ class MemoryBudgetStore:
         self._windows = {k: w for k, w in self._windows.items() if w.minute >= minute - 1}
         self._buckets = {k: b for k, b in self._buckets.items() if b.expires_at > now}
 
-    def _bucket(self, team: str, rule: BudgetRule, pid: str, end: int, now: float) -> _Bucket:
-        bucket = self._buckets.get((team, rule.scope, rule.owner, pid))
+    def _bucket(self, team: str, rule: BudgetRule, pid: str, expires_at: float, now: float) -> _Bucket:
+        key = (home_of(team, rule.scope), rule.scope, rule.owner, pid)
+        bucket = self._buckets.get(key)
         if bucket is None or bucket.expires_at <= now:
-            bucket = self._buckets[(team, rule.scope, rule.owner, pid)] = _Bucket()
-        bucket.expires_at = max(end + self.bucket_grace_s, now + self.bucket_grace_s)
+            bucket = self._buckets[key] = _Bucket()
+        bucket.expires_at = max(bucket.expires_at, expires_at)
         bucket.purge(now)
         return bucket
 
+    def _buckets_of(self, team: str, p: Plan, now: float) -> list[_Bucket]:
+        return [self._bucket(team, b, pid, p.expire_at(i, now, self.bucket_grace_s), now)
+                for i, (b, pid) in enumerate(zip(p.budgets, p.period_ids, strict=True))]
+
     def _window(self, team: str, scope: str, owner: str, minute: int) -> tuple[int, int]:
-        w = self._windows.get((team, scope, owner))
+        w = self._windows.get((home_of(team, scope), scope, owner))
         return (0, 0) if w is None or w.minute != minute else (w.requests, w.tokens)
 
     async def reserve(self, req: ReserveRequest) -> Admission:
@@ -115,8 +124,7 @@ class MemoryBudgetStore:
 
         kind = idx = limit = used_ = 0
         retry = -1
-        buckets = [self._bucket(req.team, b, pid, end, now)
-                   for b, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True)]
+        buckets = self._buckets_of(req.team, p, now)
         used = [b.spent + b.reserved for b in buckets]
         heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
         soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
@@ -148,12 +156,13 @@ class MemoryBudgetStore:
         add_n = add_r = add_t = 0
         if admitted and not dup:
             add_n, add_r, add_t = amount, 1, req.tokens
-            for bucket in buckets:
+            for bucket, win_ms in zip(buckets, p.windows_ms, strict=True):
                 if amount > 0:
                     bucket.reserved += amount
-                    bucket.holds[req.request_id] = (amount, now + self.reservation_ttl_s)
+                    bucket.holds[req.request_id] = (amount, now + (win_ms / 1000 if win_ms else self.reservation_ttl_s))
             for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
-                self._windows[(req.team, r.scope, r.owner)] = _Window(minute, nreq + 1, ntok + req.tokens)
+                self._windows[(home_of(req.team, r.scope), r.scope, r.owner)] = _Window(
+                    minute, nreq + 1, ntok + req.tokens)
             self._records[rec_key] = _Record(amount, minute, req.tokens, now + self.reservation_ttl_s)
 
         lim_r = rem_r = lim_t = rem_t = -1
@@ -182,15 +191,23 @@ class MemoryBudgetStore:
         record = self._records.pop(key, None)
         if record is not None and record.expires_at <= now:
             record = None
-        for rule, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True):
-            bucket = self._bucket(req.team, rule, pid, end, now)
+        for bucket, win_ms in zip(self._buckets_of(req.team, p, now), p.windows_ms, strict=True):
+            if win_ms:     # a sliding window: the hold becomes the actual cost, and drops out with its window
+                kept = bucket.holds.get(req.request_id)
+                if kept is not None:
+                    bucket.reserved += actual_cost_nano - kept[0]
+                    bucket.holds[req.request_id] = (actual_cost_nano, kept[1])
+                elif actual_cost_nano > 0:
+                    bucket.reserved += actual_cost_nano
+                    bucket.holds[req.request_id] = (actual_cost_nano, now + win_ms / 1000)
+                continue
             held = bucket.holds.pop(req.request_id, None)
             if held is not None:
                 bucket.reserved -= held[0]
             bucket.spent += actual_cost_nano
         if record is not None:
             for r in p.rates:
-                w = self._windows.get((req.team, r.scope, r.owner))
+                w = self._windows.get((home_of(req.team, r.scope), r.scope, r.owner))
                 if w is not None and w.minute == record.minute:
                     w.tokens = max(0, w.tokens + actual_tokens - record.tokens)
 
@@ -203,8 +220,10 @@ class MemoryBudgetStore:
             return False
         expires = now + self.reservation_ttl_s
         self._records[key] = _Record(record.amount, record.minute, record.tokens, expires)
-        for rule, pid in zip(p.budgets, p.period_ids, strict=True):
-            bucket = self._buckets.get((req.team, rule.scope, rule.owner, pid))
+        for rule, pid, win_ms in zip(p.budgets, p.period_ids, p.windows_ms, strict=True):
+            if win_ms:     # a window hold never outlives its window
+                continue
+            bucket = self._buckets.get((home_of(req.team, rule.scope), rule.scope, rule.owner, pid))
             held = bucket.holds.get(req.request_id) if bucket is not None else None
             if bucket is not None and held is not None and held[1] > now:
                 bucket.holds[req.request_id] = (held[0], expires)
@@ -216,7 +235,7 @@ class MemoryBudgetStore:
         for rule in budgets:
             check_budget_rule(rule)
             pid = period_id(rule.period, now)
-            bucket = self._buckets.get((team, rule.scope, rule.owner, pid))
+            bucket = self._buckets.get((home_of(team, rule.scope), rule.scope, rule.owner, pid))
             spent = reserved = 0
             if bucket is not None and bucket.expires_at > clock_now:
                 bucket.purge(clock_now)

@@ -4,9 +4,16 @@
 cluster) and run with EVALSHA, falling back to EVAL when a node answers NOSCRIPT (restart,
 failover, SCRIPT FLUSH, or a node that was down at load time). ``ARGV[1]`` selects
 reserve, settle, renew or usage; ``ARGV[2]`` carries :data:`SCRIPT_VERSION`, which the script
-checks and which is also part of every key: ``gw:v1:{team:<team>}:...``. The hash tag
-makes all keys of one request (team and key budgets, rate windows, the reservation
-record) share a slot. Names inside keys are
+checks and which is also part of every key: ``gw:v2:{team:<team>}:...``. The hash tag
+makes the team's keys of one request (team and key budgets and rate windows, the reservation
+record) share a slot; end-user, tag and session buckets and windows are shared by every team
+and carry their own tag (``gw:v2:{user:<id>}:...``). On one Redis a request's keys all go to
+one script call. A Redis Cluster refuses a script over several slots, so there a request
+that names them is split by hash tag and reserved in two phases: each slot holds atomically in
+its own script call (end users', tags', sessions' first, the team's last, each passing on the
+possibly capped amount); a refusal releases the holds already taken (compensation), and a
+crash in between leaves holds that expire with the reservation TTL. Each slot keeps its own
+reservation record and settled marker, so settle and renew are per slot and replay-safe. Names inside keys are
 percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
 Redis and cluster errors surface as :class:`StateUnavailable`; the pipeline picks the
 fail mode. :meth:`RedisBudgetStore.aclose` closes the client it was given.
@@ -17,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -26,10 +34,13 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.state.budgets import (
+    CROSS_SCOPES,
     Admission,
     BudgetRule,
     BudgetUsage,
     Plan,
+    RateRule,
+    RateStatus,
     ReserveRequest,
     StateUnavailable,
     admission_from_reply,
@@ -40,7 +51,7 @@ from gateway.state.budgets import (
 )
 from gateway.state.resp import FastRedis
 
-SCRIPT_VERSION = "v1"
+SCRIPT_VERSION = "v2"
 SCRIPT = resources.files("gateway.state").joinpath("budget_script.lua").read_text(encoding="utf-8")
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode(), usedforsecurity=False).hexdigest()
 PREFIX = "gw"
@@ -56,21 +67,43 @@ def team_tag(team: str) -> str:
     return f"{PREFIX}:{SCRIPT_VERSION}:{{team:{_q(team)}}}"
 
 
+def home_tag(team: str, scope: str, owner: str) -> str:
+    """The tag a bucket or window lives under: its team's, or its own for an end user, tag or session."""
+    if scope in CROSS_SCOPES:
+        return f"{PREFIX}:{SCRIPT_VERSION}:{{{scope}:{_q(owner)}}}"
+    return team_tag(team)
+
+
 def bucket_keys(team: str, rule: BudgetRule, pid: str) -> tuple[str, str]:
     """(hash of spent/reserved/holds, zset of hold deadlines) of one budget period bucket."""
     tail = f"{_q(rule.scope)}:{_q(rule.owner)}:{pid}"
-    tag = team_tag(team)
+    tag = home_tag(team, rule.scope, rule.owner)
     return f"{tag}:bud:{tail}", f"{tag}:bres:{tail}"
 
 
 def rate_key(team: str, scope: str, owner: str) -> str:
-    return f"{team_tag(team)}:rl:{_q(scope)}:{_q(owner)}"
+    return f"{home_tag(team, scope, owner)}:rl:{_q(scope)}:{_q(owner)}"
 
 
-def request_keys(team: str, request_id: str) -> tuple[str, str]:
-    """(reservation record, settled marker) of one request."""
-    tag = team_tag(team)
+def request_keys(team: str, request_id: str, tag: str | None = None) -> tuple[str, str]:
+    """(reservation record, settled marker) of one request, under its team's tag (or ``tag``: on a
+    cluster, every slot a request holds budget in keeps its own record and marker)."""
+    tag = tag or team_tag(team)
     return f"{tag}:res:{_q(request_id)}", f"{tag}:done:{_q(request_id)}"
+
+
+def merge_admissions(parts: Sequence[Admission], reserved: int) -> Admission:
+    """One admission from the slots' own (all admitted): the least remaining, the tightest rate limits."""
+    remaining = [a.remaining_nano for a in parts if a.remaining_nano is not None]
+
+    def tightest(pairs: list[tuple[int | None, int | None]]) -> tuple[int | None, int | None]:
+        known = [(lim, rem) for lim, rem in pairs if lim is not None and rem is not None]
+        return min(known, key=lambda lr: lr[1]) if known else (None, None)
+
+    lim_r, rem_r = tightest([(a.rate.limit_requests, a.rate.remaining_requests) for a in parts])
+    lim_t, rem_t = tightest([(a.rate.limit_tokens, a.rate.remaining_tokens) for a in parts])
+    return Admission(True, None, RateStatus(lim_r, rem_r, lim_t, rem_t), min(remaining) if remaining else None,
+                     reserved)
 
 
 class RedisBudgetStore:
@@ -86,6 +119,7 @@ class RedisBudgetStore:
         self.settled_ttl_s = max(int(settled_ttl_s), int(reservation_ttl_s) + 1)
         self.bucket_grace_s = int(bucket_grace_s)
         self.partial_reservations = partial_reservations
+        self._cluster = isinstance(client, RedisCluster)
         self._loaded = False
 
     async def _run(self, keys: list[str], args: list[str | int]) -> Any:
@@ -110,16 +144,67 @@ class RedisBudgetStore:
             keys.extend(bucket_keys(team, rule, pid))
         return keys
 
+    def _split(self, req: ReserveRequest, p: Plan) -> list[tuple[str, ReserveRequest]] | None:
+        """On a cluster, the request's parts per hash tag (end users', tags', sessions' first, the team's
+        last), each with only its own rules; None when one script call can do it (one Redis, or every key
+        under the team's tag)."""
+        if not self._cluster:
+            return None
+        home = team_tag(req.team)
+        groups: dict[str, tuple[list[BudgetRule], list[RateRule]]] = {}
+        for b in p.budgets:
+            groups.setdefault(home_tag(req.team, b.scope, b.owner), ([], []))[0].append(b)
+        for r in p.rates:
+            groups.setdefault(home_tag(req.team, r.scope, r.owner), ([], []))[1].append(r)
+        if all(tag == home for tag in groups):
+            return None
+        order = [t for t in groups if t != home] + ([home] if home in groups else [])
+        return [(t, replace(req, budgets=tuple(groups[t][0]), rates=tuple(groups[t][1]))) for t in order]
+
     async def reserve(self, req: ReserveRequest) -> Admission:
         p = plan(req)
-        keys = [*request_keys(req.team, req.request_id), *self._bucket_keys(req.team, p),
+        parts = self._split(req, p)
+        if parts is None:
+            return await self._reserve_at(None, req, p)
+        # Two phases across slots: each part holds atomically in its own slot, passing on the (possibly
+        # capped) amount; a refusal or an error releases the parts already held (compensation). A crash
+        # between the phases leaves holds that expire with the reservation TTL, like any dead replica's.
+        held: list[tuple[str, ReserveRequest]] = []
+        admissions: list[Admission] = []
+        amount = req.cost_nano
+        try:
+            for tag, sub in parts:
+                sub = replace(sub, cost_nano=min(sub.cost_nano, amount))
+                adm = await self._reserve_at(tag, sub, plan(sub))
+                if not adm.admitted:
+                    await self._release(held)
+                    return adm
+                held.append((tag, sub))
+                admissions.append(adm)
+                if plan(sub).budgets:
+                    amount = min(amount, adm.reserved_nano)
+        except StateUnavailable:
+            await self._release(held)
+            raise
+        return merge_admissions(admissions, amount)
+
+    async def _release(self, held: Sequence[tuple[str, ReserveRequest]]) -> None:
+        """Compensation: give back the holds of a request refused in another slot (best effort: a hold
+        that cannot be released now expires with the reservation TTL)."""
+        for tag, sub in held:
+            with contextlib.suppress(StateUnavailable):
+                await self._settle_at(tag, sub, plan(sub), 0, 0)
+
+    async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> Admission:
+        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
                 *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
         args: list[str | int] = [
             "reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
             max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
             len(p.budgets), len(p.rates)]
-        for rule, end in zip(p.budgets, p.period_ends, strict=True):
-            args += [rule.limit_nano, end + self.bucket_grace_s, -1 if rule.soft_nano is None else rule.soft_nano]
+        for i, rule in enumerate(p.budgets):
+            floor, keep = p.arg_pair(i, self.bucket_grace_s)
+            args += [rule.limit_nano, floor, -1 if rule.soft_nano is None else rule.soft_nano, keep, p.windows_ms[i]]
         for rate in p.rates:
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
         reply = await self._run(keys, args)
@@ -133,19 +218,36 @@ class RedisBudgetStore:
         p = plan(req)
         check_amount("actual_cost_nano", actual_cost_nano)
         check_amount("actual_tokens", actual_tokens)
-        keys = [*request_keys(req.team, req.request_id), *self._bucket_keys(req.team, p),
+        parts = self._split(req, p)
+        if parts is None:
+            await self._settle_at(None, req, p, actual_cost_nano, actual_tokens)
+            return
+        # every slot settles once (its own settled marker): a replay after a partial failure is exact
+        for tag, sub in parts:
+            await self._settle_at(tag, sub, plan(sub), actual_cost_nano, actual_tokens)
+
+    async def _settle_at(self, tag: str | None, req: ReserveRequest, p: Plan, actual_cost_nano: int,
+                         actual_tokens: int) -> None:
+        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
                 *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
         args: list[str | int] = [
             "settle", SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
-            self.bucket_grace_s, len(p.budgets), len(p.rates),
-            *(end + self.bucket_grace_s for end in p.period_ends)]
+            self.bucket_grace_s, len(p.budgets), len(p.rates)]
+        for i in range(len(p.budgets)):
+            args += [*p.arg_pair(i, self.bucket_grace_s), p.windows_ms[i]]
         await self._run(keys, args)
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)
-        keys = [request_keys(req.team, req.request_id)[0], *self._bucket_keys(req.team, p)]
+        parts = self._split(req, p)
+        if parts is None:
+            return await self._renew_at(None, req, p)
+        return all([await self._renew_at(tag, sub, plan(sub)) for tag, sub in parts])
+
+    async def _renew_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> bool:
+        keys = [request_keys(req.team, req.request_id, tag)[0], *self._bucket_keys(req.team, p)]
         args: list[str | int] = ["renew", SCRIPT_VERSION, req.request_id,
-                                 max(1, round(self.reservation_ttl_s * 1000)), len(p.budgets)]
+                                 max(1, round(self.reservation_ttl_s * 1000)), len(p.budgets), *p.windows_ms]
         return int(await self._run(keys, args)) == 1
 
     async def usage(self, team: str, budgets: Sequence[BudgetRule], now: datetime) -> list[BudgetUsage]:
@@ -154,11 +256,17 @@ class RedisBudgetStore:
         for rule in budgets:
             check_budget_rule(rule)
         pids = [period_id(rule.period, now) for rule in budgets]
-        keys: list[str] = []
-        for rule, pid in zip(budgets, pids, strict=True):
-            keys.extend(bucket_keys(team, rule, pid))
-        reply = [int(x) for x in await self._run(keys, ["usage", SCRIPT_VERSION, len(budgets)])]
-        return [BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, reply[2 * i], reply[2 * i + 1])
+        groups: dict[str, list[int]] = {}   # one script call per hash tag on a cluster
+        for i, rule in enumerate(budgets):
+            groups.setdefault(home_tag(team, rule.scope, rule.owner) if self._cluster else "", []).append(i)
+        reply: dict[int, tuple[int, int]] = {}
+        for indexes in groups.values():
+            keys: list[str] = []
+            for i in indexes:
+                keys.extend(bucket_keys(team, budgets[i], pids[i]))
+            got = [int(x) for x in await self._run(keys, ["usage", SCRIPT_VERSION, len(indexes)])]
+            reply.update({i: (got[2 * j], got[2 * j + 1]) for j, i in enumerate(indexes)})
+        return [BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, *reply[i])
                 for i, (rule, pid) in enumerate(zip(budgets, pids, strict=True))]
 
     async def ping(self) -> bool:
@@ -172,4 +280,4 @@ class RedisBudgetStore:
 
 
 __all__ = ["PREFIX", "SCRIPT", "SCRIPT_SHA", "SCRIPT_VERSION", "RedisBudgetStore", "bucket_keys", "rate_key",
-           "request_keys", "team_tag"]
+           "home_tag", "request_keys", "team_tag"]

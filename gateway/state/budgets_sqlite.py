@@ -41,6 +41,7 @@ from gateway.state.budgets import (
     admission_from_reply,
     check_amount,
     check_budget_rule,
+    home_of,
     period_id,
     plan,
 )
@@ -112,6 +113,7 @@ class SqliteBudgetStore:
         self._settled = {k: t for k, t in self._settled.items() if t > now}
         c.execute("DELETE FROM rate_windows WHERE minute < ?", (int(now // WINDOW_S) - 1,))
         c.execute("DELETE FROM budget_buckets WHERE expires_at <= ?", (now,))
+        c.execute("DELETE FROM window_holds WHERE expires_at <= ?", (now,))
 
     def _lapse(self, c: sqlite3.Connection, now: float, force: bool = False) -> None:
         """Release the holds not settled nor renewed in time (their worker died, or never settled). The
@@ -130,7 +132,7 @@ class SqliteBudgetStore:
         c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
         if amount:
             c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
-                          [(amount, team, *b) for b in orjson.loads(buckets)])
+                          [(amount, *(b if len(b) == 4 else (team, *b))) for b in orjson.loads(buckets)])
 
     @staticmethod
     def _used(c: sqlite3.Connection, key: tuple[str, str, str, str], now: float) -> int:
@@ -143,8 +145,12 @@ class SqliteBudgetStore:
             return 0
         return int(row[0])
 
-    def _expiry(self, end: int, now: float) -> float:
-        return float(max(end + self.bucket_grace_s, now + self.bucket_grace_s))
+    @staticmethod
+    def _window_used(c: sqlite3.Connection, key: tuple[str, str, str, str], now: float) -> int:
+        """What a sliding-window bucket holds now: the holds and costs of its last 60 s."""
+        row = c.execute("SELECT COALESCE(SUM(amount), 0) FROM window_holds WHERE team = ? AND scope = ? AND "
+                        "owner = ? AND expires_at > ?", (*key[:3], now)).fetchone()
+        return int(row[0])
 
     # ------------------------------------------------------------------ BudgetStore
     async def reserve(self, req: ReserveRequest) -> Admission:
@@ -167,8 +173,11 @@ class SqliteBudgetStore:
 
             kind = idx = limit = used_ = 0
             retry = -1
-            keys = [(team, b.scope, b.owner, pid) for b, pid in zip(p.budgets, p.period_ids, strict=True)]
-            used = [self._used(c, k, now) for k in keys]
+            keys = [(home_of(team, b.scope), b.scope, b.owner, pid)
+                    for b, pid in zip(p.budgets, p.period_ids, strict=True)]
+            windowed = [w > 0 for w in p.windows_ms]
+            used = [self._window_used(c, k, now) if w else self._used(c, k, now)
+                    for k, w in zip(keys, windowed, strict=True)]
             heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
             soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
                     if rule.soft_nano is not None and u >= rule.soft_nano]
@@ -187,7 +196,7 @@ class SqliteBudgetStore:
             counts = []
             for r in p.rates:
                 w = c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
-                              "AND owner = ?", (team, r.scope, r.owner)).fetchone()
+                              "AND owner = ?", (home_of(team, r.scope), r.scope, r.owner)).fetchone()
                 counts.append((0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2])))
             if kind == 0 and not dup:
                 for j, (r, (nreq, _)) in enumerate(zip(p.rates, counts, strict=True), 1):
@@ -207,13 +216,17 @@ class SqliteBudgetStore:
                 c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
                               "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
                               "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
-                              [(*key, amount, self._expiry(end, now)) for key, end in zip(keys, p.period_ends,
-                                                                                          strict=True)])
+                              [(*key, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
+                               for i, key in enumerate(keys) if not windowed[i]])
+                c.executemany("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)",
+                              [(*key[:3], rid, amount, now + p.windows_ms[i] / 1000)
+                               for i, key in enumerate(keys) if windowed[i]])
                 c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
-                              [(team, r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
+                              [(home_of(team, r.scope), r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
                                for r, (nreq, ntok) in zip(p.rates, counts, strict=True)])
+                held = [list(k) for k, w in zip(keys, windowed, strict=True) if not w]   # window holds stay
                 c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (team, rid, amount, minute, req.tokens, orjson.dumps([k[1:] for k in keys]).decode(),
+                          (team, rid, amount, minute, req.tokens, orjson.dumps(held).decode(),
                            now + self.reservation_ttl_s))
 
         lim_r = rem_r = lim_t = rem_t = -1
@@ -255,15 +268,24 @@ class SqliteBudgetStore:
                         "request_id = ?", (team, rid)).fetchone()
         if rec is not None:   # release the whole hold (lapsed or not: it is released exactly once, here)
             self._release(c, team, rid, rec[0], rec[3])
+        keys = [(home_of(team, rule.scope), rule.scope, rule.owner, pid)
+                for rule, pid in zip(p.budgets, p.period_ids, strict=True)]
         c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
                       "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, "
                       "expires_at = MAX(expires_at, excluded.expires_at)",
-                      [(team, rule.scope, rule.owner, pid, cost, self._expiry(end, now))
-                       for rule, pid, end in zip(p.budgets, p.period_ids, p.period_ends, strict=True)])
+                      [(*key, cost, float(p.expire_at(i, now, self.bucket_grace_s)))
+                       for i, key in enumerate(keys) if not p.windows_ms[i]])
+        for i, key in enumerate(keys):   # a sliding window: the hold becomes the actual cost, and drops out with it
+            if p.windows_ms[i]:
+                cur = c.execute("UPDATE window_holds SET amount = ? WHERE team = ? AND scope = ? AND owner = ? AND "
+                                "request_id = ?", (cost, *key[:3], rid))
+                if cur.rowcount == 0 and cost > 0:
+                    c.execute("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)",
+                              (*key[:3], rid, cost, now + p.windows_ms[i] / 1000))
         if rec is not None and rec[4] > now and p.rates:   # TPM: replace the estimate by the truth
             c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ? - ?) WHERE team = ? AND scope = ? "
                           "AND owner = ? AND minute = ?",
-                          [(tokens, rec[2], team, r.scope, r.owner, rec[1]) for r in p.rates])
+                          [(tokens, rec[2], home_of(team, r.scope), r.scope, r.owner, rec[1]) for r in p.rates])
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)
@@ -284,8 +306,13 @@ class SqliteBudgetStore:
             self._lapse(c, clock_now, force=True)
             for rule in budgets:
                 pid = period_id(rule.period, now)
+                key = (home_of(team, rule.scope), rule.scope, rule.owner, pid)
+                if rule.period == "minute":
+                    spent, reserved = 0, self._window_used(c, key, clock_now)
+                    out.append(BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, spent, reserved))
+                    continue
                 row = c.execute(f"SELECT spent, reserved FROM budget_buckets WHERE {_BUCKET} AND expires_at > ?",
-                                (team, rule.scope, rule.owner, pid, clock_now)).fetchone()
+                                (*key, clock_now)).fetchone()
                 spent, reserved = (int(row[0]), int(row[1])) if row is not None else (0, 0)
                 out.append(BudgetUsage(rule.scope, rule.owner, rule.period, pid, rule.limit_nano, spent, reserved))
         return out

@@ -18,18 +18,19 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
 import orjson
 
-from gateway.state.budgets import MAX_AMOUNT, PERIODS, StateUnavailable
+from gateway.state.budgets import MAX_AMOUNT, StateUnavailable
 
 PREFIX = "gw:v1:"
 _KEY = PREFIX + "key:"  # + secret hash -> record JSON
 _KEYID = PREFIX + "keyid:"  # + key id -> secret hash
 _IDS = PREFIX + "keys"  # set of key ids
+KEY_PERIODS = ("daily", "weekly", "monthly", "total")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class KeyRecord:
     rpm: int | None
     tpm: int | None
     prefix: str
+    max_usd_per_minute: str | None = None   # the key's spend-rate brake (USD per UTC minute), a decimal string
 
     def active(self, now: float) -> bool:
         """Not revoked and not expired at ``now`` (unix seconds)."""
@@ -58,7 +60,7 @@ class KeyRecord:
     @classmethod
     def from_json(cls, raw: bytes | str) -> KeyRecord:
         data = orjson.loads(raw)
-        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data or f.default is MISSING})
 
 
 def new_secret() -> str:
@@ -72,33 +74,38 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _usd_amount(label: str, amount: str | Decimal) -> str:
+    try:
+        value = Decimal(str(amount))
+    except InvalidOperation:
+        raise ValueError(f"{label} must be a decimal amount, got {amount!r}") from None
+    if not value.is_finite() or value < 0 or value * 10**9 > MAX_AMOUNT:
+        raise ValueError(f"{label} must be an amount from 0 to {MAX_AMOUNT // 10**9}, got {amount!r}")
+    return str(value)
+
+
 def _new_record(team: str, name: str, secret: str, expires_at: float | None, budget_usd: str | Decimal | None,
-                budget_period: str | None, rpm: int | None, tpm: int | None) -> KeyRecord:
+                budget_period: str | None, rpm: int | None, tpm: int | None,
+                max_usd_per_minute: str | Decimal | None = None) -> KeyRecord:
     if not team or not isinstance(team, str):
         raise ValueError("team must be a non-empty string")
-    budget: str | None = None
-    if budget_usd is not None:
-        try:
-            value = Decimal(str(budget_usd))
-        except InvalidOperation:
-            raise ValueError(f"budget_usd must be a decimal amount, got {budget_usd!r}") from None
-        if not value.is_finite() or value < 0 or value * 10**9 > MAX_AMOUNT:
-            raise ValueError(f"budget_usd must be an amount from 0 to {MAX_AMOUNT // 10**9}, got {budget_usd!r}")
-        budget = str(value)
-    if budget_period is not None and budget_period not in PERIODS:
-        raise ValueError(f"budget_period must be one of {', '.join(PERIODS)}, got {budget_period!r}")
+    budget = _usd_amount("budget_usd", budget_usd) if budget_usd is not None else None
+    if budget_period is not None and budget_period not in KEY_PERIODS:
+        raise ValueError(f"budget_period must be one of {', '.join(KEY_PERIODS)}, got {budget_period!r}")
+    brake = _usd_amount("max_usd_per_minute", max_usd_per_minute) if max_usd_per_minute is not None else None
     for label, limit in (("rpm", rpm), ("tpm", tpm)):
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_AMOUNT):
             raise ValueError(f"{label} must be a positive integer, got {limit!r}")
     return KeyRecord(id="key_" + secrets.token_hex(6), team=team, name=name, created_at=time.time(),
                      expires_at=expires_at, revoked_at=None, budget_usd=budget, budget_period=budget_period,
-                     rpm=rpm, tpm=tpm, prefix=secret[:8])
+                     rpm=rpm, tpm=tpm, prefix=secret[:8], max_usd_per_minute=brake)
 
 
 class KeyStore(Protocol):
     async def create(self, team: str, name: str, *, expires_at: float | None = None,
                      budget_usd: str | Decimal | None = None, budget_period: str | None = None,
-                     rpm: int | None = None, tpm: int | None = None) -> tuple[KeyRecord, str]: ...
+                     rpm: int | None = None, tpm: int | None = None,
+                     max_usd_per_minute: str | Decimal | None = None) -> tuple[KeyRecord, str]: ...
 
     async def lookup(self, secret: str) -> KeyRecord | None: ...
 
@@ -122,9 +129,11 @@ class MemoryKeyStore:
 
     async def create(self, team: str, name: str, *, expires_at: float | None = None,
                      budget_usd: str | Decimal | None = None, budget_period: str | None = None,
-                     rpm: int | None = None, tpm: int | None = None) -> tuple[KeyRecord, str]:
+                     rpm: int | None = None, tpm: int | None = None,
+                     max_usd_per_minute: str | Decimal | None = None) -> tuple[KeyRecord, str]:
         secret = new_secret()
-        record = _new_record(team, name, secret, expires_at, budget_usd, budget_period, rpm, tpm)
+        record = _new_record(team, name, secret, expires_at, budget_usd, budget_period, rpm, tpm,
+                                 max_usd_per_minute)
         digest = hash_secret(secret)
         self._by_hash[digest] = record
         self._hash_by_id[record.id] = digest
@@ -168,10 +177,12 @@ class RedisKeyStore:
 
     async def create(self, team: str, name: str, *, expires_at: float | None = None,
                      budget_usd: str | Decimal | None = None, budget_period: str | None = None,
-                     rpm: int | None = None, tpm: int | None = None) -> tuple[KeyRecord, str]:
+                     rpm: int | None = None, tpm: int | None = None,
+                     max_usd_per_minute: str | Decimal | None = None) -> tuple[KeyRecord, str]:
         for _ in range(5):  # a 48-bit id or 256-bit secret colliding is a near-impossible retry
             secret = new_secret()
-            record = _new_record(team, name, secret, expires_at, budget_usd, budget_period, rpm, tpm)
+            record = _new_record(team, name, secret, expires_at, budget_usd, budget_period, rpm, tpm,
+                                 max_usd_per_minute)
             digest = hash_secret(secret)
             # Order matters for a crash between commands: claim the id, index it, and only then
             # write the record, so a usable key is always listable and revocable by id.

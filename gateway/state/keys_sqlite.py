@@ -34,10 +34,12 @@ class SqliteKeyStore:
 
     async def create(self, team: str, name: str, *, expires_at: float | None = None,
                      budget_usd: str | Decimal | None = None, budget_period: str | None = None,
-                     rpm: int | None = None, tpm: int | None = None) -> tuple[KeyRecord, str]:
+                     rpm: int | None = None, tpm: int | None = None,
+                     max_usd_per_minute: str | Decimal | None = None) -> tuple[KeyRecord, str]:
         for _ in range(5):  # a 48-bit id or 256-bit secret colliding is a near-impossible retry
             secret = new_secret()
-            record = _new_record(team, name, secret, expires_at, budget_usd, budget_period, rpm, tpm)
+            record = _new_record(team, name, secret, expires_at, budget_usd, budget_period, rpm, tpm,
+                                 max_usd_per_minute)
             try:
                 with _errors():
                     self.conn.execute("INSERT INTO keys (id, hash, team, record) VALUES (?, ?, ?, ?)",

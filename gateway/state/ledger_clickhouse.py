@@ -254,7 +254,7 @@ class ClickHouseLedger:
     async def totals(self, since: float, until: float | None = None, team: str | None = None,
                      by: str = "team") -> list[dict[str, Any]]:
         """Rows like :meth:`MemoryLedger.totals`; ``by`` may also be ``key``, ``provider`` or a comma list
-        (the row's ``key`` then joins the values with `` / ``)."""
+        (the row's ``key`` is then the tuple of the values)."""
         dims = dimensions(by)
         first = -int(-since // DAY_S)                             # the first whole UTC day in the range
         end = None if until is None else int(until // DAY_S)     # the day after the last whole one
@@ -271,9 +271,9 @@ class ClickHouseLedger:
         def run(client: Any) -> list[Sequence[Any]]:
             return [row for sql, params in queries for row in client.query(sql, parameters=params).result_rows]
 
-        rows: dict[str, Counter[str]] = {}
+        rows: dict[Any, Counter[str]] = {}
         for row in await self._run(run):
-            key = " / ".join(str(v) for v in row[:len(dims)])
+            key: Any = tuple(str(v) for v in row[:len(dims)]) if len(dims) > 1 else str(row[0])
             acc = rows.setdefault(key, Counter())
             for name, value in zip(_COUNTERS, row[len(dims):], strict=True):
                 acc[name] += int(value)

@@ -87,6 +87,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX ledger_team_ts ON ledger (team, ts);
     """,
+    """
+    CREATE TABLE window_holds (             -- a spend-rate brake's sliding 60 s window: one row per request
+        team TEXT NOT NULL, scope TEXT NOT NULL, owner TEXT NOT NULL, request_id TEXT NOT NULL,
+        amount INTEGER NOT NULL,            -- its hold, then (once settled) its actual cost
+        expires_at REAL NOT NULL,           -- it leaves the window then
+        PRIMARY KEY (team, scope, owner, request_id)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
