@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from gateway.state.ledger import GROUP_BY, SAVINGS_SOURCES, LedgerRecord, counters, day_of
+from gateway.state.ledger import GROUP_BY, NONE, SAVINGS_SOURCES, LedgerRecord, counters, day_of
 
 FORMATS = ("table", "csv", "json")
 # what a report may be grouped by: any ledger answers GROUP_BY (team, model, day); the ClickHouse
@@ -38,7 +38,6 @@ _MAX_BACK_S = 20 * 366 * 86_400
 NANO = 10**9
 DIMENSIONS = ("team", "key", "user", "tag", "session", "model", "provider", "deployment", "route", "endpoint",
               "day")
-NONE = "(none)"
 OTHER = "(other)"
 TAG_NOTE = ("by tag: a request with several tags counts under each of them and an untagged one under (none), "
             "so the rows may add up to more than the total")

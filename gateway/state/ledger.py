@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SAVINGS_SOURCES = ("routing", "cache", "compression", "prompt_cache")
 GROUP_BY = ("team", "model", "day")
+NONE = "(none)"   # a report row of requests without that dimension (no key, no end user, no tag)
 STREAM = "gw:v1:ledger"
 DAY_S = 86_400
 _PAGE = 1_000

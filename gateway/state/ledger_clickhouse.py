@@ -33,7 +33,7 @@ from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 from gateway.state import clickhouse_schema as schema
-from gateway.state.ledger import DAY_S, SAVINGS_SOURCES, LedgerRecord
+from gateway.state.ledger import DAY_S, NONE, SAVINGS_SOURCES, LedgerRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -273,7 +273,8 @@ class ClickHouseLedger:
 
         rows: dict[Any, Counter[str]] = {}
         for row in await self._run(run):
-            key: Any = tuple(str(v) for v in row[:len(dims)]) if len(dims) > 1 else str(row[0])
+            values = tuple(str(v) or NONE for v in row[:len(dims)])   # no key, user, ...: as the records say
+            key: Any = values if len(dims) > 1 else values[0]
             acc = rows.setdefault(key, Counter())
             for name, value in zip(_COUNTERS, row[len(dims):], strict=True):
                 acc[name] += int(value)
