@@ -11,6 +11,10 @@ API endpoints (any path prefix, e.g. /v1):
     POST .../chat/completions   chat.completion / SSE chat.completion.chunk
     POST .../completions        legacy text_completion (SSE too)
     POST .../embeddings         deterministic small vectors (float or base64)
+    POST .../messages           Anthropic Messages: message / SSE message_start ...
+                                message_stop (no data: [DONE])
+    POST .../responses          OpenAI Responses: response / SSE response.created ...
+                                response.completed (no data: [DONE])
     GET  .../models[/<id>]      model list / one model
 Control endpoints (exact paths, never logged nor counted in "total"):
     GET  /health                200 {"status":"ok"}
@@ -69,6 +73,33 @@ Tools: when the request has "tools", tool_choice is not "none" and the last
 message is not a tool result, the answer is a call to the first tool (or the
 one named by tool_choice) with arguments {"q": "mock"}; streams send it in two
 delta chunks (name, then arguments) followed by finish_reason "tool_calls".
+
+Anthropic Messages (/messages): input_tokens follow the chat rule with the
+system prompt counted as one more message (input_tokens is the uncached part,
+cachedN goes to cache_read_input_tokens); output_tokens as completion_tokens
+above, capped by max_tokens (stop_reason "max_tokens", else "end_turn"); usage is
+always sent, as Anthropic does (nousage does not apply); statusNNN answers in
+Anthropic's envelope {"type":"error","error":{"type","message"}}. Streams:
+message_start (input usage), content_block_start, one content_block_delta per
+word, content_block_stop, message_delta (stop_reason, output_tokens),
+message_stop. With "tools" (tool_choice not {"type":"none"}, the last message
+not a tool_result) the answer is a tool_use block of the first (or the forced)
+tool with input {"q": "mock"}, streamed as one input_json_delta.
+
+OpenAI Responses (/responses): input_tokens follow the chat rule over the input
+items (a string input is one message) plus instructions as one more message;
+cachedN and reasoningN fill input_tokens_details / output_tokens_details;
+max_output_tokens caps the answer (status "incomplete", incomplete_details
+{"reason": "max_output_tokens"}); nousage sends "usage": null. Streams:
+response.created, response.in_progress, response.output_item.added,
+response.content_part.added, one response.output_text.delta per word, the
+.done events, then response.completed (response.incomplete when capped) with
+the whole response and usage; every event has sequence_number. With a
+function tool (tool_choice not "none", the last input item not a
+function_call_output) the answer is a function_call item with arguments
+{"q": "mock"}, streamed as one response.function_call_arguments.delta.
+Both follow latN, chunksN, delayN and cutN (N deltas, then abort) like chat;
+ctxN and apcN are chat only.
 
 Streams are chunked transfer encoding: a role chunk, then one chunk per word
 (the last carries finish_reason "stop"), then a usage chunk with "choices": []
