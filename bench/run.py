@@ -22,6 +22,12 @@ Scenarios (load generators pinned to cpu 0, next to the mock):
     c1  the same with one stream
     b   (optional, not in the default set) non-streaming, mock-lat50, 256
         connections
+    m, m1, ms1 / mt, mt1, mts1   (optional; --scenarios api for all twelve)
+        Messages native (anthropic deployment) / translated (chat-only
+        deployment): 32 connections and 1 connection like a and a1, 1 stream
+        like c1; direct is the mock's own /v1/messages
+    r, r1, rs1 / rt, rt1, rts1   the same for Responses (native: an openai
+        deployment); direct is the mock's own /v1/responses
 
     python bench/run.py                         # direct, gateway, direct
     python bench/run.py --skip-gateway          # the mock only
@@ -754,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
 
     res["direct_mean"] = mean_direct(res["targets"]["direct_before"], res["targets"].get("direct_after"))
     table, derived = report(res)
+    if not any(SCENARIOS[k].get("api", "chat") == "chat" for k in args.scenarios):
+        table, derived = "\n".join(table.splitlines()[:3]) + "\n", {}   # no chat scenario: its heading only
     api_table, api_derived = api_report(res)
     table, derived = table + api_table, {**derived, **api_derived}
     res["derived"] = derived
