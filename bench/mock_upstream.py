@@ -11,6 +11,10 @@ API endpoints (any path prefix, e.g. /v1):
     POST .../chat/completions   chat.completion / SSE chat.completion.chunk
     POST .../completions        legacy text_completion (SSE too)
     POST .../embeddings         deterministic small vectors (float or base64)
+    POST .../messages           Anthropic Messages: message / SSE message_start ...
+                                message_stop (no data: [DONE])
+    POST .../responses          OpenAI Responses: response / SSE response.created ...
+                                response.completed (no data: [DONE])
     GET  .../models[/<id>]      model list / one model
 Control endpoints (exact paths, never logged nor counted in "total"):
     GET  /health                200 {"status":"ok"}
@@ -81,6 +85,33 @@ message is not a tool result, the answer is a call to the first tool (or the
 one named by tool_choice) with arguments {"q": "mock"}; streams send it in two
 delta chunks (name, then arguments) followed by finish_reason "tool_calls".
 
+Anthropic Messages (/messages): input_tokens follow the chat rule with the
+system prompt counted as one more message (input_tokens is the uncached part,
+cachedN goes to cache_read_input_tokens); output_tokens as completion_tokens
+above, capped by max_tokens (stop_reason "max_tokens", else "end_turn"); usage is
+always sent, as Anthropic does (nousage does not apply); statusNNN answers in
+Anthropic's envelope {"type":"error","error":{"type","message"}}. Streams:
+message_start (input usage), content_block_start, one content_block_delta per
+word, content_block_stop, message_delta (stop_reason, output_tokens),
+message_stop. With "tools" (tool_choice not {"type":"none"}, the last message
+not a tool_result) the answer is a tool_use block of the first (or the forced)
+tool with input {"q": "mock"}, streamed as one input_json_delta.
+
+OpenAI Responses (/responses): input_tokens follow the chat rule over the input
+items (a string input is one message) plus instructions as one more message;
+cachedN and reasoningN fill input_tokens_details / output_tokens_details;
+max_output_tokens caps the answer (status "incomplete", incomplete_details
+{"reason": "max_output_tokens"}); nousage sends "usage": null. Streams:
+response.created, response.in_progress, response.output_item.added,
+response.content_part.added, one response.output_text.delta per word, the
+.done events, then response.completed (response.incomplete when capped) with
+the whole response and usage; every event has sequence_number. With a
+function tool (tool_choice not "none", the last input item not a
+function_call_output) the answer is a function_call item with arguments
+{"q": "mock"}, streamed as one response.function_call_arguments.delta.
+Both follow latN, chunksN, delayN and cutN (N deltas, then abort) like chat;
+ctxN and apcN are chat only.
+
 Streams are chunked transfer encoding: a role chunk, then one chunk per word
 (the last carries finish_reason "stop"), then a usage chunk with "choices": []
 only if the request asked for stream_options.include_usage, then data: [DONE].
@@ -143,7 +174,7 @@ _FLOAT_KNOBS = ("latency_ms", "chunk_delay_ms")
 FAULTS = ("reset", "badjson", "plainjson", "hang", "drip", "garbage")
 DRIP_S = 0.3
 
-ENDPOINTS = ("chat.completions", "completions", "embeddings", "models", "other")
+ENDPOINTS = ("chat.completions", "completions", "embeddings", "messages", "responses", "models", "other")
 
 
 class MockError(Exception):
@@ -450,6 +481,247 @@ def json_error(status: int, message: str, etype: str = "invalid_request_error",
 
 
 # ---------------------------------------------------------------------------
+# Anthropic Messages and OpenAI Responses payloads
+
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         529: "overloaded_error"}
+
+
+def anthropic_error_body(status: int) -> tuple[bytes, list[tuple[str, str]]]:
+    """statusNNN on /messages: Anthropic's error envelope (429 adds retry-after: 1)."""
+    extra = [("retry-after", "1")] if status == 429 else []
+    etype = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return orjson.dumps({"type": "error", "error": {"type": etype, "message": "mock failure"}}), extra
+
+
+def _system_tokens(system: Any) -> int:
+    """An instructions / system prompt counted as one more message (3 + its words); 0 when absent."""
+    if isinstance(system, str) and system:
+        return 3 + _words(system)
+    if isinstance(system, list) and system:
+        return 3 + sum(_words(b["text"]) for b in system if isinstance(b, dict) and isinstance(b.get("text"), str))
+    return 0
+
+
+def messages_prompt_tokens(body: dict[str, Any]) -> int:
+    """The chat rule over ``messages`` plus the ``system`` prompt as one more message."""
+    return chat_prompt_tokens(body.get("messages")) + _system_tokens(body.get("system"))
+
+
+def responses_prompt_tokens(body: dict[str, Any]) -> int:
+    """The chat rule over the input items (a string input is one message) plus ``instructions``."""
+    inp = body.get("input")
+    items = [{"role": "user", "content": inp}] if isinstance(inp, str) else inp
+    return chat_prompt_tokens(items) + _system_tokens(body.get("instructions"))
+
+
+def cap_field(body: dict[str, Any], field: str, wanted: int) -> tuple[int, bool]:
+    """(tokens, capped) by one output-cap field (max_tokens for Messages, max_output_tokens for Responses)."""
+    cap = body.get(field)
+    if isinstance(cap, int) and not isinstance(cap, bool) and 0 <= cap < wanted:
+        return cap, True
+    return wanted, False
+
+
+def messages_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The Anthropic tool the mock calls, or None (no tools, tool_choice none, or a tool_result to answer)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "none":
+        return None
+    msgs = body.get("messages")
+    last = msgs[-1] if isinstance(msgs, list) and msgs else None
+    if isinstance(last, dict) and isinstance(last.get("content"), list) and any(
+            isinstance(b, dict) and b.get("type") == "tool_result" for b in last["content"]):
+        return None
+    named = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    if isinstance(choice, dict) and choice.get("type") == "tool":
+        named = [t for t in named if t["name"] == choice.get("name")] or named
+    return named[0] if named else None
+
+
+def responses_tool(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The Responses function tool the mock calls, or None (none offered, tool_choice none, or the
+    last input item a function_call_output)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list):
+        return None
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return None
+    inp = body.get("input")
+    if isinstance(inp, list) and inp and isinstance(inp[-1], dict) and inp[-1].get("type") == "function_call_output":
+        return None
+    fns = [t for t in tools if isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("name"), str)]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        fns = [t for t in fns if t["name"] == choice.get("name")] or fns
+    return fns[0] if fns else None
+
+
+def messages_usage(prompt: int, output: int, cached: int) -> dict[str, Any]:
+    cached = min(cached, prompt)
+    return {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+            "output_tokens": output}
+
+
+def responses_usage(prompt: int, output: int, cached: int, reasoning: int) -> dict[str, Any]:
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": min(cached, prompt)},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + output}
+
+
+def messages_payload(body: dict[str, Any], model: str, k: dict[str, Any], rid: str = RID) -> dict[str, Any]:
+    """A non-streaming Anthropic Message (usage always present, as Anthropic sends it)."""
+    tool = messages_tool(body)
+    if tool is not None:
+        content: list[dict[str, Any]] = [{"type": "tool_use", "id": f"toolu_mock{rid}", "name": tool["name"],
+                                          "input": orjson.loads(TOOL_ARGS)}]
+        output, stop = k["tokens"], "tool_use"
+    else:
+        count, capped = cap_field(body, "max_tokens", k["tokens"])
+        content = [{"type": "text", "text": "".join(answer_words(count))}]
+        output, stop = count, "max_tokens" if capped else "end_turn"
+    return {"id": f"msg_mock{rid}", "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop, "stop_sequence": None,
+            "usage": messages_usage(messages_prompt_tokens(body), output + k["reasoning"], k["cached"])}
+
+
+def responses_envelope(body: dict[str, Any], model: str, rid: str, now: int) -> dict[str, Any]:
+    """The fields of a Response other than status, output and usage."""
+    return {"id": f"resp_mock{rid}", "object": "response", "created_at": now, "status": "in_progress",
+            "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
+            "parallel_tool_calls": True, "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None}, "store": body.get("store", True) is not False,
+            "temperature": body.get("temperature", 1.0), "text": {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools", []),
+            "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": None, "user": body.get("user"),
+            "metadata": body.get("metadata") or {}}
+
+
+def _message_item(rid: str, text: str) -> dict[str, Any]:
+    return {"id": f"msg_mock{rid}", "type": "message", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def _call_item(rid: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": f"fc_mock{rid}", "type": "function_call", "status": status, "call_id": f"call_mock{rid}",
+            "name": name, "arguments": arguments}
+
+
+def responses_payload(body: dict[str, Any], model: str, k: dict[str, Any], now: int,
+                      rid: str = RID) -> dict[str, Any]:
+    """A non-streaming Response: one message (or function call) item; status incomplete when
+    max_output_tokens cut the answer."""
+    out = responses_envelope(body, model, rid, now)
+    tool = responses_tool(body)
+    reasoning = k["reasoning"]
+    if tool is not None:
+        out["output"], output = [_call_item(rid, tool["name"], TOOL_ARGS)], k["tokens"]
+        out["status"] = "completed"
+    else:
+        count, capped = cap_field(body, "max_output_tokens", k["tokens"])
+        out["output"], output = [_message_item(rid, "".join(answer_words(count)))], count
+        out["status"] = "incomplete" if capped else "completed"
+        if capped:
+            out["incomplete_details"] = {"reason": "max_output_tokens"}
+    if k["usage"]:
+        out["usage"] = responses_usage(responses_prompt_tokens(body), output + reasoning, k["cached"], reasoning)
+    return out
+
+
+def sse_event(kind: str, obj: Any) -> bytes:
+    """One chunk holding one named server-sent event (``event: kind`` then ``data: {json}``)."""
+    data = b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# (opening frames, one frame per paced delta, closing frames): a stream that is not chat completions
+EventPlan = tuple[list[bytes], list[bytes], list[bytes]]
+
+
+def stream_events(endpoint: str, body: dict[str, Any], model: str, k: dict[str, Any], seq: int) -> EventPlan:
+    return messages_events(body, model, k, str(seq)) if endpoint == "messages" \
+        else responses_events(body, model, k, str(seq))
+
+
+def messages_events(body: dict[str, Any], model: str, k: dict[str, Any], rid: str) -> EventPlan:
+    """message_start (input usage), content_block_start, one content_block_delta per word (or the
+    tool call's input JSON), content_block_stop, message_delta (stop_reason, output usage), message_stop."""
+    prompt = messages_prompt_tokens(body)
+    start = {"type": "message_start", "message": {
+        "id": f"msg_mock{rid}", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": messages_usage(prompt, 1, k["cached"])}}
+    tool = messages_tool(body)
+    if tool is not None:
+        block: dict[str, Any] = {"type": "tool_use", "id": f"toolu_mock{rid}", "name": tool["name"], "input": {}}
+        deltas = [{"type": "input_json_delta", "partial_json": TOOL_ARGS}]
+        output, stop = k["tokens"], "tool_use"
+    else:
+        count, capped = cap_field(body, "max_tokens", k["chunks"])
+        block = {"type": "text", "text": ""}
+        deltas = [{"type": "text_delta", "text": w} for w in answer_words(count)]
+        output, stop = count, "max_tokens" if capped else "end_turn"
+    usage = messages_usage(prompt, output + k["reasoning"], k["cached"])
+    return ([sse_event("message_start", start),
+             sse_event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})],
+            [sse_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
+             for d in deltas],
+            [sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+             sse_event("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": stop, "stop_sequence": None},
+                                         "usage": {"output_tokens": usage["output_tokens"]}}),
+             sse_event("message_stop", {"type": "message_stop"})])
+
+
+def responses_events(body: dict[str, Any], model: str, k: dict[str, Any], rid: str) -> EventPlan:
+    """response.created, response.in_progress, output_item.added (+ content_part.added), one delta per
+    word (or the call's arguments), the .done events, response.completed (or .incomplete) with usage."""
+    now = int(time.time())
+    final = responses_payload(body, model, k, now, rid)
+    env = {**final, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+    item = final["output"][0]
+    seq = iter(range(1 << 30))
+
+    def ev(kind: str, **fields: Any) -> bytes:
+        return sse_event(kind, {"type": kind, "sequence_number": next(seq), **fields})
+
+    opening = [ev("response.created", response=env), ev("response.in_progress", response=env)]
+    where = {"item_id": item["id"], "output_index": 0}
+    if item["type"] == "function_call":
+        opening.append(ev("response.output_item.added", output_index=0,
+                          item=_call_item(rid, item["name"], "", "in_progress")))
+        deltas = [ev("response.function_call_arguments.delta", **where, delta=TOOL_ARGS)]
+        closing = [ev("response.function_call_arguments.done", **where, arguments=TOOL_ARGS)]
+    else:
+        part = {"type": "output_text", "text": "", "annotations": []}
+        opening += [ev("response.output_item.added", output_index=0,
+                       item={**item, "status": "in_progress", "content": []}),
+                    ev("response.content_part.added", **where, content_index=0, part=part)]
+        count, capped = cap_field(body, "max_output_tokens", k["chunks"])   # streams: chunksN words
+        final["status"] = "incomplete" if capped else "completed"
+        final["incomplete_details"] = {"reason": "max_output_tokens"} if capped else None
+        words = answer_words(count)
+        deltas = [ev("response.output_text.delta", **where, content_index=0, delta=w) for w in words]
+        text = "".join(words)
+        item = {**item, "content": [{**part, "text": text}]}
+        final["output"] = [item]
+        if final["usage"] is not None:
+            reasoning = k["reasoning"]
+            final["usage"] = responses_usage(responses_prompt_tokens(body), count + reasoning, k["cached"], reasoning)
+        closing = [ev("response.output_text.done", **where, content_index=0, text=text),
+                   ev("response.content_part.done", **where, content_index=0, part=item["content"][0])]
+    closing += [ev("response.output_item.done", output_index=0, item=item),
+                ev("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                   response=final)]
+    return opening, deltas, closing
+
+
+# ---------------------------------------------------------------------------
 # the protocol
 
 
@@ -606,6 +878,10 @@ class MockProtocol(asyncio.Protocol):
             endpoint = "completions"
         elif path.endswith(b"/embeddings"):
             endpoint = "embeddings"
+        elif path.endswith(b"/messages"):
+            endpoint = "messages"
+        elif path.endswith(b"/responses"):
+            endpoint = "responses"
         elif path.endswith(b"/models") or b"/models/" in path:
             endpoint = "models"
         else:
@@ -642,8 +918,13 @@ class MockProtocol(asyncio.Protocol):
             st.statuses[200] = st.statuses.get(200, 0) + 1
             st.streams += 1
             self.busy = True
-            coro = self._stream_chat(req, body, model, knobs) if ep == "chat.completions" \
-                else self._stream_text(req, body, model, knobs)
+            if ep == "chat.completions":
+                coro = self._stream_chat(req, body, model, knobs)
+            elif ep == "completions":
+                coro = self._stream_text(req, body, model, knobs)
+            else:
+                coro = self._stream_events(req, stream_events(ep, body, model, knobs, self.state.next_id()),
+                                           knobs)
             self.task = self.loop.create_task(coro)
             return None
         if kind == "fault":  # (created, "fault", name, endpoint, body, model, knobs)
@@ -680,7 +961,7 @@ class MockProtocol(asyncio.Protocol):
         delay = knobs["latency_ms"] / 1000.0
         status = knobs["status"]
         if status and status != 200:
-            err, extra = error_body(status)
+            err, extra = anthropic_error_body(status) if endpoint == "messages" else error_body(status)
             return (now, "json", status, (err,), extra, delay), True
         window = knobs.get("context")
         if window and endpoint == "chat.completions" and chat_prompt_tokens(body.get("messages")) > window:
@@ -700,6 +981,10 @@ class MockProtocol(asyncio.Protocol):
             payload = self._chat(body, model, knobs, now)
         elif endpoint == "completions":
             payload = self._text(body, model, knobs, now)
+        elif endpoint == "messages":
+            payload = messages_payload(body, model, knobs)
+        elif endpoint == "responses":
+            payload = responses_payload(body, model, knobs, now)
         else:
             payload = self._embeddings(body, model)
         return (now, "json", 200, tuple(orjson.dumps(payload).split(RID_MARK)), None, delay), reusable
@@ -879,7 +1164,7 @@ class MockProtocol(asyncio.Protocol):
             if slot > now:
                 await asyncio.sleep(slot - now)
 
-    async def _finish_stream(self, req: Request, tail: list[bytes], cut: bool) -> None:
+    async def _finish_stream(self, req: Request, tail: list[bytes], cut: bool, done: bool = True) -> None:
         st = self.state
         if self.closed or self.transport is None:
             return
@@ -896,7 +1181,7 @@ class MockProtocol(asyncio.Protocol):
             self.task = None
             self.transport.abort()
             return
-        self.transport.write(_DONE_FRAME + _LAST_CHUNK)
+        self.transport.write(_DONE_FRAME + _LAST_CHUNK if done else _LAST_CHUNK)
         st.streams_completed += 1
         if not req.keep_alive:
             self.transport.close()
@@ -1009,6 +1294,32 @@ class MockProtocol(asyncio.Protocol):
                 parts.append(sse_frame({**base, "choices": [], "usage": usage_block(
                     text_prompt_tokens(body.get("prompt")), count + reasoning, k["cached"], reasoning)}))
             await self._finish_stream(req, parts, False)
+        finally:
+            if not self.closed:
+                self._done_async()
+
+
+    async def _stream_events(self, req: Request, plan: EventPlan, k: dict[str, Any]) -> None:
+        """A Messages or Responses stream: the opening events with the first delta, the other deltas
+        chunk_delay_ms apart, then the closing events; no data: [DONE]. cutN: N deltas, then abort."""
+        self.pace_slot = 0.0
+        try:
+            if k["latency_ms"] > 0:
+                await asyncio.sleep(k["latency_ms"] / 1000.0)
+            opening, deltas, closing = plan
+            head = _SSE_HEAD + (b"" if req.keep_alive else b"connection: close\r\n") + b"\r\n"
+            delay = k["chunk_delay_ms"] / 1000.0
+            cut = k["cut"]
+            send = len(deltas) if cut is None else min(cut, len(deltas))
+            parts = [head, *opening]
+            for i in range(send):
+                parts.append(deltas[i])
+                if i < send - 1:   # no pause after the last delta sent
+                    await self._pace(parts, delay)
+                    parts = []
+            if cut is not None:
+                return await self._finish_stream(req, parts, True)
+            await self._finish_stream(req, parts + closing, False, done=False)
         finally:
             if not self.closed:
                 self._done_async()

@@ -22,6 +22,12 @@ Scenarios (load generators pinned to cpu 0, next to the mock):
     c1  the same with one stream
     b   (optional, not in the default set) non-streaming, mock-lat50, 256
         connections
+    m, m1, ms1 / mt, mt1, mts1   (optional; --scenarios api for all twelve)
+        Messages native (anthropic deployment) / translated (chat-only
+        deployment): 32 connections and 1 connection like a and a1, 1 stream
+        like c1; direct is the mock's own /v1/messages
+    r, r1, rs1 / rt, rt1, rts1   the same for Responses (native: an openai
+        deployment); direct is the mock's own /v1/responses
 
     python bench/run.py                         # direct, gateway, direct
     python bench/run.py --skip-gateway          # the mock only
@@ -71,6 +77,26 @@ SCENARIOS: dict[str, dict[str, Any]] = {
            "title": "streaming 20 chunks x 5 ms, 1 stream"},
 }
 DEFAULT_SCENARIOS = "a,a1,c,c1"
+
+# The Messages and Responses paths (SPEC §9): native (an anthropic deployment for Messages, an openai
+# one for Responses) and translated (the chat-only mock models: the gateway turns the request into chat
+# completions and the answer back). The direct reference is the mock's own /v1/messages or /v1/responses
+# with the same knobs. Per path: 32 connections (like a), 1 connection (like a1), 1 stream (like c1).
+API_PATHS = {"chat": "/chat/completions", "messages": "/messages", "responses": "/responses"}
+API_GROUPS = {  # prefix: (api, non-streaming model, streaming model, the mock endpoint it reaches, title)
+    "m": ("messages", "claude-mock-lat0", "claude-mock-lat0-chunks20-delay5", "messages", "Messages native"),
+    "mt": ("messages", "mock-lat0", "mock-lat0-chunks20-delay5", "chat.completions", "Messages translated"),
+    "r": ("responses", "mock-resp-lat0", "mock-resp-lat0-chunks20-delay5", "responses", "Responses native"),
+    "rt": ("responses", "mock-lat0", "mock-lat0-chunks20-delay5", "chat.completions", "Responses translated"),
+}
+for _prefix, (_api, _plain, _streamed, _upstream, _title) in API_GROUPS.items():
+    SCENARIOS[_prefix] = {"kind": "wrk", "api": _api, "model": _plain, "conns": 32, "upstream": _upstream,
+                          "title": f"{_title}, non-streaming, upstream 0 ms, 32 connections"}
+    SCENARIOS[_prefix + "1"] = {"kind": "wrk", "api": _api, "model": _plain, "conns": 1, "upstream": _upstream,
+                                "title": f"{_title}, non-streaming, upstream 0 ms, 1 connection"}
+    SCENARIOS[_prefix + "s1"] = {"kind": "stream", "api": _api, "model": _streamed, "conns": 1,
+                                 "upstream": _upstream, "title": f"{_title}, streaming 20 chunks x 5 ms, 1 stream"}
+API_SCENARIOS = ",".join(f"{p},{p}1,{p}s1" for p in API_GROUPS)   # --scenarios api
 
 
 def log(*parts: object) -> None:
@@ -181,7 +207,7 @@ def stop_process(proc: subprocess.Popen[bytes], name: str) -> None:
 
 def body_files(run_dir: Path) -> dict[str, Path]:
     files = {}
-    for model in {s["model"] for s in SCENARIOS.values()}:
+    for model in {s["model"] for s in SCENARIOS.values() if s.get("api", "chat") == "chat"}:
         body: dict[str, Any] = {"model": model, "messages": [{"role": "system", "content": SYSTEM_PROMPT},
                                                              {"role": "user", "content": USER_PROMPT}],
                                 "temperature": 0.2, "max_tokens": 256, "user": "bench-user"}
@@ -191,7 +217,43 @@ def body_files(run_dir: Path) -> dict[str, Path]:
         path = run_dir / f"body-{model}.json"
         path.write_text(json.dumps(body))
         files[model] = path
+    for key, body in api_bodies().items():
+        path = run_dir / f"body-{key.replace(':', '-')}.json"
+        path.write_text(json.dumps(body))
+        files[key] = path
     return files
+
+
+def api_bodies() -> dict[str, dict[str, Any]]:
+    """The Messages and Responses request bodies, keyed "api:model": the same prompt, output cap and
+    end user as the chat body (system / instructions, max_tokens / max_output_tokens, metadata / user)."""
+    out: dict[str, dict[str, Any]] = {}
+    for sc in SCENARIOS.values():
+        api, model = sc.get("api", "chat"), sc["model"]
+        if api == "messages":
+            body: dict[str, Any] = {"model": model, "system": SYSTEM_PROMPT,
+                                    "messages": [{"role": "user", "content": USER_PROMPT}],
+                                    "temperature": 0.2, "max_tokens": 256, "metadata": {"user_id": "bench-user"}}
+        elif api == "responses":
+            body = {"model": model, "instructions": SYSTEM_PROMPT,
+                    "input": [{"role": "user", "content": USER_PROMPT}],
+                    "temperature": 0.2, "max_output_tokens": 256, "user": "bench-user"}
+        else:
+            continue
+        if sc["kind"] == "stream":
+            body["stream"] = True
+        out[f"{api}:{model}"] = body
+    return out
+
+
+def scenario_request(sc: dict[str, Any], base: str, headers: list[str],
+                     bodies: dict[str, Path]) -> tuple[str, Path, list[str]]:
+    """URL, body file and headers of one scenario (Messages requests carry anthropic-version)."""
+    api = sc.get("api", "chat")
+    if api == "chat":
+        return base + API_PATHS[api], bodies[sc["model"]], headers
+    extra = ["anthropic-version: 2023-06-01"] if api == "messages" else []
+    return base + API_PATHS[api], bodies[f"{api}:{sc['model']}"], headers + extra
 
 
 def run_wrk(url: str, body: Path, conns: int, seconds: float, headers: list[str], cpu: str,
@@ -238,20 +300,19 @@ def measure(name: str, base: str, pid: int, headers: list[str], args: argparse.N
     for key in args.scenarios:
         sc = SCENARIOS[key]
         log(f"{name}: scenario {key} ({sc['title']}), {args.duration:g}s after {args.warmup:g}s warm-up")
-        url = base + "/chat/completions"
-        body = bodies[sc["model"]]
+        url, body, headers_sc = scenario_request(sc, base, headers, bodies)
         if sc["kind"] == "wrk":
             if args.warmup > 0:
-                run_wrk(url, body, sc["conns"], args.warmup, headers, args.load_cpu, raw_log)
+                run_wrk(url, body, sc["conns"], args.warmup, headers_sc, args.load_cpu, raw_log)
             c0 = cpu_seconds(pid)
-            r = run_wrk(url, body, sc["conns"], args.duration, headers, args.load_cpu, raw_log)
+            r = run_wrk(url, body, sc["conns"], args.duration, headers_sc, args.load_cpu, raw_log)
             cpu = cpu_seconds(pid) - c0
             n = r.get("requests", 0)
         else:
             # stream_client warms up itself; CPU is sampled around the whole run and
             # divided by all streams served (measured + warm-up)
             c0 = cpu_seconds(pid)
-            r = run_stream(url, body, sc["conns"], args.duration, args.warmup, headers, args.load_cpu, raw_log)
+            r = run_stream(url, body, sc["conns"], args.duration, args.warmup, headers_sc, args.load_cpu, raw_log)
             cpu = cpu_seconds(pid) - c0
             n = r.get("requests", 0) + r.get("warmup_requests", 0)
         r["server_cpu_s"] = round(cpu, 3)
@@ -307,6 +368,43 @@ def smoke(base: str, headers: list[str]) -> str | None:
                 assert doc["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError, AssertionError):
                 return f"unexpected response: {data[:500]!r}"
+    return None
+
+
+def smoke_api(base: str, headers: list[str], keys: list[str], mock_origin: str) -> str | None:
+    """None when every Messages / Responses scenario in keys answers through base and reaches the mock
+    on the endpoint it is meant to measure (native: /messages or /responses; translated: /chat/completions),
+    else the error."""
+    hdrs = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    for h in headers:
+        k, v = h.split(":", 1)
+        hdrs[k.strip()] = v.strip()
+    bodies = api_bodies()
+    for key in keys:
+        sc = SCENARIOS[key]
+        api = sc.get("api", "chat")
+        if api == "chat":
+            continue
+        body = bodies[f"{api}:{sc['model']}"]
+        want = sc["upstream"]
+        before = json.loads(http_get(mock_origin + "/_stats")[1])["endpoints"]
+        req = urllib.request.Request(base + API_PATHS[api], data=json.dumps(body).encode(), headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                data = resp.read()
+        except urllib.error.HTTPError as exc:
+            return f"{key} ({sc['model']}): HTTP {exc.code}: {exc.read()[:500]!r}"
+        except (OSError, urllib.error.URLError) as exc:
+            return f"{key} ({sc['model']}): {exc}"
+        after = json.loads(http_get(mock_origin + "/_stats")[1])["endpoints"]
+        if after.get(want, 0) != before.get(want, 0) + 1:
+            return f"{key} ({sc['model']}) did not reach the mock's {want} endpoint: {before} -> {after}"
+        marks = {("messages", True): (b"content_block_delta", b"message_stop"),
+                 ("messages", False): (b'"text"', b'"usage"'),
+                 ("responses", True): (b"response.output_text.delta", b"response.completed"),
+                 ("responses", False): (b'"output_text"', b'"usage"')}[api, bool(body.get("stream"))]
+        if not all(m in data for m in marks):
+            return f"{key} ({sc['model']}): unexpected answer {data[:500]!r}"
     return None
 
 
@@ -451,6 +549,51 @@ def report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines) + "\n", derived
 
 
+def api_report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The Messages / Responses table (one row per path measured) and its derived numbers."""
+    chosen = res["meta"]["scenarios"]
+    direct, gw = res["direct_mean"], res["targets"].get("gateway")
+    if not any(p in chosen or p + "1" in chosen or p + "s1" in chosen for p in API_GROUPS):
+        return "", {}
+    gw = gw if gw is not None and not gw.get("error") else {}
+
+    def val(r: dict[str, Any], key: str, *path: str) -> Any:
+        cur: Any = r.get(key)
+        for step in path:
+            if not isinstance(cur, dict) or cur.get("error"):
+                return None
+            cur = cur.get(step)
+        return cur
+
+    lines = ["", "Messages and Responses paths (direct = the mock's own /v1/messages or /v1/responses, mean of "
+             "the before and after runs; 32 = 32 connections, 1 = one connection, s1 = one stream of 20 chunks "
+             "x 5 ms):", "",
+             "| path | 32 req/s direct | 32 req/s gateway | ÷ direct | gateway CPU ms/req | 32 p50 added ms | "
+             "1 p50 direct ms | 1 p50 added ms | s1 TTFT p50 direct ms | s1 TTFT p50 added ms | "
+             "s1 total p50 added ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    derived: dict[str, Any] = {}
+    for p, (_, _, _, _, title) in API_GROUPS.items():
+        if not any(k in chosen for k in (p, p + "1", p + "s1")):
+            continue
+        one, st = p + "1", p + "s1"
+        d = {"rps": val(direct, p, "rps"), "p50": val(direct, p, "p50_ms"), "p50_1": val(direct, one, "p50_ms"),
+             "ttft": val(direct, st, "ttft_ms", "p50"), "total": val(direct, st, "total_ms", "p50")}
+        g = {"rps": val(gw, p, "rps"), "p50": val(gw, p, "p50_ms"), "p50_1": val(gw, one, "p50_ms"),
+             "ttft": val(gw, st, "ttft_ms", "p50"), "total": val(gw, st, "total_ms", "p50"),
+             "cpu": val(gw, p, "cpu_ms_per_req")}
+        row = {f"{p}_rps": g["rps"], f"{p}_rps_ratio": ratio(g["rps"], d["rps"]), f"{p}_cpu_ms_per_req": g["cpu"],
+               f"{p}_p50_added_ms": diff(g["p50"], d["p50"]), f"{one}_added_p50_ms": diff(g["p50_1"], d["p50_1"]),
+               f"{st}_ttft_p50_added_ms": diff(g["ttft"], d["ttft"]),
+               f"{st}_total_p50_added_ms": diff(g["total"], d["total"])}
+        derived.update(row)
+        lines.append(f"| {title} ({p}, {one}, {st}) | {fmt(d['rps'])} | {fmt(g['rps'])} | "
+                     f"{fmt(row[f'{p}_rps_ratio'], 3)} | {fmt(g['cpu'], 4)} | {fmt(row[f'{p}_p50_added_ms'], 3)} | "
+                     f"{fmt(d['p50_1'], 3)} | {fmt(row[f'{one}_added_p50_ms'], 3)} | {fmt(d['ttft'], 2)} | "
+                     f"{fmt(row[f'{st}_ttft_p50_added_ms'], 3)} | {fmt(row[f'{st}_total_p50_added_ms'], 3)} |")
+    return "\n".join(lines) + "\n", derived
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -484,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per scenario (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each scenario (default 2)")
-    p.add_argument("--scenarios", default=DEFAULT_SCENARIOS, help=f"comma list of {','.join(SCENARIOS)}")
+    p.add_argument("--scenarios", default=DEFAULT_SCENARIOS,
+                   help=f"comma list of {','.join(SCENARIOS)}; 'api' stands for {API_SCENARIOS}")
     p.add_argument("--out", default="/tmp/gateway-bench", help="results directory (default /tmp/gateway-bench)")
     p.add_argument("--mock-port", type=int, default=18080, help="mock port (the bench policy expects 18080)")
     p.add_argument("--mock-cpu", default="0")
@@ -510,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --budgets: also a users.default and a tag budget, and send x-gateway-user and "
                         "x-gateway-tags, so every request reserves against a user and a tag budget too")
     args = p.parse_args(argv)
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    args.scenarios = [x for s in args.scenarios.split(",") if s.strip()
+                      for x in (API_SCENARIOS.split(",") if s.strip() == "api" else [s.strip()])]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenarios {unknown}; choose from {list(SCENARIOS)}")
@@ -527,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.out) / (started.strftime("%Y%m%d-%H%M%S") + (f"-{args.label}" if args.label else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     gw_env = dict(os.environ)
+    gw_env.setdefault("BENCH_ANTHROPIC_KEY", "sk-bench-anthropic")   # the bench policy's anthropic deployments
     redis_proc: subprocess.Popen[bytes] | None = None
     if args.budgets and not args.skip_gateway:
         config = str(run_dir / "policies")
@@ -589,7 +735,9 @@ def main(argv: list[str] | None = None) -> int:
                                            stderr=subprocess.STDOUT, env=gw_env)
             err = wait_ready(args.gateway_url + args.ready_path, gateway, args.ready_timeout)
             if err is None:
-                err = smoke(args.gateway_url + args.gateway_prefix, args.header)
+                err = smoke(args.gateway_url + args.gateway_prefix, args.header) or \
+                    smoke_api(args.gateway_url + args.gateway_prefix, args.header, args.scenarios,
+                              f"http://127.0.0.1:{args.mock_port}")
                 if err:
                     err = f"smoke test failed: {err}"
             if err:
@@ -619,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
 
     res["direct_mean"] = mean_direct(res["targets"]["direct_before"], res["targets"].get("direct_after"))
     table, derived = report(res)
+    if not any(SCENARIOS[k].get("api", "chat") == "chat" for k in args.scenarios):
+        table, derived = "\n".join(table.splitlines()[:3]) + "\n", {}   # no chat scenario: its heading only
+    api_table, api_derived = api_report(res)
+    table, derived = table + api_table, {**derived, **api_derived}
     res["derived"] = derived
     res["table_md"] = table
     (run_dir / "results.json").write_text(json.dumps(res, indent=2))

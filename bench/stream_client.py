@@ -7,8 +7,15 @@ measures, per request, from the moment the request bytes are written:
 
     ttfb   first byte of the response (status line)
     ttft   first event that carries generated output (delta.content,
-           delta.tool_calls, or text for legacy completions)
-    total  the end of the response (terminating chunk, after data: [DONE])
+           delta.tool_calls, or text for legacy completions; an Anthropic
+           content_block_delta; a Responses *.delta event)
+    total  the end of the response (terminating chunk, after data: [DONE],
+           or after message_stop / response.completed, which end the
+           Messages and Responses streams)
+
+Chat completions, legacy completions, Anthropic Messages and OpenAI Responses
+streams are understood; stream_options.include_usage is added only to a URL
+ending in /completions (the other two APIs report usage on their own).
 
 The client is a raw asyncio Protocol + httptools response parser (uvloop when
 available): no HTTP library between the socket and the clock. Timestamps are
@@ -140,9 +147,13 @@ class Conn(asyncio.Protocol):
             return
         if obj.get("usage"):
             self.usage_seen = True
-        if obj.get("error"):
+        kind = obj.get("type")
+        if obj.get("error") or kind in ("error", "response.failed"):
             if self.fut is not None and not self.fut.done():
                 self.fut.set_exception(StreamError(f"error event: {payload[:200]!r}"))
+            return
+        if isinstance(kind, str):   # Anthropic Messages or OpenAI Responses events
+            self._typed_event(kind, obj)
             return
         choices = obj.get("choices")
         if not choices or not isinstance(choices, list):
@@ -151,6 +162,29 @@ class Conn(asyncio.Protocol):
         delta = c0.get("delta")
         has_output = bool(c0.get("text")) or (isinstance(delta, dict) and bool(
             delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content")))
+        if has_output:
+            self.outputs += 1
+            if self.t_first_token is None:
+                self.t_first_token = self.t_recv
+
+    def _typed_event(self, kind: str, obj: dict[str, Any]) -> None:
+        if kind in ("message_stop", "response.completed", "response.incomplete"):
+            self.done_seen = True
+            response = obj.get("response")
+            if isinstance(response, dict) and response.get("usage"):
+                self.usage_seen = True
+            return
+        if kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict) and message.get("usage"):
+                self.usage_seen = True
+            return
+        delta = obj.get("delta")
+        if kind == "content_block_delta":
+            has_output = isinstance(delta, dict) and bool(
+                delta.get("text") or delta.get("partial_json") or delta.get("thinking"))
+        else:
+            has_output = kind.startswith("response.") and kind.endswith(".delta") and bool(delta)
         if has_output:
             self.outputs += 1
             if self.t_first_token is None:
@@ -177,7 +211,7 @@ class Conn(asyncio.Protocol):
             body = b"".join(self.body_err)[:300]
             raise StreamError(f"HTTP {self.status}: {body.decode('utf-8', 'replace')}")
         if not self.done_seen:
-            raise StreamError("stream ended without data: [DONE]")
+            raise StreamError("stream ended without data: [DONE] (or message_stop / response.completed)")
         if self.t_first_token is None:
             raise StreamError("stream carried no output")
         assert self.t_first_byte is not None and self.t_end is not None
@@ -287,7 +321,7 @@ def build_request(args: argparse.Namespace) -> tuple[bytes, str, int]:
     body_obj["stream"] = True
     if args.model and args.body:
         body_obj["model"] = args.model
-    if args.include_usage:
+    if args.include_usage and u.path.endswith("/completions"):
         body_obj["stream_options"] = {"include_usage": True}
     body = orjson.dumps(body_obj)
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -307,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model name (overrides the body's)")
     p.add_argument("--body", help="JSON body file (stream: true is forced)")
     p.add_argument("--no-usage", dest="include_usage", action="store_false",
-                   help="do not ask for stream_options.include_usage (asked by default)")
+                   help="do not ask for stream_options.include_usage (asked by default of a URL ending in "
+                        "/completions)")
     p.add_argument("-H", "--header", action="append", default=[], help="extra header 'Name: value' (repeatable)")
     p.add_argument("-c", "--concurrency", type=int, default=32)
     p.add_argument("-n", "--requests", type=int, default=100000, help="max measured requests")
