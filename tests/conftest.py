@@ -2,52 +2,24 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import harness  # bench/harness.py: processes, ports, readiness, the mock upstream
 import httpx
 import pytest
+from harness import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = harness.ROOT
 pytest_plugins = ["redis_fixtures"]  # private redis-server fixtures
+__all__ = ["ROOT", "free_port", "stop", "Server", "start_gateway", "mock_policy", "GatewayFactory"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{out}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM a process a test started (SIGKILL after ``grace`` seconds), by PID."""
+    harness.stop_process(proc, grace=grace)
 
 
 class Server:
@@ -65,12 +37,8 @@ class Server:
 def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The mock OpenAI-compatible upstream (bench/mock_upstream.py) on a free loopback port."""
     port = free_port()
-    log = tmp_path_factory.mktemp("mock") / "mock.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "mock_upstream.py"), "--port", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT)
+    proc = harness.start_mock_upstream(port, tmp_path_factory.mktemp("mock") / "mock.log")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
@@ -85,19 +53,8 @@ def mock_reset(mock_upstream: str) -> str:
 def start_gateway(policy_dir: Path, log: Path, env: dict[str, str] | None = None,
                   args: tuple[str, ...] = ()) -> Server:
     port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    full_env.update(env or {})
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(policy_dir), "--port", str(port), *args],
-            stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
-    server = Server(proc, port, log)
-    try:
-        wait_http(f"{server.url}/health/ready", proc, timeout=60)
-    except RuntimeError as exc:
-        stop(proc)
-        raise RuntimeError(f"{exc}\n{server.output()}") from None
-    return server
+    proc = harness.start_gateway(policy_dir, port, log, harness.gateway_env(env), args)
+    return Server(proc, port, log)
 
 
 GatewayFactory = Callable[..., Server]

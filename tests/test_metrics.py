@@ -383,11 +383,15 @@ async def test_serve_makes_and_removes_its_own_metrics_dir(tmp_path: Path, redis
     try:
         made = glob.glob(str(scratch / "gateway-metrics-*"))
         assert len(made) == 1
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
             assert await chat(c, key, "cheap") == 200
+        # a request's metrics are written just after its reply is sent: wait for the worker's file
+        deadline = time.monotonic() + 120   # guards against a hang only
+        while not glob.glob(made[0] + "/*.db") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         assert glob.glob(made[0] + "/*.db")
     finally:
-        stop(server.proc)
+        stop(server.proc, grace=120)   # a clean exit (which removes the directory) may be slow on a busy machine
     assert not glob.glob(str(scratch / "gateway-metrics-*"))
     assert server.proc.returncode == 0, server.output()
 
