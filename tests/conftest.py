@@ -1,11 +1,20 @@
-"""Shared fixtures: real processes on loopback (mock upstream, gateway), started and stopped by PID."""
+"""Shared fixtures: real processes on loopback (mock upstream, gateway), started and stopped by PID, and the
+``e2e`` marker's rule: a test that starts a process (a gateway, the mock upstream, redis-server, Prometheus,
+promtool, a ``gateway`` command) is marked ``e2e``, either in its module or by using a fixture that starts one
+(:data:`PROCESS_FIXTURES`, marked here at collection). A test without the marker that starts a process fails
+and says so, so ``pytest -m "not e2e"`` stays in-process and fast.
+"""
 
 from __future__ import annotations
 
+import multiprocessing.util
+import os
 import subprocess
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import harness  # bench/harness.py: processes, ports, readiness, the mock upstream
 import httpx
@@ -15,6 +24,49 @@ from harness import free_port
 ROOT = harness.ROOT
 pytest_plugins = ["redis_fixtures"]  # private redis-server fixtures
 __all__ = ["ROOT", "free_port", "stop", "Server", "start_gateway", "mock_policy", "GatewayFactory"]
+
+# fixtures that start a process (directly or through the ones they use): a test using one is end to end
+PROCESS_FIXTURES = frozenset({"mock_upstream", "mock_reset", "gateway", "redis_port", "redis_cluster_ports"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e") is None and PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@contextmanager
+def _no_processes(item: pytest.Item) -> Generator[None]:
+    """Within a test not marked e2e (its fixtures included), starting a process fails the test."""
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        pytest.fail(f"{item.nodeid} starts a process but is not marked e2e: mark it with @pytest.mark.e2e "
+                    f"(or pytestmark in its module), or add its fixture to PROCESS_FIXTURES in tests/conftest.py",
+                    pytrace=True)
+
+    saved = (subprocess.Popen._execute_child, os.fork, multiprocessing.util.spawnv_passfds)  # type: ignore[attr-defined]
+    subprocess.Popen._execute_child = refuse  # type: ignore[attr-defined,method-assign]
+    os.fork = refuse
+    multiprocessing.util.spawnv_passfds = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child, os.fork, multiprocessing.util.spawnv_passfds = saved  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    with _no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    with _no_processes(item):
+        return (yield)
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

@@ -184,7 +184,8 @@ class Harness:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis", "redis-fast"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e),
+                        pytest.param("redis-fast", marks=pytest.mark.e2e)])
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     """Budget stores in memory, on Redis through redis-py, and on Redis through the pipelining client."""
     port = request.getfixturevalue("redis_port") if request.param != "memory" else None

@@ -28,6 +28,8 @@ from gateway.state.budgets_redis import RedisBudgetStore
 from gateway.state.keys import RedisKeyStore
 from gateway.state.ledger import LedgerRecord, RedisLedger
 
+pytestmark = pytest.mark.e2e   # starts gateway processes, the mock upstream and private redis-servers
+
 USD = 1_000_000_000
 CENTS_5 = USD // 20
 MSG = [{"role": "user", "content": "hello there"}]

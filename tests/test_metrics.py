@@ -370,6 +370,7 @@ async def test_every_worker_reports_the_sum_over_all_workers(workers_gateway: tu
     assert len(costs) == 1
 
 
+@pytest.mark.e2e
 async def test_serve_makes_and_removes_its_own_metrics_dir(tmp_path: Path, redis_port: int) -> None:
     suffix = uuid.uuid4().hex[:8]
     policy_dir = tmp_path / "policies"
@@ -396,6 +397,7 @@ async def test_serve_makes_and_removes_its_own_metrics_dir(tmp_path: Path, redis
     assert server.proc.returncode == 0, server.output()
 
 
+@pytest.mark.e2e
 def test_single_worker_ignores_a_multiprocess_dir(tmp_path: Path) -> None:
     """One process keeps metrics in memory even when PROMETHEUS_MULTIPROC_DIR points nowhere."""
     policy_dir = tmp_path / "policies"

@@ -38,6 +38,7 @@ async def test_errors_map_to_redis_py_exceptions(redis_port: int) -> None:
         await r.aclose()
 
 
+@pytest.mark.e2e
 async def test_reconnects_after_a_restart_and_fails_fast_while_down(tmp_path: Path) -> None:
     port = free_port()
     server = RedisProc(port, tmp_path / "r")
