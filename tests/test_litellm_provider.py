@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +17,6 @@ from gateway.errors import UpstreamError, UpstreamRateLimited, UpstreamRejected,
 from gateway.policy import Deployment, load_policies
 from gateway.providers.base import Call
 from gateway.providers.litellm_provider import LiteLLMProvider
-
-# litellm keeps its HTTP clients in a process-wide cache across the tests' event loops and never closes their
-# connections to the mock: only those sockets' ResourceWarnings are ignored here
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <(socket\.socket|function _SelectorTransport\.__del__):"
-    "pytest.PytestUnraisableExceptionWarning")
 
 KEY_ENV, KEY = "GATEWAY_TEST_ANTHROPIC_KEY", "sk-ant-test-123"
 UPSTREAM = "claude-3-5-haiku-20241022"
@@ -62,12 +54,6 @@ async def provider() -> Any:
     p = LiteLLMProvider()
     yield p
     await p.aclose()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _collect_litellm_leftovers() -> Iterator[None]:
-    yield
-    gc.collect()   # litellm's leftover connections (see pytestmark) are finalised in this module, not a later one
 
 
 def chat(deployment: Deployment, timeout: float = 10.0, **body: Any) -> Call:
