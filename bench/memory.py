@@ -48,7 +48,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,19 +57,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (  # noqa: E402  (bench/run.py: the same process and load helpers)
+from harness import (  # noqa: E402  (bench/harness.py: processes, ports and readiness, shared with tests/)
     BENCH,
     ROOT,
-    bench_key,
-    body_files,
     descendants,
+    free_port,
     http_get,
-    log,
-    run_wrk,
-    smoke,
+    start,
+    start_mock_upstream,
+    start_redis,
     stop_process,
     wait_ready,
 )
+from run import bench_key, body_files, log, run_wrk, smoke  # noqa: E402  (bench/run.py: the same load helpers)
 
 CONFIGS = ("embedded", "embedded-budgets", "redis")
 TEAMS_BENCH = ("teams:\n  bench:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
@@ -80,12 +79,6 @@ TARGET_MB = 250.0
 TARGET_GROWTH_PCT = 5.0
 PLAIN_MODEL = "mock-lat0"
 STREAM_MODEL = "mock-lat0-chunks20-delay5"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def memory_of(pid: int) -> dict[str, float]:
@@ -224,10 +217,7 @@ def measure_config(config: str, mock_port: int, args: argparse.Namespace, run_di
         headers = ["Authorization: Bearer sk-bench"]
         if config == "redis":
             redis_port = free_port()
-            redis_proc = subprocess.Popen(
-                ["taskset", "-c", args.load_cpu, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            redis_proc = start_redis(redis_port, tmp, cpu=args.load_cpu)
             env["GATEWAY_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             log(f"{config}: redis-server pid {redis_proc.pid} on 127.0.0.1:{redis_port}")
             headers = [f"Authorization: Bearer {bench_key(redis_port)}"]
@@ -237,8 +227,7 @@ def measure_config(config: str, mock_port: int, args: argparse.Namespace, run_di
         result["gateway_cmd"] = shlex.join(cmd)
         base = f"http://127.0.0.1:{port}"
         gw_log = run_dir / f"gateway-{config}.log"
-        with gw_log.open("wb") as fh:
-            gateway = subprocess.Popen(cmd, cwd=str(ROOT), stdout=fh, stderr=subprocess.STDOUT, env=env)
+        gateway = start(cmd, gw_log, env=env, cwd=ROOT)
         log(f"{config}: gateway pid {gateway.pid} on {base}")
         err = wait_ready(base + "/health/ready", gateway, 90) or smoke(base + "/v1", headers)
         if err:
@@ -350,13 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(), "python": sys.version.split()[0], "configs": configs}, "configs": []}
 
     mock_port = free_port()
-    mock_log = (run_dir / "mock.log").open("wb")
-    mock = subprocess.Popen(["taskset", "-c", args.load_cpu, sys.executable, str(BENCH / "mock_upstream.py"),
-                             "--port", str(mock_port)], stdout=mock_log, stderr=subprocess.STDOUT)
     try:
-        err = wait_ready(f"http://127.0.0.1:{mock_port}/health", mock, 20)
-        if err:
-            sys.exit(f"memory.py: mock did not start: {err}")
+        mock = start_mock_upstream(mock_port, run_dir / "mock.log", cpu=args.load_cpu, timeout=20)
+    except RuntimeError as exc:
+        sys.exit(f"memory.py: {exc}")
+    try:
         log(f"mock pid {mock.pid} on 127.0.0.1:{mock_port}")
         for config in configs:
             try:
@@ -366,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{config}: {exc!r}")
     finally:
         stop_process(mock, "mock")
-        mock_log.close()
         if mock.returncode not in (0, -signal.SIGTERM, None):
             res["meta"]["mock_exit_status"] = mock.returncode
 

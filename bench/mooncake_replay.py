@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import stop_process, wait_ready  # bench/run.py: process helpers
+from harness import free_port, gateway_env, start_gateway, start_mock_upstream, stop_process  # bench/harness.py
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_NAME = "mooncake-synthetic-trace.jsonl"
@@ -95,18 +94,6 @@ def policy(mock_base: str) -> str:
         """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    why = wait_ready(url, proc, 60.0)
-    if why is not None:
-        raise SystemExit(why)
-
-
 def replay(base_url: str, rows: list[dict[str, Any]], timeout_s: float) -> dict[str, Any]:
     """Send every row in order; check each request's cached tokens and cost; return the totals."""
     import httpx
@@ -161,21 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mock_port, gw_port = _free_port(), _free_port()
-            mock = subprocess.Popen([sys.executable, str(ROOT / "bench" / "mock_upstream.py"), "--port",
-                                     str(mock_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(mock)
-            _ready(f"http://127.0.0.1:{mock_port}/health", mock)
+            mock_port, gw_port = free_port(), free_port()
+            procs.append(start_mock_upstream(mock_port, timeout=60.0))
             Path(tmp, "models.yaml").write_text(policy(f"http://127.0.0.1:{mock_port}"))
-            env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-            with open(Path(tmp, "gateway.log"), "wb") as log:
-                gw = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", tmp, "--port",
-                                       str(gw_port)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-            procs.append(gw)
-            _ready(f"http://127.0.0.1:{gw_port}/health/ready", gw)
+            procs.append(start_gateway(tmp, gw_port, Path(tmp, "gateway.log"), gateway_env(), timeout=60.0))
             started = time.monotonic()
             totals = replay(f"http://127.0.0.1:{gw_port}", rows, args.timeout_s)
             totals["seconds"] = round(time.monotonic() - started, 1)
+        except RuntimeError as exc:   # the mock or the gateway did not start
+            raise SystemExit(str(exc)) from None
         finally:
             for proc in reversed(procs):
                 stop_process(proc, str(proc.args))

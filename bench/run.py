@@ -46,18 +46,28 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
+from harness import (  # bench/harness.py: processes, ports and readiness, shared with tests/
+    BENCH,
+    ROOT,
+    descendants,
+    free_port,
+    http_get,
+    port_in_use,
+    start,
+    start_mock_upstream,
+    start_redis,
+    stop_process,
+    wait_ready,
+)
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SYSTEM_PROMPT = ("You are a careful assistant for a platform team. Keep replies brief and mention the settings "
@@ -113,59 +123,6 @@ def loopback_only(url: str) -> None:
         sys.exit(f"run.py: refusing non-loopback URL {url}")
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
-    """None when url answered 200 within timeout, else why not."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"process exited with status {proc.returncode} before {url} answered"
-        try:
-            status, body = http_get(url, 1.0)
-            if status == 200:
-                return None
-            last = f"HTTP {status}: {body[:200]!r}"
-        except (OSError, urllib.error.URLError) as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    return f"{url} not ready after {timeout:.0f}s (last: {last})"
-
-
-def descendants(pid: int) -> list[int]:
-    """Live descendants of pid (children, grandchildren, ...)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def cpu_seconds(pid: int) -> float:
     """utime+stime of pid and its live descendants, plus children it has reaped (cutime+cstime)."""
     total = 0
@@ -180,25 +137,6 @@ def cpu_seconds(pid: int) -> float:
         if i == 0:
             total += int(f[13]) + int(f[14])  # cutime, cstime
     return total / CLK_TCK
-
-
-def stop_process(proc: subprocess.Popen[bytes], name: str) -> None:
-    """SIGTERM the process we started (then its leftover descendants), by PID; SIGKILL after 10 s."""
-    if proc.poll() is not None:
-        return
-    kids = descendants(proc.pid)
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        log(f"{name} (pid {proc.pid}) ignored SIGTERM for 10 s, sending SIGKILL")
-        proc.kill()
-        proc.wait(5)
-    for pid in kids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 # ---------------------------------------------------------------------------
@@ -685,12 +623,8 @@ def main(argv: list[str] | None = None) -> int:
                "tags:\n  bench: {budgets: [{period: monthly, usd: 1000000}]}\n" if args.user_tag_budgets else ""))
         if args.user_tag_budgets:
             args.header += ["x-gateway-user: bench-user", "x-gateway-tags: bench"]
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            redis_port = s.getsockname()[1]
-        redis_proc = subprocess.Popen(["taskset", "-c", args.mock_cpu, "redis-server", "--port", str(redis_port),
-                                       "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                       "--dir", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        redis_port = free_port()
+        redis_proc = start_redis(redis_port, run_dir, cpu=args.mock_cpu)
         gw_env["GATEWAY_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
         log(f"redis-server pid {redis_proc.pid} on 127.0.0.1:{redis_port}")
         secret = bench_key(redis_port)   # a virtual key with its own budget and limits, inside team "bench"
@@ -715,14 +649,13 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_headers": [h.split(":", 1)[0] for h in args.header],
         "scenario_defs": {k: SCENARIOS[k] for k in args.scenarios}}, "targets": {}}
 
-    mock_log = (run_dir / "mock.log").open("wb")
-    mock = subprocess.Popen(["taskset", "-c", args.mock_cpu, sys.executable, str(BENCH / "mock_upstream.py"),
-                             "--port", str(args.mock_port)], stdout=mock_log, stderr=subprocess.STDOUT)
+    mock: subprocess.Popen[bytes] | None = None
     gateway: subprocess.Popen[bytes] | None = None
     try:
-        err = wait_ready(f"http://127.0.0.1:{args.mock_port}/health", mock, 20)
-        if err:
-            sys.exit(f"run.py: mock did not start: {err}")
+        try:
+            mock = start_mock_upstream(args.mock_port, run_dir / "mock.log", cpu=args.mock_cpu, timeout=20)
+        except RuntimeError as exc:
+            sys.exit(f"run.py: {exc}")
         direct_base = f"http://127.0.0.1:{args.mock_port}/v1"
         log(f"mock pid {mock.pid} on cpu {args.mock_cpu}, {direct_base}")
         res["targets"]["direct_before"] = measure("direct-before", direct_base, mock.pid, [], args, bodies, run_dir)
@@ -730,9 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_gateway:
             gw_log_path = run_dir / "gateway.log"
             log(f"starting gateway: {gateway_cmd}")
-            with gw_log_path.open("wb") as gw_log:
-                gateway = subprocess.Popen(shlex.split(gateway_cmd), cwd=str(ROOT), stdout=gw_log,
-                                           stderr=subprocess.STDOUT, env=gw_env)
+            gateway = start(shlex.split(gateway_cmd), gw_log_path, env=gw_env, cwd=ROOT)
             err = wait_ready(args.gateway_url + args.ready_path, gateway, args.ready_timeout)
             if err is None:
                 err = smoke(args.gateway_url + args.gateway_prefix, args.header) or \
@@ -760,10 +691,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if gateway is not None:
             stop_process(gateway, "gateway")
-        stop_process(mock, "mock")
+        if mock is not None:
+            stop_process(mock, "mock")
         if redis_proc is not None:
             stop_process(redis_proc, "redis-server")
-        mock_log.close()
 
     res["direct_mean"] = mean_direct(res["targets"]["direct_before"], res["targets"].get("direct_after"))
     table, derived = report(res)

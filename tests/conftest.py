@@ -1,22 +1,32 @@
-"""Shared fixtures: real processes on loopback (mock upstream, gateway), started and stopped by PID."""
+"""Shared fixtures: real processes on loopback (mock upstream, gateway), started and stopped by PID, and the
+``e2e`` marker's rule: a test that starts a process (a gateway, the mock upstream, redis-server, Prometheus,
+promtool, a ``gateway`` command) is marked ``e2e``, either in its module or by using a fixture that starts one
+(:data:`PROCESS_FIXTURES`, marked here at collection). A test without the marker that starts a process fails
+and says so, so ``pytest -m "not e2e"`` stays in-process and fast.
+"""
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
-import signal
-import socket
 import subprocess
-import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import harness  # bench/harness.py: processes, ports, readiness, the mock upstream
 import httpx
 import pytest
+from harness import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = harness.ROOT
 pytest_plugins = ["redis_fixtures"]  # private redis-server fixtures
+__all__ = ["ROOT", "free_port", "stop", "Server", "start_gateway", "mock_policy", "GatewayFactory"]
+
+# fixtures that start a process (directly or through the ones they use): a test using one is end to end
+PROCESS_FIXTURES = frozenset({"mock_upstream", "mock_reset", "gateway", "redis_port", "redis_cluster_ports"})
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,35 +45,49 @@ def no_state_in_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
             os.environ[name] = value
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e") is None and PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n{out}")
-        try:
-            if httpx.get(url, timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
+@contextmanager
+def _no_processes(item: pytest.Item) -> Generator[None]:
+    """Within a test not marked e2e (its fixtures included), starting a process fails the test."""
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        pytest.fail(f"{item.nodeid} starts a process but is not marked e2e: mark it with @pytest.mark.e2e "
+                    f"(or pytestmark in its module), or add its fixture to PROCESS_FIXTURES in tests/conftest.py",
+                    pytrace=True)
+
+    saved = (subprocess.Popen._execute_child, os.fork, multiprocessing.util.spawnv_passfds)  # type: ignore[attr-defined]
+    subprocess.Popen._execute_child = refuse  # type: ignore[attr-defined,method-assign]
+    os.fork = refuse
+    multiprocessing.util.spawnv_passfds = refuse
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child, os.fork, multiprocessing.util.spawnv_passfds = saved  # type: ignore[attr-defined]
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, object, object]:
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    with _no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    if item.get_closest_marker("e2e") is not None:
+        return (yield)
+    with _no_processes(item):
+        return (yield)
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM a process a test started (SIGKILL after ``grace`` seconds), by PID."""
+    harness.stop_process(proc, grace=grace)
 
 
 class Server:
@@ -81,12 +105,8 @@ class Server:
 def mock_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The mock OpenAI-compatible upstream (bench/mock_upstream.py) on a free loopback port."""
     port = free_port()
-    log = tmp_path_factory.mktemp("mock") / "mock.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "mock_upstream.py"), "--port", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT)
+    proc = harness.start_mock_upstream(port, tmp_path_factory.mktemp("mock") / "mock.log")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
@@ -101,20 +121,10 @@ def mock_reset(mock_upstream: str) -> str:
 def start_gateway(policy_dir: Path, log: Path, env: dict[str, str] | None = None,
                   args: tuple[str, ...] = ()) -> Server:
     port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    full_env["GATEWAY_DATA_DIR"] = ":memory:"   # unless the test gives a data directory
-    full_env.update(env or {})
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(policy_dir), "--port", str(port), *args],
-            stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
-    server = Server(proc, port, log)
-    try:
-        wait_http(f"{server.url}/health/ready", proc, timeout=60)
-    except RuntimeError as exc:
-        stop(proc)
-        raise RuntimeError(f"{exc}\n{server.output()}") from None
-    return server
+    full_env = harness.gateway_env(env)
+    full_env.setdefault("GATEWAY_DATA_DIR", ":memory:")   # unless the test gives a data directory
+    proc = harness.start_gateway(policy_dir, port, log, full_env, args)
+    return Server(proc, port, log)
 
 
 GatewayFactory = Callable[..., Server]

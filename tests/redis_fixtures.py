@@ -11,9 +11,7 @@ live in an importable module for the ``spawn`` start method).
 from __future__ import annotations
 
 import asyncio
-import random
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,8 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import harness  # bench/harness.py
 import pytest
 import redis
+from harness import free_port
 from redis.asyncio import Redis
 
 from gateway.state.budgets import BudgetStore
@@ -32,67 +32,23 @@ from gateway.state.budgets_sqlite import SqliteBudgetStore
 from gateway.state.resp import FastRedis
 from gateway.state.sqlite_db import connect
 
-RESERVED_PORTS = {6379, 16379}
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(with_bus: bool = False) -> int:
-    """A free loopback port (and port + 10000 for the cluster bus when ``with_bus``); never 6379."""
-    for _ in range(500):
-        port = random.randrange(20_000, 45_000)
-        if port in RESERVED_PORTS or not _port_free(port):
-            continue
-        if with_bus and not _port_free(port + 10_000):
-            continue
-        return port
-    raise RuntimeError("no free loopback port found")
-
 
 class RedisProc:
+    """A private redis-server (bench/harness.py starts it and waits for PING), stopped by PID."""
+
     def __init__(self, port: int, workdir: Path, *extra: str) -> None:
         self.port = port
         workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "redis.log"
-        args = ["redis-server", "--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1",
-                "--dir", str(workdir), "--logfile", str(self.log), *extra]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    log = self.log.read_text() if self.log.exists() else ""
-                    raise RuntimeError(f"redis-server on {self.port} exited with {self.proc.returncode}:\n{log}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                time.sleep(0.05)
-        finally:
-            client.close()
-        self.stop()
-        raise RuntimeError(f"redis-server on {self.port} did not answer within {timeout}s")
+        self.proc = harness.start(harness.redis_command(port, workdir, "--logfile", str(self.log), *extra))
+        why = harness.wait_redis(port, self.proc, timeout=20.0)
+        if why is not None:
+            self.stop()
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"{why}:\n{log}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM to this child's PID only
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        harness.stop_process(self.proc, f"redis-server on {self.port}")
 
 
 @pytest.fixture(scope="session")
@@ -239,7 +195,8 @@ class Harness:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis", "redis-fast"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.e2e),
+                        pytest.param("redis-fast", marks=pytest.mark.e2e)])
 async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
     """Budget stores in memory, in SQLite (one database per test), on Redis through redis-py, and on Redis
     through the pipelining client."""

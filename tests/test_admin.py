@@ -19,6 +19,8 @@ from redis_fixtures import RedisProc, free_port
 
 from conftest import GatewayFactory, Server
 
+pytestmark = pytest.mark.e2e   # starts gateway processes on the mock upstream and a private redis-server
+
 __all__ = ["admin_redis"]   # the fixture, imported for pytest
 KEY_TTL_S = 1.0
 

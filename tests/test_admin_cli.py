@@ -22,6 +22,8 @@ from redis_fixtures import free_port
 
 from conftest import ROOT, GatewayFactory, Server
 
+pytestmark = pytest.mark.e2e   # starts gateway processes and the gateway command
+
 __all__ = ["admin_redis"]   # the fixture, imported for pytest
 SECRET = re.compile(r"sk-gw-[A-Za-z0-9_-]{20,}")
 KEY_ID = re.compile(r"key_[0-9a-f]{12}")

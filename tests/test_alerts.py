@@ -12,6 +12,8 @@ import yaml
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.e2e   # starts promtool
+
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 ALERTS = {"GatewayBudgetSoftThreshold", "GatewayBudgetExhausted", "GatewayBudgetProjectedToExceed",

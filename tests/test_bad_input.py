@@ -7,6 +7,8 @@ import pytest
 
 from conftest import GatewayFactory, Server, mock_policy
 
+pytestmark = pytest.mark.e2e   # starts a gateway process on the mock upstream
+
 AUTH = {"Authorization": "Bearer sk-test"}
 
 

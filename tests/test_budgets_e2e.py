@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +27,8 @@ from gateway.state.budgets import BudgetRule
 from gateway.state.budgets_redis import RedisBudgetStore
 from gateway.state.keys import RedisKeyStore
 from gateway.state.ledger import LedgerRecord, RedisLedger
+
+pytestmark = pytest.mark.e2e   # starts gateway processes, the mock upstream and private redis-servers
 
 USD = 1_000_000_000
 CENTS_5 = USD // 20
@@ -278,6 +281,31 @@ async def test_revocation_is_seen_by_every_worker(gateway: GatewayFactory, mock_
     await client.close()
 
 
+async def warm_every_worker(server: Server, secret: str, workers: int, tries: int = 200) -> int:
+    """Send free requests, each on a new connection, until every worker has answered one (so each has the key
+    in its cache: while Redis is down a worker can vouch only for keys it has seen). A worker is told apart by
+    its request ids' per-process prefix (``req_`` + 12 hex digits). Returns how many requests were sent."""
+    seen: set[str] = set()
+    sent = 0
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
+        while len(seen) < workers and sent < tries:
+            reply = await c.post("/v1/chat/completions", json={"model": "cheap", "messages": MSG},
+                                 headers={"authorization": f"Bearer {secret}", "connection": "close"})
+            assert reply.status_code == 200, reply.text
+            seen.add(reply.headers["x-request-id"][:16])
+            sent += 1
+    assert len(seen) == workers, f"only {len(seen)} of {workers} workers answered {sent} new connections"
+    return sent
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
+    """Wait for progress, not for time: poll ``condition`` (``timeout`` only guards against a hang)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 async def test_redis_restart_mid_load_loses_no_record(gateway: GatewayFactory, mock_reset: str,
                                                       tmp_path: Path) -> None:
     port = free_port()
@@ -289,7 +317,13 @@ async def test_redis_restart_mid_load_loses_no_record(gateway: GatewayFactory, m
                          env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{port}/0", "GATEWAY_REDIS_FAIL_MODE": "allow",
                               "GATEWAY_KEY_CACHE_TTL_S": "1"}, args=("--workers", "2"))
         _, secret = await new_key(port, team)
-        since = time.time() - 1
+        rc = Redis(host="127.0.0.1", port=port)
+        try:   # the free warm-up requests are in the ledger before ``since``: the load's records come after it
+            warm_since = time.time() - 1
+            await ledger_records(rc, warm_since, team, await warm_every_worker(server, secret, workers=2))
+        finally:
+            await rc.aclose()
+        since = time.time()
         client = client_for(server, secret)
         results: list[tuple[str, Any]] = []
         finished: list[float] = []
@@ -301,17 +335,23 @@ async def test_redis_restart_mid_load_loses_no_record(gateway: GatewayFactory, m
                 finished.append(time.monotonic())
                 await asyncio.sleep(0.01)
 
+        def answered_in_outage() -> int:
+            return sum(t > outage[0] + 0.2 for t in finished)
+
         async def restart() -> None:
-            await asyncio.sleep(0.5)
+            # Driven by the load's progress, not by the clock, so a slow machine only makes it slower.
+            await until(lambda: len(finished) >= 8, "the load to start")
             redis_proc.stop()
             outage.append(time.monotonic())
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5)   # longer than the key cache's TTL: the workers serve expired entries
+            await until(lambda: answered_in_outage() >= 5 or len(finished) == 240, "answers while Redis is down")
             outage.append(time.monotonic())
             redis_proc.__init__(port, rdir, "--appendonly", "yes", "--appendfsync", "always")  # type: ignore[misc]
 
         await asyncio.gather(*(load(60) for _ in range(4)), restart())
         ok = [r for r in results if r[0] == "ok"]
-        assert len(ok) == len(results) == 240               # fail mode "allow": admitted throughout
+        failed = [r[1][:2] for r in results if r[0] != "ok"]
+        assert len(ok) == len(results) == 240, failed[:5]   # fail mode "allow": admitted throughout
         # the load really ran through the outage: requests were answered while Redis was down
         assert sum(outage[0] + 0.2 < t < outage[1] for t in finished) >= 5, (outage, finished[:3], finished[-3:])
         assert "unmetered, settling later" in server.output()

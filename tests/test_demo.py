@@ -47,6 +47,7 @@ def test_demo_policy_set_has_what_the_demo_promises() -> None:
         assert all(step.model in models and teams[team].allows(step.model) for step in mix)
 
 
+@pytest.mark.e2e
 def test_demo_refuses_workers_without_redis_and_a_bad_duration() -> None:
     no_redis = run_demo("--workers", "2", "--duration", "1", "--port", str(free_port()))
     assert no_redis.returncode == 2 and "needs shared state" in no_redis.stderr
@@ -63,6 +64,7 @@ def summary_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.e2e
 def test_demo_runs_in_one_process_with_no_key_and_no_redis() -> None:
     result = run_demo("--duration", "8", "--port", str(free_port()))
     assert result.returncode == 0, result.stderr[-3000:]

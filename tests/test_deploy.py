@@ -307,6 +307,7 @@ def test_policies_configmap_holds_valid_policies(manifests: list[dict[str, Any]]
     assert "demo" in policies.models and "default" in policies.teams
 
 
+@pytest.mark.e2e
 def test_prometheus_scrapes_the_gateway_pods_with_the_same_rules(manifests: list[dict[str, Any]],
                                                                   tmp_path: Path) -> None:
     configmap = find(manifests, "ConfigMap", "prometheus-config")

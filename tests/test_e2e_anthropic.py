@@ -11,6 +11,8 @@ from mock_anthropic import MockAnthropic, mock_anthropic, mock_anthropic_server 
 
 from conftest import Server, start_gateway, stop
 
+pytestmark = pytest.mark.e2e   # starts a gateway process
+
 # $3 in, $15 out, $0.30 cache read, $3.75 5-minute write, $6 1-hour write per Mtok, in nano-USD per token
 IN, OUT, READ, WRITE_5M, WRITE_1H = 3000, 15000, 300, 3750, 6000
 

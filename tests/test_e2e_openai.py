@@ -19,6 +19,8 @@ from conftest import GatewayFactory, Server, mock_policy
 from gateway.state.ledger import LedgerRecord, RedisLedger
 from gateway.tokens import count_completion_text
 
+pytestmark = pytest.mark.e2e   # starts gateway processes on the mock upstream
+
 # Prices in the mock policy: $1/Mtok in, $2/Mtok out, $0.5/Mtok cached reads => nano-USD per token.
 IN_NANO, OUT_NANO, CACHED_NANO = 1000, 2000, 500
 MASTER = "sk-e2e-openai-master"

@@ -21,6 +21,8 @@ from gateway.state.budgets import BudgetRule, ReserveRequest
 from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.budgets_redis import RedisBudgetStore
 
+pytestmark = pytest.mark.e2e   # starts gateway processes on the mock upstream and a private redis-server
+
 SLOW = """
   slow:
     deployments:

@@ -51,7 +51,8 @@ async def rclient(redis_port: int) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.fixture(params=["memory", "redis", "redis-decoded"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e),
+                        pytest.param("redis-decoded", marks=pytest.mark.e2e)])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     if request.param == "memory":
         yield MemoryKeyStore()
@@ -203,7 +204,8 @@ def expected_totals(records: list[LedgerRecord], by: str) -> list[dict[str, Any]
     return [rows[k] for k in sorted(rows)]
 
 
-@pytest.fixture(params=["memory", "redis", "redis-decoded"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e),
+                        pytest.param("redis-decoded", marks=pytest.mark.e2e)])
 async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     if request.param == "memory":
         yield MemoryLedger()
@@ -374,6 +376,7 @@ async def test_buffered_ledger_order_reject_and_overflow() -> None:
     assert written[8:] == ["r10", "r11", "x0", "x1", "x2", "x3"]
 
 
+@pytest.mark.e2e
 async def test_buffered_ledger_survives_redis_restart(tmp_path: Path) -> None:
     from redis_fixtures import RedisProc, free_port
 

@@ -370,6 +370,7 @@ async def test_every_worker_reports_the_sum_over_all_workers(workers_gateway: tu
     assert len(costs) == 1
 
 
+@pytest.mark.e2e
 async def test_serve_makes_and_removes_its_own_metrics_dir(tmp_path: Path, redis_port: int) -> None:
     suffix = uuid.uuid4().hex[:8]
     policy_dir = tmp_path / "policies"
@@ -383,15 +384,20 @@ async def test_serve_makes_and_removes_its_own_metrics_dir(tmp_path: Path, redis
     try:
         made = glob.glob(str(scratch / "gateway-metrics-*"))
         assert len(made) == 1
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as c:
             assert await chat(c, key, "cheap") == 200
+        # a request's metrics are written just after its reply is sent: wait for the worker's file
+        deadline = time.monotonic() + 120   # guards against a hang only
+        while not glob.glob(made[0] + "/*.db") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         assert glob.glob(made[0] + "/*.db")
     finally:
-        stop(server.proc)
+        stop(server.proc, grace=120)   # a clean exit (which removes the directory) may be slow on a busy machine
     assert not glob.glob(str(scratch / "gateway-metrics-*"))
     assert server.proc.returncode == 0, server.output()
 
 
+@pytest.mark.e2e
 def test_single_worker_ignores_a_multiprocess_dir(tmp_path: Path) -> None:
     """One process keeps metrics in memory even when PROMETHEUS_MULTIPROC_DIR points nowhere."""
     policy_dir = tmp_path / "policies"

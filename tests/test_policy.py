@@ -109,6 +109,7 @@ def test_api_key_from_env_and_price_from_litellm_map(tmp_path: Path) -> None:
     assert d.context_window == 128_000
 
 
+@pytest.mark.e2e
 def test_gateway_check_command(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(ROOT / "policies")],
                         capture_output=True, text=True, cwd=ROOT)

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 from test_routing_e2e import MSG, dep, policy
 
 from conftest import GatewayFactory
+
+pytestmark = pytest.mark.e2e   # starts gateway processes on the mock upstream
 
 
 def with_model(text: str, name: str, deployment: str) -> str:

@@ -38,6 +38,7 @@ async def test_errors_map_to_redis_py_exceptions(redis_port: int) -> None:
         await r.aclose()
 
 
+@pytest.mark.e2e
 async def test_reconnects_after_a_restart_and_fails_fast_while_down(tmp_path: Path) -> None:
     port = free_port()
     server = RedisProc(port, tmp_path / "r")
@@ -57,9 +58,15 @@ async def test_reconnects_after_a_restart_and_fails_fast_while_down(tmp_path: Pa
 
 
 async def test_a_silent_server_times_out() -> None:
+    release, handled = asyncio.Event(), asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1024)
-        await asyncio.sleep(5)
+        try:
+            await reader.read(1024)
+            await release.wait()   # never answers; let go (and closed) when the test ends
+        finally:
+            writer.close()
+            handled.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -69,7 +76,10 @@ async def test_a_silent_server_times_out() -> None:
             await r.ping()
     finally:
         await r.aclose()
+        release.set()
+        await asyncio.wait_for(handled.wait(), 30)   # the connection is closed on this test's loop
         server.close()
+        await server.wait_closed()
 
 
 def test_only_plain_single_server_urls_are_served() -> None:

@@ -20,6 +20,8 @@ from saving_harness import Harness, InProcess, OverRedis, metric, nano
 
 from conftest import Server, mock_policy, start_gateway, stop
 
+pytestmark = pytest.mark.e2e   # starts the mock upstream process (and a gateway process on a private redis-server)
+
 IN_NANO, OUT_NANO = 1000, 2000
 TEAMS = """
 teams:

@@ -446,6 +446,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           cwd=str(Path(__file__).resolve().parent.parent))
 
 
+@pytest.mark.e2e
 def test_gateway_route_and_check_commands(tmp_path: Path) -> None:
     load(tmp_path, RULES)
     request = tmp_path / "req.json"

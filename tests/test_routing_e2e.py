@@ -20,6 +20,8 @@ from conftest import GatewayFactory, Server
 from gateway.state.keys import RedisKeyStore
 from gateway.state.ledger import RedisLedger
 
+pytestmark = pytest.mark.e2e   # starts gateway processes on the mock upstream
+
 HEALTH = "health: {failures: 3, window_s: 30, cooldown_s: 60, sync_interval_s: 0.2, check_interval_s: 0}"
 
 

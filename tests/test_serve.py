@@ -15,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from harness import wait_http
 
-from conftest import ROOT, GatewayFactory, free_port, mock_policy, start_gateway, stop, wait_http
+from conftest import ROOT, GatewayFactory, free_port, mock_policy, start_gateway, stop
 from gateway.demo.runner import DEMO_POLICIES
 
 GENEROUS_S = 60.0   # a bound for what must happen eventually, never a timing assertion

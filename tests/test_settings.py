@@ -70,6 +70,7 @@ def test_a_bad_value_names_the_variable(name: str, value: str, says: str) -> Non
     assert str(err.value).startswith(name) and says in str(err.value)
 
 
+@pytest.mark.e2e
 def test_the_command_reports_a_bad_setting_in_one_line() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | {"GATEWAY_PORT": "http"}
     done = subprocess.run([sys.executable, "-m", "gateway", "serve"], env=env, cwd=str(ROOT),

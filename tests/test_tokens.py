@@ -77,6 +77,7 @@ def test_cache_dir_points_into_litellm() -> None:
     assert cache.is_relative_to(package)
 
 
+@pytest.mark.e2e
 def test_encodings_load_with_network_blocked() -> None:
     """A fresh interpreter with no cache dir set and every proxy pointing at a closed port loads all three."""
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
@@ -93,6 +94,7 @@ def test_encodings_load_with_network_blocked() -> None:
     assert out.stdout.split() == ["o200k_base", "2", "cl100k_base", "2", "p50k_base", "2"]
 
 
+@pytest.mark.e2e
 def test_litellm_provider_import_never_fetches_the_price_map() -> None:
     """Importing the litellm provider in a fresh interpreter, without LITELLM_LOCAL_MODEL_COST_MAP set and with
     every socket refused, makes no network attempt and leaves litellm's prices equal to its bundled file."""

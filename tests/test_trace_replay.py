@@ -28,6 +28,8 @@ from conftest import Server, start_gateway, stop
 from gateway.state.keys import RedisKeyStore
 from gateway.state.ledger import RedisLedger
 
+pytestmark = pytest.mark.e2e   # starts a gateway process on the mock upstream
+
 TRACE = trace_path()
 START, COUNT = 3600, 300
 
