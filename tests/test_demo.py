@@ -156,6 +156,7 @@ def test_demo_policies_ship_with_the_package(path: str) -> None:
     assert Path(DEMO_POLICIES).parent == ROOT / "gateway" / "demo"
 
 
+@pytest.mark.e2e
 def test_demo_keep_serving_prints_the_metrics_url_and_the_local_prometheus_command() -> None:
     import os
     import signal
@@ -189,6 +190,7 @@ def test_demo_keep_serving_prints_the_metrics_url_and_the_local_prometheus_comma
             proc.wait(10)
 
 
+@pytest.mark.e2e
 def test_demo_on_a_port_in_use_exits_with_one_clear_line() -> None:
     import socket
 

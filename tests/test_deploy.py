@@ -184,6 +184,7 @@ def test_kustomization_lists_every_manifest() -> None:
     assert admin["name"] == "gateway-admin" and admin["envs"] == ["admin.env"]
 
 
+@pytest.mark.e2e
 def test_no_default_admin_key_ships_and_apply_refuses_without_a_generated_one(tmp_path: Path) -> None:
     for path in DEPLOY.rglob("*"):
         if path.is_file():

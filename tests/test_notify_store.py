@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from gateway.state.notify_store import MemoryNotifyStore, NotifyStore, RedisNotifyStore, SqliteNotifyStore
 
 
-@pytest.fixture(params=["memory", "redis", "sqlite"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e), "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[NotifyStore]:
     if request.param == "memory":
         yield MemoryNotifyStore()
@@ -55,6 +55,7 @@ def _claim_all(path: str, ids: list[str], out: multiprocessing.Queue) -> None:  
     s.close()
 
 
+@pytest.mark.e2e
 def test_sqlite_claims_are_exclusive_across_processes_and_survive_a_restart(tmp_path: Path) -> None:
     import asyncio
 

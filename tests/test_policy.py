@@ -302,6 +302,7 @@ def test_a_policy_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -
     assert info.value.line == 3 and "not UTF-8" in info.value.message
 
 
+@pytest.mark.e2e
 def test_check_prints_a_yaml_syntax_error_as_one_plain_line(tmp_path: Path) -> None:
     (tmp_path / "models.yaml").write_text("models:\n  m: [unclosed\n")
     result = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(tmp_path)],

@@ -244,6 +244,7 @@ def openrouter(tmp_path: Path, openrouter_mock: str, monkeypatch: pytest.MonkeyP
     return spec.deployments[0]
 
 
+@pytest.mark.e2e
 async def test_litellm_cost_is_moved_out_of_the_clients_usage(openrouter: Deployment) -> None:
     provider = LiteLLMProvider()
     body = {"messages": [{"role": "user", "content": "hi"}]}

@@ -63,7 +63,7 @@ class Kit:
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.e2e)])
 async def kit(request: pytest.FixtureRequest) -> AsyncIterator[Kit]:
     port = request.getfixturevalue("redis_port") if request.param == "redis" else None
     k = Kit(request.param, port)

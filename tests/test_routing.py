@@ -484,6 +484,7 @@ def test_gateway_route_and_check_commands(tmp_path: Path) -> None:
     assert shipped.returncode == 0 and "policy tests: 5 of 5 pass" in shipped.stdout
 
 
+@pytest.mark.e2e
 def test_messages_and_responses_requests_route_like_their_chat_translation(tmp_path: Path) -> None:
     """``gateway route --endpoint messages|responses`` and policy cases with those endpoints."""
     from gateway.api.shapes import routing_shape

@@ -20,6 +20,8 @@ from harness import wait_http
 from conftest import ROOT, GatewayFactory, free_port, mock_policy, start_gateway, stop
 from gateway.demo.runner import DEMO_POLICIES
 
+pytestmark = pytest.mark.e2e
+
 GENEROUS_S = 60.0   # a bound for what must happen eventually, never a timing assertion
 BEARER = {"Authorization": "Bearer anything"}
 

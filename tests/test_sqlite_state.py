@@ -79,6 +79,7 @@ async def test_forward_migration_keeps_the_data_of_an_older_schema(tmp_path: Pat
         db.close()
 
 
+@pytest.mark.e2e
 def test_a_database_from_a_newer_gateway_is_refused(tmp_path: Path) -> None:
     db = connect(tmp_path)
     db.execute("INSERT INTO schema_version VALUES (?, 0)", (SCHEMA_VERSION + 1,))
@@ -206,6 +207,7 @@ def test_the_memory_mode_stays_in_memory(tmp_path: Path) -> None:
 
 # --- budgets across processes -----------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_many_processes_share_one_sqlite_budget_exactly(tmp_path: Path) -> None:
     """4 OS processes, 200 simultaneous $0.05 requests against $1 in one database: exactly 20 admitted."""
     from sqlite_workers import sqlite_budget_worker

@@ -21,6 +21,8 @@ import pytest
 
 from conftest import Server, free_port, start_gateway, stop
 
+pytestmark = pytest.mark.e2e
+
 KEY = "sk-faults-Hx93kLm02PqZ7vNb"
 AUTH = {"authorization": "Bearer anything"}     # first run: no master key, no keys, any bearer is team default
 ANSWER = {"id": "chatcmpl-j", "object": "chat.completion", "created": 5, "model": "json",
