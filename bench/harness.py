@@ -6,6 +6,7 @@ pytest's ``pythonpath = ["bench"]``. Only processes started here (and their desc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -143,6 +144,23 @@ def stop_process(proc: subprocess.Popen[bytes], name: str = "", grace: float = 1
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + grace
+    for pid in kids:   # a leftover that ignores SIGTERM (a worker mid-shutdown) is killed, never left behind
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            log(f"pid {pid} (left by {name or proc.args}) ignored SIGTERM, sending SIGKILL")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie of another parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def start(args: Sequence[str], log_path: Path | None = None, env: Mapping[str, str] | None = None,
