@@ -32,6 +32,8 @@ import redis
 import yaml
 
 from conftest import ROOT, free_port, stop
+from gateway.demo.runner import DEMO_POLICIES
+from gateway.policy import load_policies
 from gateway.state.ledger import RedisLedger
 
 DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -309,7 +311,9 @@ def test_the_demo_shows_refusals_fallbacks_savings_and_caching(observed: Observe
     models = {s["metric"]["model"] for s in observed.query("sum by (model) (gateway_requests_total)", instant=True)}
     assert {"frontier", "workhorse", "reasoner", "local-llama", "resilient", "embed"} <= models
     healthy = observed.query("gateway_deployment_healthy", instant=True)
-    assert len(healthy) == 6 and all(float(s["value"][1]) in (0.0, 1.0) for s in healthy)
+    demo = load_policies(str(DEMO_POLICIES))     # one series per (model, provider) of the demo's deployments
+    assert len(healthy) == len({(d.model, d.provider) for d in demo.deployments}) == 7
+    assert all(float(s["value"][1]) in (0.0, 1.0) for s in healthy)
     never_failing = {"reasoner", "local-llama", "embed"}          # no injected failures: never cooled down
     assert all(float(s["value"][1]) == 1.0 for s in healthy if s["metric"]["model"] in never_failing)
     rules = httpx.get(f"{observed.prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]

@@ -218,6 +218,7 @@ def test_readme_says_to_build_and_push_the_image_before_kubectl_apply() -> None:
     assert "admin.env" in section and "newName" in section
 
 
+@pytest.mark.e2e
 def test_local_prometheus_config_scrapes_this_machine_with_the_same_rules(tmp_path: Path) -> None:
     local = DEPLOY / "prometheus" / "prometheus.local.yml"
     config = yaml.safe_load(local.read_text())
