@@ -77,7 +77,7 @@ class BoundedValues:
         return OTHER
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestDone:
     """One finished request as the metrics see it (raw names: :class:`Metrics` bounds the labels)."""
 

@@ -44,11 +44,15 @@ def _id(value: object, what: str) -> str | None:
     return value
 
 
+_HEADERS = frozenset({USER_HEADER, TAGS_HEADER, SESSION_HEADER, AGENT_HEADER, PARENT_AGENT_HEADER,
+                      *CLIENT_SESSION_HEADERS})
+
+
 def attribution(headers: dict[str, str], body_user: object = None) -> Attribution:
     """The request's attribution (lower-cased header names); a 400 naming the bad value's source."""
-    if not any(h in headers for h in (USER_HEADER, TAGS_HEADER, SESSION_HEADER, AGENT_HEADER,
-                                      *CLIENT_SESSION_HEADERS)) and body_user is None:
-        return NOBODY
+    if headers.keys().isdisjoint(_HEADERS):   # the common case: at most the body's own end user
+        return NOBODY if body_user is None else Attribution(_id(body_user if isinstance(body_user, str) else None,
+                                                                "user"))
     user = _id(headers[USER_HEADER], USER_HEADER) if USER_HEADER in headers else \
         _id(body_user if isinstance(body_user, str) else None, "user")
     tags: tuple[str, ...] = ()

@@ -27,6 +27,7 @@ from .request import Inbound, Request
 class Stateless:
     """For codecs whose requests refer to nothing earlier: nothing to load, nothing to keep."""
 
+    stateful = False   # the lifecycle skips load and keep
     async def load(self, req: Request, team: str) -> None:
         return None
 
@@ -68,6 +69,7 @@ class StreamEncoder(Protocol):
 
 class Codec(Protocol):
     endpoint: str
+    stateful: bool     # it loads earlier turns and keeps answers (else load and keep are never called)
 
     async def load(self, req: Request, team: str) -> None:
         """Load what the request refers to (an earlier turn), for the caller's team only."""

@@ -101,7 +101,8 @@ class Pipeline:
         inbound.request = req = codec.validate(inbound)
         req.policies, req.team = policies, principal.team
         req.attribution = attribution(req.headers, req.user)
-        await codec.load(req, principal.team)
+        if codec.stateful:
+            await codec.load(req, principal.team)
         plan = self.resolve(req, principal, req.model)
         if plan.too_long is not None:   # too long for every window: a cached answer, or compression
             req.route = plan.route
@@ -195,7 +196,8 @@ class Pipeline:
             await ticket.finish("ok", usage, record_later=True)
             data, answer = codec.encode_reply(req, wire, body, usage, ticket.cost_nano, deployment)
             await self.savers.store(req, ticket, deployment, answer)
-            await keep(codec, req, ticket, deployment, answer)
+            if codec.stateful:
+                await keep(codec, req, ticket, deployment, answer)
             headers = self.headers(req, ticket, deployment, settled=True, wire=wire)
             headers.append((b"x-gateway-cost-usd", usd_text(ticket.cost_nano).encode()))
         except BaseException as exc:
@@ -220,7 +222,8 @@ class Pipeline:
 
             async def store(answer: dict[str, Any] | None) -> None:
                 await self.savers.store_stream(req, ticket, deployment, answer)
-                await keep(codec, req, ticket, deployment, answer)
+                if codec.stateful:
+                    await keep(codec, req, ticket, deployment, answer)
 
             events = relay(ticket, deployment, first, chunks, encoder, started,
                            lambda: count_prompt(req.body, req.shape, deployment.upstream_model), store)

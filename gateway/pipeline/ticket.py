@@ -134,7 +134,8 @@ class Ticket:
         state = self.books.state
         reservation = self.reservation
         if reservation is None or (self.admission is not None and not self.admission.admitted):
-            await state.finish(None, 0, 0, record)   # nothing held (a refusal)
+            if record is not None:   # nothing held (no budget, or a refusal): only the record
+                await state.finish(None, 0, 0, record)
             return
         usage = self.usage
         tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0

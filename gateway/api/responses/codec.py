@@ -51,6 +51,7 @@ def output_text(response: dict[str, Any]) -> str:
 
 class ResponsesCodec:
     endpoint = "responses"
+    stateful = True
 
     def __init__(self, store: ResponsesStore) -> None:
         self.store = store
