@@ -31,8 +31,9 @@ def _int_field(body: dict[str, Any], key: str, minimum: int, maximum: int | None
         raise _bad(f"'{key}' must be an integer of at least {minimum}{bound}.", key, "invalid_value")
 
 
-def validate(endpoint: str, body: Any) -> str:
-    """Validate a request body; returns the requested model name."""
+def requested_model(body: Any) -> str:
+    """The model an OpenAI-API body (chat, completions, embeddings, Responses) asks for; a 400 when the
+    body is not an object or names no model."""
     if not isinstance(body, dict):
         raise _bad("The request body must be a JSON object.", "body", "invalid_json")
     model = body.get("model")
@@ -40,6 +41,12 @@ def validate(endpoint: str, body: Any) -> str:
         raise _bad("You must provide a 'model' parameter.", "model", "missing_field")
     if not isinstance(model, str) or not model:
         raise _bad("'model' must be a non-empty string.", "model")
+    return model
+
+
+def validate(endpoint: str, body: Any) -> str:
+    """Validate a request body; returns the requested model name."""
+    model = requested_model(body)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("'stream' must be a boolean.", "stream")

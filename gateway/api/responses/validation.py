@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.api.openai_validation import requested_model
 from gateway.errors import InvalidRequest
 
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
@@ -32,13 +33,7 @@ def _optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], wha
 
 def validate_responses(body: Any) -> None:
     """Raise :class:`InvalidRequest` for a Responses request the gateway cannot read; else return."""
-    if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.", "body", "invalid_json")
-    model = body.get("model")
-    if model is None:
-        raise _bad("You must provide a 'model' parameter.", "model", "missing_field")
-    if not isinstance(model, str) or not model:
-        raise _bad("'model' must be a non-empty string.", "model")
+    requested_model(body)
     _optional(body, "instructions", str, "a string")
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "store", bool, "a boolean")
