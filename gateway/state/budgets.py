@@ -285,6 +285,67 @@ def _tighter(a: int | None, b: int | None) -> int | None:
     return a if b is None else min(a, b)
 
 
+@dataclass(slots=True)
+class Decision:
+    """What a Python budget store decided for one reserve (the Lua script decides the same way)."""
+
+    amount: int          # the hold per budget: the worst case, or the headroom in partial mode
+    kind: int = 0        # 0 admitted, 1 budget, 2 requests per minute, 3 tokens per minute, 4 soft threshold
+    idx: int = 0         # 1-based index of the refusing budget or rate rule
+    limit: int = 0
+    used: int = 0
+    retry: int = -1
+
+
+def decide(req: ReserveRequest, p: Plan, used: Sequence[int], counts: Sequence[tuple[int, int]], dup: bool,
+           amount: int, partial_reservations: bool, retry_window: int) -> Decision:
+    """The admission rules shared by the memory and SQLite stores: ``used`` is spent + reserved per budget,
+    ``counts`` (requests, tokens) per rate rule in this minute, ``dup`` a repeated reserve of a live hold."""
+    d = Decision(amount)
+    if dup:
+        return d
+    heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
+    soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
+            if rule.soft_nano is not None and u >= rule.soft_nano]
+    if soft:
+        si = soft[0]
+        d.kind, d.idx, d.limit, d.used = 4, si + 1, p.budgets[si].soft_nano or 0, used[si]
+    elif heads:
+        bi = heads.index(min(heads))
+        if req.cost_nano > heads[bi]:
+            least = max(1, min(req.min_cost_nano, req.cost_nano))
+            if partial_reservations and req.partial and heads[bi] >= least:
+                d.amount = heads[bi]
+            else:
+                d.kind, d.idx, d.limit, d.used = 1, bi + 1, p.budgets[bi].limit_nano, used[bi]
+    if d.kind == 0:
+        for j, (r, (nreq, _)) in enumerate(zip(p.rates, counts, strict=True), 1):
+            if r.rpm is not None and nreq + 1 > r.rpm and (d.idx == 0 or r.rpm - nreq < d.limit - d.used):
+                d.kind, d.idx, d.limit, d.used, d.retry = 2, j, r.rpm, nreq, retry_window
+        if d.kind == 0:
+            for j, (r, (_, ntok)) in enumerate(zip(p.rates, counts, strict=True), 1):
+                if r.tpm is not None and ntok + req.tokens > r.tpm and (d.idx == 0 or r.tpm - ntok < d.limit - d.used):
+                    d.kind, d.idx, d.limit, d.used = 3, j, r.tpm, ntok
+                    d.retry = -1 if req.tokens > r.tpm else retry_window
+    return d
+
+
+def decided_admission(req: ReserveRequest, p: Plan, d: Decision, used: Sequence[int],
+                      counts: Sequence[tuple[int, int]], added: bool) -> Admission:
+    """The admission a Python store reports for decision ``d`` (``added``: this call took the hold)."""
+    add_n, add_r, add_t = (d.amount, 1, req.tokens) if added else (0, 0, 0)
+    lim_r = rem_r = lim_t = rem_t = -1
+    for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
+        if r.rpm is not None and (lim_r < 0 or r.rpm - nreq - add_r < rem_r):
+            lim_r, rem_r = r.rpm, r.rpm - nreq - add_r
+        if r.tpm is not None and (lim_t < 0 or r.tpm - ntok - add_t < rem_t):
+            lim_t, rem_t = r.tpm, r.tpm - ntok - add_t
+    rem_n = min((rule.limit_nano - u - add_n for rule, u in zip(p.budgets, used, strict=True)), default=-1)
+    admitted = d.kind == 0
+    return admission_from_reply(p, (int(admitted), d.amount if admitted else 0, d.kind, d.idx, d.limit, d.used,
+                                    d.retry, lim_r, rem_r, lim_t, rem_t, rem_n))
+
+
 def admission_from_reply(p: Plan, reply: Sequence[int]) -> Admission:
     """Decode the reserve reply shared by both stores.
 

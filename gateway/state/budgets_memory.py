@@ -24,9 +24,10 @@ from gateway.state.budgets import (
     BudgetUsage,
     Plan,
     ReserveRequest,
-    admission_from_reply,
     check_amount,
     check_budget_rule,
+    decide,
+    decided_admission,
     home_of,
     period_id,
     plan,
@@ -122,59 +123,22 @@ class MemoryBudgetStore:
         dup = record is not None or self._settled.get(rec_key, 0.0) > now
         amount = req.cost_nano if not dup else (record.amount if record is not None else 0)
 
-        kind = idx = limit = used_ = 0
-        retry = -1
         buckets = self._buckets_of(req.team, p, now)
         used = [b.spent + b.reserved for b in buckets]
-        heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
-        soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
-                if rule.soft_nano is not None and u >= rule.soft_nano]
-        if soft and not dup:
-            si = soft[0]
-            kind, idx, limit, used_ = 4, si + 1, p.budgets[si].soft_nano or 0, used[si]
-        elif heads and not dup:
-            bi = heads.index(min(heads))
-            if req.cost_nano > heads[bi]:
-                least = max(1, min(req.min_cost_nano, req.cost_nano))
-                if self.partial_reservations and req.partial and heads[bi] >= least:
-                    amount = heads[bi]
-                else:
-                    kind, idx, limit, used_ = 1, bi + 1, p.budgets[bi].limit_nano, used[bi]
-
         counts = [self._window(req.team, r.scope, r.owner, minute) for r in p.rates]
-        if kind == 0 and not dup:
-            for j, (r, (nreq, _)) in enumerate(zip(p.rates, counts, strict=True), 1):
-                if r.rpm is not None and nreq + 1 > r.rpm and (idx == 0 or r.rpm - nreq < limit - used_):
-                    kind, idx, limit, used_, retry = 2, j, r.rpm, nreq, retry_window
-            if kind == 0:
-                for j, (r, (_, ntok)) in enumerate(zip(p.rates, counts, strict=True), 1):
-                    if r.tpm is not None and ntok + req.tokens > r.tpm and (idx == 0 or r.tpm - ntok < limit - used_):
-                        kind, idx, limit, used_ = 3, j, r.tpm, ntok
-                        retry = -1 if req.tokens > r.tpm else retry_window
-
-        admitted = kind == 0
-        add_n = add_r = add_t = 0
-        if admitted and not dup:
-            add_n, add_r, add_t = amount, 1, req.tokens
+        d = decide(req, p, used, counts, dup, amount, self.partial_reservations, retry_window)
+        added = d.kind == 0 and not dup
+        if added:
             for bucket, win_ms in zip(buckets, p.windows_ms, strict=True):
-                if amount > 0:
-                    bucket.reserved += amount
-                    bucket.holds[req.request_id] = (amount, now + (win_ms / 1000 if win_ms else self.reservation_ttl_s))
+                if d.amount > 0:
+                    bucket.reserved += d.amount
+                    bucket.holds[req.request_id] = (d.amount,
+                                                    now + (win_ms / 1000 if win_ms else self.reservation_ttl_s))
             for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
                 self._windows[(home_of(req.team, r.scope), r.scope, r.owner)] = _Window(
                     minute, nreq + 1, ntok + req.tokens)
-            self._records[rec_key] = _Record(amount, minute, req.tokens, now + self.reservation_ttl_s)
-
-        lim_r = rem_r = lim_t = rem_t = -1
-        for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
-            if r.rpm is not None and (lim_r < 0 or r.rpm - nreq - add_r < rem_r):
-                lim_r, rem_r = r.rpm, r.rpm - nreq - add_r
-            if r.tpm is not None and (lim_t < 0 or r.tpm - ntok - add_t < rem_t):
-                lim_t, rem_t = r.tpm, r.tpm - ntok - add_t
-        rem_n = min((h - add_n for h in heads), default=-1)
-        reply = (int(admitted), amount if admitted else 0, kind, idx, limit, used_, retry,
-                 lim_r, rem_r, lim_t, rem_t, rem_n)
-        return admission_from_reply(p, reply)
+            self._records[rec_key] = _Record(d.amount, minute, req.tokens, now + self.reservation_ttl_s)
+        return decided_admission(req, p, d, used, counts, added)
 
     async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
         p = plan(req)

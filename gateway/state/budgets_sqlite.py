@@ -41,6 +41,8 @@ from gateway.state.budgets import (
     admission_from_reply,
     check_amount,
     check_budget_rule,
+    decide,
+    decided_admission,
     home_of,
     period_id,
     plan,
@@ -171,48 +173,20 @@ class SqliteBudgetStore:
             dup = rec is not None or self._settled.get((team, rid), 0.0) > now
             amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
 
-            kind = idx = limit = used_ = 0
-            retry = -1
             keys = [(home_of(team, b.scope), b.scope, b.owner, pid)
                     for b, pid in zip(p.budgets, p.period_ids, strict=True)]
             windowed = [w > 0 for w in p.windows_ms]
             used = [self._window_used(c, k, now) if w else self._used(c, k, now)
                     for k, w in zip(keys, windowed, strict=True)]
-            heads = [rule.limit_nano - u for rule, u in zip(p.budgets, used, strict=True)]
-            soft = [i for i, (rule, u) in enumerate(zip(p.budgets, used, strict=True))
-                    if rule.soft_nano is not None and u >= rule.soft_nano]
-            if soft and not dup:
-                si = soft[0]
-                kind, idx, limit, used_ = 4, si + 1, p.budgets[si].soft_nano or 0, used[si]
-            elif heads and not dup:
-                bi = heads.index(min(heads))
-                if req.cost_nano > heads[bi]:
-                    least = max(1, min(req.min_cost_nano, req.cost_nano))
-                    if self.partial_reservations and req.partial and heads[bi] >= least:
-                        amount = heads[bi]
-                    else:
-                        kind, idx, limit, used_ = 1, bi + 1, p.budgets[bi].limit_nano, used[bi]
-
             counts = []
             for r in p.rates:
                 w = c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
                               "AND owner = ?", (home_of(team, r.scope), r.scope, r.owner)).fetchone()
                 counts.append((0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2])))
-            if kind == 0 and not dup:
-                for j, (r, (nreq, _)) in enumerate(zip(p.rates, counts, strict=True), 1):
-                    if r.rpm is not None and nreq + 1 > r.rpm and (idx == 0 or r.rpm - nreq < limit - used_):
-                        kind, idx, limit, used_, retry = 2, j, r.rpm, nreq, retry_window
-                if kind == 0:
-                    for j, (r, (_, ntok)) in enumerate(zip(p.rates, counts, strict=True), 1):
-                        if r.tpm is not None and ntok + req.tokens > r.tpm and \
-                                (idx == 0 or r.tpm - ntok < limit - used_):
-                            kind, idx, limit, used_ = 3, j, r.tpm, ntok
-                            retry = -1 if req.tokens > r.tpm else retry_window
-
-            admitted = kind == 0
-            add_n = add_r = add_t = 0
-            if admitted and not dup:
-                add_n, add_r, add_t = amount, 1, req.tokens
+            d = decide(req, p, used, counts, dup, amount, self.partial_reservations, retry_window)
+            added = d.kind == 0 and not dup
+            if added:
+                amount = d.amount
                 c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
                               "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
                               "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
@@ -229,16 +203,7 @@ class SqliteBudgetStore:
                           (team, rid, amount, minute, req.tokens, orjson.dumps(held).decode(),
                            now + self.reservation_ttl_s))
 
-        lim_r = rem_r = lim_t = rem_t = -1
-        for r, (nreq, ntok) in zip(p.rates, counts, strict=True):
-            if r.rpm is not None and (lim_r < 0 or r.rpm - nreq - add_r < rem_r):
-                lim_r, rem_r = r.rpm, r.rpm - nreq - add_r
-            if r.tpm is not None and (lim_t < 0 or r.tpm - ntok - add_t < rem_t):
-                lim_t, rem_t = r.tpm, r.tpm - ntok - add_t
-        rem_n = min((h - add_n for h in heads), default=-1)
-        reply = (int(admitted), amount if admitted else 0, kind, idx, limit, used_, retry,
-                 lim_r, rem_r, lim_t, rem_t, rem_n)
-        return admission_from_reply(p, reply)
+        return decided_admission(req, p, d, used, counts, added)
 
     async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
         """Check the settle, queue it and wait for the group commit that carries it (see the module
