@@ -25,7 +25,7 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO
@@ -34,6 +34,28 @@ import orjson
 
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest
 from gateway.state.ledger import LedgerRecord
+
+
+def dead_files(directory: Path, pattern: str, own: Path) -> Iterator[tuple[Path, list[bytes]]]:
+    """The complete lines of each spool file in ``directory`` whose process died (its lock is free), oldest
+    name first, never ``own``. The file stays locked while the caller stores its lines, and is removed
+    once the caller asks for the next one; a file another process adopted first is passed over."""
+    for path in sorted(directory.glob(pattern)):
+        if path == own:
+            continue
+        try:
+            with open(path, "rb") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue   # its process is alive
+                if os.fstat(fh.fileno()).st_nlink == 0:
+                    continue   # adopted by another process between our open and our lock
+                yield path, [line for line in fh if line.endswith(b"\n")]
+                path.unlink()
+        except FileNotFoundError:
+            continue           # another process adopted it first
+
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +112,9 @@ class Spool:
     def adopt(self) -> int:
         """Move the batches of dead processes' spool files into this one; returns how many records."""
         moved = 0
-        for path in sorted(self.dir.glob("spool-*.jsonl")):
-            if path == self.path:
-                continue
-            try:
-                with open(path, "rb") as fh:
-                    try:
-                        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue   # its process is alive
-                    if os.fstat(fh.fileno()).st_nlink == 0:
-                        continue   # adopted by another process between our open and our lock
-                    batches = [_decode(line) for line in fh if line.endswith(b"\n")]
-                    self.spill(batches)
-                    path.unlink()
-            except FileNotFoundError:
-                continue           # another process adopted it first
+        for path, lines in dead_files(self.dir, "spool-*.jsonl", self.path):
+            batches = [_decode(line) for line in lines]
+            self.spill(batches)
             n = sum(len(b) for b in batches)
             moved += n
             if n:
@@ -170,23 +179,10 @@ class SettleSpool:
     def adopt(self) -> list[Settle]:
         """The settles of dead processes' files, moved into this one (oldest file first)."""
         adopted: list[Settle] = []
-        for path in sorted(self.dir.glob("settles-*.jsonl")):
-            if path == self.path:
-                continue
-            try:
-                with open(path, "rb") as fh:
-                    try:
-                        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue   # its process is alive
-                    if os.fstat(fh.fileno()).st_nlink == 0:
-                        continue   # adopted by another process between our open and our lock
-                    settles = [decode_settle(line) for line in fh if line.endswith(b"\n")]
-                    self.add(settles)
-                    self.sync()
-                    path.unlink()
-            except FileNotFoundError:
-                continue
+        for path, lines in dead_files(self.dir, "settles-*.jsonl", self.path):
+            settles = [decode_settle(line) for line in lines]
+            self.add(settles)
+            self.sync()
             if settles:
                 log.warning("adopted %d unapplied settles from %s", len(settles), path.name)
             adopted += settles
