@@ -309,6 +309,7 @@ def _fastapi(state: AppState) -> FastAPI:
         if state.state.notifier is not None:
             await state.state.notifier.aclose()
         await state.state.aclose()
+        state.metrics.flush()          # the last requests' tallies, before a worker's metrics file is left
         for provider in state.providers.values():
             await provider.aclose()
         await state.client.aclose()

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.access_log import AccessLog
-from gateway.metrics import RequestDone
 from gateway.policy import Deployment
 from gateway.pricing import Usage
 from gateway.routing.resolve import Plan
@@ -164,22 +163,8 @@ class Ticket:
         if not self._written:
             books.state.record(record)
         books.access.write(record)
-        d, usage = self.deployment, self.usage
-        now = time.perf_counter()
-        compressed = tuple(req.compression.saved.items()) if req.compression is not None else ()
-        tokens: tuple[tuple[str, int], ...] = ()
-        if usage is not None:
-            tokens = (("input", usage.input_tokens), ("output", usage.output_tokens),
-                      ("cached_input", usage.cached_input_tokens),
-                      ("cache_write", usage.cache_write_tokens + usage.cache_write_1h_tokens),
-                      ("reasoning", usage.reasoning_tokens))
-        books.metrics.request_done(RequestDone(
-            team=self.principal.team, model=d.model if d is not None else self.plan.requested,
-            provider=d.provider if d is not None else "none", route=self.plan.route, status=self.status,
-            cache=req.cache_result, cache_looked_up=req.cache is not None, stream=req.stream,
-            duration_s=now - req.started, upstream_s=self.upstream_s, ttft_s=self.ttft_s,
-            called_upstream=d is not None and req.cache_result != "hit", tokens=tokens, cost_nano=self.cost_nano,
-            savings=tuple(self.savings.items()), compressed=compressed))
+        books.metrics.request_done(record, self.upstream_s, req.cache is not None,
+                                   tuple(req.compression.saved.items()) if req.compression is not None else ())
 
     def ledger_record(self) -> LedgerRecord:
         req, plan, d = self.req, self.plan, self.deployment
