@@ -488,6 +488,7 @@ class BufferedLedger:
         self._batches: deque[_Queued] = deque()
         self._lock = asyncio.Lock()
         self.outage = OutageLog(log, "ledger write", clock=clock)
+        self.waiting_slots = 0   # slots (one, off a cluster) whose writes failed in the last flush
 
     @property
     def pending(self) -> int:
@@ -525,6 +526,7 @@ class BufferedLedger:
                     else:
                         left.append(batch)
                 self._batches = left
+            self.waiting_slots = len(failed)
             if failed:
                 self._spill(keep=0)
                 self.outage.failed(next(iter(failed.values())), self.pending)
