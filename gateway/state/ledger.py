@@ -8,10 +8,11 @@ applied by one Lua script that first checks its marker (a hash of the batch's re
 is all-or-nothing and a retry after an ambiguous failure (the reply lost after the server applied
 it) is a no-op: nothing is lost or counted twice. On Redis Cluster, a script cannot span slots, so
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
-non-transactional pipeline. ``totals`` sums the rollups when the range is whole UTC days and reads
-the stream otherwise; both sum the same integer counters, so they agree exactly.
-:class:`BufferedLedger` holds batches while Redis is unreachable (in memory, or spooled to local disk) and
-retries them in order.
+non-transactional pipeline per master; each part's outcome is reported on its own
+(:meth:`RedisLedger.append_parts`). ``totals`` sums the rollups when the range is whole UTC days
+and reads the stream otherwise; both sum the same integer counters, so they agree exactly.
+:class:`BufferedLedger` holds batches while Redis is unreachable (in memory, or spooled to local disk)
+and retries them in order, per slot: a master that is down holds back only its own slots' parts.
 """
 
 from __future__ import annotations
@@ -345,7 +346,15 @@ class RedisLedger:
             await pipe.execute()
 
         nodes = list(by_node.values())
-        results = await asyncio.gather(*(send(slots) for slots in nodes), return_exceptions=True)
+        results: list[BaseException | None]
+        if len(nodes) == 1:   # one Redis (or one master): no tasks
+            try:
+                await send(nodes[0])
+                results = [None]
+            except Exception as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(*(send(slots) for slots in nodes), return_exceptions=True)
         outcomes: dict[int, BaseException | None] = {}
         for slots, result in zip(nodes, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
