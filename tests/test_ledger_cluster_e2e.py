@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import pytest
 from redis.asyncio import RedisCluster
@@ -56,20 +57,25 @@ async def test_a_dead_master_stalls_only_its_slots(killable_cluster: KillableClu
             break
     else:
         raise AssertionError("no day whose shared keys avoid a master")
-    teams: dict[str, str] = {}   # role -> team name: one on the dead master, two on the others
+    teams: dict[str, str] = {}   # role -> team name: two in different slots of the dead master, two elsewhere
     for i in range(2_000):
         name = f"team-{uuid.uuid4().hex[:6]}-{i}"
-        on_dead = owner(slots, roll_key(name, day)) == dead
-        role = "dead" if on_dead else "healthy-a" if "healthy-a" not in teams else "healthy-b"
-        teams.setdefault(role, name)
-        if len(teams) == 3:
+        if owner(slots, roll_key(name, day)) == dead:
+            taken = {key_slot(roll_key(t, day).encode()) for r, t in teams.items() if r.startswith("dead")}
+            if key_slot(roll_key(name, day).encode()) not in taken:
+                teams.setdefault("dead" if "dead" not in teams else "dead-2", name)
+        else:
+            teams.setdefault("healthy-a" if "healthy-a" not in teams else "healthy-b", name)
+        if len(teams) == 4:
             break
-    order = [teams["healthy-a"], teams["dead"], teams["healthy-b"]]
+    # every batch: a healthy team, one of the dead master's two teams (alternating), the other healthy team
     batches = [[LedgerRecord(request_id=f"r{3 * b + j}", ts=start + 60 * (3 * b + j), team=team, key_id=None,
                              requested_model=model, model=model, deployment="d", provider="p", route="default",
                              input_tokens=100 + j, output_tokens=7 * b, cost_nano=1_000_000_007 * (b + 1) + j,
                              baseline_nano=2_000_000_011 * (b + 1))
-                for j, team in enumerate(order)] for b in range(6)]
+                for j, team in enumerate([teams["healthy-a"], teams["dead" if b % 2 else "dead-2"],
+                                          teams["healthy-b"]])]
+               for b in range(6)]
     everything = [r for batch in batches for r in batch]
 
     redis = client(next(p for p in ports if p != dead))
@@ -83,6 +89,18 @@ async def test_a_dead_master_stalls_only_its_slots(killable_cluster: KillableClu
             await buf.append(batch)
             await buf.flush()
         assert buf.pending == 15                                  # every later batch waits for its dead part
+        sent = 0
+        pipeline = redis.pipeline
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal sent
+            sent += 1
+            return pipeline(*args, **kwargs)
+
+        redis.pipeline = counting   # type: ignore[method-assign]
+        await buf.flush()
+        redis.pipeline = pipeline   # type: ignore[method-assign]
+        assert sent == 1 and buf.pending == 15   # one failed try at the dead master per pass, whatever its slots
         # the healthy teams' records are all in, to the nano-dollar; the dead master's team's rollup waits
         got = await ledger.read(start, start + DAY_S)
         assert sorted(r.request_id for r in got) == sorted(r.request_id for r in everything)

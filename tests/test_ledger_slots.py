@@ -40,7 +40,8 @@ class SlotLedger:
     async def append(self, records: Sequence[LedgerRecord]) -> None:   # the Ledger protocol (unused here)
         raise AssertionError("a slotted ledger is written per slot")
 
-    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset()
+    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset(),
+                           down: dict[str, BaseException] | None = None
                            ) -> tuple[frozenset[int], dict[int, BaseException | None]]:
         teams = {r.team for r in records}
         batch = tuple(r.request_id for r in records)

@@ -323,20 +323,29 @@ class RedisLedger:
             parts[slot] = (f"gw:v1:dedup:{{{_tag(keys[0])}}}:{batch}", keys, args)
         return parts
 
-    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset()
+    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset(),
+                           down: dict[str, BaseException] | None = None
                            ) -> tuple[frozenset[int], dict[int, BaseException | None]]:
         """Write the batch's parts whose slot is not in ``skip``; returns every slot the batch touches and, for
         each part attempted, None (written, or written before) or the error it failed with. On a cluster the
-        parts go in one pipeline per master, so a master that is down fails only its own slots' parts."""
+        parts go in one pipeline per master, so a master that is down fails only its own slots' parts.
+        ``down``: the masters that failed earlier in the caller's pass (name -> error), updated here; their
+        parts are reported failed without being sent, so a dead master costs one attempt per pass."""
         if not records:
             return frozenset(), {}
         if self.atomic and 0 in skip:
             return frozenset({0}), {}
+        down = {} if down is None else down
         parts = self._parts(records)
+        outcomes: dict[int, BaseException | None] = {}
         by_node: dict[str, list[int]] = {}
         for slot, (marker, _, _) in parts.items():
             if slot not in skip:
-                by_node.setdefault(self._node_of(marker), []).append(slot)
+                node = self._node_of(marker)
+                if node in down:
+                    outcomes[slot] = down[node]
+                else:
+                    by_node.setdefault(node, []).append(slot)
 
         async def send(slots: list[int]) -> None:
             pipe = self._r.pipeline(transaction=False)
@@ -345,20 +354,21 @@ class RedisLedger:
                 pipe.eval(_APPLY, len(keys) + 1, marker, *keys, *args)
             await pipe.execute()
 
-        nodes = list(by_node.values())
+        nodes = list(by_node.items())
         results: list[BaseException | None]
         if len(nodes) == 1:   # one Redis (or one master): no tasks
             try:
-                await send(nodes[0])
+                await send(nodes[0][1])
                 results = [None]
             except Exception as exc:
                 results = [exc]
         else:
-            results = await asyncio.gather(*(send(slots) for slots in nodes), return_exceptions=True)
-        outcomes: dict[int, BaseException | None] = {}
-        for slots, result in zip(nodes, results, strict=True):
+            results = await asyncio.gather(*(send(slots) for _, slots in nodes), return_exceptions=True)
+        for (node, slots), result in zip(nodes, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
                 raise result
+            if isinstance(result, BaseException) and retryable(result):
+                down[node] = result
             for slot in slots:
                 outcomes[slot] = result if isinstance(result, BaseException) else None
         return frozenset(parts), outcomes
@@ -450,7 +460,8 @@ def retryable(exc: BaseException) -> bool:
 class SlottedLedger(Protocol):
     """A ledger that writes a batch in parts, one per hash slot (:meth:`RedisLedger.append_parts`)."""
 
-    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset()
+    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset(),
+                           down: dict[str, BaseException] | None = None
                            ) -> tuple[frozenset[int], dict[int, BaseException | None]]: ...
 
 
@@ -518,14 +529,15 @@ class BufferedLedger:
             return 0  # a flush is running and will take the new batches too
         written = 0
         failed: dict[int, BaseException] = {}   # slots that failed in this pass: later parts there wait
+        down: dict[str, BaseException] = {}     # masters that failed in this pass: not tried again in it
         async with self._lock:
             while self.spool is not None and (records := self.spool.next_batch()) is not None:
-                if not await self._write(_Queued(records), failed):
+                if not await self._write(_Queued(records), failed, down):
                     break
                 self.spool.written(records)
                 written += len(records)
             for batch in list(self._batches):   # each batch once: written, or its waiting parts skipped
-                batch.finished = await self._write(batch, failed)
+                batch.finished = await self._write(batch, failed, down)
             if any(batch.finished for batch in self._batches):   # (appends during the pass are not finished)
                 left: deque[_Queued] = deque()
                 for batch in self._batches:
@@ -543,14 +555,14 @@ class BufferedLedger:
                 self.outage.succeeded()
         return written
 
-    async def _write(self, batch: _Queued, failed: dict[int, BaseException]) -> bool:
+    async def _write(self, batch: _Queued, failed: dict[int, BaseException], down: dict[str, BaseException]) -> bool:
         """Write the parts of ``batch`` not written yet, except in slots that failed in this pass (recorded in
         ``failed``); True once every part is written (or the batch was rejected)."""
         if batch.slots is not None and batch.slots - batch.done <= failed.keys():
             return False   # every part left waits behind an earlier one: not even tried
         try:
             if isinstance(self.inner, SlottedLedger):
-                batch.slots, outcomes = await self.inner.append_parts(batch.records, batch.done | failed.keys())
+                batch.slots, outcomes = await self.inner.append_parts(batch.records, batch.done | failed.keys(), down)
             else:
                 batch.slots, outcomes = frozenset({0}), {}
                 if 0 not in failed:
