@@ -21,7 +21,19 @@ from redis.crc import key_slot
 from redis_fixtures import KillableCluster
 from test_keys_ledger import expected_totals
 
-from gateway.state.ledger import DAY_S, STREAM, BufferedLedger, LedgerRecord, RedisLedger, roll_key, rollm_key
+from conftest import GatewayFactory
+from gateway.state.budgets_redis import team_tag
+from gateway.state.keys import RedisKeyStore, hash_secret
+from gateway.state.ledger import (
+    DAY_S,
+    NONE,
+    STREAM,
+    BufferedLedger,
+    LedgerRecord,
+    RedisLedger,
+    roll_key,
+    rollm_key,
+)
 
 pytestmark = pytest.mark.e2e
 DAY0 = 1_700_006_400.0 - 300 * DAY_S   # a UTC midnight; the test searches days from here
@@ -126,3 +138,53 @@ async def test_a_dead_master_stalls_only_its_slots(killable_cluster: KillableClu
             assert await ledger.totals(start, start + DAY_S, by=by, source="stream") == want
     finally:
         await redis.aclose()
+
+
+async def test_a_dead_master_refuses_its_keys_with_a_ledger_record_and_spares_the_rest(
+        gateway: GatewayFactory, mock_reset: str, killable_cluster: KillableCluster) -> None:
+    """A gateway on the cluster, one master SIGKILLed: a key whose record lives there gets 503
+    ``state_unavailable`` and leaves a $0 ledger record (team ``(none)``: its key could not be read, issue 11
+    item 12); a key of the same team on a healthy master is served and charged; both records reach the
+    stream (on a healthy master) although parts of their batches wait for the dead one."""
+    from test_budgets_e2e import CENTS_5, USD, ask, budget_used, client_for, policy
+
+    ports = killable_cluster.ports
+    probe = client(ports[0])
+    raw = await probe.cluster_slots()
+    await probe.aclose()
+    slots = [(low, high, int(info["primary"][1])) for (low, high), info in raw.items()]
+    dead = next(p for p in ports if p != owner(slots, STREAM))
+    healthy = next(p for p in ports if p != dead)
+    team = next(t for t in (f"t{uuid.uuid4().hex[:8]}" for _ in range(500))
+                if owner(slots, team_tag(t) + ":x") != dead)
+    rc = client(healthy)
+    try:
+        keys = RedisKeyStore(rc)
+        secrets: dict[bool, str] = {}   # whether the key's record is on the dead master -> its secret
+        for _ in range(200):
+            _, secret = await keys.create(team, "test")
+            secrets.setdefault(owner(slots, f"gw:v1:key:{hash_secret(secret)}") == dead, secret)
+            if len(secrets) == 2:
+                break
+        server = gateway(policy(mock_reset, f"  {team}: {{budgets: [{{period: monthly, usd: 1}}]}}"),
+                         env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{healthy}/0", "GATEWAY_REDIS_CLUSTER": "1"},
+                         args=("--workers", "1"))
+        since = time.time() - 1
+        killable_cluster.kill(dead)
+        served, refused = client_for(server, secrets[False]), client_for(server, secrets[True])
+        assert (await ask(served))[0] == "ok"
+        status = await ask(refused)
+        assert status[0] == "error" and status[1][:2] == (503, "state_unavailable")
+        ledger = RedisLedger(rc)
+        for _ in range(150):                       # bounded: until the writer's batches reach the stream
+            records = await ledger.read(since)
+            if len(records) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted((r.team, r.key_id is None, r.status, r.cost_nano) for r in records) == sorted(
+            [(team, False, "ok", CENTS_5), (NONE, True, "state_unavailable", 0)])
+        assert await budget_used(rc, team, "team", team, USD) == (CENTS_5, 0)
+        await served.close()
+        await refused.close()
+    finally:
+        await rc.aclose()
