@@ -560,20 +560,20 @@ class BufferedLedger:
         ``failed``); True once every part is written (or the batch was rejected)."""
         if batch.slots is not None and batch.slots - batch.done <= failed.keys():
             return False   # every part left waits behind an earlier one: not even tried
-        try:
-            if isinstance(self.inner, SlottedLedger):
+        outcomes: dict[int, BaseException | None] = {}
+        if isinstance(self.inner, SlottedLedger):
+            try:
                 batch.slots, outcomes = await self.inner.append_parts(batch.records, batch.done | failed.keys(), down)
-            else:
-                batch.slots, outcomes = frozenset({0}), {}
-                if 0 not in failed:
-                    try:
-                        await self.inner.append(batch.records)
-                        outcomes[0] = None
-                    except Exception as exc:
-                        outcomes[0] = exc
-        except Exception as exc:   # the parts could not even be formed
-            outcomes = {0: exc}
+            except Exception as exc:   # before any part was sent (the parts could not be formed)
+                outcomes = {-1: exc}   # no slot of its own: later batches are still tried
+        else:
             batch.slots = frozenset({0})
+            if 0 not in failed:
+                try:
+                    await self.inner.append(batch.records)
+                    outcomes[0] = None
+                except Exception as exc:
+                    outcomes[0] = exc
         for slot, error in outcomes.items():
             if error is None:
                 batch.done.add(slot)
