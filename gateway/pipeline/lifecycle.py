@@ -340,8 +340,8 @@ class Pipeline:
     def refused(self, inbound: Inbound | None, status: str, endpoint: str = "chat") -> None:
         """Count a request refused before its ticket existed (bad JSON, bad key, unknown model, key state
         unreachable, ...): ``gateway_requests_total`` with route and provider ``none``, an access line, and
-        for a refusal the gateway's state caused (:data:`LEDGERED_REFUSALS`) a $0 ledger record, with the
-        team, key and end user ``(none)`` when they are not known yet."""
+        for a refusal the gateway's state caused (:data:`LEDGERED_REFUSALS`) a $0 ledger record: team ``(none)``
+        when not known yet, no key id, model ``(none)``, the requested model and the endpoint."""
         if inbound is not None and inbound.recorded:
             return
         self.metrics.refused(inbound.team if inbound is not None else None,
