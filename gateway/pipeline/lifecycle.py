@@ -38,7 +38,7 @@ from gateway.settings import Settings
 from gateway.state import State
 from gateway.state.budgets import StateUnavailable
 from gateway.state.keys import KeyRecord
-from gateway.state.ledger import LedgerRecord
+from gateway.state.ledger import NONE, LedgerRecord
 from gateway.tokens import count_completion_text, count_prompt
 
 from .admission import Admission
@@ -49,10 +49,11 @@ from .codec import Codec
 from .request import Headers, Inbound, Principal, Reply, Request, RequestIds, StreamReply
 from .savers import SavingStages, build_store
 from .streaming import relay
-from .ticket import Books, Ticket
+from .ticket import Books, Ticket, record_refusal
 
 log = logging.getLogger("gateway")
 SUMMARY_ROUTE = "compression_summary"
+LEDGERED_REFUSALS = frozenset({"state_unavailable"})   # refusals before a ticket that the ledger records
 
 
 def exit_status(exc: BaseException) -> str:
@@ -336,19 +337,22 @@ class Pipeline:
             headers.extend(rate_headers(admission))
         return headers
 
-    def refused(self, inbound: Inbound | None, status: str) -> None:
-        """Count a request refused before its ticket existed (bad JSON, bad key, unknown model, ...):
-        ``gateway_requests_total`` with route and provider ``none``; no ledger record (nothing was spent)."""
+    def refused(self, inbound: Inbound | None, status: str, endpoint: str = "chat") -> None:
+        """Count a request refused before its ticket existed (bad JSON, bad key, unknown model, key state
+        unreachable, ...): ``gateway_requests_total`` with route and provider ``none``, an access line, and
+        for a refusal the gateway's state caused (:data:`LEDGERED_REFUSALS`) a $0 ledger record: team ``(none)``
+        when not known yet, no key id, model ``(none)``, the requested model and the endpoint."""
         if inbound is not None and inbound.recorded:
             return
         self.metrics.refused(inbound.team if inbound is not None else None,
                              inbound.model if inbound is not None else None, status)
-        if inbound is not None:   # one access line for every request, refused ones too (no ledger record)
-            self.books.access.write(LedgerRecord(
-                request_id=inbound.request_id, ts=time.time(), team=inbound.team or "none", key_id=None,
-                requested_model=inbound.model or "", model="", deployment="", provider="", route="none",
-                input_tokens=0, output_tokens=0, status=status,
-                latency_ms=round((time.perf_counter() - inbound.started) * 1000, 3)))
+        if inbound is not None:
+            record_refusal(self.books, LedgerRecord(
+                request_id=inbound.request_id, ts=time.time(), team=inbound.team or NONE, key_id=None,
+                requested_model=inbound.model or "", model=NONE, deployment="", provider="", route="none",
+                input_tokens=0, output_tokens=0, status=status, endpoint=endpoint,
+                latency_ms=round((time.perf_counter() - inbound.started) * 1000, 3)),
+                ledger=status in LEDGERED_REFUSALS)
 
 
 def summary_text(answer: dict[str, Any]) -> str:

@@ -10,7 +10,10 @@ settles the hold at that cost (releasing the rest), writes one ledger record and
 ``request_done`` metrics event; later calls do nothing. The JSON path calls it in a ``finally``,
 a stream in its generator's ``finally``, a cache hit, a refusal and a compression summary call
 the same way, so no exit (an upstream error, a client gone mid-stream, a cancellation, a bug)
-can leave a hold behind or record a request twice. No other module settles or records.
+can leave a hold behind or record a request twice. A request refused before it had a ticket (no
+plan yet: bad input, a bad key, the key state unreachable) is recorded by :func:`record_refusal`:
+an access line always, a $0 ledger record when the gateway's own state refused it. No other
+module settles or records.
 """
 
 from __future__ import annotations
@@ -184,3 +187,13 @@ class Ticket:
             estimated=usage.estimated, stream=req.stream, endpoint=req.endpoint, user=req.attribution.user,
             tags=req.attribution.tags, session=req.attribution.session, agent=req.attribution.agent,
             parent_agent=req.attribution.parent_agent, overrun=self.overran)
+
+
+def record_refusal(books: Books, record: LedgerRecord, ledger: bool) -> None:
+    """A request refused before its ticket existed: its access line, and with ``ledger`` its $0 ledger
+    record (a refusal the gateway's state caused, such as a 503 when the key could not be looked up,
+    is in the ledger like a 429 or a reservation's 503; a client's own error, such as a bad key or bad
+    JSON, is not: that would let anyone without a key write to the ledger)."""
+    if ledger:
+        books.state.record(record)
+    books.access.write(record)

@@ -1,5 +1,5 @@
 -- Gateway budgets + rate limits, script version v2 (also in every key prefix: gw:v2:{team:<team>}:...).
--- ARGV[1] selects the operation (reserve | settle | renew | usage); ARGV[2] must equal VERSION.
+-- ARGV[1] selects the operation (reserve | settle | release | renew | usage); ARGV[2] must equal VERSION.
 -- Team and key budgets share the team's hash tag; end-user, tag and session buckets and windows have
 -- their own ({user:<id>}, ...), shared by every team: one call spans slots only when it names those.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
@@ -144,9 +144,11 @@ if op == 'reserve' then
   if not admitted then amount = 0 end
   return {admitted and 1 or 0, amount, kind, idx, rlimit, rused, retry, lim_r, rem_r, lim_t, rem_t, rem_n}
 
-elseif op == 'settle' then
+elseif op == 'settle' or op == 'release' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr
   -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, (floor, keep_s, window_ms) * nb
+  -- release (a cluster's compensation: another slot refused the request): settle at 0 and also give back
+  -- the request this slot's reserve counted in its rate windows (if still in that minute)
   local rid, actual, atok = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local grace, nb, nr = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then return 0 end   -- settled already
@@ -188,6 +190,9 @@ elseif op == 'settle' then
       local v = redis.call('HMGET', rl, 'w', 't')
       if v[1] and num(v[1]) == m then
         redis.call('HSET', rl, 't', s(math.max(0, num(v[2]) + atok - est)))
+        if op == 'release' then
+          redis.call('HSET', rl, 'r', s(math.max(0, num(redis.call('HGET', rl, 'r')) - 1)))
+        end
       end
     end
   end
