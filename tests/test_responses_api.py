@@ -147,3 +147,16 @@ async def test_translated_stream_and_dropped_features(gw: Gw) -> None:
     records = await gw.records()
     assert final is not None and final.usage.output_tokens == 6
     assert final.usage.model_extra["cost_usd"] == records[-1].cost_nano / 1e9 > 0
+
+
+async def test_a_translated_stream_is_stored_for_retrieval_and_later_turns(gw: Gw) -> None:
+    client = gw.client(await gw.key("alpha"))
+    async with client.responses.stream(model="local", input="first streamed turn") as stream:
+        first = await stream.get_final_response()
+    got = await client.responses.retrieve(first.id)       # kept before the stream's last event went out
+    assert got.id == first.id and got.output_text == first.output_text and got.status == "completed"
+    follow = await client.responses.create(model="local", input="second turn", previous_response_id=first.id)
+    items = await client.responses.input_items.list(follow.id, order="asc")
+    assert [item.role for item in items.data] == ["user", "assistant", "user"]
+    [record, _] = await gw.records()
+    assert got.usage is not None and got.usage.model_extra["cost_usd"] == record.cost_nano / 1e9
