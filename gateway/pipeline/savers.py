@@ -70,7 +70,8 @@ class SavingStages:
         if req.cache is not None or not req.cacheable:   # looked up already (a too-long prompt), or never
             return None
         settings = self.policies(req).cache.for_request(principal.team, plan.route)
-        body = req.original_body if req.original_body is not None else req.body
+        body = req.cache_body if req.cache_body is not None else \
+            req.original_body if req.original_body is not None else req.body
         req.cache = lookup = await self.cache.lookup(settings, principal.team, plan.model.name, req.endpoint,
                                                      body, req.headers)
         return lookup.entry
