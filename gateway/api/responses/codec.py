@@ -1,12 +1,14 @@
 """The Responses codec: OpenAI's Responses API as an inbound surface of the pipeline.
 
 Decoding validates the body (:mod:`.validation`) and translates it once into the chat shape
-the stages read. A ``previous_response_id`` is looked up in the conversation store for the
-caller's team (another team's id is unknown, a 400 as at OpenAI); its deployment is
-preferred (affinity), and a deployment that does not hold the response gets the earlier
-items inlined (:func:`.conversation.native_body`) or, through translation, as chat history.
-A deployment that speaks Responses gets the body as sent (every field kept, the upstream
-model and the output cap the hold pays for); any other gets the chat translation and its
+the stages read (routing, token counts, compression). A ``previous_response_id`` is looked
+up in the conversation store for the caller's team (another team's id is unknown, a 400 as
+at OpenAI); its deployment is preferred (affinity), and a deployment that does not hold the
+response gets the earlier items inlined (:func:`.conversation.native_body`) or, through
+translation, as chat history. A deployment that speaks Responses gets the body as sent
+(every field kept, the upstream model and the output cap the hold pays for; when compression
+ran, on the chat translation, what it kept mapped back onto whole input items with the whole
+conversation inlined: :mod:`.compressed`); any other gets the chat translation and its
 answer or chat stream is turned back into a Response or Responses events. The final
 ``response.completed`` (or ``.incomplete`` / ``.failed``) event is held back until the
 stream ends, then sent with ``usage.cost_usd``; a JSON Response carries it too. Unless the
@@ -24,6 +26,7 @@ from typing import Any
 import orjson
 
 from gateway.api.openai_codec import OpenAICodec, parse_json, usage_dict
+from gateway.api.responses.compressed import compressed_input
 from gateway.api.responses.conversation import inlined, native_body, previous_not_found, stored_record
 from gateway.api.responses.from_chat import chat_to_response, new_response_id, replayed_response
 from gateway.api.responses.stream import (
@@ -107,6 +110,12 @@ class ResponsesCodec:
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         if deployment.speaks("responses"):
             prior = req.context if isinstance(req.context, StoredResponse) else None
+            if req.compression is not None and isinstance(req.original_body, dict):
+                # compressed in chat shape: the kept turns' own items, the whole conversation inlined
+                body = {k: v for k, v in req.native.items() if k != "previous_response_id"}
+                body["input"] = compressed_input(req.native, prior, req.original_body["messages"],
+                                                 req.body["messages"])
+                return "responses", body
             return "responses", dict(native_body(req.native, prior, deployment.id))
         return self.chat.call_body(req, deployment)
 
