@@ -101,8 +101,9 @@ class ResponsesCodec:
             return
         prior = req.context if isinstance(req.context, StoredResponse) else None
         upstream_state = deployment.speaks("responses") and req.cache_result != "hit"   # a hit's id is ours
-        await self.store.put(stored_record(req.native, prior, answer, team=team, deployment_id=deployment.id,
-                                           upstream_state=upstream_state))
+        body, response_id = req.native, answer["id"]
+        await self.store.put_later(response_id, lambda: stored_record(
+            body, prior, answer, team=team, deployment_id=deployment.id, upstream_state=upstream_state))
 
     def wire(self, req: Request, deployment: Deployment) -> str:
         return "responses" if deployment.speaks("responses") else "chat"
