@@ -248,7 +248,9 @@ class Pipeline:
         ticket.deployment = deployment
         await ticket.finish("ok", hit=hit_accounting(entry.input_tokens, entry.output_tokens, plan.baseline.price))
         headers = self.headers(req, ticket, deployment, settled=True)
-        parts = codec.replay(req, entry.body)
+        parts, answer = codec.replay(req, entry.body)
+        if codec.stateful:   # a hit is a response like any other: a later turn or a GET may name its id
+            await keep(codec, req, ticket, deployment, answer)
         if not req.stream:
             headers.append((b"x-gateway-cost-usd", b"0"))
             return Reply(parts[0], headers)

@@ -39,6 +39,9 @@ from .request import Principal, Request
 from .ticket import Ticket
 
 # The summary of a transcript by the policy's summary model: (text, its cost in nano-USD), or None.
+# Endpoints compressed (on their chat-shaped body): chat, and Responses, whose codec maps what compression
+# kept back onto whole input items for a deployment that speaks Responses.
+COMPRESSED = frozenset({"chat", "responses"})
 Summarize = Callable[[Request, Principal, CompressionSettings, str], Awaitable[tuple[str, int] | None]]
 
 
@@ -70,7 +73,8 @@ class SavingStages:
         if req.cache is not None or not req.cacheable:   # looked up already (a too-long prompt), or never
             return None
         settings = self.policies(req).cache.for_request(principal.team, plan.route)
-        body = req.original_body if req.original_body is not None else req.body
+        body = req.cache_body if req.cache_body is not None else \
+            req.original_body if req.original_body is not None else req.body
         req.cache = lookup = await self.cache.lookup(settings, principal.team, plan.model.name, req.endpoint,
                                                      body, req.headers)
         return lookup.entry
@@ -115,7 +119,7 @@ class SavingStages:
     async def compress_to_fit(self, req: Request, principal: Principal, too_long: Plan) -> bool:
         """The prompt fits no deployment's window: compress it for the largest one. True when it shrank
         (the caller resolves again)."""
-        if req.endpoint != "chat":
+        if req.endpoint not in COMPRESSED:
             return False
         settings = self.policies(req).compression.for_request(principal.team, too_long.route)
         windowed = [d for d in too_long.candidates if d.context_window]
@@ -133,8 +137,8 @@ class SavingStages:
         return True
 
     async def compress(self, req: Request, principal: Principal, plan: Plan) -> Plan:
-        """Compress a chat request whose prompt passes the policy's threshold (the plan, updated)."""
-        if req.endpoint != "chat" or req.compression is not None:
+        """Compress a chat or Responses request whose prompt passes the policy's threshold (the plan, updated)."""
+        if req.endpoint not in COMPRESSED or req.compression is not None:
             return plan
         settings = self.policies(req).compression.for_request(principal.team, plan.route)
         if not settings.enabled:

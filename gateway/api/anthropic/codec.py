@@ -110,12 +110,12 @@ class MessagesCodec(Stateless):
     def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> MessagesStream:
         return MessagesStream(req, wire)
 
-    def replay(self, req: Request, answer: dict[str, Any]) -> list[bytes]:
+    def replay(self, req: Request, answer: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
         usage: dict[str, Any] = answer["usage"] if isinstance(answer.get("usage"), dict) else {}
         answer = {**answer, "usage": {**usage, "cost_usd": 0.0}}
         if not req.stream:
-            return [orjson.dumps(answer)]
-        return replay_events(answer)
+            return [orjson.dumps(answer)], answer
+        return replay_events(answer), answer
 
     def error_body(self, exc: GatewayError) -> bytes:
         return error_body(exc)
