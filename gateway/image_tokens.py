@@ -26,6 +26,7 @@ from __future__ import annotations
 import binascii
 import math
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 # OpenAI tile families: (name prefix, base tokens, tokens per 512-px tile); first match wins.
@@ -215,6 +216,21 @@ def _claude_limits(name: str) -> tuple[int, int]:
         if fragment in name:
             return edge, most
     return CLAUDE_DEFAULT
+
+
+@lru_cache(maxsize=1024)
+def image_family(model: str) -> str:
+    """The name of the formula ``model``'s images are billed by (models of one family bill alike)."""
+    name = _strip(model)
+    if "claude" in name:
+        return f"claude:{_claude_limits(name)}"
+    for prefix, _ in OPENAI_PATCHES:
+        if name.startswith(prefix):
+            return prefix
+    for prefix, base, per_tile in OPENAI_TILES:
+        if name.startswith(prefix):
+            return f"tiles:{base}:{per_tile}"
+    return "default"
 
 
 def image_tokens(size: tuple[int, int] | None, detail: Any, model: str) -> int:

@@ -198,6 +198,17 @@ def _content_tokens(enc: tiktoken.Encoding, content: Any, model: str) -> int:
     return total
 
 
+def has_images(body: Any) -> bool:
+    """Whether a chat body has an image part (the prompt's count then depends on the model's family)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(p, dict) and p.get("type") in ("image_url", "input_image", "image") for p in content):
+            return True
+    return False
+
+
 def _call_tokens(enc: tiktoken.Encoding, call: Any) -> int:
     if not isinstance(call, dict):
         return _len(enc, call)

@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from gateway.image_tokens import base64_size, data_url_size, image_tokens, part_tokens
-from gateway.tokens import count_chat, count_text
+from gateway.image_tokens import base64_size, data_url_size, image_family, image_tokens, part_tokens
+from gateway.tokens import count_chat, count_text, has_images
 from inprocess import Gateway, in_process
 
 
@@ -188,6 +188,17 @@ def test_chat_counts_each_image_for_the_counting_model() -> None:
     assert count_chat([{"role": "user", "content": [text, *images]}], "claude-sonnet-4-5") == claude + 820 + 1599
 
 
+def test_families_and_the_image_check() -> None:
+    assert image_family("gpt-4o") == image_family("openai/gpt-4o-2024-08-06") == image_family("gpt-4.1")
+    assert len({image_family(m) for m in ("gpt-4o", "gpt-4o-mini", "gpt-4.1-mini", "claude-sonnet-4-5",
+                                          "claude-opus-4-7", "llama3")}) == 6
+    assert image_family("claude-3-5-sonnet") == image_family("anthropic/claude-sonnet-4-5")
+    text = {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    assert not has_images(text) and not has_images({"messages": "x"}) and not has_images(None)
+    assert has_images({"messages": [*text["messages"], {"role": "user", "content": [{"type": "image_url"}]}]})
+
+
 # ------------------------------------------------------------------ the issue's case, in process
 BILLED_PER_IMAGE = 2125          # what the upstream bills for the 1024x4096 high-detail image (the issue)
 IN_NANO, OUT_NANO = 1000, 4000   # $1 and $4 per Mtok
@@ -200,15 +211,31 @@ models:
         model: gpt-4o
         api_base: {base}
         price: {{input_per_mtok: 1, output_per_mtok: 4}}
+  claude-proxy:
+    deployments:
+      - provider: openai
+        name: claude-behind-a-proxy
+        model: claude-sonnet-4-5
+        api_base: {base}
+        capabilities: [chat, vision]
+        price: {{input_per_mtok: 3, output_per_mtok: 15}}
+routes:
+  - name: gpt-then-claude
+    match: {{models: [vision-fallback]}}
+    candidates: [vision-mock, claude-behind-a-proxy]
+    strategy: fallback
 """
 
 
 class BillingUpstream:
-    """An OpenAI-compatible upstream that bills each image as the issue's upstream did, every text token as
-    the gateway counts it, and all the output it was allowed (``max_tokens``)."""
+    """An OpenAI-compatible upstream that bills each image as the issue's upstream did (``per_image``: by
+    model), every text token as the gateway counts it, and all the output it was allowed (``max_tokens``);
+    it answers 500 to the models in ``failing``."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.per_image: dict[str, int] = {}
+        self.failing: set[str] = set()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -220,11 +247,17 @@ class BillingUpstream:
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
                 upstream.bodies.append(body)
+                if body["model"] in upstream.failing:
+                    self.send_response(500)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 messages = body["messages"]
                 images = sum(1 for m in messages for p in m["content"] if p.get("type") == "image_url")
                 text_only = [{**m, "content": [p for p in m["content"] if p.get("type") != "image_url"]}
                              for m in messages]
-                prompt = count_chat(text_only, body["model"]) + images * BILLED_PER_IMAGE
+                prompt = count_chat(text_only, body["model"]) + images * upstream.per_image.get(
+                    body["model"], BILLED_PER_IMAGE)
                 output = body.get("max_tokens") or body.get("max_completion_tokens")
                 raw = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
                                   "choices": [{"index": 0, "finish_reason": "length",
@@ -280,3 +313,27 @@ async def test_a_tall_high_detail_image_is_held_at_what_the_upstream_bills(gw: G
     status, raw = await gw.post(key, {"model": "vision", "max_tokens": 100, "messages": messages})
     assert status == 429 and b"budget" in raw                # spent: the next one is refused ...
     assert len(upstream.bodies) == 1                         # ... before any upstream call
+
+
+async def test_a_fallback_of_another_family_is_held_at_its_own_image_count(gw: Gateway,
+                                                                           upstream: BillingUpstream) -> None:
+    """GPT-4o first (it fails), Claude behind an OpenAI-compatible proxy second: a 1000x1000 image is 765
+    tokens on the first and 1,334 on the second (Anthropic's table); the hold must cover the second."""
+    upstream.failing.add("gpt-4o")
+    upstream.per_image["claude-sonnet-4-5"] = 1334
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "What is on this slide?"},
+        {"type": "image_url", "image_url": {"url": data_url(jpeg(1000, 1000), "image/jpeg")}}]}]
+    text_only = [{"role": "user", "content": [messages[0]["content"][0]]}]
+    prompt = count_chat(text_only, "claude-sonnet-4-5") + 1334
+    assert count_chat(messages, "claude-sonnet-4-5") == prompt and count_chat(messages, "gpt-4o") < prompt - 500
+    limit = prompt * 3000 + 50 * 15000          # the prompt on Claude and 50 of the 100 output tokens asked for
+    key = await gw.key("fallback-team", budget_usd=f"{limit / 1e9:.9f}", budget_period="daily")
+    status, raw = await gw.post(key, {"model": "vision-fallback", "max_tokens": 100, "messages": messages})
+    assert status == 200, raw
+    first, second = upstream.bodies
+    assert (first["model"], second["model"]) == ("gpt-4o", "claude-sonnet-4-5")
+    assert second["max_tokens"] == 50           # capped for the candidate whose prompt costs the most
+    record = await gw.one_exit("fallback-team")
+    assert (record.input_tokens, record.output_tokens) == (prompt, 50)
+    assert record.cost_nano == prompt * 3000 + 50 * 15000 == limit
