@@ -181,8 +181,8 @@ class Pipeline:
             cap = min(cap if cap is not None else output_cap(req.body, deployment), ticket.token_cap)
         if cap is not None:
             codec.cap_output(wire, body, cap, deployment)
-        if wire == req.shape:
-            body = self.savers.prompt_caching(req, deployment, body)
+        if wire == req.shape or wire == req.endpoint:   # the internal chat shape, or the client's own API
+            body = self.savers.prompt_caching(req, deployment, wire, body)
         return Call(wire, body, deployment, timeout_s, req.headers)
 
     async def complete(self, req: Request, codec: Codec, ticket: Ticket) -> Reply:
