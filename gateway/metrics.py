@@ -48,6 +48,7 @@ OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0
                     0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_write", "reasoning")
 OTHER = "other"
+MAX_RAW_COMBINATIONS = 10_000   # distinct raw (unbounded) label values remembered on the way to a tally
 FLUSH_S = 0.5              # the longest a finished request waits to reach the exported series
 EXTRA_TEAMS = 200          # teams outside the policies (named by keys) that still get their own label
 EXTRA_CODES = 32           # status/error codes beyond the known ones that still get their own label
@@ -128,8 +129,8 @@ class RequestTally:
     duration histograms; upstream and first-token latency, tokens by kind and cost on first use (so no
     empty series appear)."""
 
-    __slots__ = ("requests", "overhead", "duration", "upstream", "ttft", "tokens", "cost_nano", "dirty",
-                 "_requests", "_metrics", "_labels")
+    __slots__ = ("requests", "overhead", "duration", "upstream", "ttft", "input", "output", "cached_input",
+                 "cache_write", "reasoning", "cost_nano", "dirty", "_requests", "_metrics", "_labels")
 
     def __init__(self, m: Metrics, team: str, model: str, provider: str, route: str, status: str, cache: str,
                  stream: bool) -> None:
@@ -140,7 +141,7 @@ class RequestTally:
                                               "true" if stream else "false"))
         self.upstream: _Observations | None = None
         self.ttft: _Observations | None = None
-        self.tokens: dict[str, int] = {}
+        self.input = self.output = self.cached_input = self.cache_write = self.reasoning = 0   # TOKEN_TYPES
         self.cost_nano = 0
         self.dirty = False
         self._metrics = m
@@ -167,10 +168,11 @@ class RequestTally:
         for observations in (self.overhead, self.duration, self.upstream, self.ttft):
             if observations is not None:
                 observations.flush()
-        if self.tokens:
-            for kind, n in self.tokens.items():
+        for kind in TOKEN_TYPES:
+            n = getattr(self, kind)
+            if n:
                 m.child(m.tokens, team, model, provider, kind).inc(n)
-            self.tokens.clear()
+                setattr(self, kind, 0)
         if self.cost_nano:
             m.child(m.cost, team, model, provider).inc(self.cost_nano / 1e9)
             self.cost_nano = 0
@@ -229,6 +231,7 @@ class Metrics:
         self.provider_label = BoundedValues(EXTRA_CODES)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._requests: dict[tuple[str, str, str, str, str, str, bool], RequestTally] = {}
+        self._by_raw: dict[tuple[str, str, str, str, str, str, bool], RequestTally] = {}   # unbounded values
         self._dirty: list[RequestTally] = []        # tallies holding requests not yet flushed
         self._flush_loop: asyncio.AbstractEventLoop | None = None   # where the next flush is scheduled
         self._debt: dict[tuple[str, str], int] = {}   # negative savings carried forward, nano-USD
@@ -274,28 +277,35 @@ class Metrics:
         """A request finished (served, failed or refused after routing): every per-request series, from its
         ledger record, the time it waited on upstreams, whether the response cache was asked, and the tokens
         compression removed by strategy."""
-        team = self.team_label(r.team)
         served = bool(r.deployment)
-        c = self.for_request(team, self.model_label(r.model if served else r.requested_model),
-                             r.provider or "none", r.route, self.code_label(r.status), r.cache, r.stream)
+        raw = (r.team, r.model if served else r.requested_model, r.provider, r.route, r.status, r.cache, r.stream)
+        c = self._by_raw.get(raw)
+        if c is None:   # a new combination of values: bounded into labels once
+            c = self.for_request(self.team_label(r.team), self.model_label(raw[1]), r.provider or "none", r.route,
+                                 self.code_label(r.status), r.cache, r.stream)
+            if len(self._by_raw) < MAX_RAW_COMBINATIONS:
+                self._by_raw[raw] = c
         c.requests += 1
         if cache_looked_up:
-            self.child(self.cache_requests, team, r.cache).inc()
+            self.child(self.cache_requests, self.team_label(r.team), r.cache).inc()
         for strategy, tokens in compressed:
-            self.child(self.compression_saved, team, strategy).inc(tokens)
+            self.child(self.compression_saved, self.team_label(r.team), strategy).inc(tokens)
         duration = r.latency_ms / 1000
         c.overhead.observe(max(0.0, duration - upstream_s))
         c.duration.observe(duration)
-        for source, nano in r.savings.items():
-            self.saved(team, source, nano)
+        if r.savings:
+            team = self.team_label(r.team)
+            for source, nano in r.savings.items():
+                self.saved(team, source, nano)
         if served and r.cache != "hit":
             c.observe_upstream(upstream_s)
             if r.ttft_ms is not None:
                 c.observe_ttft(r.ttft_ms / 1000)
-        for kind, n in (("input", r.input_tokens), ("output", r.output_tokens), ("cached_input", r.cached_input_tokens),
-                        ("cache_write", r.cache_write_tokens), ("reasoning", r.reasoning_tokens)):
-            if n:
-                c.tokens[kind] = c.tokens.get(kind, 0) + n
+        c.input += r.input_tokens
+        c.output += r.output_tokens
+        c.cached_input += r.cached_input_tokens
+        c.cache_write += r.cache_write_tokens
+        c.reasoning += r.reasoning_tokens
         c.cost_nano += r.cost_nano
         if not c.dirty:
             c.dirty = True
@@ -362,9 +372,11 @@ class Metrics:
 
     def set_known_models(self, names: Iterable[str]) -> None:
         self._known_models = frozenset(names)
+        self._by_raw.clear()
 
     def set_known_teams(self, names: Iterable[str]) -> None:
         self.team_label.preset(names)
+        self._by_raw.clear()
 
     def model_label(self, name: str) -> str:
         return name if name in self._known_models else OTHER
