@@ -19,7 +19,6 @@ import logging.config
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -58,39 +57,44 @@ def _q(text: str | None) -> str:
     return text if _PLAIN.fullmatch(text) else orjson.dumps(text).decode()
 
 
-class Quoted:
-    """:func:`_q`, remembering the values it has seen (teams, models, routes: a handful, on every line);
-    at most ``limit`` of them."""
+class LineParts:
+    """The middle of access lines seen before (team, key, model, deployment, provider, route and status:
+    a handful of combinations, on every line), quoted once; at most ``limit`` of them."""
 
     __slots__ = ("seen", "limit")
 
     def __init__(self, limit: int = 4096) -> None:
-        self.seen: dict[str | None, str] = {}
+        self.seen: dict[tuple[str | None, ...], str] = {}
         self.limit = limit
 
-    def __call__(self, text: str | None) -> str:
-        quoted = self.seen.get(text)
-        if quoted is None:
-            quoted = _q(text)
+    def middle(self, r: LedgerRecord) -> str:
+        key = (r.team, r.key_id, r.requested_model, r.deployment, r.provider, r.route, r.status)
+        text = self.seen.get(key)
+        if text is None:
+            text = _middle(r)
             if len(self.seen) >= self.limit:
                 self.seen.clear()
-            self.seen[text] = quoted
-        return quoted
+            self.seen[key] = text
+        return text
 
 
-def access_line(record: LedgerRecord, json_format: bool, q: Callable[[str | None], str] = _q) -> str:
+def _middle(r: LedgerRecord) -> str:
+    return (f"team={_q(r.team)} key_id={_q(r.key_id)} model={_q(r.requested_model)} "
+            f"deployment={_q(r.deployment or None)} provider={_q(r.provider or None)} route={_q(r.route)} "
+            f"status={_q(r.status)}")
+
+
+def access_line(record: LedgerRecord, json_format: bool, parts: LineParts | None = None) -> str:
     """One request as one log line: ``key=value`` pairs (the fields of :func:`access_fields`), or a JSON object.
-    ``q`` quotes the text values (a :class:`Quoted` remembers them); the request id, new on every line,
-    goes through :func:`_q`."""
+    ``parts`` remembers the quoted middle of lines seen before."""
     if json_format:
         return orjson.dumps(access_fields(record)).decode()
     r = record
     ttft = "-" if r.ttft_ms is None else f"{r.ttft_ms:g}"
-    return (f"request_id={_q(r.request_id)} team={q(r.team)} key_id={q(r.key_id)} model={q(r.requested_model)} "
-            f"deployment={q(r.deployment or None)} provider={q(r.provider or None)} route={q(r.route)} "
-            f"status={q(r.status)} input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
+    return (f"request_id={_q(r.request_id)} {_middle(r) if parts is None else parts.middle(r)} "
+            f"input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
             f"cached_tokens={r.cached_input_tokens} cost_usd={usd_text(r.cost_nano)} latency_ms={r.latency_ms:g} "
-            f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={q(r.cache)} "
+            f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={_q(r.cache)} "
             f"estimated={'true' if r.estimated else 'false'}")
 
 
@@ -172,7 +176,8 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self.clock = _SecondCache()
-        self.quoted = Quoted()
+        self.parts = LineParts()
+        self.head_ms, self.head = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{self.clock.utc(record.created)}.{int(record.msecs):03d}Z {record.levelname} {record.name}: " \
@@ -182,9 +187,13 @@ class TextFormatter(logging.Formatter):
         return line
 
     def format_access(self, record: LedgerRecord, created: float) -> str:
-        """What :meth:`format` makes of an access log record, without one."""
-        msecs = int((created - int(created)) * 1000)
-        return f"{self.clock.utc(created)}.{msecs:03d}Z INFO {ACCESS_LOGGER}: {access_line(record, False, self.quoted)}"
+        """What :meth:`format` makes of an access log record, without one (the line's head is made once per
+        millisecond: requests come several per millisecond)."""
+        ms = int(created * 1000)
+        if ms != self.head_ms:
+            self.head_ms = ms
+            self.head = f"{self.clock.utc(created)}.{ms % 1000:03d}Z INFO {ACCESS_LOGGER}: "
+        return self.head + access_line(record, False, self.parts)
 
 
 class JsonFormatter(logging.Formatter):

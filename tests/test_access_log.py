@@ -16,7 +16,7 @@ from conftest import GatewayFactory, mock_policy
 from gateway.access_log import (
     BUFFER_CHARS,
     JsonFormatter,
-    Quoted,
+    LineParts,
     StderrLines,
     TextFormatter,
     access_fields,
@@ -56,14 +56,16 @@ def test_client_chosen_values_are_quoted_so_a_line_cannot_be_split() -> None:
     assert 'model="x\\nrequest_id=forged status=ok"' in line and 'request_id="abc def"' in line
 
 
-def test_remembered_quoting_is_the_same_quoting_and_stays_bounded() -> None:
-    quoted = Quoted(limit=3)
+def test_remembered_line_parts_give_the_same_line_and_stay_bounded() -> None:
+    parts = LineParts(limit=3)
     hostile = record(requested_model="x\nrequest_id=forged status=ok", team="a b", request_id="abc def")
-    assert access_line(hostile, False, quoted) == access_line(hostile, False)
-    assert access_line(hostile, False, quoted) == access_line(hostile, False)    # from what it remembered
+    assert access_line(hostile, False, parts) == access_line(hostile, False)
+    assert access_line(hostile, False, parts) == access_line(hostile, False)     # from what it remembered
+    assert access_line(record(status="budget_exceeded"), False, parts) == access_line(record(status="budget_exceeded"),
+                                                                                      False)
     for i in range(50):
-        quoted(f"team-{i}")
-    assert len(quoted.seen) <= 3 and quoted("a b") == '"a b"' and quoted(None) == "-"
+        assert access_line(record(team=f"team-{i}"), False, parts) == access_line(record(team=f"team-{i}"), False)
+    assert len(parts.seen) <= 3
 
 
 def test_no_secret_or_prompt_field_exists() -> None:
