@@ -6,26 +6,32 @@ decides, a partial hold is capped at its headroom, soft thresholds refuse with `
 repeated reserve of a live or settled request is a no-op that reports the state); a settle releases
 the whole hold, adds the actual cost once (a settled mark, kept by this process as in the memory
 store, makes a second settle a no-op) and replaces the TPM estimate by the truth in the window the reserve counted it
-in; a renew pushes a live hold's expiry; a hold not renewed lapses after the reservation TTL (every
-transaction first releases the lapsed ones, found through an index). Each reserve, renew and usage
-is one ``BEGIN IMMEDIATE`` transaction, so workers in other processes see it whole and in order:
-the atomicity the Lua script gets from Redis. A settle is checked at once, queued on the
-connection's :class:`GroupCommit` and awaits the next transaction (a reserve of this process, or
-the commit at the end of the event-loop iteration, with every other settle and ledger record of
-that iteration), so it is on disk when it returns and a request pays for one transaction of its
-own. Until then its hold still counts, which can only refuse, never overspend. Time is the wall
+in; a renew pushes a live hold's expiry; a hold not renewed lapses after the reservation TTL (at most
+every ``lapse_every_s``, a transaction first releases the lapsed ones). Reserves, settles and the
+ledger records of one event-loop iteration share one ``BEGIN IMMEDIATE`` transaction (the
+connection's :class:`GroupCommit`, committed at the end of the iteration): the settles first, then
+each reserve in arrival order, decided on what the ones before it wrote, so workers in other
+processes see the batch whole and in order, the atomicity the Lua script gets from Redis, and a
+request pays for a share of one commit instead of a transaction of its own. A reserve returns
+once that commit is done; a settle too, so it is on disk when it returns. Until then its hold
+still counts, which can only refuse, never overspend. A request's id is its process's own: a
+repeated reserve or settle can only come from the same process, which remembers its live holds
+and settled ids (a hold's row is read back only for a repeat). Time is the wall
 clock (one machine, one clock for every worker), injectable for tests. A request with no budget
 and no rate limit has nothing to count and touches no row. SQLite errors (the lock not obtained
-within the busy timeout, a full disk) raise :class:`StateUnavailable`, as an unreachable Redis does.
+within the busy timeout, a full disk) raise :class:`StateUnavailable`, as an unreachable Redis does:
+the reserves of the failed transaction fail, its settles wait for the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import orjson
@@ -56,6 +62,16 @@ _NO_LIMITS = (0, 0, 0, 0, -1, -1, -1, -1, -1, -1)   # the reply after (admitted,
 _BUCKET = "team = ? AND scope = ? AND owner = ? AND period_id = ?"
 
 
+@dataclass(slots=True)
+class _Reserve:
+    """A reserve waiting for its transaction, then its decision until the commit."""
+
+    req: ReserveRequest
+    plan: Plan
+    future: asyncio.Future[Admission]
+    admission: Admission | None = None
+
+
 class SqliteBudgetStore:
     """Budgets and rate limits in SQLite (``conn`` from :func:`gateway.state.sqlite_db.connect`)."""
 
@@ -75,29 +91,61 @@ class SqliteBudgetStore:
         self._next_lapse = 0.0
         self.lapse_every_s = min(1.0, reservation_ttl_s / 4)   # a lapsed hold counts at most this much longer
         self._settles: list[tuple[ReserveRequest, Plan, int, int]] = []
-        # Settled marks live in this process: a request is reserved and settled by one process, and on
-        # one machine no reply is lost, so a repeat can only come from here (as in the memory store).
+        self._reserves: list[_Reserve] = []     # waiting for the next transaction
+        self._decided: list[_Reserve] = []      # decided in the transaction being written
+        # Settled marks and live holds live in this process: a request is reserved and settled by one
+        # process (its id is this process's own), so a repeat can only come from here (as in the memory store).
         self._settled: dict[tuple[str, str], float] = {}   # (team, request id) -> forget at
+        self._holds: set[tuple[str, str]] = set()           # (team, request id) of this process's holds
         self.group = group if group is not None else GroupCommit(conn)
         self.group.join(self)
 
-    # ------------------------------------------------------------------ queued settles (GroupCommit)
+    # ------------------------------------------------------------------ queued writes (GroupCommit)
     @property
     def queued(self) -> int:
-        return len(self._settles)
+        return len(self._settles) + len(self._reserves)
 
     def write(self, c: sqlite3.Connection) -> None:
+        """The queued settles, then the queued reserves in arrival order, each decided on what the ones
+        before it wrote: one transaction, so other processes see the batch whole."""
         now = self._clock()
+        self._decided.clear()
+        self._lapse(c, now)
+        self._sweep(c, now)
         for req, p, cost, tokens in self._settles:
             self._settle(c, req, p, cost, tokens, now)
+        for r in self._reserves:
+            if not r.future.done():   # its caller gave up before the transaction: nothing to decide
+                r.admission = self._reserve(c, r.req, r.plan, now)
+                self._decided.append(r)
 
     def committed(self) -> None:
         self._settles.clear()
+        self._reserves.clear()
+        decided, self._decided = self._decided, []
+        for r in decided:   # write() skipped the ones whose caller was gone: nothing ran since
+            assert r.admission is not None
+            r.future.set_result(r.admission)
+
+    def failed(self, reason: BaseException) -> None:
+        """The transaction was rolled back: the settles wait for the next one, the reserves fail now (a
+        request does not wait for the database; the fail mode decides)."""
+        self._decided.clear()
+        reserves, self._reserves = self._reserves, []
+        exc = StateUnavailable(f"budget database: {reason}")
+        for r in reserves:
+            if not r.future.done():
+                r.future.set_exception(exc)
 
     def discard(self, reason: BaseException) -> None:
-        log.error("dropped %d settles that could not be written (%r): %s", len(self._settles), reason,
-                  [(r.request_id, cost) for r, _, cost, _ in self._settles])
+        log.error("dropped %d settles and %d reserves that could not be written (%r): %s", len(self._settles),
+                  len(self._reserves), reason, [(r.request_id, cost) for r, _, cost, _ in self._settles])
         self._settles.clear()
+        self._decided.clear()
+        reserves, self._reserves = self._reserves, []
+        for r in reserves:
+            if not r.future.done():
+                r.future.set_exception(reason)
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -123,15 +171,15 @@ class SqliteBudgetStore:
         if now < self._next_lapse and not force:
             return
         self._next_lapse = now + self.lapse_every_s
-        lapsed = c.execute("SELECT team, request_id, amount, buckets FROM reservations WHERE expires_at <= ?",
-                           (now,)).fetchall()
+        lapsed = c.execute("DELETE FROM reservations WHERE expires_at <= ? RETURNING team, request_id, amount, "
+                           "buckets", (now,)).fetchall()
         for team, rid, amount, buckets in lapsed:
-            self._release(c, team, rid, amount, buckets)
+            self._holds.discard((team, rid))
+            self._release(c, team, amount, buckets)
 
     @staticmethod
-    def _release(c: sqlite3.Connection, team: str, rid: str, amount: int, buckets: str) -> None:
-        """Drop a request's hold: its row and the amount it reserved on each of its buckets."""
-        c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+    def _release(c: sqlite3.Connection, team: str, amount: int, buckets: str) -> None:
+        """Take a deleted hold's amount off each of its buckets."""
         if amount:
             c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
                           [(amount, *(b if len(b) == 4 else (team, *b))) for b in orjson.loads(buckets)])
@@ -154,55 +202,75 @@ class SqliteBudgetStore:
                         "owner = ? AND expires_at > ?", (*key[:3], now)).fetchone()
         return int(row[0])
 
+    @staticmethod
+    def _keys(team: str, p: Plan) -> list[tuple[str, str, str, str]]:
+        return [(home_of(team, b.scope), b.scope, b.owner, pid) for b, pid in zip(p.budgets, p.period_ids, strict=True)]
+
+    @staticmethod
+    def _held(keys: list[tuple[str, str, str, str]], p: Plan) -> str:
+        """The ``buckets`` column of a hold: the keys of its calendar buckets (window holds have rows of their own)."""
+        return orjson.dumps([k for k, w in zip(keys, p.windows_ms, strict=True) if not w]).decode()
+
     # ------------------------------------------------------------------ BudgetStore
     async def reserve(self, req: ReserveRequest) -> Admission:
+        """Decided in the next transaction on the connection (at the end of this event-loop iteration, with
+        every other reserve, settle and ledger record queued in it), committed when this returns."""
         p = plan(req)
         if not p.budgets and not p.rates:
             return admission_from_reply(p, (1, req.cost_nano, *_NO_LIMITS))
-        now = self._clock()
+        r = _Reserve(req, p, asyncio.get_running_loop().create_future())
+        self._reserves.append(r)
+        self.group.touch(now=True)
+        return await r.future
+
+    def _reserve(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, now: float) -> Admission:
+        """One reserve inside the open transaction."""
         minute, retry_window = int(now // WINDOW_S), WINDOW_S - int(now) % WINDOW_S
         team, rid = req.team, req.request_id
-        with self._write() as c:
-            self._lapse(c, now)
-            self._sweep(c, now)
-            rec = c.execute("SELECT amount, buckets, expires_at FROM reservations WHERE team = ? AND request_id = ?",
-                            (team, rid)).fetchone()
-            if rec is not None and rec[2] <= now:   # its own lapsed hold, not yet released by _lapse
-                self._release(c, team, rid, rec[0], rec[1])
+        rec = None
+        if (team, rid) in self._holds:   # a repeated reserve: is its hold still there?
+            rec = c.execute("SELECT amount, buckets, expires_at FROM reservations WHERE team = ? AND "
+                            "request_id = ?", (team, rid)).fetchone()
+            if rec is None:
+                self._holds.discard((team, rid))   # released by another process's lapse
+            elif rec[2] <= now:   # its own lapsed hold, not yet released by _lapse
+                c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+                self._release(c, team, rec[0], rec[1])
+                self._holds.discard((team, rid))
                 rec = None
-            dup = rec is not None or self._settled.get((team, rid), 0.0) > now
-            amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
+        dup = rec is not None or self._settled.get((team, rid), 0.0) > now
+        amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
 
-            keys = [(home_of(team, b.scope), b.scope, b.owner, pid)
-                    for b, pid in zip(p.budgets, p.period_ids, strict=True)]
-            windowed = [w > 0 for w in p.windows_ms]
-            used = [self._window_used(c, k, now) if w else self._used(c, k, now)
-                    for k, w in zip(keys, windowed, strict=True)]
-            counts = []
-            for r in p.rates:
-                w = c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
-                              "AND owner = ?", (home_of(team, r.scope), r.scope, r.owner)).fetchone()
-                counts.append((0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2])))
-            d = decide(req, p, used, counts, dup, amount, self.partial_reservations, retry_window)
-            added = d.kind == 0 and not dup
-            if added:
-                amount = d.amount
-                c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
-                              "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
-                              "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
-                              [(*key, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
-                               for i, key in enumerate(keys) if not windowed[i]])
+        keys = self._keys(team, p)
+        windowed = [w > 0 for w in p.windows_ms]
+        used = [self._window_used(c, k, now) if w else self._used(c, k, now)
+                for k, w in zip(keys, windowed, strict=True)]
+        counts = []
+        for rate in p.rates:
+            w = c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
+                          "AND owner = ?", (home_of(team, rate.scope), rate.scope, rate.owner)).fetchone()
+            counts.append((0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2])))
+        d = decide(req, p, used, counts, dup, amount, self.partial_reservations, retry_window)
+        added = d.kind == 0 and not dup
+        if added:
+            amount = d.amount
+            c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                          "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
+                          "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
+                          [(*key, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
+                           for i, key in enumerate(keys) if not windowed[i]])
+            if any(windowed):
                 c.executemany("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)",
                               [(*key[:3], rid, amount, now + p.windows_ms[i] / 1000)
                                for i, key in enumerate(keys) if windowed[i]])
+            if p.rates:
                 c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
                               [(home_of(team, r.scope), r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
                                for r, (nreq, ntok) in zip(p.rates, counts, strict=True)])
-                held = [list(k) for k, w in zip(keys, windowed, strict=True) if not w]   # window holds stay
-                c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (team, rid, amount, minute, req.tokens, orjson.dumps(held).decode(),
-                           now + self.reservation_ttl_s))
-
+            # a plain INSERT: the id is this process's own, so no row of it can exist (a clash rolls back)
+            c.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (team, rid, amount, minute, req.tokens, self._held(keys, p), now + self.reservation_ttl_s))
+            self._holds.add((team, rid))
         return decided_admission(req, p, d, used, counts, added)
 
     async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
@@ -214,31 +282,42 @@ class SqliteBudgetStore:
         check_amount("actual_tokens", actual_tokens)
         if not p.budgets and not p.rates:
             return
-        key, now = (req.team, req.request_id), self._clock()
-        if self._settled.get(key, 0.0) > now:
+        if not self._queue_settle(req, p, actual_cost_nano, actual_tokens):
             return
-        self._settled[key] = now + self.reservation_ttl_s
-        if len(self._settled) > _MAX_SETTLED:         # bounded memory under any request rate: oldest first
-            del self._settled[next(iter(self._settled))]
-        self._settles.append((req, p, actual_cost_nano, actual_tokens))
         try:
             await self.group.wait()
         except sqlite3.Error as exc:
             raise StateUnavailable(f"budget database: {exc}") from exc
 
+    def _queue_settle(self, req: ReserveRequest, p: Plan, cost: int, tokens: int) -> bool:
+        """Queue a settle unless the request was settled already; False then."""
+        key, now = (req.team, req.request_id), self._clock()
+        if self._settled.get(key, 0.0) > now:
+            return False
+        self._settled[key] = now + self.reservation_ttl_s
+        if len(self._settled) > _MAX_SETTLED:         # bounded memory under any request rate: oldest first
+            del self._settled[next(iter(self._settled))]
+        self._settles.append((req, p, cost, tokens))
+        return True
+
     def _settle(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, cost: int, tokens: int,
                 now: float) -> None:
         team, rid = req.team, req.request_id
-        rec = c.execute("SELECT amount, minute, tokens, buckets, expires_at FROM reservations WHERE team = ? AND "
-                        "request_id = ?", (team, rid)).fetchone()
-        if rec is not None:   # release the whole hold (lapsed or not: it is released exactly once, here)
-            self._release(c, team, rid, rec[0], rec[3])
-        keys = [(home_of(team, rule.scope), rule.scope, rule.owner, pid)
-                for rule, pid in zip(p.budgets, p.period_ids, strict=True)]
+        self._holds.discard((team, rid))
+        # the whole hold is released (lapsed or not: exactly once, by whoever deletes its row)
+        rec = c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ? RETURNING amount, minute, "
+                        "tokens, buckets, expires_at", (team, rid)).fetchone()
+        keys = self._keys(team, p)
+        amount = 0
+        if rec is not None:
+            if rec[3] == self._held(keys, p):   # held where it is spent: one statement per bucket for both
+                amount = int(rec[0])
+            else:
+                self._release(c, team, rec[0], rec[3])
         c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
-                      "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, "
-                      "expires_at = MAX(expires_at, excluded.expires_at)",
-                      [(*key, cost, float(p.expire_at(i, now, self.bucket_grace_s)))
+                      "VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT DO UPDATE SET spent = spent + ?5, "
+                      "reserved = MAX(0, reserved - ?7), expires_at = MAX(expires_at, ?6)",
+                      [(*key, cost, float(p.expire_at(i, now, self.bucket_grace_s)), amount)
                        for i, key in enumerate(keys) if not p.windows_ms[i]])
         for i, key in enumerate(keys):   # a sliding window: the hold becomes the actual cost, and drops out with it
             if p.windows_ms[i]:

@@ -221,6 +221,10 @@ class Queued(Protocol):
     def discard(self, reason: BaseException) -> None:
         """``write`` raised something other than a database error: log what is queued, and drop it."""
 
+    def failed(self, reason: BaseException) -> None:
+        """The transaction that carried ``write`` was rolled back (``reason``): what may wait for the next
+        one stays queued; what may not (a reserve, which its request awaits) gives up now."""
+
 
 class GroupCommit:
     """Group commit on one connection: writes that need not hold up a request (a settle, a ledger
@@ -297,13 +301,20 @@ class GroupCommit:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE``, the queued writes, the caller's, ``COMMIT``; all rolled back on any error."""
         c = self.conn
-        self._begin(c)
+        try:
+            self._begin(c)
+        except BaseException as exc:
+            for part in self.parts:
+                part.failed(exc)
+            raise
         try:
             yield c
             c.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 c.execute("ROLLBACK")
+            for part in self.parts:
+                part.failed(exc)
             raise
         for part in self.parts:
             part.committed()
