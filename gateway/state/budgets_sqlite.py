@@ -72,6 +72,98 @@ class _Reserve:
     admission: Admission | None = None
 
 
+class _Batch:
+    """The reserves of one transaction: each bucket and rate window is read once, the batch's holds
+    are added up in memory (a reserve sees those of the reserves before it) and written at the end,
+    one row per bucket, so a batch of n reserves costs a few statements plus one INSERT row each."""
+
+    def __init__(self, store: SqliteBudgetStore, c: sqlite3.Connection, now: float) -> None:
+        self.store, self.c, self.now = store, c, now
+        self._used: dict[tuple[str, str, str, str], int] = {}      # bucket -> spent + reserved, holds included
+        self._window: dict[tuple[str, str, str], int] = {}         # sliding window -> what it holds
+        self.rates: dict[tuple[str, str, str], tuple[int, int]] = {}   # rate window -> (requests, tokens)
+        self.dirty_rates: set[tuple[str, str, str]] = set()
+        self.minute = 0
+        self.held: dict[tuple[str, str, str, str], list[float]] = {}   # bucket -> [added hold, expires at]
+        self.window_rows: list[tuple[str, str, str, str, int, float]] = []
+        self.reservations: list[tuple[str, str, int, int, int, str, float]] = []
+        self.holds: dict[tuple[str, str], int] = {}                # (team, id) -> hold taken in this batch
+        self.spent: dict[tuple[str, str, str, str], list[float]] = {}  # bucket -> [cost, released, expires at]
+        self.tokens: dict[tuple[str, str, str, int], int] = {}     # (rate window, minute) -> truth - estimates
+
+    def used(self, key: tuple[str, str, str, str]) -> int:
+        if key not in self._used:
+            self._used[key] = self.store._used(self.c, key, self.now)
+        return self._used[key]
+
+    def window_used(self, key: tuple[str, str, str, str]) -> int:
+        k = key[:3]
+        if k not in self._window:
+            self._window[k] = self.store._window_used(self.c, key, self.now)
+        return self._window[k]
+
+    def counts(self, key: tuple[str, str, str], minute: int) -> tuple[int, int]:
+        if key not in self.rates:
+            w = self.c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
+                               "AND owner = ?", key).fetchone()
+            self.rates[key] = (0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2]))
+            self.minute = minute
+        return self.rates[key]
+
+    def hold(self, key: tuple[str, str, str, str], amount: int, expires_at: float) -> None:
+        self._used[key] += amount
+        acc = self.held.setdefault(key, [0, expires_at])
+        acc[0] += amount
+        acc[1] = max(acc[1], expires_at)
+
+    def hold_window(self, key: tuple[str, str, str, str], rid: str, amount: int, expires_at: float) -> None:
+        self._window[key[:3]] += amount
+        self.window_rows.append((*key[:3], rid, amount, expires_at))
+
+    def spend(self, key: tuple[str, str, str, str], cost: int, released: int, expires_at: float) -> None:
+        acc = self.spent.setdefault(key, [0, 0, expires_at])
+        acc[0] += cost
+        acc[1] += released
+        acc[2] = max(acc[2], expires_at)
+
+    def flush_settles(self) -> None:
+        """Write the settles' spend and releases (one row update per bucket) and their TPM corrections."""
+        if self.spent:
+            self.c.executemany(
+                "INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                "VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT DO UPDATE SET spent = spent + ?5, "
+                "reserved = MAX(0, reserved - ?7), expires_at = MAX(expires_at, ?6)",
+                [(*key, int(cost), expires, int(released)) for key, (cost, released, expires) in self.spent.items()])
+            self.spent.clear()
+        if self.tokens:
+            self.c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ?) WHERE team = ? AND scope = ? "
+                               "AND owner = ? AND minute = ?", [(d, *k) for k, d in self.tokens.items() if d])
+            self.tokens.clear()
+
+    def flush(self) -> None:
+        """Write the batch's holds, rate counts and reservations, and forget what was read."""
+        c = self.c
+        if self.held:
+            c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                          "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
+                          "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
+                          [(*key, int(amount), expires) for key, (amount, expires) in self.held.items()])
+        if self.window_rows:
+            c.executemany("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)", self.window_rows)
+        if self.dirty_rates:
+            c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
+                          [(*k, self.minute, *self.rates[k]) for k in self.dirty_rates])
+        if self.reservations:
+            c.executemany("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)", self.reservations)
+        self._used.clear()
+        self._window.clear()
+        self.rates.clear()
+        self.dirty_rates.clear()
+        self.held.clear()
+        self.window_rows.clear()
+        self.reservations.clear()
+
+
 class SqliteBudgetStore:
     """Budgets and rate limits in SQLite (``conn`` from :func:`gateway.state.sqlite_db.connect`)."""
 
@@ -112,12 +204,15 @@ class SqliteBudgetStore:
         self._decided.clear()
         self._lapse(c, now)
         self._sweep(c, now)
+        batch = _Batch(self, c, now)
         for req, p, cost, tokens in self._settles:
-            self._settle(c, req, p, cost, tokens, now)
+            self._settle(batch, req, p, cost, tokens)
+        batch.flush_settles()
         for r in self._reserves:
             if not r.future.done():   # its caller gave up before the transaction: nothing to decide
-                r.admission = self._reserve(c, r.req, r.plan, now)
+                r.admission = self._reserve(batch, r.req, r.plan)
                 self._decided.append(r)
+        batch.flush()
 
     def committed(self) -> None:
         self._settles.clear()
@@ -223,17 +318,21 @@ class SqliteBudgetStore:
         self.group.touch(now=True)
         return await r.future
 
-    def _reserve(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, now: float) -> Admission:
-        """One reserve inside the open transaction."""
+    def _reserve(self, b: _Batch, req: ReserveRequest, p: Plan) -> Admission:
+        """One reserve of the batch, decided on the rows as the reserves before it in the batch left them."""
+        c, now = b.c, b.now
         minute, retry_window = int(now // WINDOW_S), WINDOW_S - int(now) % WINDOW_S
         team, rid = req.team, req.request_id
         rec = None
-        if (team, rid) in self._holds:   # a repeated reserve: is its hold still there?
+        if (team, rid) in b.holds:   # repeated within the batch
+            rec = (b.holds[(team, rid)], "", now + self.reservation_ttl_s)
+        elif (team, rid) in self._holds:   # a repeated reserve: is its hold still there?
             rec = c.execute("SELECT amount, buckets, expires_at FROM reservations WHERE team = ? AND "
                             "request_id = ?", (team, rid)).fetchone()
             if rec is None:
                 self._holds.discard((team, rid))   # released by another process's lapse
             elif rec[2] <= now:   # its own lapsed hold, not yet released by _lapse
+                b.flush()         # the rows it releases from are read again after
                 c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
                 self._release(c, team, rec[0], rec[1])
                 self._holds.discard((team, rid))
@@ -243,33 +342,25 @@ class SqliteBudgetStore:
 
         keys = self._keys(team, p)
         windowed = [w > 0 for w in p.windows_ms]
-        used = [self._window_used(c, k, now) if w else self._used(c, k, now)
-                for k, w in zip(keys, windowed, strict=True)]
-        counts = []
-        for rate in p.rates:
-            w = c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
-                          "AND owner = ?", (home_of(team, rate.scope), rate.scope, rate.owner)).fetchone()
-            counts.append((0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2])))
+        used = [b.window_used(k) if w else b.used(k) for k, w in zip(keys, windowed, strict=True)]
+        rates = [(home_of(team, r.scope), r.scope, r.owner) for r in p.rates]
+        counts = [b.counts(k, minute) for k in rates]
         d = decide(req, p, used, counts, dup, amount, self.partial_reservations, retry_window)
         added = d.kind == 0 and not dup
         if added:
             amount = d.amount
-            c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
-                          "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
-                          "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
-                          [(*key, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
-                           for i, key in enumerate(keys) if not windowed[i]])
-            if any(windowed):
-                c.executemany("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)",
-                              [(*key[:3], rid, amount, now + p.windows_ms[i] / 1000)
-                               for i, key in enumerate(keys) if windowed[i]])
-            if p.rates:
-                c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
-                              [(home_of(team, r.scope), r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
-                               for r, (nreq, ntok) in zip(p.rates, counts, strict=True)])
+            for i, key in enumerate(keys):
+                if windowed[i]:
+                    b.hold_window(key, rid, amount, now + p.windows_ms[i] / 1000)
+                else:
+                    b.hold(key, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
+            for k, (nreq, ntok) in zip(rates, counts, strict=True):
+                b.rates[k] = (nreq + 1, ntok + req.tokens)
+                b.dirty_rates.add(k)
             # a plain INSERT: the id is this process's own, so no row of it can exist (a clash rolls back)
-            c.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (team, rid, amount, minute, req.tokens, self._held(keys, p), now + self.reservation_ttl_s))
+            b.reservations.append((team, rid, amount, minute, req.tokens, self._held(keys, p),
+                                   now + self.reservation_ttl_s))
+            b.holds[(team, rid)] = amount
             self._holds.add((team, rid))
         return decided_admission(req, p, d, used, counts, added)
 
@@ -300,8 +391,9 @@ class SqliteBudgetStore:
         self._settles.append((req, p, cost, tokens))
         return True
 
-    def _settle(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, cost: int, tokens: int,
-                now: float) -> None:
+    def _settle(self, b: _Batch, req: ReserveRequest, p: Plan, cost: int, tokens: int) -> None:
+        """One settle of the batch: its hold's row deleted now, its spend and releases added up in ``b``."""
+        c, now = b.c, b.now
         team, rid = req.team, req.request_id
         self._holds.discard((team, rid))
         # the whole hold is released (lapsed or not: exactly once, by whoever deletes its row)
@@ -310,26 +402,23 @@ class SqliteBudgetStore:
         keys = self._keys(team, p)
         amount = 0
         if rec is not None:
-            if rec[3] == self._held(keys, p):   # held where it is spent: one statement per bucket for both
+            if rec[3] == self._held(keys, p):   # held where it is spent: one row update per bucket for both
                 amount = int(rec[0])
             else:
                 self._release(c, team, rec[0], rec[3])
-        c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
-                      "VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT DO UPDATE SET spent = spent + ?5, "
-                      "reserved = MAX(0, reserved - ?7), expires_at = MAX(expires_at, ?6)",
-                      [(*key, cost, float(p.expire_at(i, now, self.bucket_grace_s)), amount)
-                       for i, key in enumerate(keys) if not p.windows_ms[i]])
-        for i, key in enumerate(keys):   # a sliding window: the hold becomes the actual cost, and drops out with it
-            if p.windows_ms[i]:
+        for i, key in enumerate(keys):
+            if not p.windows_ms[i]:
+                b.spend(key, cost, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
+            else:   # a sliding window: the hold becomes the actual cost, and drops out with it
                 cur = c.execute("UPDATE window_holds SET amount = ? WHERE team = ? AND scope = ? AND owner = ? AND "
                                 "request_id = ?", (cost, *key[:3], rid))
                 if cur.rowcount == 0 and cost > 0:
                     c.execute("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)",
                               (*key[:3], rid, cost, now + p.windows_ms[i] / 1000))
-        if rec is not None and rec[4] > now and p.rates:   # TPM: replace the estimate by the truth
-            c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ? - ?) WHERE team = ? AND scope = ? "
-                          "AND owner = ? AND minute = ?",
-                          [(tokens, rec[2], home_of(team, r.scope), r.scope, r.owner, rec[1]) for r in p.rates])
+        if rec is not None and rec[4] > now:   # TPM: replace the estimate by the truth
+            for r in p.rates:
+                k = (home_of(team, r.scope), r.scope, r.owner, int(rec[1]))
+                b.tokens[k] = b.tokens.get(k, 0) + tokens - int(rec[2])
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)
