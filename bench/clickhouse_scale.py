@@ -70,6 +70,13 @@ SYNTHETIC = {
     "compression_saved_tokens": "toInt64(0)",
     "estimated": "false",
     "stream": "number % 2 = 0",
+    "endpoint": "'chat'",
+    "user": "concat('user-', toString((cityHash64(number, 2) % 2000) * 5 + cityHash64(number, 9) % 5))",
+    "tags": "if(number % 10 = 0, ['batch'], CAST([], 'Array(String)'))",
+    "session": "''",
+    "agent": "''",
+    "parent_agent": "''",
+    "overrun": "false",
 }
 
 

@@ -12,7 +12,10 @@ ledger records of one event-loop iteration share one ``BEGIN IMMEDIATE`` transac
 connection's :class:`GroupCommit`, committed at the end of the iteration): the settles first, then
 each reserve in arrival order, decided on what the ones before it wrote, so workers in other
 processes see the batch whole and in order, the atomicity the Lua script gets from Redis, and a
-request pays for a share of one commit instead of a transaction of its own. A reserve returns
+request pays for a share of one commit instead of a transaction of its own. Within the batch each
+bucket and rate window is read once and written once (:class:`_Batch` adds the holds, spend and
+releases up in memory): a request's own statements are the INSERT of its hold's row and the
+DELETE that releases it. A reserve returns
 once that commit is done; a settle too, so it is on disk when it returns. Until then its hold
 still counts, which can only refuse, never overspend. A request's id is its process's own: a
 repeated reserve or settle can only come from the same process, which remembers its live holds
