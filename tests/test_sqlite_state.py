@@ -30,7 +30,7 @@ import pytest
 from conftest import ROOT, GatewayFactory, Server, mock_policy, stop
 from gateway.settings import Settings
 from gateway.state import open_state
-from gateway.state.budgets import BudgetRule, ReserveRequest, StateUnavailable
+from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
 from gateway.state.budgets_sqlite import SqliteBudgetStore
 from gateway.state.keys import hash_secret
 from gateway.state.keys_sqlite import SqliteKeyStore
@@ -232,6 +232,32 @@ async def test_concurrent_reserves_share_a_transaction_and_never_overspend(tmp_p
         assert other.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
     finally:
         await state.aclose()
+        other.close()
+
+
+async def test_a_batch_of_settles_spends_and_corrects_tpm_once_per_bucket(tmp_path: Path) -> None:
+    """Three holds of $0.40 (300 estimated tokens each) on a $1.50 team budget with a 1,000 TPM limit,
+    reserved together, then settled together at $0.10, $0.20 and $0.30 and 100 tokens each: one
+    transaction writes the spend ($0.60 to the nano-dollar), releases every hold and replaces the
+    900 estimated tokens by the 300 used, so a reserve of 700 tokens fits the minute again."""
+    t = [1_800_000_005.0]
+    store = SqliteBudgetStore(connect(tmp_path), clock=lambda: t[0])
+    rule = BudgetRule("team", "alpha", "daily", 1_500_000_000)
+    rates = (RateRule("team", "alpha", None, 1_000),)
+    now = datetime.now(UTC)
+    reqs = [ReserveRequest(f"s{i}", "alpha", 400_000_000, 300, (rule,), rates, now) for i in range(3)]
+    other = sqlite3.connect(db_path(tmp_path))
+    try:
+        assert all(a.admitted for a in await asyncio.gather(*(store.reserve(r) for r in reqs)))
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (0, 1_200_000_000)
+        assert other.execute("SELECT requests, tokens FROM rate_windows").fetchone() == (3, 900)
+        await asyncio.gather(*(store.settle(r, (i + 1) * 100_000_000, 100) for i, r in enumerate(reqs)))
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (600_000_000, 0)
+        assert other.execute("SELECT requests, tokens FROM rate_windows").fetchone() == (3, 300)
+        fits = await store.reserve(ReserveRequest("s3", "alpha", 0, 700, (rule,), rates, now))
+        assert fits.admitted and fits.rate.remaining_tokens == 0
+    finally:
+        await store.aclose()
         other.close()
 
 
