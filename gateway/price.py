@@ -13,7 +13,7 @@ of the same tier: audio input as input, reasoning as output, and so on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar
 
@@ -52,7 +52,16 @@ class Price:
     inclusive_tiers: bool = False
     off_peak: tuple[OffPeak, Price] | None = None   # (schedule, price while it is open); drops tiers
     service_tiers: tuple[tuple[str, Price], ...] = ()   # (flex/priority/..., the price at that tier)
+    # (dearest prompt-token rate, dearest completion-token rate) of these flat rates: made once, read per hold
+    max_rates: tuple[int, int] = field(init=False, repr=False, compare=False)
     ZERO: ClassVar[Price]
+
+    def __post_init__(self) -> None:
+        prompt = (self.input, self.cache_write, self.cache_write_1h, self.audio_input, self.image_input,
+                  self.video_input)
+        completion = (self.output, self.reasoning, self.audio_output, self.image_output, self.video_output)
+        object.__setattr__(self, "max_rates", (max(r for r in prompt if r is not None),
+                                               max(r for r in completion if r is not None)))
 
     def at(self, prompt_tokens: int) -> Price:
         """The rates (this price's own, or one of its tiers') that bill a request of ``prompt_tokens``."""
@@ -79,19 +88,18 @@ class Price:
 
     def max_input_rate(self) -> int:
         """The dearest rate any prompt token of this flat price can cost (a worst-case hold)."""
-        rates = (self.input, self.cache_write, self.cache_write_1h, self.audio_input, self.image_input,
-                 self.video_input)
-        return max(r for r in rates if r is not None)
+        return self.max_rates[0]
 
     def max_output_rate(self) -> int:
         """The dearest rate any completion token of this flat price can cost (a worst-case hold)."""
-        rates = (self.output, self.reasoning, self.audio_output, self.image_output, self.video_output)
-        return max(r for r in rates if r is not None)
+        return self.max_rates[1]
 
     def hold_rates(self, prompt_tokens: int, service_tier: object = None) -> tuple[int, int]:
         """(input, output) pico-USD per token a worst-case hold should use for a request of
         ``prompt_tokens`` asking for ``service_tier`` (a request body's value, e.g. "priority"): the
         tier the prompt selects, the dearest kind of token, peak or off-peak, whichever is dearer."""
+        if not self.tiers and self.off_peak is None and (service_tier is None or not self.service_tiers):
+            return self.max_rates      # a flat price (the common case)
         base = self.served_at(SERVICE_TIERS.get(service_tier) if isinstance(service_tier, str) else None)
         options = [base.at(prompt_tokens)]
         if base.off_peak is not None:
