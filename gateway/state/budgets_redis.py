@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -57,11 +58,15 @@ SCRIPT_VERSION = "v2"
 SCRIPT = resources.files("gateway.state").joinpath("budget_script.lua").read_text(encoding="utf-8")
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode(), usedforsecurity=False).hexdigest()
 PREFIX = "gw"
+KEYS_REMEMBERED = 10_000   # (team, scope, owner, period) key names a store keeps made
 _ERRORS = (RedisError, RedisClusterException, OSError)
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")   # what quote() leaves as it is
+
+
 def _q(name: str) -> str:
-    return quote(name, safe="")
+    return name if _UNRESERVED.fullmatch(name) else quote(name, safe="")
 
 
 def team_tag(team: str) -> str:
@@ -123,6 +128,7 @@ class RedisBudgetStore:
         self.partial_reservations = partial_reservations
         self._cluster = isinstance(client, RedisCluster)
         self._loaded = False
+        self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
 
     async def _run(self, keys: list[str], args: list[str | int]) -> Any:
         r: Any = self._r  # redis-py's stubs type commands for sync and async clients alike
@@ -140,10 +146,29 @@ class RedisBudgetStore:
         except _ERRORS as exc:
             raise StateUnavailable(f"budget store unavailable: {type(exc).__name__}: {exc}") from exc
 
-    def _bucket_keys(self, team: str, p: Plan) -> list[str]:
+    def _bucket_keys(self, team: str, p: Plan, rates: bool = True) -> list[str]:
+        """The keys of ``p``'s budget buckets, then (with ``rates``) of its rate windows."""
         keys: list[str] = []
+        made = self._keys
         for rule, pid in zip(p.budgets, p.period_ids, strict=True):
-            keys.extend(bucket_keys(team, rule, pid))
+            name = (team, rule.scope, rule.owner, pid)
+            pair = made.get(name)
+            if pair is None:
+                pair = self._remember(name, bucket_keys(team, rule, pid))
+            keys.extend(pair)
+        for r in p.rates if rates else ():
+            name = (team, r.scope, r.owner, "rl")
+            pair = made.get(name)
+            if pair is None:
+                pair = self._remember(name, (rate_key(team, r.scope, r.owner),))
+            keys.extend(pair)
+        return keys
+
+    def _remember(self, name: tuple[str, str, str, str], keys: tuple[str, ...]) -> tuple[str, ...]:
+        """Key names are the same for every request of a team, budget and period: made once each (bounded)."""
+        if len(self._keys) >= KEYS_REMEMBERED:
+            self._keys.clear()
+        self._keys[name] = keys
         return keys
 
     def _split(self, req: ReserveRequest, p: Plan) -> list[tuple[str, ReserveRequest]] | None:
@@ -198,8 +223,7 @@ class RedisBudgetStore:
                 await self._settle_at(tag, sub, plan(sub), 0, 0, op="release")
 
     async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> Admission:
-        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
-                *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
+        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p)]
         args: list[str | int] = [
             "reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
             max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
@@ -231,8 +255,7 @@ class RedisBudgetStore:
     async def _settle_at(self, tag: str | None, req: ReserveRequest, p: Plan, actual_cost_nano: int,
                          actual_tokens: int, op: str = "settle") -> None:
         """``op`` ``release``: settle at 0 and give back the request counted in the rate windows too."""
-        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
-                *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
+        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p)]
         args: list[str | int] = [
             op, SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
             self.bucket_grace_s, len(p.budgets), len(p.rates)]
@@ -248,7 +271,7 @@ class RedisBudgetStore:
         return all([await self._renew_at(tag, sub, plan(sub)) for tag, sub in parts])
 
     async def _renew_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> bool:
-        keys = [request_keys(req.team, req.request_id, tag)[0], *self._bucket_keys(req.team, p)]
+        keys = [request_keys(req.team, req.request_id, tag)[0], *self._bucket_keys(req.team, p, rates=False)]
         args: list[str | int] = ["renew", SCRIPT_VERSION, req.request_id,
                                  max(1, round(self.reservation_ttl_s * 1000)), len(p.budgets), *p.windows_ms]
         return int(await self._run(keys, args)) == 1
