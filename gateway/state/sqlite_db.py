@@ -103,6 +103,20 @@ def db_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / DB_NAME
 
 
+def _journal_mode_wal(conn: sqlite3.Connection) -> str:
+    """Switch to WAL; the journal mode it ends in. Several processes opening a new database at once can be
+    answered "database is locked" at once here (the switch does not always wait on the busy handler):
+    tried again for up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def connect(data_dir: str | Path, *, migrate_to: int | None = SCHEMA_VERSION) -> sqlite3.Connection:
     """Open (creating the directory, mode 0700, and the file, mode 0600) and migrate the database.
     The connection is in autocommit mode: callers open their own ``BEGIN IMMEDIATE`` transactions."""
@@ -114,7 +128,7 @@ def connect(data_dir: str | Path, *, migrate_to: int | None = SCHEMA_VERSION) ->
     conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+        if _journal_mode_wal(conn).lower() != "wal":
             raise SchemaError(f"{path}: SQLite would not switch to WAL (a network file system?)")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")   # the WAL shrinks back after a burst
