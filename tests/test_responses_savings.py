@@ -19,18 +19,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from mock_responses import MockResponses, mock_responses, mock_responses_server  # noqa: F401
+from test_responses_api import CACHED, IN, OUT, Gw, nano_of  # the same prices and SDK client
 
 from gateway.api.responses.compressed import compressed_input
 from gateway.api.responses.to_chat import message_origins, responses_to_chat
-from inprocess import Gateway, in_process
+from inprocess import in_process
 
-# pico-USD per token: $2 in, $8 out, $0.5 cached in (gpt-native); $1 in, $2 out (local)
-IN, OUT, CACHED = 2_000_000, 8_000_000, 500_000
-LOCAL_IN, LOCAL_OUT = 1_000_000, 2_000_000
+LOCAL_IN, LOCAL_OUT = 1_000_000, 2_000_000   # pico-USD per token of the local model ($1 in, $2 out)
 POLICY = """\
 models:
   gpt-native:
@@ -55,21 +53,12 @@ teams:
 """
 
 
-class Gw(Gateway):
-    def client(self, key: str) -> openai.AsyncOpenAI:
-        return self.sdk_client(openai.AsyncOpenAI, httpx, key, "http://gateway/v1")
-
-
 @pytest.fixture
 async def gw(tmp_path: Path, mock_responses: MockResponses,  # noqa: F811
              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gw]:
     monkeypatch.setenv("TEST_OPENAI_UPSTREAM_KEY", "sk-upstream-secret")
     async with in_process(tmp_path, POLICY.format(mock=mock_responses.url)) as gateway:
         yield Gw(gateway.app, gateway)
-
-
-def nano_of(pico: int) -> int:
-    return (pico + 500) // 1000
 
 
 async def streamed(client: openai.AsyncOpenAI, **kw: Any) -> tuple[list[str], Any]:

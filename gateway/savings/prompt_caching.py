@@ -145,16 +145,22 @@ def _mark_message(message: dict[str, Any], control: dict[str, str]) -> dict[str,
 def mark(body: dict[str, Any], plan: Breakpoints, settings: PromptCacheSettings) -> dict[str, Any]:
     """A copy of ``body`` with the planned breakpoints (the original is not modified)."""
     control = _control(settings)
-    out = dict(body)
-    if plan.tools:
-        tools = list(body["tools"])
-        tools[-1] = {**tools[-1], "cache_control": control}
-        out["tools"] = tools
+    out = _tools_marked(body, plan.tools, control)
     if plan.messages:
         messages = list(body["messages"])
         for i in plan.messages:
             messages[i] = _mark_message(messages[i], control)
         out["messages"] = messages
+    return out
+
+
+def _tools_marked(body: dict[str, Any], mark_tools: bool, control: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``body``, its last tool with a breakpoint when ``mark_tools``."""
+    out = dict(body)
+    if mark_tools:
+        tools = list(body["tools"])
+        tools[-1] = {**tools[-1], "cache_control": control}
+        out["tools"] = tools
     return out
 
 
@@ -291,11 +297,7 @@ def plan_native(body: dict[str, Any], model: str, settings: PromptCacheSettings)
 def mark_native(body: dict[str, Any], plan: NativeBreakpoints, settings: PromptCacheSettings) -> dict[str, Any]:
     """A copy of the Messages ``body`` with the planned breakpoints (the original is not modified)."""
     control = _control(settings)
-    out = dict(body)
-    if plan.tools:
-        tools = list(body["tools"])
-        tools[-1] = {**tools[-1], "cache_control": control}
-        out["tools"] = tools
+    out = _tools_marked(body, plan.tools, control)
     if plan.system:
         out["system"] = _with_control(body["system"], control)
     if plan.messages:
