@@ -87,8 +87,8 @@ class Ticket:
 
         Only the first call counts. ``record_later``: the caller writes the reply first and then
         calls :meth:`record` (the JSON path keeps the ledger write off the response's latency), except
-        on a state that commits settles and records together (SQLite): there the record is written
-        with the settle, so a crash after the response cannot lose it."""
+        on a state that takes the record with the settle (SQLite's commit, a worker lease's open entry
+        on Redis): there it goes with the settle, so a crash after the response cannot lose it."""
         if self._finished:
             return
         self._finished = True
@@ -103,7 +103,7 @@ class Ticket:
                                                   self.upstream_cost_nano)
         except Exception:   # a bug in pricing must still release the hold and leave a record
             log.exception("pricing request %s failed", self.req.request_id)
-        durable = self.books.state.group is not None
+        durable = self.books.state.records_with_settle
         record = self.ledger_record() if durable or not record_later else None
         try:
             await self._settle(record)
@@ -180,6 +180,15 @@ class Ticket:
             duration_s=now - req.started, upstream_s=self.upstream_s, ttft_s=self.ttft_s,
             called_upstream=d is not None and req.cache_result != "hit", tokens=tokens, cost_nano=self.cost_nano,
             savings=tuple(self.savings.items()), compressed=compressed))
+
+    def intent_record(self) -> LedgerRecord:
+        """The record this request gets if its worker dies before it finishes (worker leases: stored with the
+        hold at reserve): who and what, on its first candidate deployment."""
+        record = self.ledger_record()
+        if self.plan.candidates:
+            d = self.plan.candidates[0]
+            record.model, record.deployment, record.provider = d.model, d.id, d.provider
+        return record
 
     def ledger_record(self) -> LedgerRecord:
         req, plan, d = self.req, self.plan, self.deployment

@@ -6,7 +6,12 @@ UTC day the hash ``roll:{team:<team>}:<yyyymmdd>`` and per served model per day 
 short-lived ``dedup:{<tag>}:<batch>`` markers. Names in keys are percent-encoded. Each batch is
 applied by one Lua script that first checks its marker (a hash of the batch's records), so a batch
 is all-or-nothing and a retry after an ambiguous failure (the reply lost after the server applied
-it) is a no-op: nothing is lost or counted twice. On Redis Cluster, a script cannot span slots, so
+it) is a no-op: nothing is lost or counted twice. With worker leases (one Redis), a record with a
+``hold_id`` is also waiting in ``gw:v2:open`` (:mod:`gateway.state.leases`): the same script checks
+that its entry is still there in the expected state (``I``/``R`` for a worker's own record, ``S``
+for a dead worker's swept ``interrupted`` one) and removes it, so of the worker's batch and the
+sweeper's exactly one writes it; a record whose entry is gone is left out of the batch.
+On Redis Cluster, a script cannot span slots, so
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
 non-transactional pipeline. ``totals`` sums the rollups when the range is whole UTC days and reads
 the stream otherwise; both sum the same integer counters, so they agree exactly.
@@ -80,6 +85,7 @@ class LedgerRecord:
     agent: str | None = None           # a coding agent's sub-agent id, and its parent's
     parent_agent: str | None = None
     overrun: bool = False              # it cost more than the hold it was admitted with
+    hold_id: str = ""                  # its budget hold while a worker lease tracks it in gw:v2:open, else ""
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)   # orjson serialises dataclasses natively, ~15x faster than asdict
@@ -249,10 +255,24 @@ def _text(value: Any) -> str:
 
 
 # KEYS[1] = the batch marker; ARGV[1] = marker TTL s, ARGV[2] = stream MAXLEN ('0': none); then ops,
-# each: code ('x' XADD, 'h' HINCRBY pairs, 's' SADD), index into KEYS, count n, n arguments.
+# each: code ('x' XADD, 'h' HINCRBY pairs, 's' SADD, 'c' open-request claims), index into KEYS, count n, n
+# arguments. A 'c' op (first, if any) holds (hold id, 'o' own record | 's' swept) pairs: when an entry is gone
+# or not in that state, nothing is applied and the reply lists those hold ids; else they are removed.
 _APPLY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local i = 3
+if ARGV[3] == 'c' then
+  local key, n = KEYS[tonumber(ARGV[4])], tonumber(ARGV[5])
+  local gone = {}
+  for j = 6, 5 + n, 2 do
+    local e = redis.call('HGET', key, ARGV[j])
+    local k = e and string.sub(e, 1, 1)
+    if not k or (ARGV[j + 1] == 's') ~= (k == 'S') then gone[#gone + 1] = ARGV[j] end
+  end
+  if #gone > 0 then return gone end
+  for j = 6, 5 + n, 2 do redis.call('HDEL', key, ARGV[j]) end
+  i = 6 + n
+end
 while i <= #ARGV do
   local op, key, n = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
   local first, last = i + 3, i + 2 + n
@@ -278,16 +298,28 @@ class RedisLedger:
     ``ts`` may run ahead of the Redis clock that stamps its stream id (stream reads start there)."""
 
     def __init__(self, client: Any, stream_maxlen: int | None = None, *, atomic: bool | None = None,
-                 dedup_ttl_s: int = DAY_S, max_skew_s: float = 300.0) -> None:
+                 dedup_ttl_s: int = DAY_S, max_skew_s: float = 300.0, open_key: str | None = None) -> None:
         self._r = client
         self.stream_maxlen = stream_maxlen
         self.atomic = not isinstance(client, RedisCluster) if atomic is None else atomic
         self.dedup_ttl_s = dedup_ttl_s
         self.max_skew_s = max_skew_s
+        self.open_key = open_key if self.atomic else None   # worker leases: records wait there until written
+        self.left_out = 0                                    # records another worker's batch wrote (see above)
 
     async def append(self, records: Sequence[LedgerRecord]) -> None:
+        for _ in range(3):   # a retry leaves out the records whose entries are gone, which never come back
+            gone = await self._append(records)
+            if not gone:
+                return
+            self.left_out += len(gone)
+            log.warning("%d ledger records were written by another worker's batch; left out", len(gone))
+            records = [r for r in records if r.hold_id not in gone]
+
+    async def _append(self, records: Sequence[LedgerRecord]) -> set[str]:
+        """Apply one batch; the hold ids whose open entries are gone (then nothing was applied)."""
         if not records:
-            return
+            return set()
         payloads = [r.to_json() for r in records]
         batch = hashlib.sha256(b"\n".join(payloads)).hexdigest()[:32]  # same batch, same marker
         hashes: dict[str, Counter[str]] = {}
@@ -298,7 +330,11 @@ class RedisLedger:
                 hashes.setdefault(key, Counter()).update(counters(r))
             sets.setdefault(f"gw:v1:rollidx:teams:{day}", set()).add(r.team)
             sets.setdefault(f"gw:v1:rollidx:models:{day}", set()).add(r.model)
-        ops: dict[str, tuple[str, list[Any]]] = {STREAM: ("x", payloads)}
+        ops: dict[str, tuple[str, list[Any]]] = {}
+        if self.open_key is not None and any(r.hold_id for r in records):
+            ops[self.open_key] = ("c", [x for r in records if r.hold_id
+                                        for x in (r.hold_id, "s" if r.status == "interrupted" else "o")])
+        ops[STREAM] = ("x", payloads)
         ops |= {k: ("h", [x for field, n in c.items() if n for x in (field, n)]) for k, c in hashes.items()}
         ops |= {k: ("s", sorted(members)) for k, members in sets.items()}
         groups: dict[int, list[str]] = {}
@@ -310,7 +346,11 @@ class RedisLedger:
             for index, key in enumerate(keys, start=2):
                 args += [ops[key][0], index, len(ops[key][1]), *ops[key][1]]
             pipe.eval(_APPLY, len(keys) + 1, f"gw:v1:dedup:{{{_tag(keys[0])}}}:{batch}", *keys, *args)
-        await pipe.execute()
+        gone: set[str] = set()
+        for reply in await pipe.execute():
+            if isinstance(reply, list):
+                gone.update(_text(h) for h in reply)
+        return gone
 
     async def _scan(self, since: float) -> AsyncIterator[LedgerRecord]:
         """Stream entries stamped from ``since - max_skew_s`` on (entries flushed late carry later ids)."""
