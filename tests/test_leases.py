@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import pytest
@@ -124,10 +124,11 @@ async def test_a_dead_workers_requests_are_swept_once_at_their_holds(redis: Redi
     assert sorted(by_id) == ["r0", "r1", "r2", "r3"] and len(records) == 4
     for i in range(3):
         r = by_id[f"r{i}"]
-        assert (r.status, r.cost_nano, r.estimated, r.hold_id) == ("interrupted", HOLD, True, running[i].request_id)
+        assert (r.status, r.cost_nano, r.estimated, r.hold_id) == \
+            ("interrupted", HOLD, True, "swept:" + running[i].request_id)
         assert (r.team, r.key_id, r.user, r.tags, r.session, r.endpoint, r.deployment) == \
             (team, "k1", "u1", ("a",), "s1", "messages", "d1")
-    assert by_id["r3"] == final
+    assert by_id["r3"] == replace(final, hold_id="swept:" + answered.request_id)   # taken over as it was
     assert await used(live.store, team) == (COST + 3 * HOLD, 0)         # the holds end now, charged in full
 
     # the dead worker was only stalled: its late settle finds the request swept, its late batch is left out
@@ -138,16 +139,37 @@ async def test_a_dead_workers_requests_are_swept_once_at_their_holds(redis: Redi
     assert dead.ledger.left_out == 1
 
     await live.ledger.append(records)
-    await live.ledger.append(records)                                   # written twice: counted once
+    await live.ledger.append(records)                                   # the same batch again: its marker
+    await live.ledger.append(records[:2])                               # in another batch: left out
+    assert live.ledger.left_out == 2
     await dead.ledger.append([final])                                   # the dead worker's own batch, late
+    assert dead.ledger.left_out == 2
     grouped = await ledger_of(redis, team)
     assert {k: len(v) for k, v in grouped.items()} == {"r0": 1, "r1": 1, "r2": 1, "r3": 1}
     total = sum(v[0].cost_nano for v in grouped.values())
     assert total == COST + 3 * HOLD == (await used(live.store, team))[0]
-    assert [k for k, v in (await redis.hgetall(OPEN_KEY)).items() if parse_entry(v)[1] == dead_name] == []
+    left = [parse_entry(v)[0] for v in (await redis.hgetall(OPEN_KEY)).values() if parse_entry(v)[1] == dead_name]
+    assert left == ["W"] * 4                                            # tombstones until the worker is forgotten
     await redis.delete(f"gw:v2:sweep:{dead_name}")                    # the lock's time is up
     assert await live.leases.sweep(dead_name) == []
     assert await redis.zscore(WORKERS_KEY, dead_name) is None          # nothing left of it: forgotten
+    assert [v for v in (await redis.hgetall(OPEN_KEY)).values() if parse_entry(v)[1] == dead_name] == []
+
+
+async def test_a_record_whose_entry_redis_lost_is_still_written(redis: Redis) -> None:
+    """A Redis restarted without its data has no open entry for a settled request: its record is written anyway
+    (only a swept entry stops a worker's own record)."""
+    team = f"t-{uuid.uuid4().hex[:8]}"
+    w = worker(redis, f"w-{uuid.uuid4().hex[:8]}")
+    req = request(team, f"h-{uuid.uuid4().hex}")
+    assert (await w.store.reserve(req, Leases.intent(req, record_of(team, "x1")))).admitted
+    final = record_of(team, "x1", COST)
+    final.hold_id = req.request_id
+    assert await w.store.settle(req, COST, 12, final.to_json())
+    await redis.hdel(OPEN_KEY, req.request_id)                         # what a data loss looks like
+    await w.ledger.append([final])
+    assert w.ledger.left_out == 0
+    assert [r.cost_nano for r in (await ledger_of(redis, team))["x1"]] == [COST]
 
 
 async def test_keep_renews_this_lease_and_finds_the_dead(redis: Redis) -> None:

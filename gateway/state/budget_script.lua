@@ -1,5 +1,6 @@
 -- Gateway budgets + rate limits, script version v2 (also in every key prefix: gw:v2:{team:<team>}:...).
--- ARGV[1] selects the operation (reserve | settle | sweep | renew | lease | retire | usage); ARGV[2] must equal VERSION.
+-- ARGV[1] selects the operation (reserve | settle | sweep | claim | renew |
+-- lease | retire | usage); ARGV[2] must equal VERSION.
 -- Team and key budgets share the team's hash tag; end-user, tag and session buckets and windows have
 -- their own ({user:<id>}, ...), shared by every team: one call spans slots only when it names those.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
@@ -12,7 +13,8 @@
 -- Worker leases  gw:v2:workers                     zset  worker -> lease deadline (server ms)   (one Redis only)
 -- Open requests  gw:v2:open                        hash  hold id -> 'I<worker> <held> <intent json>' (reserved),
 --                                                  'R<worker> <record json>' (settled, record not yet in the ledger),
---                                                  'S<worker> <record json>' (its worker died: swept as interrupted)
+--                                                  'S<worker> <record json>' (its worker died: swept, the sweep
+--                                                  writes it), 'W<worker>' (written by the sweep: a tombstone)
 local VERSION = 'v2'
 if ARGV[2] ~= VERSION then
   return redis.error_reply('ERR budget script is ' .. VERSION .. ', caller expects ' .. tostring(ARGV[2]))
@@ -235,6 +237,14 @@ elseif op == 'renew' then
       redis.call('ZADD', bres, 'XX', s(now_ms + ttl_ms), rid)
     end
   end
+  return 1
+
+elseif op == 'claim' then
+  -- KEYS: open; ARGV: op, ver, rid, worker. A dead worker's settled request whose record is unwritten ('R'):
+  -- marked swept ('S'), so only the sweep's batch writes it. 1 when taken now.
+  local e = redis.call('HGET', KEYS[1], ARGV[3])
+  if not e or string.sub(e, 1, 1) ~= 'R' then return 0 end
+  redis.call('HSET', KEYS[1], ARGV[3], 'S' .. string.sub(e, 2))
   return 1
 
 elseif op == 'lease' then

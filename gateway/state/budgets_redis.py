@@ -266,6 +266,10 @@ class RedisBudgetStore:
             args += [worker, record]
         return int(await self._run(keys, args))
 
+    async def claim(self, hold_id: str, worker: str) -> int:
+        """Take over a dead worker's settled request's unwritten record (``R`` -> ``S``): 1 if taken now."""
+        return int(await self._run([OPEN_KEY], ["claim", SCRIPT_VERSION, hold_id, worker]))
+
     async def lease(self) -> list[str]:
         """Renew this worker's lease; the workers whose lease ran out."""
         assert self.worker is not None

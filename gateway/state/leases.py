@@ -11,9 +11,10 @@ every live worker's state task, on any replica) renews this worker's lease, lear
 lease ran out, and sweeps each of them under a lock (``gw:v2:sweep:<worker>``, so one worker does it):
 every open intent is settled at its full hold (the worst case the budget admitted, never more) and
 becomes a ledger record with status ``interrupted`` and ``estimated`` set; every settled request's
-unwritten record is written as it was. The sweep and the dead worker's own batch (a worker that was
-only stalled) check and remove the same entry atomically, so each record is written exactly once.
-A swept worker is forgotten once none of its entries is left, unless it renewed its lease meanwhile.
+unwritten record is taken over (marked swept) and written as it was. The sweep's batch and the dead
+worker's own (a worker that was only stalled) check the same entry atomically, so each record is
+written once; a swept record leaves a tombstone until its worker is forgotten, which happens once
+nothing of it is left to write, unless it renewed its lease meanwhile.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from redis.exceptions import RedisError
 
 from gateway.state.budgets import ReserveRequest, StateUnavailable, reserve_request_from_dict
 from gateway.state.budgets_redis import OPEN_KEY, PREFIX, SCRIPT_VERSION, RedisBudgetStore
-from gateway.state.ledger import LedgerRecord
+from gateway.state.ledger import SWEPT, LedgerRecord
 
 log = logging.getLogger("gateway.state")
 SWEEP_LOCK_S = 30        # a sweeper that dies mid-sweep leaves the dead worker to the next one after this
@@ -41,7 +42,8 @@ def new_worker_id() -> str:
 
 
 def parse_entry(raw: bytes) -> tuple[str, str, int, bytes]:
-    """(kind ``I``/``R``/``S``, worker, held nano-USD (intents only, else 0), JSON) of one ``gw:v2:open`` value."""
+    """(kind ``I``/``R``/``S``/``W``, worker, held nano-USD (intents only, else 0), JSON) of a ``gw:v2:open``
+    value."""
     kind, rest = raw[:1].decode(), raw[1:]
     worker, _, tail = rest.partition(b" ")
     if kind == "I":
@@ -53,7 +55,8 @@ def parse_entry(raw: bytes) -> tuple[str, str, int, bytes]:
 def interrupted_record(data: dict[str, Any], hold_id: str, held_nano: int) -> LedgerRecord:
     """The ledger record of a request whose worker died: its intent, charged its whole hold, flagged."""
     record = LedgerRecord.from_dict(data)
-    record.status, record.cost_nano, record.estimated, record.hold_id = "interrupted", held_nano, True, hold_id
+    record.status, record.cost_nano, record.estimated = "interrupted", held_nano, True
+    record.hold_id = SWEPT + hold_id
     record.input_tokens = record.output_tokens = 0
     return record
 
@@ -108,21 +111,28 @@ class Leases:
         if not await self.redis.set(lock, self.worker, nx=True, px=SWEEP_LOCK_S * 1000):
             return []
         entries = await self._entries(worker)
-        if not entries:
+        if all(value[:1] == b"W" for _, value in entries):   # nothing left to write: forget it
+            if entries:
+                await self.redis.hdel(OPEN_KEY, *(hold_id for hold_id, _ in entries))
             await self.store.retire(worker)
             return []
         records: list[LedgerRecord] = []
         for hold_id, value in entries:
             kind, _, held, raw = parse_entry(value)
-            if kind != "I":          # settled (R) or swept (S) before: its record is still to write
+            if kind == "S":          # swept before: its record is still to write
                 records.append(LedgerRecord.from_json(raw))
-                continue
-            data = orjson.loads(raw)
-            req = reserve_request_from_dict(data["q"])
-            record = interrupted_record(data["r"], hold_id, held)
-            if await self.store.sweep(req, held, worker, record.to_json()) == 1:
-                self.swept += 1
-                records.append(record)
+            elif kind == "R":        # settled, its record unwritten: taken over (its worker's late batch is left out)
+                if await self.store.claim(hold_id, worker) == 1:
+                    record = LedgerRecord.from_json(raw)
+                    record.hold_id = SWEPT + hold_id
+                    records.append(record)
+            elif kind == "I":
+                data = orjson.loads(raw)
+                req = reserve_request_from_dict(data["q"])
+                record = interrupted_record(data["r"], hold_id, held)
+                if await self.store.sweep(req, held, worker, record.to_json()) == 1:
+                    self.swept += 1
+                    records.append(record)
         log.warning("worker %s died: %d of its requests recorded as interrupted, %d records written for it",
                     worker, sum(r.status == "interrupted" for r in records), len(records))
         return records
@@ -131,7 +141,7 @@ class Leases:
         """A clean shutdown: forget this worker when nothing of it is left open (else its lease lapses and a
         live worker sweeps what is)."""
         try:
-            if not await self._entries(self.worker):
+            if not [v for _, v in await self._entries(self.worker) if v[:1] != b"W"]:
                 await self.store.retire(self.worker, force=True)
         except _ERRORS as exc:
             log.warning("worker lease not released: %r", exc)

@@ -8,9 +8,10 @@ applied by one Lua script that first checks its marker (a hash of the batch's re
 is all-or-nothing and a retry after an ambiguous failure (the reply lost after the server applied
 it) is a no-op: nothing is lost or counted twice. With worker leases (one Redis), a record with a
 ``hold_id`` is also waiting in ``gw:v2:open`` (:mod:`gateway.state.leases`): the same script checks
-that its entry is still there in the expected state (``I``/``R`` for a worker's own record, ``S``
-for a dead worker's swept ``interrupted`` one) and removes it, so of the worker's batch and the
-sweeper's exactly one writes it; a record whose entry is gone is left out of the batch.
+that its entry is in the expected state (not swept for a worker's own record; swept, ``S``, for one
+the sweep writes for a dead worker, whose ``hold_id`` is ``swept:<hold>``) and retires it, so of
+the worker's batch and the sweeper's exactly one writes it; a record whose entry says otherwise is
+left out of the batch.
 On Redis Cluster, a script cannot span slots, so
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
 non-transactional pipeline. ``totals`` sums the rollups when the range is whole UTC days and reads
@@ -100,6 +101,14 @@ class LedgerRecord:
         if isinstance(record.tags, list):   # JSON has no tuples
             record.tags = tuple(record.tags)
         return record
+
+
+SWEPT = "swept:"   # a hold_id prefix: the record was written for a dead worker by the sweep
+
+
+def claim_of(hold_id: str) -> tuple[str, str]:
+    """(open entry, ``s`` for a record the sweep wrote for a dead worker or ``o`` for a worker's own)."""
+    return (hold_id[len(SWEPT):], "s") if hold_id.startswith(SWEPT) else (hold_id, "o")
 
 
 def day_of(ts: float, fmt: str = "%Y%m%d") -> str:
@@ -256,8 +265,11 @@ def _text(value: Any) -> str:
 
 # KEYS[1] = the batch marker; ARGV[1] = marker TTL s, ARGV[2] = stream MAXLEN ('0': none); then ops,
 # each: code ('x' XADD, 'h' HINCRBY pairs, 's' SADD, 'c' open-request claims), index into KEYS, count n, n
-# arguments. A 'c' op (first, if any) holds (hold id, 'o' own record | 's' swept) pairs: when an entry is gone
-# or not in that state, nothing is applied and the reply lists those hold ids; else they are removed.
+# arguments. A 'c' op (first, if any) holds (hold id, 'o' own record | 's' swept) pairs: a swept record needs
+# its entry swept ('S'), an own record one not swept ('S', or 'W': written by the sweep); when one does not,
+# nothing is applied and the reply lists those hold ids. Else own entries are removed (an own entry already
+# missing, e.g. a Redis that lost its data, does not stop its record) and swept ones become 'W<worker>'
+# tombstones (a stalled worker's late batch cannot write them again), dropped when the worker is retired.
 _APPLY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local i = 3
@@ -267,10 +279,19 @@ if ARGV[3] == 'c' then
   for j = 6, 5 + n, 2 do
     local e = redis.call('HGET', key, ARGV[j])
     local k = e and string.sub(e, 1, 1)
-    if not k or (ARGV[j + 1] == 's') ~= (k == 'S') then gone[#gone + 1] = ARGV[j] end
+    if ARGV[j + 1] == 's' then
+      if k ~= 'S' then gone[#gone + 1] = ARGV[j] end
+    elseif k == 'S' or k == 'W' then gone[#gone + 1] = ARGV[j] end
   end
   if #gone > 0 then return gone end
-  for j = 6, 5 + n, 2 do redis.call('HDEL', key, ARGV[j]) end
+  for j = 6, 5 + n, 2 do
+    local e = redis.call('HGET', key, ARGV[j])
+    if ARGV[j + 1] == 's' then
+      redis.call('HSET', key, ARGV[j], 'W' .. string.sub(e, 2, (string.find(e, ' ', 1, true) or (#e + 1)) - 1))
+    elseif e then
+      redis.call('HDEL', key, ARGV[j])
+    end
+  end
   i = 6 + n
 end
 while i <= #ARGV do
@@ -314,7 +335,7 @@ class RedisLedger:
                 return
             self.left_out += len(gone)
             log.warning("%d ledger records were written by another worker's batch; left out", len(gone))
-            records = [r for r in records if r.hold_id not in gone]
+            records = [r for r in records if claim_of(r.hold_id)[0] not in gone]
 
     async def _append(self, records: Sequence[LedgerRecord]) -> set[str]:
         """Apply one batch; the hold ids whose open entries are gone (then nothing was applied)."""
@@ -332,8 +353,7 @@ class RedisLedger:
             sets.setdefault(f"gw:v1:rollidx:models:{day}", set()).add(r.model)
         ops: dict[str, tuple[str, list[Any]]] = {}
         if self.open_key is not None and any(r.hold_id for r in records):
-            ops[self.open_key] = ("c", [x for r in records if r.hold_id
-                                        for x in (r.hold_id, "s" if r.status == "interrupted" else "o")])
+            ops[self.open_key] = ("c", [x for r in records if r.hold_id for x in claim_of(r.hold_id)])
         ops[STREAM] = ("x", payloads)
         ops |= {k: ("h", [x for field, n in c.items() if n for x in (field, n)]) for k, c in hashes.items()}
         ops |= {k: ("s", sorted(members)) for k, members in sets.items()}
