@@ -152,6 +152,15 @@ async def test_a_dead_workers_requests_are_swept_once_at_their_holds(redis: Redi
     assert left == ["W"] * 4                                            # tombstones until the worker is forgotten
     await redis.delete(f"gw:v2:sweep:{dead_name}")                    # the lock's time is up
     assert await live.leases.sweep(dead_name) == []
+    parked = await redis.zscore(WORKERS_KEY, dead_name)                # tombstones younger than a day: kept,
+    assert parked is not None and parked > (await redis.time())[0] * 1000 + 86_000_000   # not dead till then
+    assert dead_name not in await live.store.lease()
+    await kill(redis, dead_name)
+    tombstones = {k: v for k, v in (await redis.hgetall(OPEN_KEY)).items() if parse_entry(v)[1] == dead_name}
+    assert len(tombstones) == 4
+    await redis.hset(OPEN_KEY, mapping={k: f"W{dead_name} 1" for k in tombstones})   # as if a day had passed
+    await redis.delete(f"gw:v2:sweep:{dead_name}")
+    assert await live.leases.sweep(dead_name) == []
     assert await redis.zscore(WORKERS_KEY, dead_name) is None          # nothing left of it: forgotten
     assert [v for v in (await redis.hgetall(OPEN_KEY)).values() if parse_entry(v)[1] == dead_name] == []
 

@@ -1,6 +1,6 @@
 -- Gateway budgets + rate limits, script version v2 (also in every key prefix: gw:v2:{team:<team>}:...).
 -- ARGV[1] selects the operation (reserve | settle | sweep | claim | renew |
--- lease | retire | usage); ARGV[2] must equal VERSION.
+-- lease | retire | park | usage); ARGV[2] must equal VERSION.
 -- Team and key budgets share the team's hash tag; end-user, tag and session buckets and windows have
 -- their own ({user:<id>}, ...), shared by every team: one call spans slots only when it names those.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
@@ -257,6 +257,13 @@ elseif op == 'retire' then
   -- KEYS: workers; ARGV: op, ver, worker, force. Forget a swept worker unless it came back (lease renewed).
   local at = redis.call('ZSCORE', KEYS[1], ARGV[3])
   if at and (ARGV[4] == '1' or tonumber(at) <= now_ms) then redis.call('ZREM', KEYS[1], ARGV[3]) return 1 end
+  return 0
+
+elseif op == 'park' then
+  -- KEYS: workers; ARGV: op, ver, worker, until_ms. A swept worker with only tombstones left: not taken for
+  -- dead again until they are due (so it never crowds out newly dead workers), unless it came back.
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[3])
+  if at and tonumber(at) <= now_ms then redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[3]) return 1 end
   return 0
 
 elseif op == 'usage' then

@@ -276,6 +276,10 @@ class RedisBudgetStore:
         reply = await self._run([WORKERS_KEY], ["lease", SCRIPT_VERSION, self.worker, self.lease_ms])
         return [w.decode() if isinstance(w, bytes) else str(w) for w in reply]
 
+    async def park(self, worker: str, until_s: int) -> bool:
+        """Take a swept worker with only tombstones left for alive until ``until_s`` (unix s, server time)."""
+        return int(await self._run([WORKERS_KEY], ["park", SCRIPT_VERSION, worker, until_s * 1000])) == 1
+
     async def retire(self, worker: str, force: bool = False) -> bool:
         """Forget a worker whose open requests are all swept, unless it renewed its lease meanwhile
         (``force``: this worker, shutting down cleanly)."""

@@ -13,8 +13,9 @@ every open intent is settled at its full hold (the worst case the budget admitte
 becomes a ledger record with status ``interrupted`` and ``estimated`` set; every settled request's
 unwritten record is taken over (marked swept) and written as it was. The sweep's batch and the dead
 worker's own (a worker that was only stalled) check the same entry atomically, so each record is
-written once; a swept record leaves a tombstone until its worker is forgotten, which happens once
-nothing of it is left to write, unless it renewed its lease meanwhile.
+written once; a swept record leaves a tombstone for a day (so a dead worker's spool, adopted by a
+later process, cannot write it again either); the worker is forgotten once nothing of it is left,
+unless it renewed its lease meanwhile.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from gateway.state.ledger import SWEPT, LedgerRecord
 log = logging.getLogger("gateway.state")
 SWEEP_LOCK_S = 30        # a sweeper that dies mid-sweep leaves the dead worker to the next one after this
 MAX_SCAN = 1_000_000     # open entries read per sweep, at most
+TOMBSTONE_S = 86_400     # a record the sweep wrote stays marked this long (a dead worker's spool adopted late)
 _ERRORS = (StateUnavailable, RedisError, OSError)
 
 
@@ -42,8 +44,8 @@ def new_worker_id() -> str:
 
 
 def parse_entry(raw: bytes) -> tuple[str, str, int, bytes]:
-    """(kind ``I``/``R``/``S``/``W``, worker, held nano-USD (intents only, else 0), JSON) of a ``gw:v2:open``
-    value."""
+    """(kind ``I``/``R``/``S``/``W``, worker, held nano-USD (intents only, else 0), JSON (a tombstone: its
+    server time, unix s)) of a ``gw:v2:open`` value."""
     kind, rest = raw[:1].decode(), raw[1:]
     worker, _, tail = rest.partition(b" ")
     if kind == "I":
@@ -111,10 +113,17 @@ class Leases:
         if not await self.redis.set(lock, self.worker, nx=True, px=SWEEP_LOCK_S * 1000):
             return []
         entries = await self._entries(worker)
-        if all(value[:1] == b"W" for _, value in entries):   # nothing left to write: forget it
-            if entries:
-                await self.redis.hdel(OPEN_KEY, *(hold_id for hold_id, _ in entries))
-            await self.store.retire(worker)
+        if all(value[:1] == b"W" for _, value in entries):   # nothing left to write, only tombstones
+            now = int((await self.redis.time())[0])
+            written = {hold_id: int(parse_entry(value)[3] or 0) for hold_id, value in entries}
+            old = [hold_id for hold_id, at in written.items() if at <= now - TOMBSTONE_S]
+            if old:
+                await self.redis.hdel(OPEN_KEY, *old)
+            if len(old) == len(written):                   # none left: forget the worker
+                await self.store.retire(worker)
+            else:                                          # not taken for dead again until the next one is due
+                await self.store.park(worker, min(at for at in written.values() if at > now - TOMBSTONE_S)
+                                      + TOMBSTONE_S + 1)
             return []
         records: list[LedgerRecord] = []
         for hold_id, value in entries:

@@ -268,8 +268,9 @@ def _text(value: Any) -> str:
 # arguments. A 'c' op (first, if any) holds (hold id, 'o' own record | 's' swept) pairs: a swept record needs
 # its entry swept ('S'), an own record one not swept ('S', or 'W': written by the sweep); when one does not,
 # nothing is applied and the reply lists those hold ids. Else own entries are removed (an own entry already
-# missing, e.g. a Redis that lost its data, does not stop its record) and swept ones become 'W<worker>'
-# tombstones (a stalled worker's late batch cannot write them again), dropped when the worker is retired.
+# missing, e.g. a Redis that lost its data, does not stop its record) and swept ones become 'W<worker> <time>'
+# tombstones (a stalled worker's late batch, or its spool adopted later, cannot write them again), dropped a
+# day later by the sweep.
 _APPLY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local i = 3
@@ -287,7 +288,8 @@ if ARGV[3] == 'c' then
   for j = 6, 5 + n, 2 do
     local e = redis.call('HGET', key, ARGV[j])
     if ARGV[j + 1] == 's' then
-      redis.call('HSET', key, ARGV[j], 'W' .. string.sub(e, 2, (string.find(e, ' ', 1, true) or (#e + 1)) - 1))
+      local w = string.sub(e, 2, (string.find(e, ' ', 1, true) or (#e + 1)) - 1)
+      redis.call('HSET', key, ARGV[j], 'W' .. w .. ' ' .. redis.call('TIME')[1])
     elseif e then
       redis.call('HDEL', key, ARGV[j])
     end
