@@ -430,9 +430,9 @@ async def in_flight(rc: Redis, workers: list[int]) -> dict[int, int]:
     counts = dict.fromkeys(workers, 0)
     for value in (await rc.hgetall(OPEN_KEY)).values():
         kind, owner, _, _ = parse_entry(value)
-        pid = int(owner.split("-", 1)[0])
-        if kind == "I" and pid in counts:
-            counts[pid] += 1
+        pid = owner.split("-", 1)[0]                              # other tests' workers may be named otherwise
+        if kind == "I" and pid.isdigit() and int(pid) in counts:
+            counts[int(pid)] += 1
     return counts
 
 
