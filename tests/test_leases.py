@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -65,6 +66,16 @@ def record_of(team: str, request_id: str, cost: int = 0) -> LedgerRecord:
                         endpoint="messages")
 
 
+def intent_of(team: str, request_id: str) -> dict[str, Any]:
+    """The fields a ticket's intent carries (see :meth:`Ticket.intent`)."""
+    r = record_of(team, request_id)
+    return {k: v for k, v in asdict(r).items() if k in INTENT_FIELDS}
+
+
+INTENT_FIELDS = ("request_id", "ts", "team", "key_id", "requested_model", "model", "deployment", "provider", "route",
+                 "stream", "endpoint", "user", "tags", "session", "agent", "parent_agent")
+
+
 async def used(store: RedisBudgetStore, team: str) -> tuple[int, int]:
     [u] = await store.usage(team, [rule(team)], datetime.now(UTC))
     return u.spent_nano, u.reserved_nano
@@ -86,8 +97,7 @@ async def test_the_intent_goes_with_the_hold_and_the_record_with_the_settle(redi
     team, name = f"t-{uuid.uuid4().hex[:8]}", f"w-{uuid.uuid4().hex[:8]}"
     w = worker(redis, name)
     req = request(team, f"h-{uuid.uuid4().hex}")
-    intent = record_of(team, "r1")
-    admission = await w.store.reserve(req, Leases.intent(req, intent))
+    admission = await w.store.reserve(req, Leases.intent(req, intent_of(team, "r1")))
     assert admission.admitted and admission.reserved_nano == HOLD
     kind, owner, held, raw = parse_entry(await redis.hget(OPEN_KEY, req.request_id))
     assert (kind, owner, held) == ("I", name, HOLD)
@@ -111,7 +121,7 @@ async def test_a_dead_workers_requests_are_swept_once_at_their_holds(redis: Redi
     running = [request(team, f"h-{uuid.uuid4().hex}") for _ in range(3)]     # in flight when the worker died
     answered = request(team, f"h-{uuid.uuid4().hex}")                       # settled, its record not yet written
     for i, req in enumerate([*running, answered]):
-        assert (await dead.store.reserve(req, Leases.intent(req, record_of(team, f"r{i}")))).admitted
+        assert (await dead.store.reserve(req, Leases.intent(req, intent_of(team, f"r{i}")))).admitted
     final = record_of(team, "r3", COST)
     final.hold_id = answered.request_id
     assert await dead.store.settle(answered, COST, 12, final.to_json())
@@ -171,7 +181,7 @@ async def test_a_record_whose_entry_redis_lost_is_still_written(redis: Redis) ->
     team = f"t-{uuid.uuid4().hex[:8]}"
     w = worker(redis, f"w-{uuid.uuid4().hex[:8]}")
     req = request(team, f"h-{uuid.uuid4().hex}")
-    assert (await w.store.reserve(req, Leases.intent(req, record_of(team, "x1")))).admitted
+    assert (await w.store.reserve(req, Leases.intent(req, intent_of(team, "x1")))).admitted
     final = record_of(team, "x1", COST)
     final.hold_id = req.request_id
     assert await w.store.settle(req, COST, 12, final.to_json())
@@ -186,7 +196,7 @@ async def test_keep_renews_this_lease_and_finds_the_dead(redis: Redis) -> None:
     dead_name = f"dead-{uuid.uuid4().hex[:8]}"
     dead, live = worker(redis, dead_name), worker(redis, f"live-{uuid.uuid4().hex[:8]}")
     req = request(team, f"h-{uuid.uuid4().hex}")
-    assert (await dead.store.reserve(req, Leases.intent(req, record_of(team, "k0")))).admitted
+    assert (await dead.store.reserve(req, Leases.intent(req, intent_of(team, "k0")))).admitted
     await kill(redis, dead_name)
     records = await live.leases.keep()
     mine = [r for r in records if r.team == team]
@@ -203,7 +213,7 @@ async def test_state_keeps_the_record_in_redis_until_its_batch_lands(redis: Redi
     state = State(w.store, keys, CachedKeys(keys, ttl_s=0), BufferedLedger(w.ledger), False, redis=redis,
                   leases=w.leases)
     req = request(team, f"h-{uuid.uuid4().hex}")
-    assert (await state.reserve(req, lambda: record_of(team, "s1"))).admitted
+    assert (await state.reserve(req, lambda: intent_of(team, "s1"))).admitted
     assert parse_entry(await redis.hget(OPEN_KEY, req.request_id))[0] == "I"
     await state.finish(req, COST, 12, record_of(team, "s1", COST))
     kind, _, _, raw = parse_entry(await redis.hget(OPEN_KEY, req.request_id))

@@ -75,7 +75,7 @@ class Ticket:
         self.status = "ok"
         self._finished = False
         self._recorded = False
-        self._written = False      # the ledger record went to the state with the settle
+        self._written: LedgerRecord | None = None   # the ledger record that went to the state with the settle
 
     @property
     def finished(self) -> bool:
@@ -108,8 +108,7 @@ class Ticket:
         try:
             await self._settle(record)
         finally:
-            if record is not None:
-                self._written = True
+            self._written = record
             if not record_later:
                 self.record()
 
@@ -160,8 +159,9 @@ class Ticket:
         self._recorded = True
         req, books = self.req, self.books
         req.recorded = True
-        record = self.ledger_record()
-        if not self._written:
+        record = self._written
+        if record is None:
+            record = self.ledger_record()
             books.state.record(record)
         books.access.write(record)
         d, usage = self.deployment, self.usage
@@ -181,14 +181,18 @@ class Ticket:
             called_upstream=d is not None and req.cache_result != "hit", tokens=tokens, cost_nano=self.cost_nano,
             savings=tuple(self.savings.items()), compressed=compressed))
 
-    def intent_record(self) -> LedgerRecord:
-        """The record this request gets if its worker dies before it finishes (worker leases: stored with the
-        hold at reserve): who and what, on its first candidate deployment."""
-        record = self.ledger_record()
-        if self.plan.candidates:
-            d = self.plan.candidates[0]
-            record.model, record.deployment, record.provider = d.model, d.id, d.provider
-        return record
+    def intent(self) -> dict[str, Any]:
+        """What the ledger record of this request says if its worker dies before it finishes (worker leases:
+        stored with the hold at reserve): who and what, on its first candidate deployment; the rest of a
+        :class:`LedgerRecord` keeps its defaults."""
+        req, plan, attribution = self.req, self.plan, self.req.attribution
+        d = plan.candidates[0] if plan.candidates else None
+        return {"request_id": req.request_id, "ts": time.time(), "team": self.principal.team,
+                "key_id": self.principal.key_id, "requested_model": plan.requested,
+                "model": d.model if d else plan.model.name, "deployment": d.id if d else "",
+                "provider": d.provider if d else "", "route": plan.route, "stream": req.stream,
+                "endpoint": req.endpoint, "user": attribution.user, "tags": attribution.tags,
+                "session": attribution.session, "agent": attribution.agent, "parent_agent": attribution.parent_agent}
 
     def ledger_record(self) -> LedgerRecord:
         req, plan, d = self.req, self.plan, self.deployment

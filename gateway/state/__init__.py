@@ -131,9 +131,10 @@ class State:
                 log.warning("ledger record of %s waits for the database: %r", getattr(record, "request_id", "?"),
                             exc)
 
-    async def reserve(self, req: ReserveRequest, intent: Callable[[], LedgerRecord] | None = None) -> Admission:
+    async def reserve(self, req: ReserveRequest, intent: Callable[[], dict[str, Any]] | None = None) -> Admission:
         """Reserve through the budget store and keep an admitted hold alive until it is settled. With a worker
-        lease, ``intent()`` (the ledger record the request gets if this worker dies) is stored with the hold."""
+        lease, ``intent()`` (the ledger record's fields the request gets if this worker dies) is stored with
+        the hold."""
         if self.leases is not None and intent is not None:
             admission = await self.leases.store.reserve(req, self.leases.intent(req, intent()))
         else:

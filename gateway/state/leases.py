@@ -56,10 +56,9 @@ def parse_entry(raw: bytes) -> tuple[str, str, int, bytes]:
 
 def interrupted_record(data: dict[str, Any], hold_id: str, held_nano: int) -> LedgerRecord:
     """The ledger record of a request whose worker died: its intent, charged its whole hold, flagged."""
-    record = LedgerRecord.from_dict(data)
+    record = LedgerRecord.from_dict({**data, "input_tokens": 0, "output_tokens": 0})
     record.status, record.cost_nano, record.estimated = "interrupted", held_nano, True
     record.hold_id = SWEPT + hold_id
-    record.input_tokens = record.output_tokens = 0
     return record
 
 
@@ -75,8 +74,9 @@ class Leases:
         self.swept = 0                # intents this worker turned into interrupted records
 
     @staticmethod
-    def intent(req: ReserveRequest, record: LedgerRecord) -> bytes:
-        """What the reserve call stores with the hold: the reservation (to settle it) and the record to write."""
+    def intent(req: ReserveRequest, record: dict[str, Any]) -> bytes:
+        """What the reserve call stores with the hold: the reservation (to settle it) and the fields of the
+        record to write (:class:`LedgerRecord`'s, the others keep their defaults)."""
         return orjson.dumps({"q": req, "r": record})
 
     async def keep(self) -> list[LedgerRecord]:
