@@ -130,6 +130,10 @@ async def test_a_dead_workers_requests_are_swept_once_at_their_holds(redis: Redi
 
     records, again = await asyncio.gather(live.leases.sweep(dead_name), other.leases.sweep(dead_name))
     assert again == []                                                  # the lock: one sweeper
+    await redis.delete(f"gw:v2:sweep:{dead_name}")                    # that sweeper died before writing them:
+    retaken = await other.leases.sweep(dead_name)                       # the next one finds the same records
+    assert sorted((r.request_id, r.hold_id, r.cost_nano) for r in retaken) == \
+        sorted((r.request_id, r.hold_id, r.cost_nano) for r in records)
     by_id = {r.request_id: r for r in records}
     assert sorted(by_id) == ["r0", "r1", "r2", "r3"] and len(records) == 4
     for i in range(3):

@@ -128,8 +128,10 @@ class Leases:
         records: list[LedgerRecord] = []
         for hold_id, value in entries:
             kind, _, held, raw = parse_entry(value)
-            if kind == "S":          # swept before: its record is still to write
-                records.append(LedgerRecord.from_json(raw))
+            if kind == "S":          # swept or taken over before (by a sweeper since gone): still to write
+                record = LedgerRecord.from_json(raw)
+                record.hold_id = SWEPT + hold_id
+                records.append(record)
             elif kind == "R":        # settled, its record unwritten: taken over (its worker's late batch is left out)
                 if await self.store.claim(hold_id, worker) == 1:
                     record = LedgerRecord.from_json(raw)
