@@ -6,7 +6,10 @@ asked for, the deployment and provider that answered, status, tokens, exact cost
 answer text (a ledger record holds neither), and every value that came from a client is quoted,
 so a line cannot be split or forged. :class:`AccessLog` writes it to the ``gateway.access`` logger
 at info; :func:`logging_config` is the logging setup for ``GATEWAY_LOG_FORMAT`` (``text``, or
-``json``: one JSON object per line for every logger, an access line's fields at top level).
+``json``: one JSON object per line for every logger, an access line's fields at top level), with
+one :class:`StderrLines` handler, which writes access lines in batches: an access line reaches
+stderr at most :data:`FLUSH_S` after its request finished (so a SIGKILL can lose the last fraction
+of a second of them; the ledger, not the log, is the record of what was spent).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from __future__ import annotations
 import logging
 import logging.config
 import re
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -23,6 +27,8 @@ from gateway.money import usd_text
 from gateway.state.ledger import LedgerRecord
 
 ACCESS_LOGGER = "gateway.access"
+FLUSH_S = 0.2                 # the longest an access line waits in :class:`StderrLines`
+BUFFER_CHARS = 64 * 1024      # waiting lines written at once when they reach this size
 
 
 
@@ -51,15 +57,42 @@ def _q(text: str | None) -> str:
     return text if _PLAIN.fullmatch(text) else orjson.dumps(text).decode()
 
 
-def access_line(record: LedgerRecord, json_format: bool) -> str:
-    """One request as one log line: ``key=value`` pairs (the fields of :func:`access_fields`), or a JSON object."""
+class LineParts:
+    """The middle of access lines seen before (team, key, model, deployment, provider, route and status:
+    a handful of combinations, on every line), quoted once; at most ``limit`` of them."""
+
+    __slots__ = ("seen", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.seen: dict[tuple[str | None, ...], str] = {}
+        self.limit = limit
+
+    def middle(self, r: LedgerRecord) -> str:
+        key = (r.team, r.key_id, r.requested_model, r.deployment, r.provider, r.route, r.status)
+        text = self.seen.get(key)
+        if text is None:
+            text = _middle(r)
+            if len(self.seen) >= self.limit:
+                self.seen.clear()
+            self.seen[key] = text
+        return text
+
+
+def _middle(r: LedgerRecord) -> str:
+    return (f"team={_q(r.team)} key_id={_q(r.key_id)} model={_q(r.requested_model)} "
+            f"deployment={_q(r.deployment or None)} provider={_q(r.provider or None)} route={_q(r.route)} "
+            f"status={_q(r.status)}")
+
+
+def access_line(record: LedgerRecord, json_format: bool, parts: LineParts | None = None) -> str:
+    """One request as one log line: ``key=value`` pairs (the fields of :func:`access_fields`), or a JSON object.
+    ``parts`` remembers the quoted middle of lines seen before."""
     if json_format:
         return orjson.dumps(access_fields(record)).decode()
     r = record
     ttft = "-" if r.ttft_ms is None else f"{r.ttft_ms:g}"
-    return (f"request_id={_q(r.request_id)} team={_q(r.team)} key_id={_q(r.key_id)} model={_q(r.requested_model)} "
-            f"deployment={_q(r.deployment or None)} provider={_q(r.provider or None)} route={_q(r.route)} "
-            f"status={_q(r.status)} input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
+    return (f"request_id={_q(r.request_id)} {_middle(r) if parts is None else parts.middle(r)} "
+            f"input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
             f"cached_tokens={r.cached_input_tokens} cost_usd={usd_text(r.cost_nano)} latency_ms={r.latency_ms:g} "
             f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={_q(r.cache)} "
             f"estimated={'true' if r.estimated else 'false'}")
@@ -88,12 +121,33 @@ class AccessLog:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
 
     def write(self, record: LedgerRecord) -> None:
-        """At info, when that level is on. The log record goes to the handlers directly: no caller lookup
-        (``logging`` would walk the stack for every line), and the line is rendered once, by the formatter
-        that writes it."""
+        """At info, when that level is on. When the only handler on the way is the process's
+        :class:`StderrLines` (what :func:`logging_config` sets up), the line goes to it directly, with no
+        log record; otherwise a log record goes to the handlers directly: no caller lookup (``logging``
+        would walk the stack for every line), and the line is rendered once, by the formatter that writes it."""
         log = self.logger
-        if log.isEnabledFor(logging.INFO):
+        if not log.isEnabledFor(logging.INFO):
+            return
+        sink = _only_handler(log)
+        if sink is not None:
+            sink.access(record)
+        else:
             log.handle(log.makeRecord(log.name, logging.INFO, "access_log", 0, AccessMessage(record), (), None))
+
+
+def _only_handler(log: logging.Logger) -> StderrLines | None:
+    """The :class:`StderrLines` that every line of ``log`` goes to and nothing else sees, if there is one."""
+    found: StderrLines | None = None
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if found is not None or type(handler) is not StderrLines or logger.filters or handler.filters:
+                return None
+            found = handler
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return found
 
 
 def log_request(record: LedgerRecord, logger: logging.Logger | None = None) -> None:
@@ -122,6 +176,8 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self.clock = _SecondCache()
+        self.parts = LineParts()
+        self.head_ms, self.head = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
         line = f"{self.clock.utc(record.created)}.{int(record.msecs):03d}Z {record.levelname} {record.name}: " \
@@ -129,6 +185,15 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+    def format_access(self, record: LedgerRecord, created: float) -> str:
+        """What :meth:`format` makes of an access log record, without one (the line's head is made once per
+        millisecond: requests come several per millisecond)."""
+        ms = int(created * 1000)
+        if ms != self.head_ms:
+            self.head_ms = ms
+            self.head = f"{self.clock.utc(created)}.{ms % 1000:03d}Z INFO {ACCESS_LOGGER}: "
+        return self.head + access_line(record, False, self.parts)
 
 
 class JsonFormatter(logging.Formatter):
@@ -149,6 +214,90 @@ class JsonFormatter(logging.Formatter):
             out["error"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
 
+    def format_access(self, record: LedgerRecord, created: float) -> str:
+        """What :meth:`format` makes of an access log record, without one."""
+        msecs = int((created - int(created)) * 1000)
+        out = {"ts": f"{self.clock.utc(created)}.{msecs:03d}Z", "level": "info", "logger": ACCESS_LOGGER}
+        out.update(access_fields(record))
+        return orjson.dumps(out, default=str).decode()
+
+
+class StderrLines(logging.StreamHandler):  # type: ignore[type-arg]
+    """The process's log handler (stderr). Access lines, one per request, wait in memory and are written
+    together, every ``flush_s`` (:data:`FLUSH_S`) or at :data:`BUFFER_CHARS`, by one background thread, instead of one
+    write and flush each; any other line writes those waiting first and then itself at once, so lines
+    keep their order. A clean exit (``logging.shutdown``) writes what waits."""
+
+    def __init__(self, stream: TextIO | None = None, flush_s: float = FLUSH_S) -> None:
+        super().__init__(stream)
+        self.flush_s = flush_s
+        self._waiting: list[str] = []
+        self._chars = 0
+        self._flusher: threading.Thread | None = None
+
+    def access(self, record: LedgerRecord) -> None:
+        """Queue ``record``'s access line (rendered by this handler's formatter)."""
+        fmt = self.formatter
+        created = time.time()
+        if isinstance(fmt, TextFormatter | JsonFormatter):
+            line = fmt.format_access(record, created)
+        else:
+            line = self.format(logging.makeLogRecord({"name": ACCESS_LOGGER, "levelno": logging.INFO,
+                                                      "levelname": "INFO", "msg": AccessMessage(record),
+                                                      "created": created}))
+        self.acquire()
+        try:
+            self._queue(line)
+        finally:
+            self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:   # called with the lock held
+        if isinstance(record.msg, AccessMessage):
+            try:
+                self._queue(self.format(record))
+            except Exception:
+                self.handleError(record)
+            return
+        self._write_waiting()
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._write_waiting()
+            super().flush()
+        finally:
+            self.release()
+
+    def _queue(self, line: str) -> None:
+        self._waiting.append(line)
+        self._chars += len(line)
+        if self._chars >= BUFFER_CHARS:
+            self._write_waiting()
+        elif self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_every, name="access-log", daemon=True)
+            self._flusher.start()
+
+    def _write_waiting(self) -> None:
+        if not self._waiting:
+            return
+        lines, self._waiting, self._chars = self._waiting, [], 0
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:   # stderr gone (closed pipe): logging never takes a request down
+            pass
+
+    def _flush_every(self) -> None:
+        while True:
+            time.sleep(self.flush_s)
+            if self._waiting:
+                self.acquire()
+                try:
+                    self._write_waiting()
+                finally:
+                    self.release()
+
 
 def logging_config(level: str, log_format: str) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for this process and every worker (uvicorn applies it in each):
@@ -157,7 +306,7 @@ def logging_config(level: str, log_format: str) -> dict[str, Any]:
     return {
         "version": 1, "disable_existing_loggers": False,
         "formatters": {"text": {"()": f"{__name__}.TextFormatter"}, "json": {"()": f"{__name__}.JsonFormatter"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+        "handlers": {"stderr": {"class": f"{__name__}.StderrLines", "stream": "ext://sys.stderr",
                                 "formatter": "json" if log_format == "json" else "text"}},
         "root": {"handlers": ["stderr"], "level": level.upper()},
         "loggers": {name: {"handlers": [], "propagate": True} for name in ("uvicorn", "uvicorn.error")},

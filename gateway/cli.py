@@ -227,7 +227,7 @@ def serve(settings: Settings, config_chosen: bool = True) -> int:
     import uvicorn
 
     from gateway.access_log import configure_logging, logging_config
-    from gateway.serving import port_problem, uvicorn_options
+    from gateway.serving import frozen, port_problem, uvicorn_options
 
     if settings.workers > 1 and not settings.redis_url and not settings.persistent:
         print("gateway: --workers > 1 needs shared state: set GATEWAY_REDIS_URL or a GATEWAY_DATA_DIR "
@@ -270,7 +270,7 @@ def serve(settings: Settings, config_chosen: bool = True) -> int:
 
         with multiprocess_dir(settings.metrics_dir) as metrics_dir:   # the workers' metrics, summed at scrape
             os.environ.update(replace(settings, metrics_dir=metrics_dir).to_env())
-            uvicorn.run("gateway.api.app:create_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
+            uvicorn.run("gateway.serving:worker_app", factory=True, workers=settings.workers, **common)  # type: ignore[arg-type]
     else:
         # one process keeps its metrics in memory; prometheus-client reads this variable on import
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -278,5 +278,5 @@ def serve(settings: Settings, config_chosen: bool = True) -> int:
         os.environ.update(settings.to_env())
         from gateway.api.app import create_app
 
-        uvicorn.run(create_app(settings, policies), **common)  # type: ignore[arg-type]
+        uvicorn.run(frozen(create_app(settings, policies)), **common)  # type: ignore[arg-type]
     return 0

@@ -4,9 +4,11 @@ Names follow the product contract (prefix ``gateway_``, base units, ``_total``
 counters). Counters and histograms are updated on the request path only through
 named events on :class:`Metrics` (:meth:`~Metrics.request_done`, :meth:`~Metrics.refused`,
 :meth:`~Metrics.budget_refused`, :meth:`~Metrics.upstream_failed`, ...), so label order
-and label bounding live here and nowhere else; with several workers they live in prometheus-client's
-multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, prepared fresh by
-``gateway serve``), so a scrape of any worker returns the sum over all of them.
+and label bounding live here and nowhere else. Finished requests are tallied as plain numbers
+and added to the series at each scrape, or within :data:`FLUSH_S` by a timer (:meth:`Metrics.flush`);
+with several workers the series live in prometheus-client's multiprocess files
+(``PROMETHEUS_MULTIPROC_DIR``, prepared fresh by ``gateway serve``), so a scrape of any worker
+returns the sum over all of them.
 Gauges describe shared state, not one process (budget limit, spend and soft
 limit from the budget store, deployment health from the pipeline): they are
 read when ``/metrics`` is scraped and rendered from a per-scrape registry,
@@ -17,19 +19,24 @@ values are bounded: model and team names not in the loaded policies become
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import re
 import shutil
 import tempfile
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:
+    from gateway.state.ledger import LedgerRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -41,6 +48,8 @@ OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0
                     0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 TOKEN_TYPES = ("input", "output", "cached_input", "cache_write", "reasoning")
 OTHER = "other"
+MAX_RAW_COMBINATIONS = 10_000   # distinct raw (unbounded) label values remembered on the way to a tally
+FLUSH_S = 0.5              # the longest a finished request waits to reach the exported series
 EXTRA_TEAMS = 200          # teams outside the policies (named by keys) that still get their own label
 EXTRA_CODES = 32           # status/error codes beyond the known ones that still get their own label
 KNOWN_CODES = frozenset({
@@ -77,28 +86,6 @@ class BoundedValues:
         return OTHER
 
 
-@dataclass(slots=True)
-class RequestDone:
-    """One finished request as the metrics see it (raw names: :class:`Metrics` bounds the labels)."""
-
-    team: str
-    model: str                        # the model served (or requested, when nothing was)
-    provider: str                     # "none" when no deployment was tried
-    route: str
-    status: str                       # "ok" or the error code
-    cache: str                        # hit | miss | bypass
-    cache_looked_up: bool
-    stream: bool
-    duration_s: float
-    upstream_s: float
-    ttft_s: float | None
-    called_upstream: bool             # a deployment was called (not a cache hit or a refusal)
-    tokens: tuple[tuple[str, int], ...] = ()   # (type, count) for TOKEN_TYPES
-    cost_nano: int = 0
-    savings: tuple[tuple[str, int], ...] = ()
-    compressed: tuple[tuple[str, int], ...] = ()   # tokens removed, by strategy
-
-
 @dataclass(frozen=True, slots=True)
 class BudgetGauge:
     """One team budget as the budget store reports it at scrape time (nano-USD)."""
@@ -110,48 +97,85 @@ class BudgetGauge:
     soft_limit_nano: int
 
 
-class RequestChildren:
-    """The labelled children one finished request of a (team, model, provider, route, status, cache,
-    stream) updates: the request counter and duration histograms at once, the rest (upstream and
-    first-token latency, tokens by kind, cost) on first use, so no empty series appear."""
+class _Observations:
+    """Observations of one histogram child not yet added to it: a count per bucket and their sum."""
 
-    __slots__ = ("requests", "overhead", "duration", "_lazy", "_metrics", "_labels")
+    __slots__ = ("child", "bounds", "counts", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = child._upper_bounds       # ends with +Inf, as prometheus-client keeps it
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1    # the first bucket whose bound is >= value
+        self.total += value
+
+    def flush(self) -> None:
+        counts, buckets = self.counts, self.child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+                counts[i] = 0
+        self.child._sum.inc(self.total)
+        self.total = 0.0
+
+
+class RequestTally:
+    """What finished requests of one (team, model, provider, route, status, cache, stream) added since the
+    last flush, as plain numbers: a request costs a few additions here instead of a dozen locked updates of
+    prometheus-client values. :meth:`flush` adds them to the labelled children: the request counter and
+    duration histograms; upstream and first-token latency, tokens by kind and cost on first use (so no
+    empty series appear)."""
+
+    __slots__ = ("requests", "overhead", "duration", "upstream", "ttft", "input", "output", "cached_input",
+                 "cache_write", "reasoning", "cost_nano", "dirty", "_requests", "_metrics", "_labels")
 
     def __init__(self, m: Metrics, team: str, model: str, provider: str, route: str, status: str, cache: str,
                  stream: bool) -> None:
-        self.requests = m.child(m.requests, team, model, provider, route, status, cache)
-        self.overhead = m.child(m.overhead, route)
-        self.duration = m.child(m.request_duration, team, model, provider, "true" if stream else "false")
-        self._lazy: dict[str, Any] = {}
+        self._requests = m.child(m.requests, team, model, provider, route, status, cache)
+        self.requests = 0
+        self.overhead = _Observations(m.child(m.overhead, route))
+        self.duration = _Observations(m.child(m.request_duration, team, model, provider,
+                                              "true" if stream else "false"))
+        self.upstream: _Observations | None = None
+        self.ttft: _Observations | None = None
+        self.input = self.output = self.cached_input = self.cache_write = self.reasoning = 0   # TOKEN_TYPES
+        self.cost_nano = 0
+        self.dirty = False
         self._metrics = m
         self._labels = (team, model, provider)
 
-    def _get(self, name: str) -> Any:
-        found = self._lazy.get(name)
-        if found is None:
-            m, (team, model, provider) = self._metrics, self._labels
-            if name == "upstream":
-                found = m.child(m.upstream_duration, model, provider)
-            elif name == "ttft":
-                found = m.child(m.ttft, model, provider)
-            elif name == "cost":
-                found = m.child(m.cost, team, model, provider)
-            else:
-                found = m.child(m.tokens, team, model, provider, name)
-            self._lazy[name] = found
-        return found
+    def observe_upstream(self, seconds: float) -> None:
+        if self.upstream is None:
+            m, (_, model, provider) = self._metrics, self._labels
+            self.upstream = _Observations(m.child(m.upstream_duration, model, provider))
+        self.upstream.observe(seconds)
 
-    def upstream(self) -> Any:
-        return self._get("upstream")
+    def observe_ttft(self, seconds: float) -> None:
+        if self.ttft is None:
+            m, (_, model, provider) = self._metrics, self._labels
+            self.ttft = _Observations(m.child(m.ttft, model, provider))
+        self.ttft.observe(seconds)
 
-    def ttft(self) -> Any:
-        return self._get("ttft")
-
-    def cost(self) -> Any:
-        return self._get("cost")
-
-    def tokens(self, kind: str) -> Any:
-        return self._get(kind)
+    def flush(self) -> None:
+        """Add what was tallied to the prometheus-client children, and start again from zero."""
+        self.dirty = False
+        m, (team, model, provider) = self._metrics, self._labels
+        self._requests.inc(self.requests)
+        self.requests = 0
+        for observations in (self.overhead, self.duration, self.upstream, self.ttft):
+            if observations is not None:
+                observations.flush()
+        for kind in TOKEN_TYPES:
+            n = getattr(self, kind)
+            if n:
+                m.child(m.tokens, team, model, provider, kind).inc(n)
+                setattr(self, kind, 0)
+        if self.cost_nano:
+            m.child(m.cost, team, model, provider).inc(self.cost_nano / 1e9)
+            self.cost_nano = 0
 
 
 class Metrics:
@@ -206,7 +230,10 @@ class Metrics:
         self.code_label = BoundedValues(EXTRA_CODES, KNOWN_CODES)
         self.provider_label = BoundedValues(EXTRA_CODES)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._requests: dict[tuple[str, str, str, str, str, str, bool], RequestChildren] = {}
+        self._requests: dict[tuple[str, str, str, str, str, str, bool], RequestTally] = {}
+        self._by_raw: dict[tuple[str, str, str, str, str, str, bool], RequestTally] = {}   # unbounded values
+        self._dirty: list[RequestTally] = []        # tallies holding requests not yet flushed
+        self._flush_loop: asyncio.AbstractEventLoop | None = None   # where the next flush is scheduled
         self._debt: dict[tuple[str, str], int] = {}   # negative savings carried forward, nano-USD
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -218,38 +245,73 @@ class Metrics:
         return found
 
     def for_request(self, team: str, model: str, provider: str, route: str, status: str, cache: str,
-                    stream: bool) -> RequestChildren:
-        """The children one finished request updates, looked up once per label combination."""
+                    stream: bool) -> RequestTally:
+        """The tally one finished request adds to, one per label combination."""
         key = (team, model, provider, route, status, cache, stream)
         found = self._requests.get(key)
         if found is None:
-            found = self._requests[key] = RequestChildren(self, team, model, provider, route, status, cache, stream)
+            found = self._requests[key] = RequestTally(self, team, model, provider, route, status, cache, stream)
         return found
 
+    def flush(self) -> None:
+        """Add every tally to the exported series (a scrape does this first; so does a timer, within
+        :data:`FLUSH_S` of a request, for the other workers' scrapes; and the shutdown)."""
+        self._flush_loop = None
+        dirty, self._dirty = self._dirty, []
+        for tally in dirty:
+            tally.flush()
+
+    def _flush_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:          # no event loop (a script, a test): at once
+            self.flush()
+            return
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_later(FLUSH_S, self.flush)
+
     # ------------------------------------------------------------------ named events
-    def request_done(self, done: RequestDone) -> None:
-        """A request finished (served, failed or refused after routing): every per-request series."""
-        team, model = self.team_label(done.team), self.model_label(done.model)
-        c = self.for_request(team, model, done.provider, done.route, self.code_label(done.status), done.cache,
-                             done.stream)
-        c.requests.inc()
-        if done.cache_looked_up:
-            self.child(self.cache_requests, team, done.cache).inc()
-        for strategy, tokens in done.compressed:
-            self.child(self.compression_saved, team, strategy).inc(tokens)
-        c.overhead.observe(max(0.0, done.duration_s - done.upstream_s))
-        c.duration.observe(done.duration_s)
-        for source, nano in done.savings:
-            self.saved(team, source, nano)
-        if done.called_upstream:
-            c.upstream().observe(done.upstream_s)
-            if done.ttft_s is not None:
-                c.ttft().observe(done.ttft_s)
-        for kind, n in done.tokens:
-            if n:
-                c.tokens(kind).inc(n)
-        if done.cost_nano:
-            c.cost().inc(done.cost_nano / 1e9)
+    def request_done(self, r: LedgerRecord, upstream_s: float, cache_looked_up: bool,
+                     compressed: tuple[tuple[str, int], ...] = ()) -> None:
+        """A request finished (served, failed or refused after routing): every per-request series, from its
+        ledger record, the time it waited on upstreams, whether the response cache was asked, and the tokens
+        compression removed by strategy."""
+        served = bool(r.deployment)
+        raw = (r.team, r.model if served else r.requested_model, r.provider, r.route, r.status, r.cache, r.stream)
+        c = self._by_raw.get(raw)
+        if c is None:   # a new combination of values: bounded into labels once
+            c = self.for_request(self.team_label(r.team), self.model_label(raw[1]), r.provider or "none", r.route,
+                                 self.code_label(r.status), r.cache, r.stream)
+            if len(self._by_raw) < MAX_RAW_COMBINATIONS:
+                self._by_raw[raw] = c
+        c.requests += 1
+        if cache_looked_up:
+            self.child(self.cache_requests, self.team_label(r.team), r.cache).inc()
+        for strategy, tokens in compressed:
+            self.child(self.compression_saved, self.team_label(r.team), strategy).inc(tokens)
+        duration = r.latency_ms / 1000
+        c.overhead.observe(max(0.0, duration - upstream_s))
+        c.duration.observe(duration)
+        if r.savings:
+            team = self.team_label(r.team)
+            for source, nano in r.savings.items():
+                self.saved(team, source, nano)
+        if served and r.cache != "hit":
+            c.observe_upstream(upstream_s)
+            if r.ttft_ms is not None:
+                c.observe_ttft(r.ttft_ms / 1000)
+        c.input += r.input_tokens
+        c.output += r.output_tokens
+        c.cached_input += r.cached_input_tokens
+        c.cache_write += r.cache_write_tokens
+        c.reasoning += r.reasoning_tokens
+        c.cost_nano += r.cost_nano
+        if not c.dirty:
+            c.dirty = True
+            self._dirty.append(c)
+        if self._flush_loop is None:
+            self._flush_soon()
 
     def refused(self, team: str | None, model: str | None, status: str) -> None:
         """A request refused before any plan was made (bad JSON, bad key, unknown model, ...)."""
@@ -310,9 +372,11 @@ class Metrics:
 
     def set_known_models(self, names: Iterable[str]) -> None:
         self._known_models = frozenset(names)
+        self._by_raw.clear()
 
     def set_known_teams(self, names: Iterable[str]) -> None:
         self.team_label.preset(names)
+        self._by_raw.clear()
 
     def model_label(self, name: str) -> str:
         return name if name in self._known_models else OTHER
@@ -321,6 +385,7 @@ class Metrics:
                health: Mapping[tuple[str, str, str], bool] | None = None) -> bytes:
         """The exposition text: counters and histograms (every worker's, summed, in multiprocess
         mode), then the state gauges from this scrape's readings."""
+        self.flush()
         if self.multiproc_dir is not None:
             merged = CollectorRegistry()
             MultiProcessCollector(merged, path=self.multiproc_dir)

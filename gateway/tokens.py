@@ -4,7 +4,8 @@ This module owns the model-to-encoding mapping, the lazily loaded tiktoken
 encodings (read from the cache files bundled inside the installed ``litellm``
 package, so no network is ever needed), and the counting rules for the three
 endpoints: chat messages follow the OpenAI cookbook "How to count tokens with
-tiktoken" (per-message and per-name overheads, reply priming, tool definitions),
+tiktoken" (per-message and per-name overheads, reply priming, tool definitions;
+image parts by their size, detail and the model, see :mod:`gateway.image_tokens`),
 legacy completions and embeddings count strings and token-id lists. Counting
 never raises on malformed input; it counts what it can.
 """
@@ -22,6 +23,8 @@ from typing import Any
 
 import orjson
 import tiktoken
+
+from gateway.image_tokens import part_tokens as image_part_tokens
 
 DEFAULT_ENCODING = "cl100k_base"
 _BLOB_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"   # tiktoken's cache key source
@@ -53,11 +56,6 @@ LEGACY_0301 = (4, -1)        # gpt-3.5-turbo-0301: 4 per message; a name replace
 # Assistant tool calls: name + arguments are counted, plus this fixed framing estimate per call
 # (the same +3 that hmarr/openai-chat-tokens adds for a function_call; OpenAI publishes no figure).
 TOOL_CALL_OVERHEAD = 3
-# Images: OpenAI charges 85 tokens for detail "low". "high"/"auto" costs 85 + 170 per 512px tile
-# of the resized image; the size is unknown here, so use the documented 1024x1024 case:
-# 768x768 after resizing -> 4 tiles -> 85 + 4 * 170 = 765.
-IMAGE_LOW_TOKENS = 85
-IMAGE_HIGH_DEFAULT_TOKENS = 765
 CACHED_TEXT_CHARS = 16_384   # texts up to this long have their token count cached ...
 CACHED_TEXTS = 4096          # ... at most this many of them ...
 CACHED_TEXT_BYTES = 8 << 20  # ... holding at most this much memory in texts (the keys are the texts)
@@ -180,13 +178,7 @@ def count_completion_text(text: str, model: str) -> int:
     return count_text(text, model)
 
 
-def _image_tokens(part: dict[str, Any]) -> int:
-    image = part.get("image_url")
-    detail = image.get("detail") if isinstance(image, dict) else part.get("detail")
-    return IMAGE_LOW_TOKENS if detail == "low" else IMAGE_HIGH_DEFAULT_TOKENS
-
-
-def _content_tokens(enc: tiktoken.Encoding, content: Any) -> int:
+def _content_tokens(enc: tiktoken.Encoding, content: Any, model: str) -> int:
     if not isinstance(content, list):
         return _len(enc, content)
     total = 0
@@ -199,11 +191,22 @@ def _content_tokens(enc: tiktoken.Encoding, content: Any) -> int:
             total += _len(enc, part.get("text"))
         elif kind == "refusal":
             total += _len(enc, part.get("refusal"))
-        elif kind in ("image_url", "input_image"):
-            total += _image_tokens(part)
+        elif kind in ("image_url", "input_image", "image"):   # by size, detail and model: gateway.image_tokens
+            total += image_part_tokens(part, model)
         else:
             total += _rough(part)
     return total
+
+
+def has_images(body: Any) -> bool:
+    """Whether a chat body has an image part (the prompt's count then depends on the model's family)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+                isinstance(p, dict) and p.get("type") in ("image_url", "input_image", "image") for p in content):
+            return True
+    return False
 
 
 def _call_tokens(enc: tiktoken.Encoding, call: Any) -> int:
@@ -260,7 +263,7 @@ def count_chat(messages: list[dict[str, Any]], model: str, tools: list[dict[str,
             continue
         for key, value in message.items():
             if key == "content":
-                total += _content_tokens(enc, value)
+                total += _content_tokens(enc, value, model)
             elif key == "tool_calls" and isinstance(value, list):
                 total += sum(_call_tokens(enc, call) for call in value)
             elif key == "function_call" and isinstance(value, dict):   # legacy single call

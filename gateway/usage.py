@@ -31,8 +31,8 @@ SERVICE_TIERS = {"flex": "flex", "priority": "priority", "fast": "priority", "ba
                  "ultrafast": "ultrafast"}
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+@dataclass(slots=True)
+class Usage:   # a value: never changed once made (not frozen only because a frozen one costs ~3x to make)
     input_tokens: int = 0            # ALL prompt tokens: uncached + cache reads + cache writes (both tiers)
     output_tokens: int = 0           # ALL completion tokens: text, reasoning, audio and image
     cached_input_tokens: int = 0     # cache reads
@@ -248,6 +248,9 @@ def _plain_openai(u: dict[str, Any]) -> Usage | None:
     return Usage(prompt, output, cached, 0, 0, reasoning)
 
 
+_COST_KEYS = frozenset({"is_byok", UPSTREAM_COST_KEY, "cost", "cost_in_usd_ticks"})   # where a cost may be
+
+
 def upstream_cost_nano(usage: Mapping[str, Any] | None) -> int | None:
     """The cost the upstream reported for itself, in nano-USD, or None when it reported none.
 
@@ -257,7 +260,7 @@ def upstream_cost_nano(usage: Mapping[str, Any] | None) -> int | None:
     BYOK request, ``cost_details.upstream_inference_cost``, what the provider
     itself billed); xAI's ``cost_in_usd_ticks`` (1e-10 USD each).
     """
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, Mapping) or usage.keys().isdisjoint(_COST_KEYS):
         return None
     if usage.get("is_byok") is True:
         byok = _usd_nano(_dig(usage, "cost_details", "upstream_inference_cost"))

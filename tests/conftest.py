@@ -27,7 +27,8 @@ pytest_plugins = ["redis_fixtures"]  # private redis-server fixtures
 __all__ = ["ROOT", "free_port", "stop", "Server", "start_gateway", "mock_policy", "GatewayFactory"]
 
 # fixtures that start a process (directly or through the ones they use): a test using one is end to end
-PROCESS_FIXTURES = frozenset({"mock_upstream", "mock_reset", "gateway", "redis_port", "redis_cluster_ports"})
+PROCESS_FIXTURES = frozenset({"mock_upstream", "mock_reset", "gateway", "redis_port", "redis_cluster_ports",
+                               "killable_cluster"})
 
 
 @pytest.fixture(scope="session", autouse=True)

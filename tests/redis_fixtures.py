@@ -73,20 +73,16 @@ def _cluster_ok(port: int) -> bool:
     return "cluster_state:ok" in out.stdout
 
 
-@pytest.fixture(scope="session")
-def redis_cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
-    """Ports of a private 3-master Redis Cluster (no replicas) for this test session."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not on PATH: cannot create a Redis Cluster")
-    base = tmp_path_factory.mktemp("cluster")
+def start_cluster(base: Path, *extra: str) -> list[RedisProc]:
+    """A 3-master Redis Cluster (no replicas) of private redis-servers under ``base``; ``extra``: more
+    redis-server options for every node. The caller stops the nodes (also when this raises: see ``out``)."""
     nodes: list[RedisProc] = []
     try:
         for _ in range(3):
             port = free_port(with_bus=True)
             nodes.append(RedisProc(port, base / str(port), "--cluster-enabled", "yes",
-                                   "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000"))
+                                   "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000",
+                                   *extra))
         ports = [n.port for n in nodes]
         create = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                                  "--cluster-replicas", "0", "--cluster-yes"],
@@ -98,10 +94,73 @@ def redis_cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[li
             if time.monotonic() > deadline:
                 raise RuntimeError("cluster did not reach cluster_state:ok within 30s")
             time.sleep(0.2)
-        yield ports
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+def _need_cluster_tools() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not on PATH: cannot create a Redis Cluster")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """Ports of a private 3-master Redis Cluster (no replicas) for this test session."""
+    _need_cluster_tools()
+    nodes = start_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield [n.port for n in nodes]
     finally:
         for node in nodes:
             node.stop()
+
+
+class KillableCluster:
+    """A 3-master cluster of a test's own, whose masters may be stopped and started again: each keeps its
+    data in an AOF (fsynced on every write) and its slots in its nodes file, and the others keep serving
+    their own slots while one is down (``cluster-require-full-coverage no``)."""
+
+    OPTIONS = ("--appendonly", "yes", "--appendfsync", "always", "--cluster-require-full-coverage", "no")
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.nodes = start_cluster(base, *self.OPTIONS)
+
+    @property
+    def ports(self) -> list[int]:
+        return [n.port for n in self.nodes]
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the master on ``port`` (a crash: no shutdown save), by PID."""
+        proc = next(n for n in self.nodes if n.port == port).proc
+        proc.kill()
+        proc.wait(10)
+
+    def restart(self, port: int) -> None:
+        i = next(i for i, n in enumerate(self.nodes) if n.port == port)
+        self.nodes[i] = RedisProc(port, self.base / str(port), "--cluster-enabled", "yes",
+                                  "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", "5000",
+                                  *self.OPTIONS)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@pytest.fixture
+def killable_cluster(tmp_path: Path) -> Iterator[KillableCluster]:
+    """A private 3-master Redis Cluster for one test, which may stop and restart its masters."""
+    _need_cluster_tools()
+    cluster = KillableCluster(tmp_path / "cluster")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def server_time(port: int) -> float:

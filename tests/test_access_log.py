@@ -7,11 +7,23 @@ import io
 import json
 import logging
 import logging.config
+import re
+import time
 
 import httpx
 
 from conftest import GatewayFactory, mock_policy
-from gateway.access_log import JsonFormatter, access_line, log_request, logging_config
+from gateway.access_log import (
+    BUFFER_CHARS,
+    JsonFormatter,
+    LineParts,
+    StderrLines,
+    TextFormatter,
+    access_fields,
+    access_line,
+    log_request,
+    logging_config,
+)
 from gateway.state.ledger import LedgerRecord
 
 
@@ -44,6 +56,18 @@ def test_client_chosen_values_are_quoted_so_a_line_cannot_be_split() -> None:
     assert 'model="x\\nrequest_id=forged status=ok"' in line and 'request_id="abc def"' in line
 
 
+def test_remembered_line_parts_give_the_same_line_and_stay_bounded() -> None:
+    parts = LineParts(limit=3)
+    hostile = record(requested_model="x\nrequest_id=forged status=ok", team="a b", request_id="abc def")
+    assert access_line(hostile, False, parts) == access_line(hostile, False)
+    assert access_line(hostile, False, parts) == access_line(hostile, False)     # from what it remembered
+    assert access_line(record(status="budget_exceeded"), False, parts) == access_line(record(status="budget_exceeded"),
+                                                                                      False)
+    for i in range(50):
+        assert access_line(record(team=f"team-{i}"), False, parts) == access_line(record(team=f"team-{i}"), False)
+    assert len(parts.seen) <= 3
+
+
 def test_no_secret_or_prompt_field_exists() -> None:
     fields = json.loads(access_line(record(), True))
     assert not {"secret", "api_key", "prompt", "messages", "content", "authorization"} & set(fields)
@@ -71,6 +95,78 @@ def test_log_request_in_text_and_in_json() -> None:
             assert out[0] == access_line(record(), False)
 
 
+def test_stderr_lines_batches_access_lines_and_keeps_the_order_with_other_lines() -> None:
+    for log_format in ("text", "json"):
+        stream = io.StringIO()
+        handler = StderrLines(stream, flush_s=3600)                # only a full buffer or another line writes
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        base = logging.getLogger(f"batch.{log_format}")
+        base.handlers[:] = [handler]
+        base.propagate = False
+        base.setLevel(logging.INFO)
+        access = logging.getLogger(f"batch.{log_format}.access")
+        log_request(record(request_id="req-a"), access)             # the direct path: no log record
+        log_request(record(request_id="req-b"), access)
+        assert stream.getvalue() == ""                              # waiting for the batch
+        base.warning("a warning")                                   # writes what waits, then itself
+        log_request(record(request_id="req-c"), access)
+        handler.flush()                                             # what logging.shutdown does at exit
+        out = stream.getvalue().splitlines()
+        if log_format == "json":
+            parsed = [json.loads(line) for line in out]
+            assert [p.get("request_id", p.get("message")) for p in parsed] == ["req-a", "req-b", "a warning", "req-c"]
+            assert parsed[0]["logger"] == "gateway.access" and parsed[0]["level"] == "info"
+            assert parsed[0]["cost_usd"] == access_fields(record())["cost_usd"]
+        else:
+            assert [line.split(": ", 1)[1] for line in out] == [
+                access_line(record(request_id="req-a"), False), access_line(record(request_id="req-b"), False),
+                "a warning", access_line(record(request_id="req-c"), False)]
+            assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line.split()[0]) for line in out)
+            assert out[0].split()[1:3] == ["INFO", "gateway.access:"]
+
+
+def test_stderr_lines_writes_a_full_buffer_at_once() -> None:
+    stream = io.StringIO()
+    handler = StderrLines(stream, flush_s=3600)
+    handler.setFormatter(TextFormatter())
+    rec = record(request_id="r" * 200)
+    per_line = len(TextFormatter().format_access(rec, time.time()))
+    fit = BUFFER_CHARS // per_line + (BUFFER_CHARS % per_line > 0)   # lines that reach BUFFER_CHARS
+    for _ in range(fit - 1):
+        handler.access(rec)
+    assert stream.getvalue() == ""
+    handler.access(rec)
+    assert len(stream.getvalue().splitlines()) == fit
+
+
+def test_stderr_lines_thread_writes_what_waits() -> None:
+    stream = io.StringIO()
+    handler = StderrLines(stream, flush_s=0.01)
+    handler.setFormatter(TextFormatter())
+    handler.access(record())
+    deadline = time.monotonic() + 15            # the flusher thread writes it, not the caller
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.getvalue().split(": ", 1)[1] == access_line(record(), False) + "\n"
+
+
+def test_an_access_line_through_another_handler_is_a_log_record() -> None:
+    stream, seen = io.StringIO(), []
+    handler = StderrLines(stream, flush_s=3600)
+    handler.setFormatter(TextFormatter())
+    base = logging.getLogger("batch.shared")
+    base.handlers[:] = [handler]
+    base.propagate = False
+    base.setLevel(logging.INFO)
+    other = logging.Handler()
+    other.emit = seen.append  # type: ignore[method-assign]
+    base.addHandler(other)                      # a second handler (pytest's caplog is one) sees the record too
+    log_request(record(), logging.getLogger("batch.shared.access"))
+    handler.flush()
+    assert len(seen) == 1 and str(seen[0].msg) == access_line(record(), False)
+    assert stream.getvalue().split(": ", 1)[1].strip() == access_line(record(), False)
+
+
 def test_logging_config_puts_one_handler_of_the_chosen_format_on_the_root() -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
@@ -96,8 +192,13 @@ def test_a_running_gateway_logs_one_access_line_per_request(gateway: GatewayFact
     refused = httpx.post(f"{server.url}/v1/chat/completions", headers={"Authorization": "Bearer sk-secret-x"},
                          json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, timeout=30)
     ids.append(refused.headers["x-request-id"])
-    lines = [json.loads(line) for line in server.output().splitlines() if line.strip()]
-    access = [line for line in lines if line["logger"] == "gateway.access"]
+    deadline = time.monotonic() + 15           # access lines are written in batches, within FLUSH_S
+    while True:
+        lines = [json.loads(line) for line in server.output().splitlines() if line.strip()]
+        access = [line for line in lines if line["logger"] == "gateway.access"]
+        if len(access) >= len(ids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert [line["request_id"] for line in access] == ids
     assert [line["status"] for line in access][:2] == ["ok", "ok"] and access[0]["team"] == "default"
     assert "sk-secret-x" not in server.output() and "a private prompt" not in server.output()

@@ -16,7 +16,7 @@ from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest
-from gateway.state.budgets_redis import RedisBudgetStore, home_tag, team_tag
+from gateway.state.budgets_redis import RedisBudgetStore, home_tag, rate_key, team_tag
 
 USD = 1_000_000_000
 CENTS_5 = USD // 20
@@ -141,3 +141,42 @@ async def test_four_workers_on_the_cluster_hold_a_user_budget_spanning_two_teams
             await c.close()
     finally:
         await cluster.aclose()
+
+
+async def _refused_later_slot_round(store: RedisBudgetStore, cluster: RedisCluster) -> tuple[int, int, list[int]]:
+    """One admitted request, three refused by the team's slot after the user's slot counted them, one more
+    admitted; returns the user window's minute at the start and at the end, and its (requests, tokens) after
+    the refusals and at the end."""
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    [team] = await teams_on_other_masters(cluster, home_tag("", "user", user), 1)
+    window = rate_key(team, "user", user)
+    rate = RateRule("user", user, 3, 1_000)                        # 3 requests a minute
+    paying, poor = BudgetRule("team", team, "daily", USD), BudgetRule("team", team, "monthly", 0)
+    assert (await store.reserve(req(team, CENTS_5, (paying,), (rate,)))).admitted
+    start = int(await cluster.hget(window, "w") or -1)
+    for _ in range(3):                                             # the user's slot counts it, the team's refuses
+        refused = await store.reserve(req(team, CENTS_5, (poor,), (rate,), partial=False))
+        assert refused.refusal is not None and refused.refusal.scope == "team"
+    after = [int(x or 0) for x in await cluster.hmget(window, ["r", "t"])]
+    assert (await store.reserve(req(team, CENTS_5, (paying,), (rate,)))).admitted
+    end = int(await cluster.hget(window, "w") or -2)
+    final = [int(x or 0) for x in await cluster.hmget(window, ["r", "t"])]
+    return start, end, after + final
+
+
+async def test_a_refusal_in_a_later_slot_gives_back_the_rate_counts_of_earlier_ones(
+        redis_cluster_ports: list[int]) -> None:
+    """Issue 14: the compensation of a two-phase reserve also gives back the RPM and TPM counts the earlier
+    slots took, so refused requests use up no rate allowance (as on one Redis, where a refusal counts nothing)."""
+    cluster = RedisCluster(host="127.0.0.1", port=redis_cluster_ports[0])
+    store = RedisBudgetStore(cluster)
+    try:
+        await cluster.initialize()
+        for _ in range(3):   # a round that straddles a minute boundary is run again (bounded)
+            start, end, counts = await _refused_later_slot_round(store, cluster)
+            if start == end:
+                break
+        assert start == end
+        assert counts == [1, 10, 2, 20]          # only the two admitted requests (10 estimated tokens each)
+    finally:
+        await store.aclose()

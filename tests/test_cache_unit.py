@@ -35,6 +35,17 @@ def test_key_covers_team_model_and_request_but_not_stream_or_formatting() -> Non
     assert len({cache_key(*args) for args in different} | {k}) == len(different) + 1
 
 
+
+def test_a_responses_key_leaves_out_store_but_not_the_conversation() -> None:
+    body = {"model": "m", "input": [{"role": "user", "content": "hi"}], "instructions": "I", "temperature": 0}
+    k = cache_key("t", "m", "responses", body)
+    assert cache_key("t", "m", "responses", {**body, "store": False, "stream": True}) == k
+    assert cache_key("t", "m", "chat", {**body, "store": False}) != cache_key("t", "m", "chat", body)
+    different = [{**body, "input": [{"role": "user", "content": "hello"}]}, {**body, "instructions": "J"},
+                 {**body, "include": ["reasoning.encrypted_content"]}, {**body, "reasoning": {"summary": "auto"}},
+                 {**body, "previous_response_id": "resp_1"}]
+    assert len({cache_key("t", "m", "responses", b) for b in different} | {k}) == len(different) + 1
+
 def test_what_is_deterministic_and_the_modes() -> None:
     assert deterministic("chat", {"temperature": 0}) and deterministic("chat", {"temperature": 0.0})
     assert deterministic("chat", {"seed": 3, "temperature": 0.7}) and deterministic("embeddings", {})

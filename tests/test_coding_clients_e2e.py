@@ -311,12 +311,18 @@ class Gateway:
                 await client.aclose()
         return asyncio.run(read())
 
-    def access(self, team: str) -> list[dict[str, str]]:
-        """The gateway's access lines for ``team`` (one per request it answered, whatever the outcome)."""
-        lines = [line.split("gateway.access: ", 1)[1] for line in self.server.output().splitlines()
-                 if "gateway.access: " in line]
-        fields = [dict(part.split("=", 1) for part in line.split() if "=" in part) for line in lines]
-        return [f for f in fields if f.get("team") == team]
+    def access(self, team: str, expect: int) -> list[dict[str, str]]:
+        """The gateway's access lines for ``team`` (one per request it answered, whatever the outcome), once
+        ``expect`` of them are out (access lines are written in batches), or after 15 s."""
+        deadline = time.monotonic() + 15
+        while True:
+            lines = [line.split("gateway.access: ", 1)[1] for line in self.server.output().splitlines()
+                     if "gateway.access: " in line]
+            fields = [dict(part.split("=", 1) for part in line.split() if "=" in part) for line in lines]
+            mine = [f for f in fields if f.get("team") == team]
+            if len(mine) >= expect or time.monotonic() > deadline:
+                return mine
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +393,8 @@ def test_claude_code_native_answer_ledger_and_cost(coding_clients: Clients, gate
         assert call.headers["anthropic-version"] and call.body["tools"] and isinstance(call.body["system"], list)
     records = gw.records("claude-native", since, len(calls))
     assert len(records) == len(calls), (records, result)
-    assert [a["status"] for a in gw.access("claude-native")] == ["ok"] * len(calls)   # no other request failed
+    # no other request failed
+    assert [a["status"] for a in gw.access("claude-native", len(calls))] == ["ok"] * len(calls)
     # by hand, in nano-USD: 25 in x 3000 + 1000 cache reads x 300 + 200 5-minute writes x 3750
     # + 100 1-hour writes x 6000 + 7 out x 15000 = 75,000 + 300,000 + 750,000 + 600,000 + 105,000
     cost = 1_830_000
@@ -426,7 +433,7 @@ def test_claude_code_tool_round_trip_with_thinking(coding_clients: Clients, gate
     assert tool_result["tool_use_id"] == "toolu_mock_01" and not tool_result.get("is_error")
     assert secret in json.dumps(tool_result["content"])
     records = gw.records("claude-tools", time.time() - 120, 2)
-    assert [a["status"] for a in gw.access("claude-tools")] == ["ok", "ok"]
+    assert [a["status"] for a in gw.access("claude-tools", 2)] == ["ok", "ok"]
     assert [(r.status, r.input_tokens, r.output_tokens, r.cost_nano) for r in records] == \
         [("ok", 40, 9, nano_of(40 * A_IN + 9 * A_OUT))] * 2
     seen = summary["modelUsage"]["claude-gw"]     # the usage Claude Code read from the streams is the ledger's
@@ -446,7 +453,7 @@ def test_claude_code_reports_a_budget_refusal(coding_clients: Clients, gateway_f
     assert "The daily budget of team 'claude-broke'" in result.stdout, result        # gateway's code and message
     assert mock_anthropic.requests == []        # refused before any upstream call
     records = gw.records("claude-broke", since, 1)
-    assert [a["status"] for a in gw.access("claude-broke")] == ["budget_exceeded"]
+    assert [a["status"] for a in gw.access("claude-broke", 1)] == ["budget_exceeded"]
     assert [(r.status, r.cost_nano, r.requested_model) for r in records] == [("budget_exceeded", 0, "claude-gw")]
 
 
@@ -461,7 +468,8 @@ def test_claude_code_on_the_simulated_model_through_translation(coding_clients: 
     assert result.stdout.strip(), result
     records = gw.records("claude-local", since, 1)
     assert records, result
-    assert [a["status"] for a in gw.access("claude-local")] == ["ok"] * len(records)   # every request the client sent
+    # every request the client sent
+    assert [a["status"] for a in gw.access("claude-local", len(records))] == ["ok"] * len(records)
     for record in records:
         assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
         assert record.input_tokens > 0 and record.output_tokens > 0
@@ -492,7 +500,7 @@ def test_claude_code_through_translation_to_a_chat_only_upstream(coding_clients:
         (first["tools"][0]["function"]["name"], {"q": "mock"})
     assert second["messages"][-1]["role"] == "tool" and second["messages"][-1]["tool_call_id"] == tool_call["id"]
     records = gw.records("claude-chat", time.time() - 120, 2)
-    assert [a["status"] for a in gw.access("claude-chat")] == ["ok", "ok"]
+    assert [a["status"] for a in gw.access("claude-chat", 2)] == ["ok", "ok"]
     # the mock: a tool call costs 16 completion tokens, a stream of text 5 chunks
     expected = [(chat_prompt_tokens(body["messages"]), 40, completion)
                 for body, completion in ((first, 16), (second, 5))]
@@ -547,7 +555,8 @@ def test_codex_native_answer_ledger_and_cost(coding_clients: Clients, gateway_fo
     assert [item.get("type") for item in calls[-1].body["input"]].count("function_call_output") == len(calls) - 1
     records = gw.records("codex-native", since, len(calls))
     assert len(records) == len(calls), (records, result)
-    assert [a["status"] for a in gw.access("codex-native")] == ["ok"] * len(calls)    # no other request failed
+    # no other request failed
+    assert [a["status"] for a in gw.access("codex-native", len(calls))] == ["ok"] * len(calls)
     # by hand, in nano-USD: 400 uncached in x 2000 + 600 cached x 500 + (50 + 20 reasoning) out x 8000
     # = 800,000 + 300,000 + 560,000
     cost = 1_660_000
@@ -568,7 +577,8 @@ def test_codex_on_the_simulated_model_through_translation(coding_clients: Client
     assert result.stdout.strip(), result
     records = gw.records("codex-local", since, 1)
     assert records, result
-    assert [a["status"] for a in gw.access("codex-local")] == ["ok"] * len(records)   # every request the client sent
+    # every request the client sent
+    assert [a["status"] for a in gw.access("codex-local", len(records))] == ["ok"] * len(records)
     for record in records:
         assert (record.status, record.requested_model, record.provider) == ("ok", "local", "simulated")
         assert record.input_tokens > 0 and record.output_tokens > 0
@@ -593,7 +603,7 @@ def test_codex_through_translation_to_a_chat_only_upstream(coding_clients: Clien
     assert first["messages"][-1]["role"] == "user" and second["messages"][-1]["role"] == "tool"
     assert all(c["headers"]["authorization"] == f"Bearer {OPENAI_UPSTREAM_KEY}" for c in calls)
     records = gw.records("codex-chat", time.time() - 120, 2)
-    assert [a["status"] for a in gw.access("codex-chat")] == ["ok", "ok"]
+    assert [a["status"] for a in gw.access("codex-chat", 2)] == ["ok", "ok"]
     # the mock: a tool call costs 16 completion tokens, a stream of text 5 chunks; both plus 7 reasoning
     expected = [(chat_prompt_tokens(body["messages"]), 40, completion + 7, 7)
                 for body, completion in ((first, 16), (second, 5))]
@@ -617,5 +627,5 @@ def test_codex_reports_a_budget_refusal(coding_clients: Clients, gateway_for_cli
     assert "ERROR: Quota exceeded" in result.stderr, result
     assert mock_responses.requests == []
     records = gw.records(team, since, 1)
-    assert [a["status"] for a in gw.access(team)] == ["budget_exceeded"]
+    assert [a["status"] for a in gw.access(team, 1)] == ["budget_exceeded"]
     assert [(r.status, r.cost_nano, r.requested_model) for r in records] == [("budget_exceeded", 0, "gpt-gw")]

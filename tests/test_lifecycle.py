@@ -222,3 +222,68 @@ async def test_a_lost_reserve_reply_releases_its_hold(gw: Gateway, monkeypatch: 
     assert await gw.reserved("paying") == 0
     record = await gw.one_exit("paying")
     assert record.status == "state_unavailable" and record.cost_nano == 0
+
+
+async def get_json(gw: Gateway, path: str) -> tuple[int, dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await gw.app({"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, orjson.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+async def test_a_503_at_authentication_leaves_a_ledger_record(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11, item 12: the key state unreachable (a key record on a dead master) refuses with 503 and leaves a
+    $0 ledger record, team and key unknown: ``(none)``; a bad key (the client's error) leaves none."""
+    from gateway.state.budgets import StateUnavailable
+    from gateway.state.ledger import NONE
+
+    key = await gw.key("paying")
+    state = gw.app.state.state
+
+    async def unreachable(secret: str) -> Any:
+        raise StateUnavailable("key state down")
+
+    assert (await gw.post("not-a-key", chat("fast")))[0] == 401
+    monkeypatch.setattr(state.keys, "lookup", unreachable)
+    status, body = await gw.post(key, chat("fast"), path="/v1/messages")
+    assert status == 503 and b"could not be verified" in body
+    [record] = await gw.records()
+    assert (record.team, record.key_id, record.status, record.cost_nano) == (NONE, None, "state_unavailable", 0)
+    assert (record.requested_model, record.endpoint, record.input_tokens, record.output_tokens) == \
+        ("fast", "messages", 0, 0)
+    [row] = await state.ledger.totals(0, None, by="team")
+    assert (row["key"], row["requests"], row["cost_nano"]) == (NONE, 1, 0)
+    assert not gw.settles                                   # nothing was held, nothing settled
+
+
+async def test_readiness_reports_unwritten_records(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11, item 11: while the ledger store refuses writes, ``/health/ready`` says how many records wait
+    and in how many slots; once written, zero."""
+    import redis
+
+    state = gw.app.state.state
+    inner = state.ledger.inner
+    append = inner.append
+
+    async def down(records: Any) -> None:
+        raise redis.exceptions.ConnectionError("ledger master down")
+
+    monkeypatch.setattr(inner, "append", down)
+    key = await gw.key("paying")
+    assert (await gw.post(key, chat("fast")))[0] == 200
+    assert (await gw.post(key, chat("fast", stream=True)))[0] == 200
+    await state.flush()
+    status, body = await get_json(gw, "/health/ready")
+    assert status == 200 and (body["unwritten_records"], body["ledger_slots_waiting"]) == (2, 1)
+    monkeypatch.setattr(inner, "append", append)
+    await state.flush()
+    status, body = await get_json(gw, "/health/ready")
+    assert status == 200 and (body["unwritten_records"], body["ledger_slots_waiting"]) == (0, 0)
+    assert [r.status for r in await gw.records()] == ["ok", "ok"]

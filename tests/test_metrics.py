@@ -18,16 +18,26 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from conftest import GatewayFactory, Server, start_gateway, stop
-from gateway.metrics import DURATION_BUCKETS, EXTRA_CODES, KNOWN_CODES, OTHER, OVERHEAD_BUCKETS, BoundedValues
+from gateway.metrics import (
+    DURATION_BUCKETS,
+    EXTRA_CODES,
+    KNOWN_CODES,
+    OTHER,
+    OVERHEAD_BUCKETS,
+    BoundedValues,
+    Metrics,
+)
 from gateway.state.keys import RedisKeyStore
-from gateway.state.ledger import RedisLedger
+from gateway.state.ledger import LedgerRecord, RedisLedger
 
 DB = 5   # this module's logical database on the session's private redis-server
 
@@ -279,6 +289,71 @@ def test_label_values_from_outside_the_policies_are_capped() -> None:
     assert [teams(t) for t in ("research", "a", "b", "c", "a")] == ["research", "a", "b", OTHER, "a"]
 
 
+def done(**fields: Any) -> LedgerRecord:
+    """A finished request's ledger record, served by deployment ``p/m`` of model ``m`` to team ``t``."""
+    base: dict[str, Any] = dict(request_id="r", ts=0.0, team="t", key_id=None, requested_model="m", model="m",
+                                deployment="p/m", provider="p", route="default", input_tokens=0, output_tokens=0)
+    return LedgerRecord(**(base | fields))
+
+
+def test_tallied_requests_render_exactly_what_direct_updates_would() -> None:
+    """request_done adds to plain tallies; what a scrape shows equals prometheus-client fed one by one."""
+    rng = random.Random(5)
+    metrics = Metrics()
+    metrics.set_known_models(["m"])
+    metrics.set_known_teams(["t"])
+    reference = CollectorRegistry()
+    duration = Histogram("ref_duration_seconds", "", ["team"], buckets=DURATION_BUCKETS, registry=reference)
+    ttft = Histogram("ref_ttft_seconds", "", ["team"], buckets=DURATION_BUCKETS, registry=reference)
+    cost_nano = output = ttfts = 0
+    values = [rng.choice(DURATION_BUCKETS) * rng.choice((0.5, 1.0, 1.5)) for _ in range(300)] + [0.0, 1e6]
+    for i, seconds in enumerate(values):      # bounds themselves, between them, 0 and beyond the last
+        first = seconds / 3 if i % 3 == 0 else None
+        metrics.request_done(done(stream=first is not None, latency_ms=seconds * 1000,
+                                  ttft_ms=None if first is None else first * 1000, input_tokens=7, output_tokens=i,
+                                  cost_nano=1_000 + i), upstream_s=seconds / 2, cache_looked_up=False)
+        duration.labels("t").observe(seconds)
+        if first is not None:
+            ttft.labels("t").observe(first)
+            ttfts += 1
+        cost_nano, output = cost_nano + 1_000 + i, output + i
+    labels = {"team": "t", "model": "m", "provider": "p", "route": "default", "status": "ok", "cache": "bypass"}
+    assert metrics.registry.get_sample_value("gateway_requests_total", labels) == len(values)   # no loop: at once
+    fams = families(metrics.render().decode())
+    ref = families(generate_latest(reference).decode())
+
+    def buckets(f: dict[str, Any], name: str, sample: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for n, lab, v in f[name][1]:
+            if n == sample:
+                out[lab["le"]] = out.get(lab["le"], 0.0) + v
+        return out
+    assert buckets(fams, "gateway_request_duration_seconds", "gateway_request_duration_seconds_bucket") == \
+        buckets(ref, "ref_duration_seconds", "ref_duration_seconds_bucket")
+    assert buckets(fams, "gateway_time_to_first_token_seconds", "gateway_time_to_first_token_seconds_bucket") == \
+        buckets(ref, "ref_ttft_seconds", "ref_ttft_seconds_bucket")
+    assert total(fams, "gateway_request_duration_seconds", "gateway_request_duration_seconds_sum") == \
+        pytest.approx(sum(values))
+    assert total(fams, "gateway_requests_total") == len(values)
+    assert total(fams, "gateway_time_to_first_token_seconds", "gateway_time_to_first_token_seconds_count") == ttfts
+    assert total(fams, "gateway_cost_usd_total") == pytest.approx(cost_nano / 1e9, abs=1e-12)
+    tokens = {lab["type"]: v for n, lab, v in fams["gateway_tokens_total"][1] if n == "gateway_tokens_total"}
+    assert tokens == {"input": 7 * len(values), "output": output}
+
+
+async def test_tallies_reach_the_series_within_the_flush_interval_without_a_scrape() -> None:
+    metrics = Metrics()
+    metrics.request_done(done(latency_ms=10.0, cost_nano=5), upstream_s=0.005, cache_looked_up=False)
+    labels = {"team": "t", "model": OTHER, "provider": "p", "route": "default", "status": "ok", "cache": "bypass"}
+    assert not metrics.registry.get_sample_value("gateway_requests_total", labels)   # tallied, not yet added
+    deadline = time.monotonic() + 15
+    while not metrics.registry.get_sample_value("gateway_requests_total", labels) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert metrics.registry.get_sample_value("gateway_requests_total", labels) == 1.0
+    assert metrics.registry.get_sample_value("gateway_cost_usd_total", {"team": "t", "model": OTHER,
+                                                                         "provider": "p"}) == 5e-9
+
+
 def test_buckets_resolve_sub_millisecond_overhead_and_minute_long_generations() -> None:
     assert sum(b < 0.001 for b in OVERHEAD_BUCKETS) >= 5 and min(OVERHEAD_BUCKETS) <= 0.0001
     assert sum(b < 0.001 for b in DURATION_BUCKETS) >= 3
@@ -349,6 +424,13 @@ async def test_every_worker_reports_the_sum_over_all_workers(workers_gateway: tu
     sent = len(statuses)
     assert set(statuses) == {200}
     assert len(pids) >= 2, f"only one worker served the traffic: {pids}"   # the sum really spans workers
+    deadline = time.monotonic() + 15   # each worker adds its last requests within FLUSH_S of them
+    while True:
+        async with httpx.AsyncClient(timeout=10) as c:
+            fams = families((await c.get(f"{server.url}/metrics")).text)
+        if total(fams, "gateway_requests_total") >= sent or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     scraped = []
     for _ in range(12):   # a new connection each time: the kernel spreads them over the workers
         async with httpx.AsyncClient(timeout=10) as c:

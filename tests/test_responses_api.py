@@ -16,9 +16,11 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 from mock_responses import MockResponses, mock_responses, mock_responses_server  # noqa: F401
 
+from gateway.state.responses_store import MemoryResponsesStore
 from inprocess import Gateway, in_process
 
 # pico-USD per token: $2 in, $8 out, $0.5 cached in
@@ -147,3 +149,28 @@ async def test_translated_stream_and_dropped_features(gw: Gw) -> None:
     records = await gw.records()
     assert final is not None and final.usage.output_tokens == 6
     assert final.usage.model_extra["cost_usd"] == records[-1].cost_nano / 1e9 > 0
+
+
+async def test_a_translated_stream_is_stored_for_retrieval_and_later_turns(gw: Gw) -> None:
+    client = gw.client(await gw.key("alpha"))
+    async with client.responses.stream(model="local", input="first streamed turn") as stream:
+        first = await stream.get_final_response()
+    got = await client.responses.retrieve(first.id)       # kept before the stream's last event went out
+    assert got.id == first.id and got.output_text == first.output_text and got.status == "completed"
+    follow = await client.responses.create(model="local", input="second turn", previous_response_id=first.id)
+    items = await client.responses.input_items.list(follow.id, order="asc")
+    assert [item.role for item in items.data] == ["user", "assistant", "user"]
+    [record, _] = await gw.records()
+    assert got.usage is not None and got.usage.model_extra["cost_usd"] == record.cost_nano / 1e9
+
+
+async def test_a_response_is_kept_after_the_reply_and_found_right_after_it(gw: Gw) -> None:
+    key = await gw.key("alpha")
+    status, raw = await gw.post(key, {"model": "local", "input": "keep me"}, path="/v1/responses")
+    response_id = orjson.loads(raw)["id"]
+    store = gw.app.state.responses.store
+    assert status == 200 and isinstance(store, MemoryResponsesStore)
+    assert response_id in store._pending            # the reply went out before the record was built
+    got = await gw.client(key).responses.retrieve(response_id)     # the very next request finds it
+    assert got.id == response_id and got.output_text == orjson.loads(raw)["output"][0]["content"][0]["text"]
+    assert not store._pending and len(store) == 1

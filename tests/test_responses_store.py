@@ -207,3 +207,39 @@ async def test_open_picks_redis_when_shared(redis_port: int) -> None:
         assert isinstance(shared, RedisResponsesStore) and shared.ttl_ms == 5000
     finally:
         await client.aclose()
+
+
+async def test_put_later_is_readable_at_once_and_built_off_the_reply(kit: Kit) -> None:
+    """The memory store builds a record on the event loop's next turn or at the first read, whichever
+    comes first (off the reply); Redis builds and writes it at once (the next read may be another replica's)."""
+    store = kit.make()
+    rec, other = record(), record()
+    built: list[str] = []
+
+    def build(r: StoredResponse) -> Any:
+        return lambda: built.append(r.id) or r
+
+    await store.put_later(rec.id, build(rec))
+    assert built == ([] if kit.kind == "memory" else [rec.id])
+    assert await store.get(rec.id, "alpha") == rec and built == [rec.id]     # a read right after finds it
+    await store.put_later(other.id, build(other))
+    await asyncio.sleep(0)                                                    # the loop's next turn
+    assert built == [rec.id, other.id]
+    assert await store.get(other.id, "beta") is None and await store.get(other.id, "alpha") == other
+    if isinstance(store, MemoryResponsesStore):
+        assert len(store) == 2 and store.bytes == len(rec.to_json()) + len(other.to_json())
+
+
+async def test_put_later_keeps_to_the_bounds_and_survives_a_failing_build() -> None:
+    store = MemoryResponsesStore(60, max_entries=2)
+    records = [record() for _ in range(3)]
+    for r in records:
+        await store.put_later(r.id, lambda r=r: r)
+
+    def broken() -> StoredResponse:
+        raise ValueError("no record")
+
+    await store.put_later("resp_broken", broken)
+    assert await store.get(records[0].id, "alpha") is None                  # the oldest went first
+    assert [await store.get(r.id, "alpha") for r in records[1:]] == records[1:] and len(store) == 2
+    assert await store.get("resp_broken", "alpha") is None

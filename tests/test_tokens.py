@@ -230,15 +230,15 @@ def test_list_of_parts_content() -> None:
         base + n("o200k_base", "Describe ") + n("o200k_base", "this picture."))
 
 
-def test_image_parts_use_fixed_estimates() -> None:
+def test_image_parts_of_unknown_size_count_the_worst_case_for_their_detail() -> None:
     base = 3 + n("o200k_base", "user") + 3
 
     def image(**url: Any) -> list[dict[str, Any]]:
         return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png", **url}}]}]
 
     assert count_chat(image(detail="low"), "gpt-4o") == base + 85
-    assert count_chat(image(detail="high"), "gpt-4o") == base + 765
-    assert count_chat(image(), "gpt-4o") == base + 765    # auto: the 1024x1024 default
+    assert count_chat(image(detail="high"), "gpt-4o") == base + 85 + 16 * 170   # a remote URL: the worst case
+    assert count_chat(image(), "gpt-4o") == base + 85 + 16 * 170                 # auto is high
     data = "data:image/png;base64," + "A" * 100_000       # the URL itself is never tokenised
     assert count_chat(image(url=data, detail="low"), "gpt-4o") == base + 85
 

@@ -202,12 +202,12 @@ class GatewayApp:
             inbound = Inbound(codec.decode(raw), len(raw), headers, request_id)
             reply = await pipeline.handle(inbound, codec)
         except GatewayError as exc:
-            pipeline.refused(inbound, exc.code or "error")
+            pipeline.refused(inbound, exc.code or "error", codec.endpoint)
             await send_error(send, codec, exc, request_id, inbound.route if inbound is not None else None)
             return
         except Exception:
             log.exception("request %s failed", request_id)
-            pipeline.refused(inbound, "internal_error")
+            pipeline.refused(inbound, "internal_error", codec.endpoint)
             await send_error(send, codec, internal_error(), request_id)
             return
         if isinstance(reply, Reply):
@@ -309,6 +309,7 @@ def _fastapi(state: AppState) -> FastAPI:
         if state.state.notifier is not None:
             await state.state.notifier.aclose()
         await state.state.aclose()
+        state.metrics.flush()          # the last requests' tallies, before a worker's metrics file is left
         for provider in state.providers.values():
             await provider.aclose()
         await state.client.aclose()
@@ -401,7 +402,8 @@ def _fastapi(state: AppState) -> FastAPI:
         body = {"status": "ok" if redis_ok is not False else "unavailable",
                 "models": len(state.policies.unique_models()), "policy_files": list(state.policies.files),
                 "state": state.state.backend, "redis_reachable": redis_ok,
-                "unwritten_records": state.state.pending,
+                "unwritten_records": state.state.pending,   # ledger records and settles waiting for the store
+                "ledger_slots_waiting": state.state.ledger.waiting_slots,   # a cluster: slots of masters down
                 "missing_credentials": [{"deployment": d, "variable": v}   # answered with an error naming v
                                         for d, v in missing_credentials(state.policies.deployments)]}
         return Response(orjson.dumps(body), status_code=200 if redis_ok is not False else 503,

@@ -138,12 +138,12 @@ class OpenAICodec(Stateless):
     def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> OpenAIStream:
         return OpenAIStream(req, deployment, assemble)
 
-    def replay(self, req: Request, answer: dict[str, Any]) -> list[bytes]:
+    def replay(self, req: Request, answer: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
         if req.stream:
-            return openai_sse.replay_events(answer, req.endpoint, req.wants_usage)
+            return openai_sse.replay_events(answer, req.endpoint, req.wants_usage), answer
         if isinstance(answer.get("usage"), dict):
             answer = {**answer, "usage": {**answer["usage"], "cost_usd": 0.0}}
-        return [orjson.dumps(answer)]
+        return [orjson.dumps(answer)], answer
 
     def error_body(self, exc: GatewayError) -> bytes:
         return error_body(exc)

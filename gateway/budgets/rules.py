@@ -14,6 +14,7 @@ No I/O: the budget store does the atomic part.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway.errors import BudgetExceeded, GatewayError, RateLimited
@@ -119,16 +120,21 @@ def _pico_to_nano(pico: int) -> int:
     return (pico + 999) // 1000
 
 
+def _own_prompt(d: Deployment, prompt_tokens: int, prompts: Mapping[str, int] | None) -> int:
+    return prompt_bound(d, prompts.get(d.id, prompt_tokens) if prompts else prompt_tokens)
+
+
 def worst_case(body: dict[str, Any], candidates: tuple[Deployment, ...], prompt_tokens: int,
-               endpoint: str) -> tuple[int, int, int]:
+               endpoint: str, prompts: Mapping[str, int] | None = None) -> tuple[int, int, int]:
     """(worst cost, least useful cost, tokens) over the candidates: nano-USD, nano-USD, tokens.
 
-    The least useful cost is the prompt plus one output token per choice: a hold smaller than that
-    cannot pay for any answer."""
+    ``prompts``: a candidate's own prompt count by deployment id, where it differs from ``prompt_tokens``
+    (images are billed per model family). The least useful cost is the prompt plus one output token per
+    choice: a hold smaller than that cannot pay for any answer."""
     choices = choices_of(body)
     worst_cost = least = worst_tokens = 0
     for d in candidates:
-        prompt = prompt_bound(d, prompt_tokens)
+        prompt = _own_prompt(d, prompt_tokens, prompts)
         out = 0 if endpoint == "embeddings" else output_cap(body, d) * choices
         rate_in, rate_out = d.price.hold_rates(prompt, body.get("service_tier"))
         in_pico = prompt * rate_in
@@ -139,12 +145,12 @@ def worst_case(body: dict[str, Any], candidates: tuple[Deployment, ...], prompt_
 
 
 def affordable_output(hold_nano: int, body: dict[str, Any], candidates: tuple[Deployment, ...],
-                      prompt_tokens: int) -> int:
+                      prompt_tokens: int, prompts: Mapping[str, int] | None = None) -> int:
     """The largest output cap (per choice) whose worst case fits ``hold_nano`` on every candidate."""
     choices = choices_of(body)
     cap = None
     for d in candidates:
-        prompt = prompt_bound(d, prompt_tokens)
+        prompt = _own_prompt(d, prompt_tokens, prompts)
         rate_in, rate_out = d.price.hold_rates(prompt, body.get("service_tier"))
         if rate_out <= 0:
             continue

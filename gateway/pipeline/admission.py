@@ -4,8 +4,9 @@ The budgets are the team's and key's and those of the request's end user, tags a
 (``users``/``tags``/``sessions`` policies), all held in one atomic store call.
 
 :meth:`Admission.reserve` works out which budgets and limits bind the request
-(:mod:`gateway.budgets.rules`), what it may cost at worst on any candidate, and asks the
-budget store to hold it atomically. It returns the request's
+(:mod:`gateway.budgets.rules`), what it may cost at worst on any candidate (each with its own
+prompt count when they bill images by different formulas), and asks the budget store to hold
+it atomically. It returns the request's
 :class:`~gateway.pipeline.ticket.Ticket` when admitted; when refused it finishes a ticket
 with the refusal's status (one ledger record at $0) and raises the client's error. A request
 refused only because of other requests' holds (it would fit once they settle) tries again for up
@@ -39,15 +40,25 @@ from gateway.budgets.rules import (
     worst_case,
 )
 from gateway.errors import GatewayError, state_unavailable
+from gateway.image_tokens import image_family
 from gateway.routing.resolve import Plan
 from gateway.state import State
 from gateway.state.budgets import MAX_AMOUNT, BudgetRule, RateRule, ReserveRequest, StateUnavailable
-from gateway.tokens import count_prompt
+from gateway.tokens import count_prompt, has_images
 
 from .request import Principal, Request, RequestIds
 from .ticket import Books, Ticket
 
 log = logging.getLogger("gateway")
+
+
+def own_prompts(req: Request, plan: Plan) -> dict[str, int] | None:
+    """Each candidate's own prompt count, by deployment id, when the candidates bill images by different
+    formulas and the request has images (None otherwise: one count serves them all)."""
+    if len(plan.candidates) < 2 or len({image_family(d.upstream_model) for d in plan.candidates}) < 2 \
+            or not has_images(req.body):
+        return None
+    return {d.id: count_prompt(req.body, req.shape, d.upstream_model) for d in plan.candidates}
 
 
 class NoRoom(Exception):
@@ -128,14 +139,15 @@ class Admission:
         prompt = plan.prompt_tokens
         if prompt is None:
             prompt = count_prompt(req.body, req.shape, plan.candidates[0].upstream_model)
+        prompts = own_prompts(req, plan)
         body, token_cap = req.body, None
         if tokens_left is not None:
-            bound = max(prompt_bound(d, prompt) for d in plan.candidates)
+            bound = max(prompt_bound(d, prompts.get(d.id, prompt) if prompts else prompt) for d in plan.candidates)
             token_cap = (tokens_left - bound) // choices_of(body)
             if token_cap < 1:
                 raise NoRoom
             body = {**{k: v for k, v in body.items() if k != "max_completion_tokens"}, "max_tokens": token_cap}
-        worst, least, tokens = worst_case(body, plan.candidates, prompt, req.endpoint)
+        worst, least, tokens = worst_case(body, plan.candidates, prompt, req.endpoint, prompts)
         worst, least, tokens = min(worst, MAX_AMOUNT), min(least, MAX_AMOUNT), min(tokens, MAX_AMOUNT)
         reservation = ReserveRequest(self.ids.hold(), principal.team, worst, tokens, budgets, rates,
                                      datetime.now(UTC), least, partial)
@@ -148,7 +160,8 @@ class Admission:
             await self._down(req, ticket, exc)
             return ticket
         if admission.admitted and admission.reserved_nano < worst and req.endpoint != "embeddings":
-            ticket.output_cap = affordable_output(admission.reserved_nano, req.body, plan.candidates, prompt)
+            ticket.output_cap = affordable_output(admission.reserved_nano, req.body, plan.candidates, prompt,
+                                                  prompts)
         return ticket
 
     async def admit_hit(self, req: Request, principal: Principal, plan: Plan) -> Ticket:

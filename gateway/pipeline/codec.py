@@ -114,8 +114,9 @@ class Codec(Protocol):
         """The relay of one stream; ``assemble``: also keep the whole answer for the response cache."""
         ...
 
-    def replay(self, req: Request, answer: dict[str, Any]) -> list[bytes]:
-        """A cached answer: one JSON body, or the SSE events of a stream."""
+    def replay(self, req: Request, answer: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
+        """A cached answer: (one JSON body, or the SSE events of a stream; the answer as the client gets
+        it, which a stateful codec keeps as it keeps any answer)."""
         ...
 
     def error_body(self, exc: GatewayError) -> bytes: ...

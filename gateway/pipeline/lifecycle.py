@@ -38,7 +38,7 @@ from gateway.settings import Settings
 from gateway.state import State
 from gateway.state.budgets import StateUnavailable
 from gateway.state.keys import KeyRecord
-from gateway.state.ledger import LedgerRecord
+from gateway.state.ledger import NONE, LedgerRecord
 from gateway.tokens import count_completion_text, count_prompt
 
 from .admission import Admission
@@ -49,10 +49,11 @@ from .codec import Codec
 from .request import Headers, Inbound, Principal, Reply, Request, RequestIds, StreamReply
 from .savers import SavingStages, build_store
 from .streaming import relay
-from .ticket import Books, Ticket
+from .ticket import Books, Ticket, record_refusal
 
 log = logging.getLogger("gateway")
 SUMMARY_ROUTE = "compression_summary"
+LEDGERED_REFUSALS = frozenset({"state_unavailable"})   # refusals before a ticket that the ledger records
 
 
 def exit_status(exc: BaseException) -> str:
@@ -180,8 +181,8 @@ class Pipeline:
             cap = min(cap if cap is not None else output_cap(req.body, deployment), ticket.token_cap)
         if cap is not None:
             codec.cap_output(wire, body, cap, deployment)
-        if wire == req.shape:
-            body = self.savers.prompt_caching(req, deployment, body)
+        if wire == req.shape or wire == req.endpoint:   # the internal chat shape, or the client's own API
+            body = self.savers.prompt_caching(req, deployment, wire, body)
         return Call(wire, body, deployment, timeout_s, req.headers)
 
     async def complete(self, req: Request, codec: Codec, ticket: Ticket) -> Reply:
@@ -247,7 +248,9 @@ class Pipeline:
         ticket.deployment = deployment
         await ticket.finish("ok", hit=hit_accounting(entry.input_tokens, entry.output_tokens, plan.baseline.price))
         headers = self.headers(req, ticket, deployment, settled=True)
-        parts = codec.replay(req, entry.body)
+        parts, answer = codec.replay(req, entry.body)
+        if codec.stateful:   # a hit is a response like any other: a later turn or a GET may name its id
+            await keep(codec, req, ticket, deployment, answer)
         if not req.stream:
             headers.append((b"x-gateway-cost-usd", b"0"))
             return Reply(parts[0], headers)
@@ -336,19 +339,22 @@ class Pipeline:
             headers.extend(rate_headers(admission))
         return headers
 
-    def refused(self, inbound: Inbound | None, status: str) -> None:
-        """Count a request refused before its ticket existed (bad JSON, bad key, unknown model, ...):
-        ``gateway_requests_total`` with route and provider ``none``; no ledger record (nothing was spent)."""
+    def refused(self, inbound: Inbound | None, status: str, endpoint: str = "chat") -> None:
+        """Count a request refused before its ticket existed (bad JSON, bad key, unknown model, key state
+        unreachable, ...): ``gateway_requests_total`` with route and provider ``none``, an access line, and
+        for a refusal the gateway's state caused (:data:`LEDGERED_REFUSALS`) a $0 ledger record: team ``(none)``
+        when not known yet, no key id, model ``(none)``, the requested model and the endpoint."""
         if inbound is not None and inbound.recorded:
             return
         self.metrics.refused(inbound.team if inbound is not None else None,
                              inbound.model if inbound is not None else None, status)
-        if inbound is not None:   # one access line for every request, refused ones too (no ledger record)
-            self.books.access.write(LedgerRecord(
-                request_id=inbound.request_id, ts=time.time(), team=inbound.team or "none", key_id=None,
-                requested_model=inbound.model or "", model="", deployment="", provider="", route="none",
-                input_tokens=0, output_tokens=0, status=status,
-                latency_ms=round((time.perf_counter() - inbound.started) * 1000, 3)))
+        if inbound is not None:
+            record_refusal(self.books, LedgerRecord(
+                request_id=inbound.request_id, ts=time.time(), team=inbound.team or NONE, key_id=None,
+                requested_model=inbound.model or "", model=NONE, deployment="", provider="", route="none",
+                input_tokens=0, output_tokens=0, status=status, endpoint=endpoint,
+                latency_ms=round((time.perf_counter() - inbound.started) * 1000, 3)),
+                ledger=status in LEDGERED_REFUSALS)
 
 
 def summary_text(answer: dict[str, Any]) -> str:

@@ -80,8 +80,11 @@ class Request:
     overhead: bool = False                 # a compression summary call made on behalf of another request
     recorded: bool = False                 # its ticket wrote the ledger record (the edge counts the rest)
     native: Any = None                     # the body as the client sent it, when the API is not chat-shaped
+    origins: list[tuple[int, ...]] | None = None   # per message of ``body``: the ``native`` messages it came from
     dropped: tuple[str, ...] = ()          # features a translation to chat cannot carry (x-gateway-dropped)
     cacheable: bool = True                 # the response cache may answer or keep it
+    cache_body: Any = None                 # what the response cache keys on, when not the body (before
+                                           # compression): a Responses request as sent, earlier turns inlined
     context: Any = None                    # what the codec loaded for it (an earlier turn of a conversation)
     prefer: str | None = None              # a deployment to try first (the one holding that conversation)
     user: Any = None                       # the end user the body names (OpenAI's user, metadata.user_id)

@@ -39,6 +39,10 @@ from .request import Principal, Request
 from .ticket import Ticket
 
 # The summary of a transcript by the policy's summary model: (text, its cost in nano-USD), or None.
+# Endpoints compressed (on their chat-shaped body): chat; Responses and Messages, whose codecs map what
+# compression kept back onto whole input items / messages for a deployment that speaks their API.
+COMPRESSED = frozenset({"chat", "responses", "messages"})
+PROMPT_CACHED = frozenset({"chat", "messages"})   # endpoints whose calls get breakpoints or a cache key
 Summarize = Callable[[Request, Principal, CompressionSettings, str], Awaitable[tuple[str, int] | None]]
 
 
@@ -70,7 +74,8 @@ class SavingStages:
         if req.cache is not None or not req.cacheable:   # looked up already (a too-long prompt), or never
             return None
         settings = self.policies(req).cache.for_request(principal.team, plan.route)
-        body = req.original_body if req.original_body is not None else req.body
+        body = req.cache_body if req.cache_body is not None else \
+            req.original_body if req.original_body is not None else req.body
         req.cache = lookup = await self.cache.lookup(settings, principal.team, plan.model.name, req.endpoint,
                                                      body, req.headers)
         return lookup.entry
@@ -115,7 +120,7 @@ class SavingStages:
     async def compress_to_fit(self, req: Request, principal: Principal, too_long: Plan) -> bool:
         """The prompt fits no deployment's window: compress it for the largest one. True when it shrank
         (the caller resolves again)."""
-        if req.endpoint != "chat":
+        if req.endpoint not in COMPRESSED:
             return False
         settings = self.policies(req).compression.for_request(principal.team, too_long.route)
         windowed = [d for d in too_long.candidates if d.context_window]
@@ -133,8 +138,9 @@ class SavingStages:
         return True
 
     async def compress(self, req: Request, principal: Principal, plan: Plan) -> Plan:
-        """Compress a chat request whose prompt passes the policy's threshold (the plan, updated)."""
-        if req.endpoint != "chat" or req.compression is not None:
+        """Compress a chat, Responses or Messages request whose prompt passes the policy's threshold (the plan,
+        updated)."""
+        if req.endpoint not in COMPRESSED or req.compression is not None:
             return plan
         settings = self.policies(req).compression.for_request(principal.team, plan.route)
         if not settings.enabled:
@@ -154,7 +160,10 @@ class SavingStages:
 
     async def _run(self, req: Request, principal: Principal, settings: CompressionSettings,
                    deployment: Deployment, tokens: int, limit: int, caching: PromptCacheSettings) -> None:
-        protected = prompt_caching.protected_messages(req.body, deployment, caching)
+        if req.origins is not None and isinstance(req.native, dict) and deployment.speaks(req.endpoint):
+            protected = prompt_caching.native_protected(req.native, req.origins, deployment, caching)
+        else:
+            protected = prompt_caching.protected_messages(req.body, deployment, caching)
 
         async def summarise(text: str) -> tuple[str, int] | None:
             return await self.summarize(req, principal, settings, text)
@@ -167,15 +176,24 @@ class SavingStages:
 
     # ------------------------------------------------------------ prompt caching
     def mark_prompt_caching(self, req: Request, principal: Principal, plan: Plan) -> None:
-        if req.endpoint == "chat":
+        if req.endpoint in PROMPT_CACHED:
             settings = self.policies(req).prompt_cache.for_request(principal.team, plan.route)
             if settings.enabled:
                 req.prompt_cache = (settings, principal.team)
 
     @staticmethod
-    def prompt_caching(req: Request, deployment: Deployment, body: dict[str, Any]) -> dict[str, Any]:
-        """The body for ``deployment`` with breakpoints or a cache key, when the policy asks for them."""
+    def prompt_caching(req: Request, deployment: Deployment, wire: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The body of a ``wire`` call to ``deployment`` with breakpoints or a cache key, when the policy asks
+        for them: a chat body (the request's own, or a Messages request translated), or a Messages body sent
+        natively; other wire formats are sent as built."""
         if req.prompt_cache is None:
             return body
         settings, team = req.prompt_cache
-        return prompt_caching.apply(body, deployment, settings, team)
+        if wire == "chat":
+            if req.origins is not None and prompt_caching.uses_cache_control(deployment) \
+                    and isinstance(req.native, dict) and prompt_caching.native_has_cache_control(req.native):
+                return body   # a translated Messages request whose client placed its own breakpoints
+            return prompt_caching.apply(body, deployment, settings, team)
+        if wire == "messages":
+            return prompt_caching.apply_messages(body, deployment, settings)
+        return body

@@ -66,8 +66,9 @@ async def relay(ticket: Ticket, deployment: Deployment, first: dict[str, Any] | 
         finally:
             await ticket.finish(status, usage)
     if finished:
-        await store(encoder.answer())
         assert usage is not None
-        yield encoder.close(usage, ticket.cost_nano)
+        closing = encoder.close(usage, ticket.cost_nano)   # first: it completes the answer (a translated
+        await store(encoder.answer())                      # Response only exists once closed), then kept
+        yield closing                                      # before the client sees the stream end
     elif error is not None:
         yield encoder.error(error, usage, ticket.cost_nano)

@@ -10,7 +10,10 @@ settles the hold at that cost (releasing the rest), writes one ledger record and
 ``request_done`` metrics event; later calls do nothing. The JSON path calls it in a ``finally``,
 a stream in its generator's ``finally``, a cache hit, a refusal and a compression summary call
 the same way, so no exit (an upstream error, a client gone mid-stream, a cancellation, a bug)
-can leave a hold behind or record a request twice. No other module settles or records.
+can leave a hold behind or record a request twice. A request refused before it had a ticket (no
+plan yet: bad input, a bad key, the key state unreachable) is recorded by :func:`record_refusal`:
+an access line always, a $0 ledger record when the gateway's own state refused it. No other
+module settles or records.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.access_log import AccessLog
-from gateway.metrics import RequestDone
 from gateway.policy import Deployment
 from gateway.pricing import Usage
 from gateway.routing.resolve import Plan
@@ -164,22 +166,8 @@ class Ticket:
             record = self.ledger_record()
             books.state.record(record)
         books.access.write(record)
-        d, usage = self.deployment, self.usage
-        now = time.perf_counter()
-        compressed = tuple(req.compression.saved.items()) if req.compression is not None else ()
-        tokens: tuple[tuple[str, int], ...] = ()
-        if usage is not None:
-            tokens = (("input", usage.input_tokens), ("output", usage.output_tokens),
-                      ("cached_input", usage.cached_input_tokens),
-                      ("cache_write", usage.cache_write_tokens + usage.cache_write_1h_tokens),
-                      ("reasoning", usage.reasoning_tokens))
-        books.metrics.request_done(RequestDone(
-            team=self.principal.team, model=d.model if d is not None else self.plan.requested,
-            provider=d.provider if d is not None else "none", route=self.plan.route, status=self.status,
-            cache=req.cache_result, cache_looked_up=req.cache is not None, stream=req.stream,
-            duration_s=now - req.started, upstream_s=self.upstream_s, ttft_s=self.ttft_s,
-            called_upstream=d is not None and req.cache_result != "hit", tokens=tokens, cost_nano=self.cost_nano,
-            savings=tuple(self.savings.items()), compressed=compressed))
+        books.metrics.request_done(record, self.upstream_s, req.cache is not None,
+                                   tuple(req.compression.saved.items()) if req.compression is not None else ())
 
     def intent(self) -> dict[str, Any]:
         """What the ledger record of this request says if its worker dies before it finishes (worker leases:
@@ -212,3 +200,13 @@ class Ticket:
             estimated=usage.estimated, stream=req.stream, endpoint=req.endpoint, user=req.attribution.user,
             tags=req.attribution.tags, session=req.attribution.session, agent=req.attribution.agent,
             parent_agent=req.attribution.parent_agent, overrun=self.overran)
+
+
+def record_refusal(books: Books, record: LedgerRecord, ledger: bool) -> None:
+    """A request refused before its ticket existed: its access line, and with ``ledger`` its $0 ledger
+    record (a refusal the gateway's state caused, such as a 503 when the key could not be looked up,
+    is in the ledger like a 429 or a reservation's 503; a client's own error, such as a bad key or bad
+    JSON, is not: that would let anyone without a key write to the ledger)."""
+    if ledger:
+        books.state.record(record)
+    books.access.write(record)

@@ -13,6 +13,14 @@ form (a ``cache_control`` on the message, the last content part, the last tool c
 tool), with ``{"type": "ephemeral"}`` or ``{"type": "ephemeral", "ttl": "1h"}`` per policy.
 :func:`protected_messages` tells compression how many leading messages those breakpoints rely on.
 
+A Messages API body sent natively (to Anthropic or a compatible server) gets the same plan in its
+own shape (:func:`apply_messages`): ``cache_control`` on the last tool, on the last block of
+``system`` (a string becomes one text block), on the last block of a message (never a thinking
+block, never an empty text), by the same priorities and minimum, at most four; a body that carries
+``cache_control`` anywhere (top level, tools, system, any block) is sent exactly as the client
+sent it. :func:`native_protected` tells compression which leading chat messages (of the body's
+chat translation) the client's own or the planned breakpoints rely on.
+
 OpenAI-compatible deployments get ``prompt_cache_key`` (unless the client set one): per team, or
 per prefix (a hash of the team, the tools and the system messages), which steers requests sharing
 a prefix to the same cache.
@@ -27,7 +35,7 @@ from typing import Any
 import orjson
 
 from gateway.policy import Deployment, PromptCacheSettings
-from gateway.tokens import REPLY_PRIMING, count_chat
+from gateway.tokens import REPLY_PRIMING, count_chat, count_text
 
 MAX_BREAKPOINTS = 4
 DEFAULT_MIN_CACHEABLE = 1024
@@ -183,3 +191,146 @@ def protected_messages(body: dict[str, Any], deployment: Deployment, settings: P
         return 0
     plan = plan_breakpoints(body, deployment.upstream_model, settings)
     return plan.protected if plan is not None else 0
+
+
+# ---------------------------------------------------------------------------- native Messages bodies
+UNMARKABLE_BLOCKS = ("thinking", "redacted_thinking")
+
+
+@dataclass(frozen=True, slots=True)
+class NativeBreakpoints:
+    tools: bool                     # after the last tool definition
+    system: bool                    # on the last block of ``system``
+    messages: tuple[int, ...]       # indexes into the body's messages, ascending
+
+
+def _block_has_cache_control(block: Any) -> bool:
+    if not isinstance(block, dict):
+        return False
+    if "cache_control" in block:
+        return True
+    inner = block.get("content")   # a tool_result's own blocks
+    return isinstance(inner, list) and any(isinstance(b, dict) and "cache_control" in b for b in inner)
+
+
+def message_has_cache_control(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(_block_has_cache_control(b) for b in content)
+
+
+def native_has_cache_control(body: dict[str, Any]) -> bool:
+    """Whether the client placed any breakpoint itself (then the body is left as sent)."""
+    if "cache_control" in body:
+        return True
+    system = body.get("system")
+    if isinstance(system, list) and any(_block_has_cache_control(b) for b in system):
+        return True
+    if any(isinstance(t, dict) and "cache_control" in t for t in body.get("tools") or ()):
+        return True
+    return any(message_has_cache_control(m) for m in body.get("messages") or ())
+
+
+def _markable(content: Any) -> int | None:
+    """Where a breakpoint goes in a content value: -1 for a non-empty string, the index of the last block
+    that can carry one, or None."""
+    if isinstance(content, str):
+        return -1 if content else None
+    if not isinstance(content, list):
+        return None
+    for i in range(len(content) - 1, -1, -1):
+        block = content[i]
+        if not isinstance(block, dict) or block.get("type") in UNMARKABLE_BLOCKS:
+            continue
+        if block.get("type") == "text" and not block.get("text"):
+            continue
+        return i
+    return None
+
+
+def _with_control(content: Any, control: dict[str, str]) -> Any:
+    at = _markable(content)
+    if at == -1:
+        return [{"type": "text", "text": content, "cache_control": control}]
+    assert at is not None and isinstance(content, list)
+    return [*content[:at], {**content[at], "cache_control": control}, *content[at + 1:]]
+
+
+def plan_native(body: dict[str, Any], model: str, settings: PromptCacheSettings) -> NativeBreakpoints | None:
+    """Where breakpoints go in a native Messages body on ``model`` (None: none, or the client placed its own);
+    the priorities and minimum of :func:`plan_breakpoints`."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or native_has_cache_control(body):
+        return None
+    minimum = settings.min_tokens or min_cacheable(model)
+    tools = body.get("tools") if isinstance(body.get("tools"), list) and body.get("tools") else None
+    tools_tokens = count_text(orjson.dumps(tools).decode(), model) if tools else 0
+    system = body.get("system")
+    system_end = tools_tokens + (_tokens({"role": "system", "content": system}, model) if system else 0)
+    total, prefix, own = system_end, [], []
+    for message in messages:
+        own.append(_tokens(message, model))
+        total += own[-1]
+        prefix.append(total)
+    last = len(messages) - 1
+    markable = [isinstance(m, dict) and _markable(m.get("content")) is not None for m in messages]
+    chosen: list[int] = []
+    if settings.conversation and prefix[last] >= minimum and markable[last]:
+        chosen.append(last)
+    take_system = bool(system) and _markable(system) is not None and system_end >= minimum
+    take_tools = tools is not None and tools_tokens >= minimum and len(chosen) + take_system < MAX_BREAKPOINTS
+    for i in range(last):
+        if len(chosen) + take_system + take_tools >= MAX_BREAKPOINTS:
+            break
+        if own[i] >= minimum and markable[i]:
+            chosen.append(i)
+    if not chosen and not take_system and not take_tools:
+        return None
+    return NativeBreakpoints(take_tools, take_system, tuple(sorted(chosen)))
+
+
+def mark_native(body: dict[str, Any], plan: NativeBreakpoints, settings: PromptCacheSettings) -> dict[str, Any]:
+    """A copy of the Messages ``body`` with the planned breakpoints (the original is not modified)."""
+    control = _control(settings)
+    out = dict(body)
+    if plan.tools:
+        tools = list(body["tools"])
+        tools[-1] = {**tools[-1], "cache_control": control}
+        out["tools"] = tools
+    if plan.system:
+        out["system"] = _with_control(body["system"], control)
+    if plan.messages:
+        messages = list(body["messages"])
+        for i in plan.messages:
+            messages[i] = {**messages[i], "content": _with_control(messages[i]["content"], control)}
+        out["messages"] = messages
+    return out
+
+
+def apply_messages(body: dict[str, Any], deployment: Deployment, settings: PromptCacheSettings) -> dict[str, Any]:
+    """The native Messages body to send to ``deployment`` with prompt caching asked for (``body`` itself
+    if nothing changes)."""
+    if not settings.enabled:
+        return body
+    plan = plan_native(body, deployment.upstream_model, settings)
+    return body if plan is None else mark_native(body, plan, settings)
+
+
+def native_protected(native: dict[str, Any], origins: list[tuple[int, ...]], deployment: Deployment,
+                     settings: PromptCacheSettings) -> int:
+    """How many leading messages of the chat translation (``origins``: the native messages each came from)
+    compression must leave alone for the native body's breakpoints: the client's own, else the planned ones
+    (the last message and ``system`` excepted: the last turns are kept anyway)."""
+    messages = native.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return 0
+    if native_has_cache_control(native):
+        marked = [i for i, m in enumerate(messages[:-1]) if message_has_cache_control(m)]
+    elif settings.enabled:
+        plan = plan_native(native, deployment.upstream_model, settings)
+        marked = [i for i in plan.messages if i != len(messages) - 1] if plan is not None else []
+    else:
+        return 0
+    if not marked:
+        return 0
+    last = max(marked)
+    return max((k + 1 for k, came in enumerate(origins) if any(i <= last for i in came)), default=0)

@@ -1,14 +1,17 @@
 """The response cache (exact match): which requests it serves, their keys, entries and the stores.
 
 A request is cacheable when its team's (or route's) ``cache.mode`` allows it: ``deterministic``
-(the default) caches embeddings, and chat and legacy completions with ``temperature: 0`` or an
-integer ``seed``; ``always`` caches every request; ``off`` none. ``cache-control: no-cache`` skips
-the lookup but stores the fresh answer; ``no-store`` skips both. The key is a SHA-256 of canonical
-JSON (sorted keys, top-level nulls dropped, integral top-level floats as ints) of: a version, the
-team, the resolved model name, the endpoint, and the whole request body except ``model``,
-``stream`` and ``stream_options`` -- so a stream can be answered from a stored non-stream answer
-and the other way round, and no answer ever crosses teams, models, system prompts, tools,
-response formats or sampling parameters.
+(the default) caches embeddings, and chat, legacy completions and Responses requests with
+``temperature: 0`` or an integer ``seed``; ``always`` caches every request; ``off`` none.
+``cache-control: no-cache`` skips the lookup but stores the fresh answer; ``no-store`` skips both.
+The key is a SHA-256 of canonical JSON (sorted keys, top-level nulls dropped, integral top-level
+floats as ints) of: a version, the team, the resolved model name, the endpoint, and the whole
+request body except ``model``, ``stream`` and ``stream_options`` -- so a stream can be answered
+from a stored non-stream answer and the other way round, and no answer ever crosses teams,
+models, system prompts, tools, response formats or sampling parameters. A Responses request is
+keyed on the body as sent with any ``previous_response_id`` replaced by the earlier turns' items
+(the codec inlines them, so the key covers the whole conversation, never an id), without
+``store`` (a hit gets a fresh response id and is stored, or not, as its own request says).
 
 An entry is the OpenAI-shaped answer (``usage`` without ``cost_usd``) plus what pricing a hit
 needs: the prompt tokens before compression, the output tokens, and the deployment that produced
@@ -35,6 +38,8 @@ log = logging.getLogger("gateway.savings.response_cache")
 KEY_PREFIX = "gw:v1:rcache:"
 KEY_VERSION = 1
 _NOT_IN_KEY = frozenset({"model", "stream", "stream_options"})
+_NOT_IN_RESPONSES_KEY = _NOT_IN_KEY | {"store"}
+ENDPOINTS = frozenset({"chat", "completions", "embeddings", "responses"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +112,8 @@ def _normal(value: Any) -> Any:
 
 
 def cache_key(team: str, model: str, endpoint: str, body: dict[str, Any]) -> str:
-    request = {k: _normal(v) for k, v in body.items() if k not in _NOT_IN_KEY and v is not None}
+    left_out = _NOT_IN_RESPONSES_KEY if endpoint == "responses" else _NOT_IN_KEY
+    request = {k: _normal(v) for k, v in body.items() if k not in left_out and v is not None}
     canonical = orjson.dumps([KEY_VERSION, team, model, endpoint, request],
                              option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     return KEY_PREFIX + hashlib.sha256(canonical).hexdigest()
@@ -204,7 +210,7 @@ class ResponseCache:
 
     async def lookup(self, settings: CacheSettings, team: str, model: str, endpoint: str,
                      body: dict[str, Any], headers: dict[str, str]) -> Lookup:
-        if endpoint not in ("chat", "completions", "embeddings") or not cacheable(settings, endpoint, body):
+        if endpoint not in ENDPOINTS or not cacheable(settings, endpoint, body):
             return Lookup("bypass")
         skip_lookup, skip_store = directives(headers)
         key = cache_key(team, model, endpoint, body)

@@ -1,6 +1,6 @@
 -- Gateway budgets + rate limits, script version v2 (also in every key prefix: gw:v2:{team:<team>}:...).
--- ARGV[1] selects the operation (reserve | settle | sweep | claim | renew |
--- lease | retire | park | usage); ARGV[2] must equal VERSION.
+-- ARGV[1] selects the operation (reserve | settle | release | sweep | claim | renew | lease | retire | park |
+-- usage); ARGV[2] must equal VERSION.
 -- Team and key budgets share the team's hash tag; end-user, tag and session buckets and windows have
 -- their own ({user:<id>}, ...), shared by every team: one call spans slots only when it names those.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
@@ -157,10 +157,12 @@ if op == 'reserve' then
   if not admitted then amount = 0 end
   return {admitted and 1 or 0, amount, kind, idx, rlimit, rused, retry, lim_r, rem_r, lim_t, rem_t, rem_n}
 
-elseif op == 'settle' or op == 'sweep' then
+elseif op == 'settle' or op == 'release' or op == 'sweep' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr, [open]
   -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, (floor, keep_s, window_ms) * nb,
   --       [worker, record json]
+  -- release (a cluster's compensation: another slot refused the request): settle at 0 and also give back
+  -- the request this slot's reserve counted in its rate windows (if still in that minute)
   -- settle with a record (a worker lease): the record waits in open as 'R' until the ledger batch writing it
   -- lands (that batch removes it), so a worker killed in between leaves it to the sweep. Returns 1 when
   -- settled now, 0 when settled already.
@@ -216,6 +218,9 @@ elseif op == 'settle' or op == 'sweep' then
       local v = redis.call('HMGET', rl, 'w', 't')
       if v[1] and num(v[1]) == m then
         redis.call('HSET', rl, 't', s(math.max(0, num(v[2]) + atok - est)))
+        if op == 'release' then
+          redis.call('HSET', rl, 'r', s(math.max(0, num(redis.call('HGET', rl, 'r')) - 1)))
+        end
       end
     end
   end

@@ -11,7 +11,9 @@ and carry their own tag (``gw:v2:{user:<id>}:...``). On one Redis a request's ke
 one script call. A Redis Cluster refuses a script over several slots, so there a request
 that names them is split by hash tag and reserved in two phases: each slot holds atomically in
 its own script call (end users', tags', sessions' first, the team's last, each passing on the
-possibly capped amount); a refusal releases the holds already taken (compensation), and a
+possibly capped amount); a refusal releases the holds already taken (compensation: the
+script's ``release``, which also gives back the request and tokens those slots counted against
+their RPM/TPM windows, when still in the same minute), and a
 crash in between leaves holds that expire with the reservation TTL. Each slot keeps its own
 reservation record and settled marker, so settle and renew are per slot and replay-safe. Names inside keys are
 percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
@@ -205,7 +207,7 @@ class RedisBudgetStore:
         that cannot be released now expires with the reservation TTL)."""
         for tag, sub in held:
             with contextlib.suppress(StateUnavailable):
-                await self._settle_at(tag, sub, plan(sub), 0, 0)
+                await self._settle_at(tag, sub, plan(sub), 0, 0, op="release")
 
     async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan, intent: bytes = b"") -> Admission:
         keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
@@ -253,6 +255,8 @@ class RedisBudgetStore:
     async def _settle_at(self, tag: str | None, req: ReserveRequest, p: Plan, actual_cost_nano: int,
                          actual_tokens: int, record: bytes = b"", worker: str | None = None,
                          op: str = "settle") -> int:
+        """``op`` ``release``: settle at 0 and give back the request counted in the rate windows too; ``sweep``:
+        see :meth:`sweep`. ``record``: see :meth:`settle`."""
         keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p),
                 *(rate_key(req.team, r.scope, r.owner) for r in p.rates)]
         args: list[str | int | bytes] = [

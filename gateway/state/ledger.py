@@ -11,13 +11,13 @@ it) is a no-op: nothing is lost or counted twice. With worker leases (one Redis)
 that its entry is in the expected state (not swept for a worker's own record; swept, ``S``, for one
 the sweep writes for a dead worker, whose ``hold_id`` is ``swept:<hold>``) and retires it, so of
 the worker's batch and the sweeper's exactly one writes it; a record whose entry says otherwise is
-left out of the batch.
-On Redis Cluster, a script cannot span slots, so
+left out of the batch. On Redis Cluster, a script cannot span slots, so
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
-non-transactional pipeline. ``totals`` sums the rollups when the range is whole UTC days and reads
-the stream otherwise; both sum the same integer counters, so they agree exactly.
-:class:`BufferedLedger` holds batches while Redis is unreachable (in memory, or spooled to local disk) and
-retries them in order.
+non-transactional pipeline per master; each part's outcome is reported on its own
+(:meth:`RedisLedger.append_parts`). ``totals`` sums the rollups when the range is whole UTC days
+and reads the stream otherwise; both sum the same integer counters, so they agree exactly.
+:class:`BufferedLedger` holds batches while Redis is unreachable (in memory, or spooled to local disk)
+and retries them in order, per slot: a master that is down holds back only its own slots' parts.
 """
 
 from __future__ import annotations
@@ -26,17 +26,21 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
+import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import orjson
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+
+from gateway.state.outage_log import OutageLog
 
 if TYPE_CHECKING:
     from gateway.state.spool import Spool
@@ -331,18 +335,14 @@ class RedisLedger:
         self.left_out = 0                                    # records another worker's batch wrote (see above)
 
     async def append(self, records: Sequence[LedgerRecord]) -> None:
-        for _ in range(3):   # a retry leaves out the records whose entries are gone, which never come back
-            gone = await self._append(records)
-            if not gone:
-                return
-            self.left_out += len(gone)
-            log.warning("%d ledger records were written by another worker's batch; left out", len(gone))
-            records = [r for r in records if claim_of(r.hold_id)[0] not in gone]
+        _, outcomes = await self.append_parts(records)
+        for exc in outcomes.values():
+            if exc is not None:
+                raise exc
 
-    async def _append(self, records: Sequence[LedgerRecord]) -> set[str]:
-        """Apply one batch; the hold ids whose open entries are gone (then nothing was applied)."""
-        if not records:
-            return set()
+    def _parts(self, records: Sequence[LedgerRecord]) -> dict[int, tuple[str, list[str], list[Any]]]:
+        """The batch's writes per hash slot (one part, slot 0, when ``atomic``): the part's marker, keys and
+        script arguments. The marker is derived from the whole batch, so a part re-sent later is a no-op."""
         payloads = [r.to_json() for r in records]
         batch = hashlib.sha256(b"\n".join(payloads)).hexdigest()[:32]  # same batch, same marker
         hashes: dict[str, Counter[str]] = {}
@@ -362,17 +362,82 @@ class RedisLedger:
         groups: dict[int, list[str]] = {}
         for key in ops:
             groups.setdefault(0 if self.atomic else key_slot(key.encode()), []).append(key)
-        pipe = self._r.pipeline(transaction=False)
-        for keys in groups.values():
+        parts: dict[int, tuple[str, list[str], list[Any]]] = {}
+        for slot, keys in groups.items():
             args: list[Any] = [self.dedup_ttl_s, self.stream_maxlen or 0]
             for index, key in enumerate(keys, start=2):
                 args += [ops[key][0], index, len(ops[key][1]), *ops[key][1]]
-            pipe.eval(_APPLY, len(keys) + 1, f"gw:v1:dedup:{{{_tag(keys[0])}}}:{batch}", *keys, *args)
-        gone: set[str] = set()
-        for reply in await pipe.execute():
-            if isinstance(reply, list):
-                gone.update(_text(h) for h in reply)
-        return gone
+            parts[slot] = (f"gw:v1:dedup:{{{_tag(keys[0])}}}:{batch}", keys, args)
+        return parts
+
+    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset(),
+                           down: dict[str, BaseException] | None = None
+                           ) -> tuple[frozenset[int], dict[int, BaseException | None]]:
+        """Write the batch's parts whose slot is not in ``skip``; returns every slot the batch touches and, for
+        each part attempted, None (written, or written before) or the error it failed with. On a cluster the
+        parts go in one pipeline per master, so a master that is down fails only its own slots' parts.
+        ``down``: the masters that failed earlier in the caller's pass (name -> error), updated here; their
+        parts are reported failed without being sent, so a dead master costs one attempt per pass."""
+        if not records:
+            return frozenset(), {}
+        if self.atomic and 0 in skip:
+            return frozenset({0}), {}
+        down = {} if down is None else down
+        parts = self._parts(records)
+        outcomes: dict[int, BaseException | None] = {}
+        by_node: dict[str, list[int]] = {}
+        for slot, (marker, _, _) in parts.items():
+            if slot not in skip:
+                node = self._node_of(marker)
+                if node in down:
+                    outcomes[slot] = down[node]
+                else:
+                    by_node.setdefault(node, []).append(slot)
+
+        async def send(slots: list[int]) -> set[str]:
+            pipe = self._r.pipeline(transaction=False)
+            for slot in slots:
+                marker, keys, args = parts[slot]
+                pipe.eval(_APPLY, len(keys) + 1, marker, *keys, *args)
+            gone: set[str] = set()
+            for reply in await pipe.execute():
+                if isinstance(reply, list):   # open entries in another state: nothing of the part was applied
+                    gone.update(_text(h) for h in reply)
+            return gone
+
+        nodes = list(by_node.items())
+        results: list[set[str] | BaseException | None]
+        if len(nodes) == 1:   # one Redis (or one master): no tasks
+            try:
+                gone = await send(nodes[0][1])
+                results = [None]
+            except Exception as exc:
+                gone, results = set(), [exc]
+            if gone:   # worker leases (one Redis): written by another worker's batch; each pass drops one at least
+                self.left_out += len(gone)
+                log.warning("%d ledger records were written by another worker's batch; left out", len(gone))
+                return await self.append_parts([r for r in records if claim_of(r.hold_id)[0] not in gone], skip,
+                                               down)
+        else:
+            results = list(await asyncio.gather(*(send(slots) for _, slots in nodes), return_exceptions=True))
+        for (node, slots), result in zip(nodes, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException) and retryable(result):
+                down[node] = result
+            for slot in slots:
+                outcomes[slot] = result if isinstance(result, BaseException) else None
+        return frozenset(parts), outcomes
+
+    def _node_of(self, key: str) -> str:
+        """The master serving ``key`` (empty on one Redis, or before the cluster's map is known)."""
+        if self.atomic:
+            return ""
+        try:
+            node = self._r.get_node_from_key(key)
+        except Exception:   # the slot map is not loaded yet: one pipeline, which loads it
+            return ""
+        return str(node.name) if node is not None else ""
 
     async def _scan(self, since: float) -> AsyncIterator[LedgerRecord]:
         """Stream entries stamped from ``since - max_skew_s`` on (entries flushed late carry later ids)."""
@@ -447,6 +512,30 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, rexc.ResponseError) and str(exc).split(" ", 1)[0] in _RETRYABLE_REPLIES
 
 
+@runtime_checkable
+class SlottedLedger(Protocol):
+    """A ledger that writes a batch in parts, one per hash slot (:meth:`RedisLedger.append_parts`)."""
+
+    async def append_parts(self, records: Sequence[LedgerRecord], skip: AbstractSet[int] = frozenset(),
+                           down: dict[str, BaseException] | None = None
+                           ) -> tuple[frozenset[int], dict[int, BaseException | None]]: ...
+
+
+@dataclass(slots=True, eq=False)
+class _Queued:
+    records: list[LedgerRecord]
+    slots: frozenset[int] | None = None      # every slot the batch writes to (None: not tried yet)
+    done: set[int] = field(default_factory=set)   # the slots whose part is written
+    finished: bool = False                   # every part written (or the batch rejected)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def complete(self) -> bool:
+        return self.slots is not None and self.slots <= self.done
+
+
 class BufferedLedger:
     """``append`` never raises: each batch is queued in memory, unchanged (so a retry carries the same
     dedup marker), and written oldest first; a failed write leaves it queued for ``flush()``, which the
@@ -454,17 +543,28 @@ class BufferedLedger:
     dropped (``dropped``); a batch failing for a non-retryable reason is logged with its records and
     discarded (``rejected``) rather than blocking the queue. Reads see only written records.
 
-    With a ``spool`` (:mod:`gateway.state.spool`, ``GATEWAY_SPOOL_DIR``) nothing is dropped and a crash
-    loses nothing: a failed write moves every queued batch to local disk, as does a full buffer, and
-    ``flush`` writes the spooled batches back first."""
+    A ledger that writes per hash slot (Redis Cluster, :class:`SlottedLedger`) is written per slot: a
+    batch's part in a slot whose master is down waits (and later batches' parts in that slot wait
+    behind it, so each slot keeps its order), while the parts in the other slots are written at once,
+    so one dead master stalls only the teams, models and days it holds. A batch counts as written
+    (``pending`` drops) once every part is. Failures are logged once, then at most every 30 s, and
+    once more when the backlog is written (:class:`~gateway.state.outage_log.OutageLog`).
 
-    def __init__(self, inner: Ledger, max_buffer: int = 100_000, spool: Spool | None = None) -> None:
+    With a ``spool`` (:mod:`gateway.state.spool`, ``GATEWAY_SPOOL_DIR``) nothing is dropped and a crash
+    loses nothing: a failed write moves every queued batch to local disk (after its parts in healthy
+    slots were tried), as does a full buffer, and ``flush`` writes the spooled batches back first,
+    oldest first, up to the first that cannot be completed yet."""
+
+    def __init__(self, inner: Ledger, max_buffer: int = 100_000, spool: Spool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.inner = inner
         self.max_buffer = max_buffer
         self.spool = spool
         self.dropped = self.rejected = self._pending = 0
-        self._batches: deque[list[LedgerRecord]] = deque()
+        self._batches: deque[_Queued] = deque()
         self._lock = asyncio.Lock()
+        self.outage = OutageLog(log, "ledger write", clock=clock)
+        self.waiting_slots = 0   # slots (one, off a cluster) whose writes failed in the last flush
 
     @property
     def pending(self) -> int:
@@ -477,56 +577,84 @@ class BufferedLedger:
                 await self.flush()
 
     async def flush(self, wait: bool = False) -> int:
-        """Write spooled, then queued batches oldest first until one fails; returns how many records were
-        written. If a flush is already running, return at once, or with ``wait`` let it finish and then
-        flush (a reader that needs every record queued so far to be written, or to have failed)."""
+        """Write spooled, then queued batches oldest first, each slot until its first failure; returns how
+        many records were written. If a flush is already running, return at once, or with ``wait`` let it
+        finish and then flush (a reader that needs every record queued so far to be written, or to have
+        failed)."""
         if self._lock.locked() and not wait:
             return 0  # a flush is running and will take the new batches too
         written = 0
+        failed: dict[int, BaseException] = {}   # slots that failed in this pass: later parts there wait
+        down: dict[str, BaseException] = {}     # masters that failed in this pass: not tried again in it
         async with self._lock:
-            while self.spool is not None and (batch := self.spool.next_batch()) is not None:
-                if not await self._write(batch):
-                    self._spill(keep=0)
-                    return written
-                self.spool.written(batch)
-                written += len(batch)
-            for _ in range(self.max_buffer + 1):  # each pass writes or discards a batch, or stops
-                if not self._batches:
+            while self.spool is not None and (records := self.spool.next_batch()) is not None:
+                if not await self._write(_Queued(records), failed, down):
                     break
-                batch = self._batches[0]
-                if not await self._write(batch):
-                    self._spill(keep=0)
-                    break
-                written += len(batch)
-                self._batches.popleft()
-                self._pending -= len(batch)
+                self.spool.written(records)
+                written += len(records)
+            for batch in list(self._batches):   # each batch once: written, or its waiting parts skipped
+                batch.finished = await self._write(batch, failed, down)
+            if any(batch.finished for batch in self._batches):   # (appends during the pass are not finished)
+                left: deque[_Queued] = deque()
+                for batch in self._batches:
+                    if batch.finished:
+                        written += len(batch)
+                        self._pending -= len(batch)
+                    else:
+                        left.append(batch)
+                self._batches = left
+            self.waiting_slots = len(failed)
+            if failed:
+                self._spill(keep=0)
+                self.outage.failed(next(iter(failed.values())), self.pending)
+            elif not self.pending:
+                self.outage.succeeded()
         return written
 
-    async def _write(self, batch: list[LedgerRecord]) -> bool:
-        """Write one batch; False if the store is unreachable (keep it), True if written or rejected."""
-        try:
-            await self.inner.append(batch)
-        except Exception as exc:
-            if retryable(exc):
-                log.warning("ledger write failed, %d records waiting: %r", self.pending, exc)
-                return False
-            self.rejected += len(batch)
-            log.error("ledger rejected %d records (%r): %s", len(batch), exc, [r.to_json().decode() for r in batch])
-        return True
+    async def _write(self, batch: _Queued, failed: dict[int, BaseException], down: dict[str, BaseException]) -> bool:
+        """Write the parts of ``batch`` not written yet, except in slots that failed in this pass (recorded in
+        ``failed``); True once every part is written (or the batch was rejected)."""
+        if batch.slots is not None and batch.slots - batch.done <= failed.keys():
+            return False   # every part left waits behind an earlier one: not even tried
+        outcomes: dict[int, BaseException | None] = {}
+        if isinstance(self.inner, SlottedLedger):
+            try:
+                batch.slots, outcomes = await self.inner.append_parts(batch.records, batch.done | failed.keys(), down)
+            except Exception as exc:   # before any part was sent (the parts could not be formed)
+                outcomes = {-1: exc}   # no slot of its own: later batches are still tried
+        else:
+            batch.slots = frozenset({0})
+            if 0 not in failed:
+                try:
+                    await self.inner.append(batch.records)
+                    outcomes[0] = None
+                except Exception as exc:
+                    outcomes[0] = exc
+        for slot, error in outcomes.items():
+            if error is None:
+                batch.done.add(slot)
+            elif retryable(error):
+                failed.setdefault(slot, error)
+            else:
+                self.rejected += len(batch)
+                log.error("ledger rejected %d records (%r): %s", len(batch), error,
+                          [r.to_json().decode() for r in batch.records])
+                return True
+        return batch.complete
 
     def _spill(self, keep: int) -> None:
         """With a spool, move the queued batches after the first ``keep`` to disk."""
         if self.spool is None or len(self._batches) <= keep:
             return
         moving = list(self._batches)[keep:]
-        self.spool.spill(moving)
+        self.spool.spill([b.records for b in moving])
         for _ in moving:
             self._batches.pop()
         self._pending -= sum(len(b) for b in moving)
 
-    def _enqueue(self, batch: list[LedgerRecord]) -> None:
-        self._batches.append(batch)
-        self._pending += len(batch)
+    def _enqueue(self, records: list[LedgerRecord]) -> None:
+        self._batches.append(_Queued(records))
+        self._pending += len(records)
         if self._pending > self.max_buffer and self.spool is not None:
             self._spill(keep=1 if self._lock.locked() else 0)   # never the batch a flush is writing
         while self._pending > self.max_buffer and len(self._batches) > 1:
@@ -535,7 +663,7 @@ class BufferedLedger:
             del self._batches[victim]
             self._pending -= len(lost)
             self.dropped += len(lost)
-            log.error("ledger buffer full: dropped %d records (%s...)", len(lost), lost[0].request_id)
+            log.error("ledger buffer full: dropped %d records (%s...)", len(lost), lost.records[0].request_id)
 
     async def read(self, since: float, until: float | None = None, team: str | None = None) -> list[LedgerRecord]:
         return await self.inner.read(since, until, team)

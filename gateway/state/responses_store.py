@@ -12,14 +12,23 @@ oldest first out, with a TTL) and :class:`RedisResponsesStore` (one key
 ``gw:v1:resp:<id>`` per response with the TTL as its expiry, shared by every worker and
 replica, one key per command so Redis Cluster works unchanged). Redis failures
 surface as :class:`~gateway.state.budgets.StateUnavailable`.
+
+:meth:`put_later` is how the request path keeps a response: it hands over a function that
+builds the record. The memory store builds and serialises it once the current reply is out
+(a callback on the event loop, run when the request's task next yields, normally after the
+reply's last byte is written), and any read first builds what is pending, so a ``GET``
+right after the reply finds the response; Redis builds and writes it at once, before the
+reply, since the next ``GET`` may reach another worker or replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
@@ -27,8 +36,10 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.state.budgets import StateUnavailable
 
+log = logging.getLogger("gateway")
 KEY_PREFIX = "gw:v1:resp:"
 DEFAULT_TTL_S = 30 * 24 * 3600      # OpenAI keeps stored responses 30 days
+MAX_PENDING = 16                    # records put_later may hold unbuilt before it builds them at once
 _ERRORS = (RedisError, RedisClusterException, OSError)
 
 
@@ -58,7 +69,11 @@ class StoredResponse:
         return self.input_items + self.output_items
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        # the fields are JSON values already: no dataclasses.asdict, whose deep copy of every item was
+        # most of the cost of storing a response (about 0.3 ms for a 20-item conversation)
+        return orjson.dumps({"id": self.id, "team": self.team, "deployment": self.deployment, "model": self.model,
+                             "input_items": self.input_items, "response": self.response,
+                             "upstream_state": self.upstream_state, "created_at": self.created_at})
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> StoredResponse:
@@ -68,8 +83,15 @@ class StoredResponse:
                    upstream_state=bool(data.get("upstream_state")), created_at=float(data["created_at"]))
 
 
+Build = Callable[[], StoredResponse]     # makes the record of a finished response (see ``put_later``)
+
+
 class ResponsesStore(Protocol):
     async def put(self, record: StoredResponse) -> bool: ...
+
+    async def put_later(self, response_id: str, build: Build) -> None:
+        """Keep the record ``build`` makes, at the latest before the next read of ``response_id``."""
+        ...
 
     async def get(self, response_id: str, team: str) -> StoredResponse | None: ...
 
@@ -82,7 +104,10 @@ class ResponsesStore(Protocol):
 
 class MemoryResponsesStore:
     """In-process store: at most ``max_entries`` records and ``max_bytes`` of their JSON, each for
-    ``ttl_s``; the oldest go first. Records are kept serialised, so callers never share them."""
+    ``ttl_s``; the oldest go first. Records are kept serialised, so callers never share them; records
+    handed to :meth:`put_later` are built and serialised on the event loop's next turn (or by the next
+    read, whichever is first; at most :data:`MAX_PENDING` of them), so until then they are not counted
+    against the bounds."""
 
     def __init__(self, ttl_s: float = DEFAULT_TTL_S, max_entries: int = 10_000, max_bytes: int = 64 << 20,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -91,10 +116,29 @@ class MemoryResponsesStore:
         self.ttl_s, self.max_entries, self.max_bytes = ttl_s, max_entries, max_bytes
         self._clock = clock
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()   # id -> (expires, JSON)
+        self._pending: dict[str, Build] = {}        # put_later's records, not built yet
         self.bytes = 0
 
     def __len__(self) -> int:
+        self.flush()
         return len(self._data)
+
+    async def put_later(self, response_id: str, build: Build) -> None:
+        if len(self._pending) >= MAX_PENDING:   # a loop that never turns (no request yields): keep the bound
+            self.flush()
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending[response_id] = build
+
+    def flush(self) -> None:
+        """Build, serialise and keep the records :meth:`put_later` was given."""
+        while self._pending:
+            response_id = next(iter(self._pending))
+            build = self._pending.pop(response_id)
+            try:
+                self._put(build())
+            except Exception:   # a record that cannot be kept costs the client nothing now
+                log.exception("could not keep response %s for later turns", response_id)
 
     def _remove(self, response_id: str) -> None:
         entry = self._data.pop(response_id, None)
@@ -110,6 +154,10 @@ class MemoryResponsesStore:
 
     async def put(self, record: StoredResponse) -> bool:
         """Keep ``record``; False (nothing kept) when it alone is larger than ``max_bytes``."""
+        self._pending.pop(record.id, None)
+        return self._put(record)
+
+    def _put(self, record: StoredResponse) -> bool:
         raw = record.to_json()
         if len(raw) > self.max_bytes:
             return False
@@ -123,6 +171,8 @@ class MemoryResponsesStore:
         return True
 
     async def get(self, response_id: str, team: str) -> StoredResponse | None:
+        if self._pending:
+            self.flush()
         entry = self._data.get(response_id)
         if entry is None:
             return None
@@ -143,6 +193,7 @@ class MemoryResponsesStore:
         return None if record is None else record.input_items
 
     async def aclose(self) -> None:
+        self._pending.clear()
         self._data.clear()
         self.bytes = 0
 
@@ -162,6 +213,10 @@ class RedisResponsesStore:
         except _ERRORS as exc:
             raise StateUnavailable(f"responses store unavailable: {type(exc).__name__}: {exc}") from exc
         return True
+
+    async def put_later(self, response_id: str, build: Build) -> None:
+        """Written now, before the reply: the next read may come to another worker or replica."""
+        await self.put(build())
 
     async def get(self, response_id: str, team: str) -> StoredResponse | None:
         try:

@@ -4,7 +4,8 @@ Decoding validates the body (:mod:`.validation`) and translates it once into the
 the stages read (routing, token counts, compression, the response cache key); the body as
 sent is kept. A deployment that speaks Messages (``apis: [messages]``, Anthropic's own by
 default) gets the body as sent, every field kept, with the upstream model and the output
-cap the hold pays for; any other deployment gets the chat translation, and its reply or
+cap the hold pays for (a compressed conversation keeps the messages that survived exactly as
+sent, :mod:`.compressed`); any other deployment gets the chat translation, and its reply or
 chat stream is translated back into a Messages reply or Messages events. Usage comes from
 the upstream in its own shape: ``message_start`` and ``message_delta`` on the native path.
 The final ``message_delta`` of a stream is held back until the stream ends, then sent with
@@ -19,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from gateway.api.anthropic.compressed import native_messages
 from gateway.api.anthropic.errors import error_body, error_event, error_headers
 from gateway.api.anthropic.stream import ChatToMessagesStream, encode_event
 from gateway.api.anthropic.translate import chat_to_messages, chat_to_messages_reply, messages_to_chat
@@ -45,6 +47,19 @@ def _text_of(blocks: Any) -> str:
     return "".join(out)
 
 
+def compressed_messages(req: Request) -> list[dict[str, Any]]:
+    """The native ``messages`` of a compressed request: traced back (:mod:`.compressed`), or, when that is not
+    possible, the compressed chat conversation translated back."""
+    before = req.original_body.get("messages") if isinstance(req.original_body, dict) else None
+    native = req.native.get("messages")
+    if isinstance(before, list) and isinstance(native, list) and req.origins is not None:
+        traced = native_messages(native, req.origins, before, req.body["messages"])
+        if traced is not None:
+            return traced
+    shrunk, _ = chat_to_messages(req.body)
+    return list(shrunk["messages"])
+
+
 class MessagesCodec(Stateless):
     endpoint = "messages"
 
@@ -56,11 +71,12 @@ class MessagesCodec(Stateless):
     def validate(self, inbound: Inbound) -> Request:
         body = inbound.body
         validate_messages(body)
-        chat, dropped = messages_to_chat(body)
+        origins: list[tuple[int, ...]] = []
+        chat, dropped = messages_to_chat(body, origins=origins)
         stream = body.get("stream") is True
         req = Request("messages", "chat", chat, body["model"], stream, True, body["max_tokens"], inbound.raw_size,
                       inbound.headers, inbound.request_id, inbound.started)
-        req.native, req.dropped = body, dropped
+        req.native, req.dropped, req.origins = body, dropped, origins
         metadata = body.get("metadata")
         req.user = metadata.get("user_id") if isinstance(metadata, dict) else None
         return req
@@ -71,11 +87,8 @@ class MessagesCodec(Stateless):
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         if deployment.speaks("messages"):
             body = dict(req.native)
-            if req.compression is not None:   # the conversation was compressed in chat shape: send that one
-                shrunk, _ = chat_to_messages(req.body)
-                body["messages"] = shrunk["messages"]
-                if "system" in shrunk:
-                    body["system"] = shrunk["system"]
+            if req.compression is not None:   # compressed in chat shape: the surviving messages, as sent
+                body["messages"] = compressed_messages(req)
             return "messages", body
         return self.chat.call_body(req, deployment)
 
@@ -110,12 +123,12 @@ class MessagesCodec(Stateless):
     def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> MessagesStream:
         return MessagesStream(req, wire)
 
-    def replay(self, req: Request, answer: dict[str, Any]) -> list[bytes]:
+    def replay(self, req: Request, answer: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
         usage: dict[str, Any] = answer["usage"] if isinstance(answer.get("usage"), dict) else {}
         answer = {**answer, "usage": {**usage, "cost_usd": 0.0}}
         if not req.stream:
-            return [orjson.dumps(answer)]
-        return replay_events(answer)
+            return [orjson.dumps(answer)], answer
+        return replay_events(answer), answer
 
     def error_body(self, exc: GatewayError) -> bytes:
         return error_body(exc)

@@ -96,10 +96,15 @@ def _text_of(content: Any) -> str:
 # Messages request -> chat request
 
 
-def messages_to_chat(body: dict[str, Any], *, strict: bool = False) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """A chat-completions body for a Messages body, and the names of the features dropped."""
+def messages_to_chat(body: dict[str, Any], *, strict: bool = False,
+                     origins: list[tuple[int, ...]] | None = None) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A chat-completions body for a Messages body, and the names of the features dropped.
+
+    ``origins``, when given, receives one entry per chat message: the indexes of the Messages
+    ``messages`` it came from (empty for the ``system`` field; several for system turns merged into one)."""
     dropped = _Dropped()
     messages: list[dict[str, Any]] = []
+    keep = origins if origins is not None else []
     system = body.get("system")
     if isinstance(system, list):
         if any(isinstance(b, dict) and "cache_control" in b for b in system):
@@ -108,14 +113,17 @@ def messages_to_chat(body: dict[str, Any], *, strict: bool = False) -> tuple[dic
                              if isinstance(b, dict) and isinstance(b.get("text"), str) and b["text"])
     if isinstance(system, str) and system:
         messages.append({"role": "system", "content": system})
+        keep.append(())
     for i, message in enumerate(body.get("messages") or ()):
         if not isinstance(message, dict):
             continue
         for turn in _chat_messages(message, i, dropped):
             if turn["role"] == "system" and messages and messages[-1]["role"] == "system":
                 messages[-1]["content"] = f"{messages[-1]['content']}\n\n{turn['content']}"   # one system turn
+                keep[-1] = (*keep[-1], i)
             else:
                 messages.append(turn)
+                keep.append((i,))
     chat: dict[str, Any] = {"model": body.get("model"), "messages": messages}
     if body.get("max_tokens") is not None:
         chat["max_tokens"] = body["max_tokens"]

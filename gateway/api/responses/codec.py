@@ -1,17 +1,22 @@
 """The Responses codec: OpenAI's Responses API as an inbound surface of the pipeline.
 
 Decoding validates the body (:mod:`.validation`) and translates it once into the chat shape
-the stages read. A ``previous_response_id`` is looked up in the conversation store for the
-caller's team (another team's id is unknown, a 400 as at OpenAI); its deployment is
-preferred (affinity), and a deployment that does not hold the response gets the earlier
-items inlined (:func:`.conversation.native_body`) or, through translation, as chat history.
-A deployment that speaks Responses gets the body as sent (every field kept, the upstream
-model and the output cap the hold pays for); any other gets the chat translation and its
+the stages read (routing, token counts, compression). A ``previous_response_id`` is looked
+up in the conversation store for the caller's team (another team's id is unknown, a 400 as
+at OpenAI); its deployment is preferred (affinity), and a deployment that does not hold the
+response gets the earlier items inlined (:func:`.conversation.native_body`) or, through
+translation, as chat history. A deployment that speaks Responses gets the body as sent
+(every field kept, the upstream model and the output cap the hold pays for; when compression
+ran, on the chat translation, what it kept mapped back onto whole input items with the whole
+conversation inlined: :mod:`.compressed`); any other gets the chat translation and its
 answer or chat stream is turned back into a Response or Responses events. The final
 ``response.completed`` (or ``.incomplete`` / ``.failed``) event is held back until the
 stream ends, then sent with ``usage.cost_usd``; a JSON Response carries it too. Unless the
 request says ``store: false``, the final Response and its conversation are kept for the
-team (:mod:`gateway.state.responses_store`). Errors use OpenAI's envelope.
+team (:mod:`gateway.state.responses_store`). A deterministic request may be answered by the
+response cache: keyed on the request with its earlier turns inlined, replayed as a Response or
+as a Responses event stream under a fresh id, at $0, and stored (never as held by a deployment)
+like any other answer. Errors use OpenAI's envelope.
 """
 
 from __future__ import annotations
@@ -21,9 +26,16 @@ from typing import Any
 import orjson
 
 from gateway.api.openai_codec import OpenAICodec, parse_json, usage_dict
-from gateway.api.responses.conversation import native_body, previous_not_found, stored_record
-from gateway.api.responses.from_chat import chat_to_response, new_response_id
-from gateway.api.responses.stream import FINAL_EVENTS, ChatToResponsesStream, ResponsesStreamTap, encode_event
+from gateway.api.responses.compressed import compressed_input
+from gateway.api.responses.conversation import inlined, native_body, previous_not_found, stored_record
+from gateway.api.responses.from_chat import chat_to_response, new_response_id, replayed_response
+from gateway.api.responses.stream import (
+    FINAL_EVENTS,
+    ChatToResponsesStream,
+    ResponsesStreamTap,
+    encode_event,
+    replay_events,
+)
 from gateway.api.responses.to_chat import responses_to_chat
 from gateway.api.responses.validation import validate_responses
 from gateway.errors import GatewayError, error_body, error_headers
@@ -68,7 +80,7 @@ class ResponsesCodec:
         req = Request("responses", "chat", chat, body["model"], body.get("stream") is True, True,
                       limit if isinstance(limit, int) else None, inbound.raw_size, inbound.headers,
                       inbound.request_id, inbound.started)
-        req.native, req.dropped, req.cacheable = body, dropped, False
+        req.native, req.dropped, req.cache_body = body, dropped, body
         req.user = body.get("user") or body.get("safety_identifier")
         return req
 
@@ -82,13 +94,16 @@ class ResponsesCodec:
             raise previous_not_found(previous)
         req.context, req.prefer = prior, prior.deployment
         req.body, req.dropped = responses_to_chat(req.native, prior.history())
+        req.cache_body = inlined(req.native, prior)    # the key covers the conversation, not its id
 
     async def keep(self, req: Request, team: str, deployment: Deployment, answer: dict[str, Any] | None) -> None:
         if answer is None or not should_store(req.native) or not isinstance(answer.get("id"), str):
             return
         prior = req.context if isinstance(req.context, StoredResponse) else None
-        await self.store.put(stored_record(req.native, prior, answer, team=team, deployment_id=deployment.id,
-                                           upstream_state=deployment.speaks("responses")))
+        upstream_state = deployment.speaks("responses") and req.cache_result != "hit"   # a hit's id is ours
+        body, response_id = req.native, answer["id"]
+        await self.store.put_later(response_id, lambda: stored_record(
+            body, prior, answer, team=team, deployment_id=deployment.id, upstream_state=upstream_state))
 
     def wire(self, req: Request, deployment: Deployment) -> str:
         return "responses" if deployment.speaks("responses") else "chat"
@@ -96,6 +111,12 @@ class ResponsesCodec:
     def call_body(self, req: Request, deployment: Deployment) -> tuple[str, dict[str, Any]]:
         if deployment.speaks("responses"):
             prior = req.context if isinstance(req.context, StoredResponse) else None
+            if req.compression is not None and isinstance(req.original_body, dict):
+                # compressed in chat shape: the kept turns' own items, the whole conversation inlined
+                body = {k: v for k, v in req.native.items() if k != "previous_response_id"}
+                body["input"] = compressed_input(req.native, prior, req.original_body["messages"],
+                                                 req.body["messages"])
+                return "responses", body
             return "responses", dict(native_body(req.native, prior, deployment.id))
         return self.chat.call_body(req, deployment)
 
@@ -132,8 +153,9 @@ class ResponsesCodec:
     def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> ResponsesStream:
         return ResponsesStream(req, wire)
 
-    def replay(self, req: Request, answer: dict[str, Any]) -> list[bytes]:
-        return [orjson.dumps(answer)]       # not cacheable: never replayed
+    def replay(self, req: Request, answer: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
+        response = replayed_response(answer, req.native)
+        return ([orjson.dumps(response)] if not req.stream else replay_events(response)), response
 
     def error_body(self, exc: GatewayError) -> bytes:
         return error_body(exc)

@@ -40,6 +40,13 @@ def native_body(body: dict[str, Any], prior: StoredResponse | None, deployment_i
     """The body for a Responses-speaking deployment (``body`` itself when nothing changes)."""
     if prior is None or holds_state(prior, deployment_id):
         return body
+    return inlined(body, prior)
+
+
+def inlined(body: dict[str, Any], prior: StoredResponse) -> dict[str, Any]:
+    """``body`` with the conversation so far in its ``input`` (earlier items first, without the ids the
+    gateway gave them) and no ``previous_response_id``: what a deployment without the earlier response
+    gets, and what the response cache keys on."""
     history = [{k: v for k, v in item.items() if k != "id"} for item in prior.history()]
     rebuilt = {k: v for k, v in body.items() if k != "previous_response_id"}
     rebuilt["input"] = history + request_input_items(body)
@@ -48,7 +55,9 @@ def native_body(body: dict[str, Any], prior: StoredResponse | None, deployment_i
 
 def stored_record(body: dict[str, Any], prior: StoredResponse | None, response: dict[str, Any], *, team: str,
                   deployment_id: str, upstream_state: bool) -> StoredResponse:
-    """The record of a final ``response`` to ``body``: its input is the whole conversation so far."""
+    """The record of a final ``response`` to ``body``: its input is the whole conversation so far.
+    ``upstream_state``: the deployment keeps this response itself under its id (never for an answer
+    from the response cache, whose id the gateway made)."""
     items = with_item_ids((prior.history() if prior is not None else []) + request_input_items(body))
     return StoredResponse(id=str(response.get("id")), team=team, deployment=deployment_id,
                           model=str(body.get("model")), input_items=items, response=response,

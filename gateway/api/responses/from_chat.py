@@ -170,3 +170,14 @@ def chat_to_response(chat_body: dict[str, Any], request_body: dict[str, Any], re
     finish_status(response, choice.get("finish_reason"))
     response["usage"] = responses_usage_from_chat(chat_body.get("usage"))
     return response
+
+
+def replayed_response(answer: dict[str, Any], request_body: dict[str, Any]) -> dict[str, Any]:
+    """A stored Response as the answer to another request with the same key: a fresh id and creation
+    time, this request's ``previous_response_id`` and ``store`` (the two fields the key leaves out or
+    replaces), the stored output and token counts, and ``cost_usd`` 0 (nothing was called)."""
+    usage = answer.get("usage")
+    return {**answer, "id": new_response_id(), "created_at": int(time.time()),
+            "previous_response_id": request_body.get("previous_response_id"),
+            "store": request_body.get("store", True),
+            "usage": {**usage, "cost_usd": 0.0} if isinstance(usage, dict) else {"cost_usd": 0.0}}

@@ -35,13 +35,18 @@ def request_input_items(body: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def with_item_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of ``items`` where each has an ``id`` (and a ``type``: a bare role means a message)."""
+    """Copies of ``items`` where each has an ``id`` (and a ``type``: a bare role means a message).
+
+    New ids share one random stem per call and end in the item's position (48 hex digits, as
+    OpenAI's): one call to the system's random source per stored response, not one per item."""
     out = []
-    for item in items:
+    stem = ""
+    for position, item in enumerate(items):
         kind = item.get("type") or ("message" if "role" in item else "item")
         copy = dict(item, type=kind)
         if not isinstance(copy.get("id"), str) or not copy["id"]:
-            copy["id"] = new_item_id(kind)
+            stem = stem or secrets.token_hex(20)
+            copy["id"] = f"{ID_PREFIXES.get(kind, 'item_')}{stem}{position:08x}"
         out.append(copy)
     return out
 

@@ -9,13 +9,15 @@ whole response and its usage), each with a ``sequence_number``.
 :func:`encode_event` writes one as a server-sent event. :class:`ResponsesStreamTap`
 watches the events of a deployment that speaks Responses natively and keeps what
 accounting and the conversation store need: the final response, its usage, and
-what was delivered before a stream was cut.
+what was delivered before a stream was cut. :func:`replay_events` spells a finished Response
+(a response-cache hit) as the events of a stream.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -305,6 +307,67 @@ class ResponsesStreamTap:
     @property
     def delivered_text(self) -> str:
         return "".join(self._deltas)
+
+
+def _part_events(event: Callable[..., dict[str, Any]], where: dict[str, Any], index: int,
+                 part: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of one finished content part of a message: added empty, its text in one delta, done."""
+    at = {**where, "content_index": index}
+    kind = part.get("type")
+    if kind == "output_text":
+        text = str(part.get("text") or "")
+        return [event("response.content_part.added", **at, part={**part, "text": ""}),
+                event("response.output_text.delta", **at, delta=text, logprobs=[]),
+                event("response.output_text.done", **at, text=text, logprobs=[]),
+                event("response.content_part.done", **at, part=part)]
+    if kind == "refusal":
+        refusal = str(part.get("refusal") or "")
+        return [event("response.content_part.added", **at, part={**part, "refusal": ""}),
+                event("response.refusal.delta", **at, delta=refusal),
+                event("response.refusal.done", **at, refusal=refusal),
+                event("response.content_part.done", **at, part=part)]
+    return [event("response.content_part.added", **at, part=part),
+            event("response.content_part.done", **at, part=part)]
+
+
+def replay_events(response: dict[str, Any]) -> list[bytes]:
+    """A finished Response as a stream: ``response.created`` and ``response.in_progress`` (no output
+    yet), per output item ``response.output_item.added``, its content parts and deltas (a message's
+    text and a function call's arguments each in one delta) and ``response.output_item.done``, then
+    ``response.completed`` (or ``.incomplete`` / ``.failed``, as the status says) with the whole
+    Response; every event numbered in ``sequence_number``."""
+    sequence = iter(range(1 << 62))
+
+    def event(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"type": kind, "sequence_number": next(sequence), **fields}
+
+    opening = {**response, "status": "in_progress", "output": [], "usage": None}
+    events = [event("response.created", response=opening), event("response.in_progress", response=opening)]
+    for index, item in enumerate(response.get("output") or ()):
+        if not isinstance(item, dict):
+            continue
+        where = {"item_id": item.get("id"), "output_index": index}
+        kind = item.get("type")
+        if kind == "message":
+            events.append(event("response.output_item.added", output_index=index,
+                                item={**item, "status": "in_progress", "content": []}))
+            for part_index, part in enumerate(item.get("content") or ()):
+                if isinstance(part, dict):
+                    events += _part_events(event, where, part_index, part)
+        elif kind == "function_call":
+            arguments = str(item.get("arguments") or "")
+            events.append(event("response.output_item.added", output_index=index,
+                                item={**item, "status": "in_progress", "arguments": ""}))
+            events.append(event("response.function_call_arguments.delta", **where, delta=arguments))
+            events.append(event("response.function_call_arguments.done", **where, name=item.get("name"),
+                                arguments=arguments))
+        else:   # reasoning, custom tool calls, hosted tool calls: whole, as they were
+            events.append(event("response.output_item.added", output_index=index, item=item))
+        events.append(event("response.output_item.done", output_index=index, item=item))
+    status = response.get("status")
+    final = f"response.{status}" if f"response.{status}" in FINAL_EVENTS else "response.completed"
+    events.append(event(final, response=response))
+    return [encode_event(e) for e in events]
 
 
 def _str(value: Any) -> str | None:

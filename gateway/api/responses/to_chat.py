@@ -36,9 +36,35 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.:/-]")
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, track: bool = False) -> None:
         self.messages: list[dict[str, Any]] = []
         self.dropped: list[str] = []
+        # with ``track``: per message, the positions of the input items it came from (see ``origins``)
+        self.origins: list[list[int]] | None = [] if track else None
+        self._pending: list[int] = []    # items no message carries (reasoning, left out): the next one's
+        self._at = -1                    # the position of the item being translated
+
+    def _added(self) -> None:
+        """Note the message just appended: it came from the current item (and carries the pending ones:
+        with it, or, when it opens a turn, with the message before, whose turn they belong to)."""
+        if self.origins is None:
+            return
+        own = [self._at] if self._at >= 0 else []
+        if self._pending and self.messages[-1]["role"] in ("user", "system") and self.origins:
+            self.origins[-1].extend(self._pending)
+            self._pending = []
+        self.origins.append(self._pending + own)
+        self._pending = []
+
+    def _unplaced(self) -> None:
+        if self.origins is not None and self._at >= 0:
+            self._pending.append(self._at)
+
+    def finish(self) -> None:
+        if self.origins is not None and self._pending:
+            if self.origins:
+                self.origins[-1].extend(self._pending)
+            self._pending = []
 
     def drop(self, name: str) -> None:
         # names carry client-chosen type strings and end up in a response header: keep them short and plain
@@ -60,15 +86,21 @@ class _Builder:
             last = self.messages[-1] if self.messages else None
             if last is not None and last["role"] == "assistant":   # the same turn's text, or a parallel call
                 last.setdefault("tool_calls", []).append(call)
+                if self.origins is not None:
+                    self.origins[-1].extend([*self._pending, self._at])
+                    self._pending = []
             else:
                 self.messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                self._added()
         elif kind in ("function_call_output", "custom_tool_call_output"):
             self.messages.append({"role": "tool", "tool_call_id": str(item.get("call_id") or ""),
                                   "content": self._output_text(item.get("output"))})
+            self._added()
         elif kind in SILENT_ITEM_TYPES:
-            return
+            self._unplaced()
         else:
             self.drop(f"input:{kind}")
+            self._unplaced()
 
     def _message(self, item: dict[str, Any]) -> None:
         role = item.get("role")
@@ -76,6 +108,7 @@ class _Builder:
         content = item.get("content")
         if isinstance(content, str):
             self.messages.append({"role": chat_role, "content": content})
+            self._added()
             return
         parts: list[dict[str, Any]] = []
         for part in content if isinstance(content, list) else []:
@@ -86,6 +119,7 @@ class _Builder:
             self.messages.append({"role": chat_role, "content": "".join(p["text"] for p in parts)})
         else:
             self.messages.append({"role": chat_role, "content": parts})
+        self._added()
 
     def _output_text(self, output: Any) -> str:
         """A tool result as the string a ``tool`` message carries (text parts joined; others named)."""
@@ -187,19 +221,38 @@ def _response_format(text: Any, b: _Builder) -> dict[str, Any] | None:
     return None
 
 
+def message_origins(body: dict[str, Any], history_items: list[dict[str, Any]] | None = None) -> list[list[int]]:
+    """For each message of ``responses_to_chat(body, history_items)``, the positions (in
+    ``history_items`` followed by the request's input items) of the items it was made from: a
+    message item's own, an assistant message's merged function calls, and the items no chat message
+    carries (reasoning, left-out kinds), placed with the message after them, or with the one before
+    when the next opens a turn. ``instructions`` come from no item. What compression keeps of the chat
+    messages maps back to whole input items through this."""
+    b = _Builder(track=True)
+    _translate(b, body, history_items)
+    assert b.origins is not None
+    return b.origins
+
+
+def _translate(b: _Builder, body: dict[str, Any], history_items: list[dict[str, Any]] | None) -> None:
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        b.messages.append({"role": "system", "content": instructions})
+        b._added()
+    for position, item in enumerate([*(history_items or ()), *request_input_items(body)]):
+        b._at = position
+        b.item(item)
+    b._at = -1
+    b.finish()
+
+
 def responses_to_chat(body: dict[str, Any], history_items: list[dict[str, Any]] | None = None, *,
                       strict: bool = False) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The chat completions body for a validated Responses ``body`` and the names of what was left
     out. ``history_items`` are the earlier turns' input and output items (``previous_response_id``
     resolved by the caller). ``strict``: refuse with :class:`InvalidRequest` instead of leaving out."""
     b = _Builder()
-    instructions = body.get("instructions")
-    if isinstance(instructions, str) and instructions:
-        b.messages.append({"role": "system", "content": instructions})
-    for item in history_items or ():
-        b.item(item)
-    for item in request_input_items(body):
-        b.item(item)
+    _translate(b, body, history_items)
     chat: dict[str, Any] = {"model": body.get("model"), "messages": b.messages}
     tools = _tools(body.get("tools"), b)
     if tools:
