@@ -11,7 +11,8 @@ ClickHouse engine in process (chdb, a fresh directory), then time the spend repo
     3. a smaller batch (``--append-records``, 20,000) goes through ``ClickHouseLedger.append``
        in batches of 500, for the insert rate of the gateway's own path;
     4. each report is run ``--repeat`` (5) times and the median and worst wall time printed:
-       ``spend --by team,model`` (7 days), ``--by key --since 30d``, ``--by team --since 30d``,
+       ``spend --by team,model`` (7 days), ``--by key --since 30d``, ``--by user --since 30d``,
+       ``--by team --since 30d``,
        ``--by day --since 30d`` and ``--by model --since 2w`` with a team filter; each report's
        total is checked against a plain ``sum()`` over the records table.
 
@@ -70,6 +71,13 @@ SYNTHETIC = {
     "compression_saved_tokens": "toInt64(0)",
     "estimated": "false",
     "stream": "number % 2 = 0",
+    "endpoint": "'chat'",
+    "user": "concat('user-', toString((cityHash64(number, 2) % 2000) * 5 + cityHash64(number, 9) % 5))",
+    "tags": "if(number % 10 = 0, ['batch'], CAST([], 'Array(String)'))",
+    "session": "''",
+    "agent": "''",
+    "parent_agent": "''",
+    "overrun": "false",
 }
 
 
@@ -116,6 +124,7 @@ async def main() -> None:
 
         reports = [("--by team,model (since 7d)", "team,model", "7d", None),
                    ("--by key --since 30d", "key", "30d", None),
+                   ("--by user --since 30d", "user", "30d", None),
                    ("--by team --since 30d", "team", "30d", None),
                    ("--by day --since 30d", "day", "30d", None),
                    ("--by model --since 2w --team team-3", "model", "2w", "team-3")]

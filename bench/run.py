@@ -34,6 +34,7 @@ Scenarios (load generators pinned to cpu 0, next to the mock):
     python bench/run.py --duration 5 --scenarios a,c
     python bench/run.py --budgets               # gateway on a private redis-server, with a team budget
                                                 # and RPM/TPM limits on every request
+    python bench/run.py --embedded-budgets      # the same budgets on the embedded SQLite state, no Redis
     python bench/run.py --header 'Authorization: Bearer sk-bench' \\
         --gateway-cmd 'taskset -c 1 python -m gateway serve --config bench/policies --port 4100'
 """
@@ -591,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-tag-budgets", action="store_true",
                    help="with --budgets: also a users.default and a tag budget, and send x-gateway-user and "
                         "x-gateway-tags, so every request reserves against a user and a tag budget too")
+    p.add_argument("--embedded-budgets", action="store_true",
+                   help="no Redis: give the gateway's default team the --budgets budgets and RPM/TPM limits on the "
+                        "embedded SQLite state (a fresh GATEWAY_DATA_DIR in the run directory)")
     args = p.parse_args(argv)
     args.scenarios = [x for s in args.scenarios.split(",") if s.strip()
                       for x in (API_SCENARIOS.split(",") if s.strip() == "api" else [s.strip()])]
@@ -630,6 +634,16 @@ def main(argv: list[str] | None = None) -> int:
         secret = bench_key(redis_port)   # a virtual key with its own budget and limits, inside team "bench"
         args.header = [h for h in args.header if h.split(":", 1)[0].strip().lower() != "authorization"]
         args.header.append(f"Authorization: Bearer {secret}")
+    if args.embedded_budgets and not args.skip_gateway:
+        if args.budgets:
+            p.error("--embedded-budgets and --budgets exclude each other")
+        config = str(run_dir / "policies")
+        Path(config).mkdir()
+        Path(config, "models.yaml").write_text((BENCH / "policies" / "models.yaml").read_text())
+        Path(config, "teams.yaml").write_text(
+            "teams:\n  default:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
+            "    rpm: 100000000\n    tpm: 100000000000\n")
+        gw_env["GATEWAY_DATA_DIR"] = str(run_dir / "data")
     gateway_cmd = args.gateway_cmd or (f"taskset -c 1 {shlex.quote(sys.executable)} -m gateway serve "
                                        f"--config {config} --port 4100")
     gw_port = urlsplit(args.gateway_url).port or 80
@@ -645,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": args.scenarios, "mock_cpu": args.mock_cpu, "load_cpu": args.load_cpu,
         "cores": os.cpu_count(), "python": sys.version.split()[0],
         "gateway_cmd": None if args.skip_gateway else gateway_cmd, "gateway_url": args.gateway_url,
-        "budgets": bool(args.budgets),
+        "budgets": bool(args.budgets), "embedded_budgets": bool(args.embedded_budgets),
         "gateway_headers": [h.split(":", 1)[0] for h in args.header],
         "scenario_defs": {k: SCENARIOS[k] for k in args.scenarios}}, "targets": {}}
 

@@ -22,7 +22,7 @@ from test_budgets_e2e import USD, ask, client_for, cost_of, new_key, policy, tea
 
 from conftest import GatewayFactory, stop
 from gateway.admin.spend_report import iso
-from gateway.state.ledger import DAY_S, RedisLedger
+from gateway.state.ledger import DAY_S, STREAM, RedisLedger
 
 pytest.importorskip("chdb")
 pytest.importorskip("clickhouse_connect")
@@ -102,4 +102,66 @@ async def test_two_workers_on_redis_and_clickhouse_agree_to_the_nano_dollar(
         assert sum(r.cost_nano for r in records) == paid
     finally:
         holder.close()
+        redis_proc.stop()
+
+
+PHASES, PER_PHASE, CAP = 8, 1_000, 500
+MEMORY_BOUND = 1 << 20   # growth of Redis used_memory allowed after warm-up: an uncapped stream grows ~4 MiB here
+
+
+@pytest.mark.e2e
+async def test_with_clickhouse_the_redis_stream_is_a_bounded_buffer_and_redis_memory_stays_flat(
+        gateway: GatewayFactory, mock_reset: str, tmp_path: Path) -> None:
+    """8,000 requests through a gateway on Redis with ClickHouse configured and the stream capped at
+    500 records (``GATEWAY_LEDGER_BUFFER_RECORDS``), in eight bounded phases: after each, the stream
+    is within its cap (``MAXLEN ~`` trims whole nodes of 100 entries) and, once the first phase has
+    filled it, Redis' ``used_memory`` moves by less than 1 MiB, while the records it let go are all
+    in ClickHouse: every request once, with the clients' cost to the nano-dollar."""
+    port = free_port()
+    redis_proc = RedisProc(port, tmp_path / "redis")
+    engine = tmp_path / "clickhouse"
+    team = team_name()
+    rc = Redis(host="127.0.0.1", port=port)
+    try:
+        server = gateway(policy(mock_reset, f"  {team}: {{}}"),
+                         env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{port}/0", "GATEWAY_MASTER_KEY": MASTER,
+                              "GATEWAY_CLICKHOUSE_URL": f"chdb://{engine}", "GATEWAY_LEDGER_BUFFER_RECORDS": str(CAP),
+                              "GATEWAY_SPOOL_DIR": str(tmp_path / "spool"), "GATEWAY_LOG_LEVEL": "warning"})
+        _, secret = await new_key(port, team)
+        start = time.time()
+        body = {"model": "pricey", "messages": [{"role": "user", "content": "hi"}]}
+        paid, lengths, memory, keys = 0, [], [], []
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60,
+                                     headers={"Authorization": f"Bearer {secret}"}) as http:
+            async def one() -> int:
+                r = await http.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                return int(Decimal(r.headers["x-gateway-cost-usd"]) * USD)
+
+            for _ in range(PHASES):
+                for _ in range(PER_PHASE // 250):
+                    paid += sum(await asyncio.gather(*(one() for _ in range(250))))
+                await asyncio.sleep(0.3)   # the ledger's batch of the last requests (every 0.1 s)
+                lengths.append(int(await rc.xlen(STREAM)))
+                memory.append(int((await rc.info("memory"))["used_memory"]))
+                keys.append(int(await rc.dbsize()))
+        assert paid == PHASES * PER_PHASE * 50_000_000   # 10 output tokens at $5,000 per million each
+        markers = len([k async for k in rc.scan_iter("gw:v1:dedup:*", count=1000)])
+        print(f"stream length after each phase: {lengths}; used_memory: {memory}; keys: {keys} "
+              f"({markers} ledger batch markers)")
+        assert all(n <= CAP + 100 for n in lengths), lengths
+        assert lengths[-1] >= CAP   # the buffer is full: it is the cap that holds it there
+        assert max(memory[1:]) - min(memory[1:]) < MEMORY_BOUND, memory
+        stop(server.proc)   # its last batches go to ClickHouse at shutdown
+
+        from gateway.state.ledger_clickhouse import ClickHouseLedger
+        ledger = ClickHouseLedger(f"chdb://{engine}", wait_s=30)
+        try:
+            [row] = await ledger.totals(start - 1, team=team)
+        finally:
+            await ledger.aclose()
+        assert (row["requests"], row["cost_nano"]) == (PHASES * PER_PHASE, paid)
+    finally:
+        await rc.aclose()
         redis_proc.stop()

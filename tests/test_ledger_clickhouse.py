@@ -38,7 +38,7 @@ def record(i: int, ts: float, rng: random.Random) -> LedgerRecord:
                         input_tokens=rng.randrange(0, 5000), output_tokens=rng.randrange(0, 2000),
                         cost_nano=rng.randrange(0, 10**8), baseline_nano=rng.randrange(0, 2 * 10**8),
                         savings=savings, latency_ms=rng.random() * 900, ttft_ms=rng.choice([None, 12.5]),
-                        stream=rng.random() < 0.5, compressed=rng.random() < 0.2)
+                        stream=rng.random() < 0.5, compressed=rng.random() < 0.2, user=(None, "ann", "bob")[i % 3])
 
 
 def records(n: int, seed: int = 1, days: float = 6.0) -> list[LedgerRecord]:
@@ -333,7 +333,7 @@ async def test_reports_by_pairs_and_keys_agree_with_the_records(ch: ClickHouseLe
     assert "TEAM" in render(doc, "table") and "MODEL" in render(doc, "table")
     memory = MemoryLedger()
     await memory.append(batch)
-    for by in ("key", "team,model"):
+    for by in ("key", "team,model", "user", "team,user"):   # user: from ClickHouse's daily rollup
         from_ch, from_records = await adminops.spend(ch, None, "1d", by), await adminops.spend(memory, None, "1d", by)
         assert from_ch["rows"] == from_records["rows"] and from_ch["total"] == from_records["total"]
     with pytest.raises(InvalidRequest):

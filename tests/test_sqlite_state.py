@@ -30,7 +30,7 @@ import pytest
 from conftest import ROOT, GatewayFactory, Server, mock_policy, stop
 from gateway.settings import Settings
 from gateway.state import open_state
-from gateway.state.budgets import BudgetRule, ReserveRequest
+from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest, StateUnavailable
 from gateway.state.budgets_sqlite import SqliteBudgetStore
 from gateway.state.keys import hash_secret
 from gateway.state.keys_sqlite import SqliteKeyStore
@@ -197,6 +197,103 @@ async def test_settles_are_on_disk_when_they_return_and_finish_commits_the_recor
         assert seen() == (3, 5_001, 5_000)
     finally:
         await state.aclose()
+        other.close()
+
+
+async def test_concurrent_reserves_share_a_transaction_and_never_overspend(tmp_path: Path) -> None:
+    """30 reserves of $0.05 and their settles queued together against a $1.00 daily budget: one
+    transaction decides every reserve of the batch in order, so exactly 20 are admitted whole
+    and the settled spend is $1.00 to the nano-dollar; the batch cost one commit, not one per reserve."""
+    state = open_state(Settings(data_dir=str(tmp_path)))
+    assert state.db is not None and state.group is not None
+    rule = BudgetRule("team", "alpha", "daily", USD)
+    reqs = [ReserveRequest(f"b{i}", "alpha", 50_000_000, 10, (rule,), (), datetime.now(UTC)) for i in range(30)]
+    other = sqlite3.connect(db_path(tmp_path))
+    commits = 0
+    transaction = state.group.transaction
+
+    def counting():  # type: ignore[no-untyped-def]
+        nonlocal commits
+        commits += 1
+        return transaction()
+
+    state.group.transaction = counting  # type: ignore[method-assign]
+    try:
+        admissions = await asyncio.gather(*(state.reserve(r) for r in reqs))
+        assert commits == 1
+        admitted = [r for r, a in zip(reqs, admissions, strict=True) if a.admitted]
+        assert [r.request_id for r in admitted] == [f"b{i}" for i in range(20)]
+        assert all(a.reserved_nano == 50_000_000 for a in admissions[:20])
+        assert admissions[19].remaining_nano == 0 and admissions[20].refusal is not None
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (0, USD)
+        assert other.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 20
+        await asyncio.gather(*(state.settle(r, 49_999_999, 10) for r in admitted))
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (20 * 49_999_999, 0)
+        assert other.execute("SELECT COUNT(*) FROM reservations").fetchone()[0] == 0
+    finally:
+        await state.aclose()
+        other.close()
+
+
+async def test_a_batch_of_settles_spends_and_corrects_tpm_once_per_bucket(tmp_path: Path) -> None:
+    """Three holds of $0.40 (300 estimated tokens each) on a $1.50 team budget with a 1,000 TPM limit,
+    reserved together, then settled together at $0.10, $0.20 and $0.30 and 100 tokens each: one
+    transaction writes the spend ($0.60 to the nano-dollar), releases every hold and replaces the
+    900 estimated tokens by the 300 used, so a reserve of 700 tokens fits the minute again."""
+    t = [1_800_000_005.0]
+    store = SqliteBudgetStore(connect(tmp_path), clock=lambda: t[0])
+    rule = BudgetRule("team", "alpha", "daily", 1_500_000_000)
+    rates = (RateRule("team", "alpha", None, 1_000),)
+    now = datetime.now(UTC)
+    reqs = [ReserveRequest(f"s{i}", "alpha", 400_000_000, 300, (rule,), rates, now) for i in range(3)]
+    other = sqlite3.connect(db_path(tmp_path))
+    try:
+        assert all(a.admitted for a in await asyncio.gather(*(store.reserve(r) for r in reqs)))
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (0, 1_200_000_000)
+        assert other.execute("SELECT requests, tokens FROM rate_windows").fetchone() == (3, 900)
+        await asyncio.gather(*(store.settle(r, (i + 1) * 100_000_000, 100) for i, r in enumerate(reqs)))
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (600_000_000, 0)
+        assert other.execute("SELECT requests, tokens FROM rate_windows").fetchone() == (3, 300)
+        fits = await store.reserve(ReserveRequest("s3", "alpha", 0, 700, (rule,), rates, now))
+        assert fits.admitted and fits.rate.remaining_tokens == 0
+    finally:
+        await store.aclose()
+        other.close()
+
+
+async def test_a_failed_batch_fails_its_reserves_and_keeps_its_settles(tmp_path: Path) -> None:
+    """Another connection holds the write lock: the batch's reserves raise StateUnavailable at once
+    (the fail mode decides), the settle queued with them stays queued and is written by the next
+    transaction, exactly once; a reserve whose caller was cancelled while it waited takes no hold."""
+    store = SqliteBudgetStore(connect(tmp_path))
+    rule = BudgetRule("team", "alpha", "daily", USD)
+    now = datetime.now(UTC)
+    first, second, third = (ReserveRequest(f"f{i}", "alpha", 100_000_000, 10, (rule,), (), now) for i in range(3))
+    other = sqlite3.connect(db_path(tmp_path), isolation_level=None, timeout=0)
+    try:
+        assert (await store.reserve(first)).admitted
+        store.conn.execute("PRAGMA busy_timeout = 0")   # do not wait 5 s for the lock below
+        other.execute("BEGIN IMMEDIATE")
+        settle = asyncio.ensure_future(store.settle(first, 30_000_000, 10))
+        with pytest.raises(StateUnavailable):
+            await store.reserve(second)
+        with pytest.raises(StateUnavailable):
+            await settle
+        assert store.queued == 1   # the settle waits for the next transaction
+        other.execute("ROLLBACK")
+        assert (await store.reserve(second)).admitted   # carries the settle
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (30_000_000, 100_000_000)
+        waiting = asyncio.ensure_future(store.reserve(third))
+        await asyncio.sleep(0)      # queued: the commit runs at the end of this iteration ...
+        waiting.cancel()            # ... and its caller is gone by then
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        store.flush()
+        assert store.queued == 0
+        assert other.execute("SELECT spent, reserved FROM budget_buckets").fetchone() == (30_000_000, 100_000_000)
+        assert other.execute("SELECT request_id FROM reservations").fetchall() == [("f1",)]
+    finally:
+        await store.aclose()
         other.close()
 
 

@@ -295,9 +295,9 @@ async def spend(ledger: Ledger, team: str | None, since: str, by: str,
         total = None
         if from_rollups(dims, wanted):
             rows = await ledger.totals(start, None, team, dims[0])
-        elif not wanted and dims[0] not in ("tag", "user", "session", "endpoint", "route", "deployment") \
-                and (len(dims) == 1 or dims[1] not in ("tag", "user", "session", "endpoint", "route", "deployment")):
-            try:   # a ledger that groups by these itself (ClickHouse: key, provider, pairs)
+        elif not wanted and dims[0] not in ("tag", "session", "endpoint", "route", "deployment") \
+                and (len(dims) == 1 or dims[1] not in ("tag", "session", "endpoint", "route", "deployment")):
+            try:   # a ledger that groups by these itself (ClickHouse: key, user, provider, pairs)
                 rows = await ledger.totals(start, None, team, ",".join(dims))
             except ValueError:
                 rows = None

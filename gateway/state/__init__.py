@@ -3,10 +3,10 @@
 :func:`open_state` builds a :class:`State` from the settings: without ``GATEWAY_REDIS_URL``, the
 embedded stores in a SQLite database in ``GATEWAY_DATA_DIR`` (shared by every worker on the
 machine, kept across restarts; :mod:`gateway.state.sqlite_db`) or, with ``GATEWAY_DATA_DIR=:memory:``,
-in this process's memory; with it, Redis (single node or Redis Cluster). On SQLite, the ledger
-records of one event-loop iteration are committed together at its end (group commit), so a
-request's record is on disk right after its response was written, without a transaction per
-request. ``State`` also owns the writes that must never be lost
+in this process's memory; with it, Redis (single node or Redis Cluster). On SQLite, the reserves,
+settles and ledger records of one event-loop iteration are committed together at its end (group
+commit), so a request's record is on disk right after its response was written, without a
+transaction per request. ``State`` also owns the writes that must never be lost
 but need not delay a response: ledger records are batched and written by a
 background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage

@@ -6,26 +6,35 @@ decides, a partial hold is capped at its headroom, soft thresholds refuse with `
 repeated reserve of a live or settled request is a no-op that reports the state); a settle releases
 the whole hold, adds the actual cost once (a settled mark, kept by this process as in the memory
 store, makes a second settle a no-op) and replaces the TPM estimate by the truth in the window the reserve counted it
-in; a renew pushes a live hold's expiry; a hold not renewed lapses after the reservation TTL (every
-transaction first releases the lapsed ones, found through an index). Each reserve, renew and usage
-is one ``BEGIN IMMEDIATE`` transaction, so workers in other processes see it whole and in order:
-the atomicity the Lua script gets from Redis. A settle is checked at once, queued on the
-connection's :class:`GroupCommit` and awaits the next transaction (a reserve of this process, or
-the commit at the end of the event-loop iteration, with every other settle and ledger record of
-that iteration), so it is on disk when it returns and a request pays for one transaction of its
-own. Until then its hold still counts, which can only refuse, never overspend. Time is the wall
+in; a renew pushes a live hold's expiry; a hold not renewed lapses after the reservation TTL (at most
+every ``lapse_every_s``, a transaction first releases the lapsed ones). Reserves, settles and the
+ledger records of one event-loop iteration share one ``BEGIN IMMEDIATE`` transaction (the
+connection's :class:`GroupCommit`, committed at the end of the iteration): the settles first, then
+each reserve in arrival order, decided on what the ones before it wrote, so workers in other
+processes see the batch whole and in order, the atomicity the Lua script gets from Redis, and a
+request pays for a share of one commit instead of a transaction of its own. Within the batch each
+bucket and rate window is read once and written once (:class:`_Batch` adds the holds, spend and
+releases up in memory): a request's own statements are the INSERT of its hold's row and the
+DELETE that releases it. A reserve returns
+once that commit is done; a settle too, so it is on disk when it returns. Until then its hold
+still counts, which can only refuse, never overspend. A request's id is its process's own: a
+repeated reserve or settle can only come from the same process, which remembers its live holds
+and settled ids (a hold's row is read back only for a repeat). Time is the wall
 clock (one machine, one clock for every worker), injectable for tests. A request with no budget
 and no rate limit has nothing to count and touches no row. SQLite errors (the lock not obtained
-within the busy timeout, a full disk) raise :class:`StateUnavailable`, as an unreachable Redis does.
+within the busy timeout, a full disk) raise :class:`StateUnavailable`, as an unreachable Redis does:
+the reserves of the failed transaction fail, its settles wait for the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import orjson
@@ -56,6 +65,108 @@ _NO_LIMITS = (0, 0, 0, 0, -1, -1, -1, -1, -1, -1)   # the reply after (admitted,
 _BUCKET = "team = ? AND scope = ? AND owner = ? AND period_id = ?"
 
 
+@dataclass(slots=True)
+class _Reserve:
+    """A reserve waiting for its transaction, then its decision until the commit."""
+
+    req: ReserveRequest
+    plan: Plan
+    future: asyncio.Future[Admission]
+    admission: Admission | None = None
+
+
+class _Batch:
+    """The reserves of one transaction: each bucket and rate window is read once, the batch's holds
+    are added up in memory (a reserve sees those of the reserves before it) and written at the end,
+    one row per bucket, so a batch of n reserves costs a few statements plus one INSERT row each."""
+
+    def __init__(self, store: SqliteBudgetStore, c: sqlite3.Connection, now: float) -> None:
+        self.store, self.c, self.now = store, c, now
+        self._used: dict[tuple[str, str, str, str], int] = {}      # bucket -> spent + reserved, holds included
+        self._window: dict[tuple[str, str, str], int] = {}         # sliding window -> what it holds
+        self.rates: dict[tuple[str, str, str], tuple[int, int]] = {}   # rate window -> (requests, tokens)
+        self.dirty_rates: set[tuple[str, str, str]] = set()
+        self.minute = 0
+        self.held: dict[tuple[str, str, str, str], list[float]] = {}   # bucket -> [added hold, expires at]
+        self.window_rows: list[tuple[str, str, str, str, int, float]] = []
+        self.reservations: list[tuple[str, str, int, int, int, str, float]] = []
+        self.holds: dict[tuple[str, str], int] = {}                # (team, id) -> hold taken in this batch
+        self.spent: dict[tuple[str, str, str, str], list[float]] = {}  # bucket -> [cost, released, expires at]
+        self.tokens: dict[tuple[str, str, str, int], int] = {}     # (rate window, minute) -> truth - estimates
+
+    def used(self, key: tuple[str, str, str, str]) -> int:
+        if key not in self._used:
+            self._used[key] = self.store._used(self.c, key, self.now)
+        return self._used[key]
+
+    def window_used(self, key: tuple[str, str, str, str]) -> int:
+        k = key[:3]
+        if k not in self._window:
+            self._window[k] = self.store._window_used(self.c, key, self.now)
+        return self._window[k]
+
+    def counts(self, key: tuple[str, str, str], minute: int) -> tuple[int, int]:
+        if key not in self.rates:
+            w = self.c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
+                               "AND owner = ?", key).fetchone()
+            self.rates[key] = (0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2]))
+            self.minute = minute
+        return self.rates[key]
+
+    def hold(self, key: tuple[str, str, str, str], amount: int, expires_at: float) -> None:
+        self._used[key] += amount
+        acc = self.held.setdefault(key, [0, expires_at])
+        acc[0] += amount
+        acc[1] = max(acc[1], expires_at)
+
+    def hold_window(self, key: tuple[str, str, str, str], rid: str, amount: int, expires_at: float) -> None:
+        self._window[key[:3]] += amount
+        self.window_rows.append((*key[:3], rid, amount, expires_at))
+
+    def spend(self, key: tuple[str, str, str, str], cost: int, released: int, expires_at: float) -> None:
+        acc = self.spent.setdefault(key, [0, 0, expires_at])
+        acc[0] += cost
+        acc[1] += released
+        acc[2] = max(acc[2], expires_at)
+
+    def flush_settles(self) -> None:
+        """Write the settles' spend and releases (one row update per bucket) and their TPM corrections."""
+        if self.spent:
+            self.c.executemany(
+                "INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                "VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT DO UPDATE SET spent = spent + ?5, "
+                "reserved = MAX(0, reserved - ?7), expires_at = MAX(expires_at, ?6)",
+                [(*key, int(cost), expires, int(released)) for key, (cost, released, expires) in self.spent.items()])
+            self.spent.clear()
+        if self.tokens:
+            self.c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ?) WHERE team = ? AND scope = ? "
+                               "AND owner = ? AND minute = ?", [(d, *k) for k, d in self.tokens.items() if d])
+            self.tokens.clear()
+
+    def flush(self) -> None:
+        """Write the batch's holds, rate counts and reservations, and forget what was read."""
+        c = self.c
+        if self.held:
+            c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
+                          "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
+                          "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
+                          [(*key, int(amount), expires) for key, (amount, expires) in self.held.items()])
+        if self.window_rows:
+            c.executemany("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)", self.window_rows)
+        if self.dirty_rates:
+            c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
+                          [(*k, self.minute, *self.rates[k]) for k in self.dirty_rates])
+        if self.reservations:
+            c.executemany("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)", self.reservations)
+        self._used.clear()
+        self._window.clear()
+        self.rates.clear()
+        self.dirty_rates.clear()
+        self.held.clear()
+        self.window_rows.clear()
+        self.reservations.clear()
+
+
 class SqliteBudgetStore:
     """Budgets and rate limits in SQLite (``conn`` from :func:`gateway.state.sqlite_db.connect`)."""
 
@@ -75,29 +186,64 @@ class SqliteBudgetStore:
         self._next_lapse = 0.0
         self.lapse_every_s = min(1.0, reservation_ttl_s / 4)   # a lapsed hold counts at most this much longer
         self._settles: list[tuple[ReserveRequest, Plan, int, int]] = []
-        # Settled marks live in this process: a request is reserved and settled by one process, and on
-        # one machine no reply is lost, so a repeat can only come from here (as in the memory store).
+        self._reserves: list[_Reserve] = []     # waiting for the next transaction
+        self._decided: list[_Reserve] = []      # decided in the transaction being written
+        # Settled marks and live holds live in this process: a request is reserved and settled by one
+        # process (its id is this process's own), so a repeat can only come from here (as in the memory store).
         self._settled: dict[tuple[str, str], float] = {}   # (team, request id) -> forget at
+        self._holds: set[tuple[str, str]] = set()           # (team, request id) of this process's holds
         self.group = group if group is not None else GroupCommit(conn)
         self.group.join(self)
 
-    # ------------------------------------------------------------------ queued settles (GroupCommit)
+    # ------------------------------------------------------------------ queued writes (GroupCommit)
     @property
     def queued(self) -> int:
-        return len(self._settles)
+        return len(self._settles) + len(self._reserves)
 
     def write(self, c: sqlite3.Connection) -> None:
+        """The queued settles, then the queued reserves in arrival order, each decided on what the ones
+        before it wrote: one transaction, so other processes see the batch whole."""
         now = self._clock()
+        self._decided.clear()
+        self._lapse(c, now)
+        self._sweep(c, now)
+        batch = _Batch(self, c, now)
         for req, p, cost, tokens in self._settles:
-            self._settle(c, req, p, cost, tokens, now)
+            self._settle(batch, req, p, cost, tokens)
+        batch.flush_settles()
+        for r in self._reserves:
+            if not r.future.done():   # its caller gave up before the transaction: nothing to decide
+                r.admission = self._reserve(batch, r.req, r.plan)
+                self._decided.append(r)
+        batch.flush()
 
     def committed(self) -> None:
         self._settles.clear()
+        self._reserves.clear()
+        decided, self._decided = self._decided, []
+        for r in decided:   # write() skipped the ones whose caller was gone: nothing ran since
+            assert r.admission is not None
+            r.future.set_result(r.admission)
+
+    def failed(self, reason: BaseException) -> None:
+        """The transaction was rolled back: the settles wait for the next one, the reserves fail now (a
+        request does not wait for the database; the fail mode decides)."""
+        self._decided.clear()
+        reserves, self._reserves = self._reserves, []
+        exc = StateUnavailable(f"budget database: {reason}")
+        for r in reserves:
+            if not r.future.done():
+                r.future.set_exception(exc)
 
     def discard(self, reason: BaseException) -> None:
-        log.error("dropped %d settles that could not be written (%r): %s", len(self._settles), reason,
-                  [(r.request_id, cost) for r, _, cost, _ in self._settles])
+        log.error("dropped %d settles and %d reserves that could not be written (%r): %s", len(self._settles),
+                  len(self._reserves), reason, [(r.request_id, cost) for r, _, cost, _ in self._settles])
         self._settles.clear()
+        self._decided.clear()
+        reserves, self._reserves = self._reserves, []
+        for r in reserves:
+            if not r.future.done():
+                r.future.set_exception(reason)
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager
@@ -123,15 +269,15 @@ class SqliteBudgetStore:
         if now < self._next_lapse and not force:
             return
         self._next_lapse = now + self.lapse_every_s
-        lapsed = c.execute("SELECT team, request_id, amount, buckets FROM reservations WHERE expires_at <= ?",
-                           (now,)).fetchall()
+        lapsed = c.execute("DELETE FROM reservations WHERE expires_at <= ? RETURNING team, request_id, amount, "
+                           "buckets", (now,)).fetchall()
         for team, rid, amount, buckets in lapsed:
-            self._release(c, team, rid, amount, buckets)
+            self._holds.discard((team, rid))
+            self._release(c, team, amount, buckets)
 
     @staticmethod
-    def _release(c: sqlite3.Connection, team: str, rid: str, amount: int, buckets: str) -> None:
-        """Drop a request's hold: its row and the amount it reserved on each of its buckets."""
-        c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+    def _release(c: sqlite3.Connection, team: str, amount: int, buckets: str) -> None:
+        """Take a deleted hold's amount off each of its buckets."""
         if amount:
             c.executemany(f"UPDATE budget_buckets SET reserved = MAX(0, reserved - ?) WHERE {_BUCKET}",
                           [(amount, *(b if len(b) == 4 else (team, *b))) for b in orjson.loads(buckets)])
@@ -154,55 +300,71 @@ class SqliteBudgetStore:
                         "owner = ? AND expires_at > ?", (*key[:3], now)).fetchone()
         return int(row[0])
 
+    @staticmethod
+    def _keys(team: str, p: Plan) -> list[tuple[str, str, str, str]]:
+        return [(home_of(team, b.scope), b.scope, b.owner, pid) for b, pid in zip(p.budgets, p.period_ids, strict=True)]
+
+    @staticmethod
+    def _held(keys: list[tuple[str, str, str, str]], p: Plan) -> str:
+        """The ``buckets`` column of a hold: the keys of its calendar buckets (window holds have rows of their own)."""
+        return orjson.dumps([k for k, w in zip(keys, p.windows_ms, strict=True) if not w]).decode()
+
     # ------------------------------------------------------------------ BudgetStore
     async def reserve(self, req: ReserveRequest) -> Admission:
+        """Decided in the next transaction on the connection (at the end of this event-loop iteration, with
+        every other reserve, settle and ledger record queued in it), committed when this returns."""
         p = plan(req)
         if not p.budgets and not p.rates:
             return admission_from_reply(p, (1, req.cost_nano, *_NO_LIMITS))
-        now = self._clock()
+        r = _Reserve(req, p, asyncio.get_running_loop().create_future())
+        self._reserves.append(r)
+        self.group.touch(now=True)
+        return await r.future
+
+    def _reserve(self, b: _Batch, req: ReserveRequest, p: Plan) -> Admission:
+        """One reserve of the batch, decided on the rows as the reserves before it in the batch left them."""
+        c, now = b.c, b.now
         minute, retry_window = int(now // WINDOW_S), WINDOW_S - int(now) % WINDOW_S
         team, rid = req.team, req.request_id
-        with self._write() as c:
-            self._lapse(c, now)
-            self._sweep(c, now)
-            rec = c.execute("SELECT amount, buckets, expires_at FROM reservations WHERE team = ? AND request_id = ?",
-                            (team, rid)).fetchone()
-            if rec is not None and rec[2] <= now:   # its own lapsed hold, not yet released by _lapse
-                self._release(c, team, rid, rec[0], rec[1])
+        rec = None
+        if (team, rid) in b.holds:   # repeated within the batch
+            rec = (b.holds[(team, rid)], "", now + self.reservation_ttl_s)
+        elif (team, rid) in self._holds:   # a repeated reserve: is its hold still there?
+            rec = c.execute("SELECT amount, buckets, expires_at FROM reservations WHERE team = ? AND "
+                            "request_id = ?", (team, rid)).fetchone()
+            if rec is None:
+                self._holds.discard((team, rid))   # released by another process's lapse
+            elif rec[2] <= now:   # its own lapsed hold, not yet released by _lapse
+                b.flush()         # the rows it releases from are read again after
+                c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ?", (team, rid))
+                self._release(c, team, rec[0], rec[1])
+                self._holds.discard((team, rid))
                 rec = None
-            dup = rec is not None or self._settled.get((team, rid), 0.0) > now
-            amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
+        dup = rec is not None or self._settled.get((team, rid), 0.0) > now
+        amount = req.cost_nano if not dup else (int(rec[0]) if rec is not None else 0)
 
-            keys = [(home_of(team, b.scope), b.scope, b.owner, pid)
-                    for b, pid in zip(p.budgets, p.period_ids, strict=True)]
-            windowed = [w > 0 for w in p.windows_ms]
-            used = [self._window_used(c, k, now) if w else self._used(c, k, now)
-                    for k, w in zip(keys, windowed, strict=True)]
-            counts = []
-            for r in p.rates:
-                w = c.execute("SELECT minute, requests, tokens FROM rate_windows WHERE team = ? AND scope = ? "
-                              "AND owner = ?", (home_of(team, r.scope), r.scope, r.owner)).fetchone()
-                counts.append((0, 0) if w is None or w[0] != minute else (int(w[1]), int(w[2])))
-            d = decide(req, p, used, counts, dup, amount, self.partial_reservations, retry_window)
-            added = d.kind == 0 and not dup
-            if added:
-                amount = d.amount
-                c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
-                              "VALUES (?, ?, ?, ?, 0, ?, ?) ON CONFLICT DO UPDATE SET reserved = reserved + "
-                              "excluded.reserved, expires_at = MAX(expires_at, excluded.expires_at)",
-                              [(*key, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
-                               for i, key in enumerate(keys) if not windowed[i]])
-                c.executemany("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)",
-                              [(*key[:3], rid, amount, now + p.windows_ms[i] / 1000)
-                               for i, key in enumerate(keys) if windowed[i]])
-                c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
-                              [(home_of(team, r.scope), r.scope, r.owner, minute, nreq + 1, ntok + req.tokens)
-                               for r, (nreq, ntok) in zip(p.rates, counts, strict=True)])
-                held = [list(k) for k, w in zip(keys, windowed, strict=True) if not w]   # window holds stay
-                c.execute("INSERT OR REPLACE INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          (team, rid, amount, minute, req.tokens, orjson.dumps(held).decode(),
-                           now + self.reservation_ttl_s))
-
+        keys = self._keys(team, p)
+        windowed = [w > 0 for w in p.windows_ms]
+        used = [b.window_used(k) if w else b.used(k) for k, w in zip(keys, windowed, strict=True)]
+        rates = [(home_of(team, r.scope), r.scope, r.owner) for r in p.rates]
+        counts = [b.counts(k, minute) for k in rates]
+        d = decide(req, p, used, counts, dup, amount, self.partial_reservations, retry_window)
+        added = d.kind == 0 and not dup
+        if added:
+            amount = d.amount
+            for i, key in enumerate(keys):
+                if windowed[i]:
+                    b.hold_window(key, rid, amount, now + p.windows_ms[i] / 1000)
+                else:
+                    b.hold(key, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
+            for k, (nreq, ntok) in zip(rates, counts, strict=True):
+                b.rates[k] = (nreq + 1, ntok + req.tokens)
+                b.dirty_rates.add(k)
+            # a plain INSERT: the id is this process's own, so no row of it can exist (a clash rolls back)
+            b.reservations.append((team, rid, amount, minute, req.tokens, self._held(keys, p),
+                                   now + self.reservation_ttl_s))
+            b.holds[(team, rid)] = amount
+            self._holds.add((team, rid))
         return decided_admission(req, p, d, used, counts, added)
 
     async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
@@ -214,43 +376,52 @@ class SqliteBudgetStore:
         check_amount("actual_tokens", actual_tokens)
         if not p.budgets and not p.rates:
             return
-        key, now = (req.team, req.request_id), self._clock()
-        if self._settled.get(key, 0.0) > now:
+        if not self._queue_settle(req, p, actual_cost_nano, actual_tokens):
             return
-        self._settled[key] = now + self.reservation_ttl_s
-        if len(self._settled) > _MAX_SETTLED:         # bounded memory under any request rate: oldest first
-            del self._settled[next(iter(self._settled))]
-        self._settles.append((req, p, actual_cost_nano, actual_tokens))
         try:
             await self.group.wait()
         except sqlite3.Error as exc:
             raise StateUnavailable(f"budget database: {exc}") from exc
 
-    def _settle(self, c: sqlite3.Connection, req: ReserveRequest, p: Plan, cost: int, tokens: int,
-                now: float) -> None:
+    def _queue_settle(self, req: ReserveRequest, p: Plan, cost: int, tokens: int) -> bool:
+        """Queue a settle unless the request was settled already; False then."""
+        key, now = (req.team, req.request_id), self._clock()
+        if self._settled.get(key, 0.0) > now:
+            return False
+        self._settled[key] = now + self.reservation_ttl_s
+        if len(self._settled) > _MAX_SETTLED:         # bounded memory under any request rate: oldest first
+            del self._settled[next(iter(self._settled))]
+        self._settles.append((req, p, cost, tokens))
+        return True
+
+    def _settle(self, b: _Batch, req: ReserveRequest, p: Plan, cost: int, tokens: int) -> None:
+        """One settle of the batch: its hold's row deleted now, its spend and releases added up in ``b``."""
+        c, now = b.c, b.now
         team, rid = req.team, req.request_id
-        rec = c.execute("SELECT amount, minute, tokens, buckets, expires_at FROM reservations WHERE team = ? AND "
-                        "request_id = ?", (team, rid)).fetchone()
-        if rec is not None:   # release the whole hold (lapsed or not: it is released exactly once, here)
-            self._release(c, team, rid, rec[0], rec[3])
-        keys = [(home_of(team, rule.scope), rule.scope, rule.owner, pid)
-                for rule, pid in zip(p.budgets, p.period_ids, strict=True)]
-        c.executemany("INSERT INTO budget_buckets (team, scope, owner, period_id, spent, reserved, expires_at) "
-                      "VALUES (?, ?, ?, ?, ?, 0, ?) ON CONFLICT DO UPDATE SET spent = spent + excluded.spent, "
-                      "expires_at = MAX(expires_at, excluded.expires_at)",
-                      [(*key, cost, float(p.expire_at(i, now, self.bucket_grace_s)))
-                       for i, key in enumerate(keys) if not p.windows_ms[i]])
-        for i, key in enumerate(keys):   # a sliding window: the hold becomes the actual cost, and drops out with it
-            if p.windows_ms[i]:
+        self._holds.discard((team, rid))
+        # the whole hold is released (lapsed or not: exactly once, by whoever deletes its row)
+        rec = c.execute("DELETE FROM reservations WHERE team = ? AND request_id = ? RETURNING amount, minute, "
+                        "tokens, buckets, expires_at", (team, rid)).fetchone()
+        keys = self._keys(team, p)
+        amount = 0
+        if rec is not None:
+            if rec[3] == self._held(keys, p):   # held where it is spent: one row update per bucket for both
+                amount = int(rec[0])
+            else:
+                self._release(c, team, rec[0], rec[3])
+        for i, key in enumerate(keys):
+            if not p.windows_ms[i]:
+                b.spend(key, cost, amount, float(p.expire_at(i, now, self.bucket_grace_s)))
+            else:   # a sliding window: the hold becomes the actual cost, and drops out with it
                 cur = c.execute("UPDATE window_holds SET amount = ? WHERE team = ? AND scope = ? AND owner = ? AND "
                                 "request_id = ?", (cost, *key[:3], rid))
                 if cur.rowcount == 0 and cost > 0:
                     c.execute("INSERT OR REPLACE INTO window_holds VALUES (?, ?, ?, ?, ?, ?)",
                               (*key[:3], rid, cost, now + p.windows_ms[i] / 1000))
-        if rec is not None and rec[4] > now and p.rates:   # TPM: replace the estimate by the truth
-            c.executemany("UPDATE rate_windows SET tokens = MAX(0, tokens + ? - ?) WHERE team = ? AND scope = ? "
-                          "AND owner = ? AND minute = ?",
-                          [(tokens, rec[2], home_of(team, r.scope), r.scope, r.owner, rec[1]) for r in p.rates])
+        if rec is not None and rec[4] > now:   # TPM: replace the estimate by the truth
+            for r in p.rates:
+                k = (home_of(team, r.scope), r.scope, r.owner, int(rec[1]))
+                b.tokens[k] = b.tokens.get(k, 0) + tokens - int(rec[2])
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)

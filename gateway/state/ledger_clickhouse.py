@@ -42,6 +42,7 @@ T = TypeVar("T")
 DIMENSIONS = {
     "team": ("team", "team"),
     "key": ("key_id", "key_id"),
+    "user": ("user", "user"),
     "model": ("model", "model"),
     "provider": ("provider", "provider"),
     "day": ("toString(day)", "toString(toDate(ts))"),

@@ -60,6 +60,9 @@ class SqliteLedger:
     def committed(self) -> None:
         self._queued.clear()
 
+    def failed(self, reason: BaseException) -> None:
+        """The records stay queued for the next transaction."""
+
     def discard(self, reason: BaseException) -> None:
         log.error("ledger rejected %d records (%r): %s", len(self._queued), reason,
                   [r.to_json().decode() for r in self._queued])

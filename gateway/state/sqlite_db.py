@@ -12,8 +12,8 @@ only at checkpoints, which :class:`Checkpointer` runs in a thread of its own, of
 (``BEGIN IMMEDIATE``) and wait for each other up to ``BUSY_TIMEOUT_MS``. :func:`migrate` brings a
 database to :data:`SCHEMA_VERSION` by applying the forward migrations in :data:`MIGRATIONS` in
 order, each in the same transaction as the version row it adds to ``schema_version``; a database
-written by a newer gateway is refused with a clear error. :class:`GroupCommit` lets writes that
-need not hold up a request share one transaction.
+written by a newer gateway is refused with a clear error. :class:`GroupCommit` lets the writes of
+many requests (reserves, settles, ledger records) share one transaction.
 """
 
 from __future__ import annotations
@@ -221,17 +221,21 @@ class Queued(Protocol):
     def discard(self, reason: BaseException) -> None:
         """``write`` raised something other than a database error: log what is queued, and drop it."""
 
+    def failed(self, reason: BaseException) -> None:
+        """The transaction that carried ``write`` was rolled back (``reason``): what may wait for the next
+        one stays queued; what may not (a reserve, which its request awaits) gives up now."""
+
 
 class GroupCommit:
-    """Group commit on one connection: writes that need not hold up a request (a settle, a ledger
-    record) are queued by their owners (:class:`Queued`) and written together, in the next write
-    transaction anyone opens on the connection (a reserve carries the settles before it). Someone
-    waiting for them (:meth:`wait`: a settle, :meth:`gateway.state.State.finish`) gets a commit at
-    the end of the event-loop iteration, shared by every request that finished in it; writes nobody
+    """Group commit on one connection: writes are queued by their owners (:class:`Queued`: reserves,
+    settles, ledger records) and written together, in the next write transaction anyone opens on the
+    connection. Someone waiting for them (:meth:`wait`: a settle, :meth:`gateway.state.State.finish`;
+    a reserve awaits its own decision) gets a commit at the end of the event-loop iteration, shared
+    by every request that reserved or finished in it; writes nobody
     waits for (the ledger records the pipeline queues after its settle) get one within
     ``delay_s`` (10 ms), a batch. A transaction that fails on a database error (the lock not
     obtained in time, a full disk) keeps everything queued for the next one; the owner's
-    background flush (:meth:`commit`) retries."""
+    background flush (:meth:`commit`) retries, except reserves, which fail at once (:meth:`Queued.failed`)."""
 
     def __init__(self, conn: sqlite3.Connection, delay_s: float = 0.01) -> None:
         self.conn = conn
@@ -297,13 +301,20 @@ class GroupCommit:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE``, the queued writes, the caller's, ``COMMIT``; all rolled back on any error."""
         c = self.conn
-        self._begin(c)
+        try:
+            self._begin(c)
+        except BaseException as exc:
+            for part in self.parts:
+                part.failed(exc)
+            raise
         try:
             yield c
             c.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 c.execute("ROLLBACK")
+            for part in self.parts:
+                part.failed(exc)
             raise
         for part in self.parts:
             part.committed()
