@@ -78,6 +78,7 @@ SYNTHETIC = {
     "agent": "''",
     "parent_agent": "''",
     "overrun": "false",
+    "hold_id": "''",
 }
 
 

@@ -93,6 +93,7 @@ class Settings:
     redis_fail_mode: str = "refuse"       # Redis unreachable: "refuse" requests, or "allow" and reconcile
     redis_timeout_s: float = 1.0
     reservation_ttl_s: float = 900.0      # a hold whose replica died expires after this
+    worker_lease_s: float = 10.0          # one Redis: a dead worker's open requests are swept after this (0: off)
     key_cache_ttl_s: float = 2.0          # revocation is seen everywhere within this
     policy_watch_s: float = 2.0           # poll the policy files this often and hot-reload them (0: off)
     metrics_key: str | None = None        # when set, GET /metrics needs "Authorization: Bearer <it>"
@@ -128,6 +129,7 @@ class Settings:
             redis_fail_mode=_choice(e, "GATEWAY_REDIS_FAIL_MODE", ("refuse", "allow")),
             redis_timeout_s=_float(e, "GATEWAY_REDIS_TIMEOUT_S", 1.0),
             reservation_ttl_s=_float(e, "GATEWAY_RESERVATION_TTL_S", 900.0),
+            worker_lease_s=_float(e, "GATEWAY_WORKER_LEASE_S", 10.0),
             key_cache_ttl_s=_float(e, "GATEWAY_KEY_CACHE_TTL_S", 2.0),
             policy_watch_s=_float(e, "GATEWAY_POLICY_WATCH_S", 2.0),
             metrics_key=e.get("GATEWAY_METRICS_KEY") or None,
@@ -169,6 +171,7 @@ class Settings:
             "GATEWAY_REDIS_FAIL_MODE": self.redis_fail_mode,
             "GATEWAY_REDIS_TIMEOUT_S": str(self.redis_timeout_s),
             "GATEWAY_RESERVATION_TTL_S": str(self.reservation_ttl_s),
+            "GATEWAY_WORKER_LEASE_S": str(self.worker_lease_s),
             "GATEWAY_KEY_CACHE_TTL_S": str(self.key_cache_ttl_s),
             "GATEWAY_POLICY_WATCH_S": str(self.policy_watch_s),
             "GATEWAY_LEDGER_MAX_RECORDS": str(self.ledger_max_records),

@@ -57,9 +57,9 @@ async def test_an_exhausted_budget_refuses_without_waiting(gw: Gateway) -> None:
     state = gw.app.state.state
     reserve, calls = state.reserve, []
 
-    async def counted(req: object) -> object:
+    async def counted(req: object, intent: object = None) -> object:
         calls.append(req)
-        return await reserve(req)
+        return await reserve(req, intent)
 
     state.reserve = counted
     status, body = await gw.post(key, ask())

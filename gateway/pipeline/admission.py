@@ -155,7 +155,7 @@ class Admission:
                         capped=bool(budgets) and req.endpoint != "embeddings")
         ticket.token_cap = token_cap
         try:
-            ticket.admission = admission = await self.state.reserve(reservation)
+            ticket.admission = admission = await self.state.reserve(reservation, ticket.intent)
         except StateUnavailable as exc:
             await self._down(req, ticket, exc)
             return ticket
@@ -176,7 +176,7 @@ class Admission:
             reservation = ReserveRequest(self.ids.hold(), principal.team, 0, 0, rules, rates, now)
             ticket = Ticket(self.books, req, principal, plan, reservation)
             try:
-                ticket.admission = admission = await self.state.reserve(reservation)
+                ticket.admission = admission = await self.state.reserve(reservation, ticket.intent)
             except StateUnavailable as exc:
                 await self._down(req, ticket, exc)
                 return ticket

@@ -77,7 +77,7 @@ class Ticket:
         self.status = "ok"
         self._finished = False
         self._recorded = False
-        self._written = False      # the ledger record went to the state with the settle
+        self._written: LedgerRecord | None = None   # the ledger record that went to the state with the settle
 
     @property
     def finished(self) -> bool:
@@ -89,8 +89,8 @@ class Ticket:
 
         Only the first call counts. ``record_later``: the caller writes the reply first and then
         calls :meth:`record` (the JSON path keeps the ledger write off the response's latency), except
-        on a state that commits settles and records together (SQLite): there the record is written
-        with the settle, so a crash after the response cannot lose it."""
+        on a state that takes the record with the settle (SQLite's commit, a worker lease's open entry
+        on Redis): there it goes with the settle, so a crash after the response cannot lose it."""
         if self._finished:
             return
         self._finished = True
@@ -105,13 +105,12 @@ class Ticket:
                                                   self.upstream_cost_nano)
         except Exception:   # a bug in pricing must still release the hold and leave a record
             log.exception("pricing request %s failed", self.req.request_id)
-        durable = self.books.state.group is not None
+        durable = self.books.state.records_with_settle
         record = self.ledger_record() if durable or not record_later else None
         try:
             await self._settle(record)
         finally:
-            if record is not None:
-                self._written = True
+            self._written = record
             if not record_later:
                 self.record()
 
@@ -162,12 +161,26 @@ class Ticket:
         self._recorded = True
         req, books = self.req, self.books
         req.recorded = True
-        record = self.ledger_record()
-        if not self._written:
+        record = self._written
+        if record is None:
+            record = self.ledger_record()
             books.state.record(record)
         books.access.write(record)
         books.metrics.request_done(record, self.upstream_s, req.cache is not None,
                                    tuple(req.compression.saved.items()) if req.compression is not None else ())
+
+    def intent(self) -> dict[str, Any]:
+        """What the ledger record of this request says if its worker dies before it finishes (worker leases:
+        stored with the hold at reserve): who and what, on its first candidate deployment; the rest of a
+        :class:`LedgerRecord` keeps its defaults."""
+        req, plan, attribution = self.req, self.plan, self.req.attribution
+        d = plan.candidates[0] if plan.candidates else None
+        return {"request_id": req.request_id, "ts": time.time(), "team": self.principal.team,
+                "key_id": self.principal.key_id, "requested_model": plan.requested,
+                "model": d.model if d else plan.model.name, "deployment": d.id if d else "",
+                "provider": d.provider if d else "", "route": plan.route, "stream": req.stream,
+                "endpoint": req.endpoint, "user": attribution.user, "tags": attribution.tags,
+                "session": attribution.session, "agent": attribution.agent, "parent_agent": attribution.parent_agent}
 
     def ledger_record(self) -> LedgerRecord:
         req, plan, d = self.req, self.plan, self.deployment

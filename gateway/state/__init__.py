@@ -14,7 +14,11 @@ in memory (ledger records and settles on local disk with ``GATEWAY_SPOOL_DIR``, 
 loses nothing either: the next process adopts and replays them) and is drained at shutdown; an
 empty spool file is removed then. ``State`` also keeps the holds of requests still
 running and renews those older than a third of the reservation TTL (a long stream), so a
-hold lapses only when its replica is gone, not while its request is alive.
+hold lapses only when its replica is gone, not while its request is alive. On one Redis it also
+keeps this worker's lease (:mod:`gateway.state.leases`): the reserve call writes the request's
+intent with its hold, the settle call keeps the final record in Redis until the batch writing it
+lands, and every live worker sweeps the workers whose lease ran out, so a dead worker's holds end
+within seconds and none of its requests is left without a ledger record.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from gateway.state.ledger_archive import buffered, stream_maxlen
 from gateway.state.spool import SettleSpool, Spool
 
 if TYPE_CHECKING:
+    from gateway.state.leases import Leases
     from gateway.state.sqlite_db import Checkpointer, GroupCommit
 
 log = logging.getLogger("gateway.state")
@@ -68,6 +73,14 @@ class State:
     checkpointer: Checkpointer | None = None  # SQLite: WAL checkpoints in a thread, off the event loop
     _task: asyncio.Task[None] | None = None
     notifier: Any = None                  # budget notifications (gateway.budgets.notify.Notifier), told of settles
+    leases: Leases | None = None          # one Redis: this worker's lease, intents, the sweep of dead workers
+    _next_lease: float = 0.0
+
+    @property
+    def records_with_settle(self) -> bool:
+        """Whether a request's ledger record goes to the store with its settle (SQLite's group commit, a
+        worker lease's open entry), so a crash right after the response cannot lose it."""
+        return self.group is not None or self.leases is not None
 
     @property
     def shared(self) -> bool:
@@ -91,6 +104,22 @@ class State:
         """Settle a request (``req``: its reservation, None if it reserved nothing) and record it. On
         SQLite both are in the same group commit and on disk when this returns, before the response;
         elsewhere the same as :meth:`settle` then :meth:`record`."""
+        if self.leases is not None and req is not None and record is not None and req.request_id in self._holds:
+            # the record waits in Redis with the settle until its batch lands; queued after the settle, so the
+            # batch cannot land first. Not settled now: the request was swept (taken for a dead worker's), and
+            # its interrupted record is the one the ledger gets.
+            record.hold_id = req.request_id
+            try:
+                settled = await self.settle(req, cost_nano, tokens, record)
+            except BaseException:
+                self.record(record)   # the caller falls back to settling the hold; the record is still written
+                raise
+            if settled:
+                self.record(record)
+            else:
+                log.error("request %s was swept as interrupted before it finished: its record is not written",
+                          record.request_id)
+            return
         if record is not None:
             self.record(record)   # queued first: the settle's commit carries it
         if req is not None:
@@ -102,21 +131,33 @@ class State:
                 log.warning("ledger record of %s waits for the database: %r", getattr(record, "request_id", "?"),
                             exc)
 
-    async def reserve(self, req: ReserveRequest) -> Admission:
-        """Reserve through the budget store and keep an admitted hold alive until it is settled."""
-        admission = await self.budgets.reserve(req)
+    async def reserve(self, req: ReserveRequest, intent: Callable[[], dict[str, Any]] | None = None) -> Admission:
+        """Reserve through the budget store and keep an admitted hold alive until it is settled. With a worker
+        lease, ``intent()`` (the ledger record's fields the request gets if this worker dies) is stored with
+        the hold."""
+        if self.leases is not None and intent is not None:
+            admission = await self.leases.store.reserve(req, self.leases.intent(req, intent()))
+        else:
+            admission = await self.budgets.reserve(req)
         if admission.admitted:
             now = time.monotonic()
             self._holds[req.request_id] = (req, now, now)
         return admission
 
-    async def settle(self, req: ReserveRequest, cost_nano: int, tokens: int) -> None:
-        """Settle now; if the store is down, queue the settle and replay it when it returns."""
+    async def settle(self, req: ReserveRequest, cost_nano: int, tokens: int,
+                     record: LedgerRecord | None = None) -> bool:
+        """Settle now; if the store is down, queue the settle and replay it when it returns. False only when the
+        store says the request was settled already. ``record``: see :meth:`finish` (worker leases)."""
         self._holds.pop(req.request_id, None)
         try:
-            await self.budgets.settle(req, cost_nano, tokens)
+            settled: bool | None
+            if record is not None and self.leases is not None:
+                settled = await self.leases.store.settle(req, cost_nano, tokens, record.to_json())
+            else:
+                settled = await self.budgets.settle(req, cost_nano, tokens)
             if self.notifier is not None and req.budgets:
                 self.notifier.touched(req)
+            return settled is not False
         except StateUnavailable as exc:
             log.warning("settle of %s queued, budget store down: %s", req.request_id, exc)
             if len(self._settles) < MAX_QUEUED_SETTLES or self.settle_spool is not None:
@@ -125,6 +166,7 @@ class State:
                     self.settle_spool.add([(req, cost_nano, tokens)])
             else:
                 log.error("settle queue full: dropped %s (cost %d nano)", req.request_id, cost_nano)
+            return True
 
     @property
     def pending(self) -> int:
@@ -190,6 +232,10 @@ class State:
             await asyncio.sleep(FLUSH_EVERY_S)
             try:
                 await self.flush()
+                if self.leases is not None and time.monotonic() >= self._next_lease:
+                    self._next_lease = time.monotonic() + self.leases.every_s
+                    for record in await self.leases.keep():   # a dead worker's records, written by this one
+                        self.record(record)
                 if self._holds and time.monotonic() >= self._next_renewal:
                     self._next_renewal = time.monotonic() + min(self.hold_ttl_s / 6, 60.0)
                     await self.renew_holds()
@@ -210,6 +256,8 @@ class State:
             await self.flush()
         if self.pending:
             log.error("shutting down with %d ledger records or settles unwritten", self.pending)
+        elif self.leases is not None:
+            await self.leases.close()
         for spool in (self.ledger.spool, self.settle_spool):   # removed when empty, else left for the next process
             if spool is not None:
                 spool.close()
@@ -278,8 +326,9 @@ def open_state(settings: Settings) -> State:
         return State(MemoryBudgetStore(settings.reservation_ttl_s), keys, CachedKeys(keys, ttl_s=0.0),
                      buffered(settings, MemoryLedger(settings.ledger_max_records or 20_000)), fail_open,
                      hold_ttl_s=settings.reservation_ttl_s)
-    from gateway.state.budgets_redis import RedisBudgetStore
+    from gateway.state.budgets_redis import OPEN_KEY, RedisBudgetStore
     from gateway.state.keys import RedisKeyStore
+    from gateway.state.leases import Leases, new_worker_id
     from gateway.state.ledger import RedisLedger
     from gateway.state.resp import fast_client
 
@@ -288,10 +337,14 @@ def open_state(settings: Settings) -> State:
     key_store = RedisKeyStore(client)
     # the budget script runs twice per request: on a single server, through the pipelining client
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
-    state = State(RedisBudgetStore(fast or client, settings.reservation_ttl_s), key_store,
-                  CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
-                  buffered(settings, RedisLedger(client, stream_maxlen(settings)), spool=open_spool(settings)),
-                  fail_open, redis=client, hold_ttl_s=settings.reservation_ttl_s, settle_spool=settle_spool)
+    budgets = RedisBudgetStore(fast or client, settings.reservation_ttl_s, worker=new_worker_id(),
+                               lease_s=0.0 if settings.redis_cluster else settings.worker_lease_s)
+    leases = Leases(budgets, client) if budgets.worker is not None else None
+    ledger = RedisLedger(client, stream_maxlen(settings), open_key=OPEN_KEY if leases is not None else None)
+    state = State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
+                  buffered(settings, ledger, spool=open_spool(settings)),
+                  fail_open, redis=client, hold_ttl_s=settings.reservation_ttl_s, settle_spool=settle_spool,
+                  leases=leases)
     if settle_spool is not None:
         state._settles.extend(settle_spool.adopt())   # a dead process's settles: replayed by the first flush
     return state

@@ -1,5 +1,6 @@
 -- Gateway budgets + rate limits, script version v2 (also in every key prefix: gw:v2:{team:<team>}:...).
--- ARGV[1] selects the operation (reserve | settle | release | renew | usage); ARGV[2] must equal VERSION.
+-- ARGV[1] selects the operation (reserve | settle | release | sweep | claim | renew | lease | retire | park |
+-- usage); ARGV[2] must equal VERSION.
 -- Team and key budgets share the team's hash tag; end-user, tag and session buckets and windows have
 -- their own ({user:<id>}, ...), shared by every team: one call spans slots only when it names those.
 -- Server time (TIME) drives rate windows and reservation expiry; bucket names come from the client.
@@ -9,6 +10,11 @@
 -- Rate window    rl:<scope>:<owner>                hash  w (minute number), r (requests), t (tokens)
 -- Reservation    res:<request_id>                  hash  c (amount held), m (minute), k (estimated tokens)
 -- Settled mark   done:<request_id>                 string, TTL = settled_ttl
+-- Worker leases  gw:v2:workers                     zset  worker -> lease deadline (server ms)   (one Redis only)
+-- Open requests  gw:v2:open                        hash  hold id -> 'I<worker> <held> <intent json>' (reserved),
+--                                                  'R<worker> <record json>' (settled, record not yet in the ledger),
+--                                                  'S<worker> <record json>' (its worker died: swept, the sweep
+--                                                  writes it), 'W<worker>' (written by the sweep: a tombstone)
 local VERSION = 'v2'
 if ARGV[2] ~= VERSION then
   return redis.error_reply('ERR budget script is ' .. VERSION .. ', caller expects ' .. tostring(ARGV[2]))
@@ -61,6 +67,7 @@ if op == 'reserve' then
   local ttl_ms, partial_min, grace = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local nb, nr = tonumber(ARGV[9]), tonumber(ARGV[10])
   local rk, ra = 2 + 2 * nb, 10 + 5 * nb
+  -- with a worker lease (one Redis only): KEYS += open, workers; ARGV += worker, lease_ms, intent json
   -- a repeated call for a live or settled request is a no-op that reports the current state
   local dup = redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1
   local amount = cost
@@ -129,6 +136,12 @@ if op == 'reserve' then
     end
     redis.call('HSET', KEYS[1], 'c', s(amount), 'm', s(minute), 'k', s(tokens))
     redis.call('PEXPIRE', KEYS[1], s(ttl_ms))
+    local ext = ra + 2 * nr                                       -- a worker lease: the intent, same step
+    if ARGV[ext + 3] and ARGV[ext + 3] ~= '' then
+      local kx = rk + nr
+      redis.call('HSET', KEYS[kx + 1], rid, 'I' .. ARGV[ext + 1] .. ' ' .. s(amount) .. ' ' .. ARGV[ext + 3])
+      redis.call('ZADD', KEYS[kx + 2], s(now_ms + tonumber(ARGV[ext + 2])), ARGV[ext + 1])
+    end
   end
 
   local lim_r, rem_r, lim_t, rem_t, rem_n = -1, -1, -1, -1, -1
@@ -144,14 +157,29 @@ if op == 'reserve' then
   if not admitted then amount = 0 end
   return {admitted and 1 or 0, amount, kind, idx, rlimit, rused, retry, lim_r, rem_r, lim_t, rem_t, rem_n}
 
-elseif op == 'settle' or op == 'release' then
-  -- KEYS: res, done, (bud, bres) * nb, rl * nr
-  -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, (floor, keep_s, window_ms) * nb
+elseif op == 'settle' or op == 'release' or op == 'sweep' then
+  -- KEYS: res, done, (bud, bres) * nb, rl * nr, [open]
+  -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, (floor, keep_s, window_ms) * nb,
+  --       [worker, record json]
   -- release (a cluster's compensation: another slot refused the request): settle at 0 and also give back
   -- the request this slot's reserve counted in its rate windows (if still in that minute)
+  -- settle with a record (a worker lease): the record waits in open as 'R' until the ledger batch writing it
+  -- lands (that batch removes it), so a worker killed in between leaves it to the sweep. Returns 1 when
+  -- settled now, 0 when settled already.
+  -- sweep: a dead worker's intent, settled at its hold (actual_cost) and kept in open as its interrupted
+  -- record 'S' until a live worker's batch writes it; 0 if the entry is no intent any more, 2 if the request
+  -- was settled already (its record, if any, died with its worker), 1 when swept now.
   local rid, actual, atok = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local grace, nb, nr = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then return 0 end   -- settled already
+  local ko, ao = 3 + 2 * nb + nr, 10 + 3 * nb                   -- open key, worker and record args
+  if op == 'sweep' then
+    local e = redis.call('HGET', KEYS[ko], rid)
+    if not e or string.sub(e, 1, 1) ~= 'I' then return 0 end
+  end
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then  -- settled already
+    if op == 'sweep' then redis.call('HDEL', KEYS[ko], rid) return 2 end
+    return 0
+  end
   local rec = redis.call('HMGET', KEYS[1], 'm', 'k')
   redis.call('DEL', KEYS[1])
   for i = 1, nb do
@@ -196,6 +224,9 @@ elseif op == 'settle' or op == 'release' then
       end
     end
   end
+  if ARGV[ao + 1] and ARGV[ao + 1] ~= '' then
+    redis.call('HSET', KEYS[ko], rid, (op == 'sweep' and 'S' or 'R') .. ARGV[ao] .. ' ' .. ARGV[ao + 1])
+  end
   return 1
 
 elseif op == 'renew' then
@@ -212,6 +243,33 @@ elseif op == 'renew' then
     end
   end
   return 1
+
+elseif op == 'claim' then
+  -- KEYS: open; ARGV: op, ver, rid, worker. A dead worker's settled request whose record is unwritten ('R'):
+  -- marked swept ('S'), so only the sweep's batch writes it. 1 when taken now.
+  local e = redis.call('HGET', KEYS[1], ARGV[3])
+  if not e or string.sub(e, 1, 1) ~= 'R' then return 0 end
+  redis.call('HSET', KEYS[1], ARGV[3], 'S' .. string.sub(e, 2))
+  return 1
+
+elseif op == 'lease' then
+  -- KEYS: workers; ARGV: op, ver, worker, lease_ms. Renew this worker's lease; return the workers whose lease
+  -- ran out (their open requests are to be swept).
+  redis.call('ZADD', KEYS[1], s(now_ms + tonumber(ARGV[4])), ARGV[3])
+  return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', s(now_ms), 'LIMIT', 0, 16)
+
+elseif op == 'retire' then
+  -- KEYS: workers; ARGV: op, ver, worker, force. Forget a swept worker unless it came back (lease renewed).
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[3])
+  if at and (ARGV[4] == '1' or tonumber(at) <= now_ms) then redis.call('ZREM', KEYS[1], ARGV[3]) return 1 end
+  return 0
+
+elseif op == 'park' then
+  -- KEYS: workers; ARGV: op, ver, worker, until_ms. A swept worker with only tombstones left: not taken for
+  -- dead again until they are due (so it never crowds out newly dead workers), unless it came back.
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[3])
+  if at and tonumber(at) <= now_ms then redis.call('ZADD', KEYS[1], 'XX', ARGV[4], ARGV[3]) return 1 end
+  return 0
 
 elseif op == 'usage' then
   -- KEYS: (bud, bres) * nb; ARGV: op, ver, nb

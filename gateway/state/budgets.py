@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 Period = Literal["daily", "weekly", "monthly", "total", "minute"]
 PERIODS: tuple[str, ...] = get_args(Period)
@@ -128,6 +128,15 @@ class ReserveRequest:
     partial: bool = True  # False: the whole worst case must fit (a team that downgrades instead)
 
 
+def reserve_request_from_dict(data: dict[str, Any]) -> ReserveRequest:
+    """A :class:`ReserveRequest` back from its JSON form (``orjson.dumps`` of one): a dead worker's intent."""
+    return ReserveRequest(
+        request_id=str(data["request_id"]), team=str(data["team"]), cost_nano=int(data["cost_nano"]),
+        tokens=int(data["tokens"]), budgets=tuple(BudgetRule(**b) for b in data["budgets"]),
+        rates=tuple(RateRule(**r) for r in data["rates"]), now=datetime.fromisoformat(data["now"]),
+        min_cost_nano=int(data.get("min_cost_nano", 0)), partial=bool(data.get("partial", True)))
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     kind: str  # "budget" | "budget_soft" | "rate_requests" | "rate_tokens"
@@ -176,7 +185,10 @@ class BudgetUsage:
 class BudgetStore(Protocol):
     async def reserve(self, req: ReserveRequest) -> Admission: ...
 
-    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None: ...
+    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> bool | None:
+        """Charge the actual cost and release the hold (exactly once per request id); a store that can tell
+        returns False when the request was settled already."""
+        ...
 
     async def renew(self, req: ReserveRequest) -> bool:
         """Extend a live hold by the reservation TTL from now; False if it was settled or has lapsed."""

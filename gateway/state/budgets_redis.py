@@ -17,6 +17,11 @@ their RPM/TPM windows, when still in the same minute), and a
 crash in between leaves holds that expire with the reservation TTL. Each slot keeps its own
 reservation record and settled marker, so settle and renew are per slot and replay-safe. Names inside keys are
 percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
+On one Redis (not a cluster) the store can tie holds to a worker lease (``worker``): the reserve
+call also writes the request's intent into ``gw:v2:open`` and renews the worker's lease in
+``gw:v2:workers``, the settle call leaves the final ledger record there until the ledger batch
+that writes it removes it, and :mod:`gateway.state.leases` sweeps a dead worker's entries with
+:meth:`RedisBudgetStore.sweep`: all in the same script calls, no extra round trip per request.
 Redis and cluster errors surface as :class:`StateUnavailable`; the pipeline picks the
 fail mode. :meth:`RedisBudgetStore.aclose` closes the client it was given.
 """
@@ -59,6 +64,8 @@ SCRIPT = resources.files("gateway.state").joinpath("budget_script.lua").read_tex
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode(), usedforsecurity=False).hexdigest()
 PREFIX = "gw"
 KEYS_REMEMBERED = 10_000   # (team, scope, owner, period) key names a store keeps made
+OPEN_KEY = f"{PREFIX}:{SCRIPT_VERSION}:open"          # hold id -> intent or unwritten record (worker leases)
+WORKERS_KEY = f"{PREFIX}:{SCRIPT_VERSION}:workers"    # worker -> lease deadline, server ms
 _ERRORS = (RedisError, RedisClusterException, OSError)
 
 
@@ -118,7 +125,7 @@ class RedisBudgetStore:
 
     def __init__(self, client: Redis | RedisCluster | FastRedis, reservation_ttl_s: float = 600, *,
                  settled_ttl_s: int = 3_600, bucket_grace_s: int = 7 * 86_400,
-                 partial_reservations: bool = True) -> None:
+                 partial_reservations: bool = True, worker: str | None = None, lease_s: float = 0.0) -> None:
         if reservation_ttl_s <= 0:
             raise ValueError("reservation_ttl_s must be > 0")
         self._r = client
@@ -129,8 +136,11 @@ class RedisBudgetStore:
         self._cluster = isinstance(client, RedisCluster)
         self._loaded = False
         self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
+        # a worker lease: intents and unwritten records in OPEN_KEY (one Redis only: they span slots)
+        self.worker = worker if worker and lease_s > 0 and not self._cluster else None
+        self.lease_ms = max(1, round(lease_s * 1000))
 
-    async def _run(self, keys: list[str], args: list[str | int]) -> Any:
+    async def _run(self, keys: list[str], args: list[Any]) -> Any:
         r: Any = self._r  # redis-py's stubs type commands for sync and async clients alike
         if not self._loaded:
             # Once, best effort: a primary that is down must not fail teams living on the others,
@@ -188,11 +198,13 @@ class RedisBudgetStore:
         order = [t for t in groups if t != home] + ([home] if home in groups else [])
         return [(t, replace(req, budgets=tuple(groups[t][0]), rates=tuple(groups[t][1]))) for t in order]
 
-    async def reserve(self, req: ReserveRequest) -> Admission:
+    async def reserve(self, req: ReserveRequest, intent: bytes = b"") -> Admission:
+        """Hold ``req``'s worst case; with a worker lease, ``intent`` (what the ledger record of a request whose
+        worker died needs) is written in the same script call."""
         p = plan(req)
         parts = self._split(req, p)
         if parts is None:
-            return await self._reserve_at(None, req, p)
+            return await self._reserve_at(None, req, p, intent)
         # Two phases across slots: each part holds atomically in its own slot, passing on the (possibly
         # capped) amount; a refusal or an error releases the parts already held (compensation). A crash
         # between the phases leaves holds that expire with the reservation TTL, like any dead replica's.
@@ -222,9 +234,9 @@ class RedisBudgetStore:
             with contextlib.suppress(StateUnavailable):
                 await self._settle_at(tag, sub, plan(sub), 0, 0, op="release")
 
-    async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan) -> Admission:
+    async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan, intent: bytes = b"") -> Admission:
         keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p)]
-        args: list[str | int] = [
+        args: list[Any] = [
             "reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
             max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
             len(p.budgets), len(p.rates)]
@@ -233,6 +245,9 @@ class RedisBudgetStore:
             args += [rule.limit_nano, floor, -1 if rule.soft_nano is None else rule.soft_nano, keep, p.windows_ms[i]]
         for rate in p.rates:
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
+        if intent and self.worker is not None:
+            keys += [OPEN_KEY, WORKERS_KEY]
+            args += [self.worker, self.lease_ms, intent]
         reply = await self._run(keys, args)
         return admission_from_reply(p, [int(x) for x in reply])
 
@@ -240,28 +255,62 @@ class RedisBudgetStore:
         """0: the whole worst case must fit; n >= 1: admit with a capped hold when the headroom is at least n."""
         return max(1, min(req.min_cost_nano, req.cost_nano)) if self.partial_reservations and req.partial else 0
 
-    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
+    async def settle(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int,
+                     record: bytes = b"") -> bool:
+        """Charge the actual cost and release the hold; False if the request was settled already (a replay, or
+        its worker was taken for dead and the request swept). With a worker lease, ``record`` (the final
+        ledger record) stays in :data:`OPEN_KEY` until the ledger batch writing it lands."""
         p = plan(req)
         check_amount("actual_cost_nano", actual_cost_nano)
         check_amount("actual_tokens", actual_tokens)
         parts = self._split(req, p)
         if parts is None:
-            await self._settle_at(None, req, p, actual_cost_nano, actual_tokens)
-            return
+            return await self._settle_at(None, req, p, actual_cost_nano, actual_tokens, record) == 1
         # every slot settles once (its own settled marker): a replay after a partial failure is exact
-        for tag, sub in parts:
-            await self._settle_at(tag, sub, plan(sub), actual_cost_nano, actual_tokens)
+        done = [await self._settle_at(tag, sub, plan(sub), actual_cost_nano, actual_tokens) for tag, sub in parts]
+        return any(d == 1 for d in done)
+
+    async def sweep(self, req: ReserveRequest, held_nano: int, worker: str, record: bytes) -> int:
+        """Settle a dead worker's open request at its hold and keep ``record`` (its interrupted record) in
+        :data:`OPEN_KEY` until a batch writes it: 1 swept now, 2 settled already (entry dropped), 0 the entry
+        is no intent (any more)."""
+        return await self._settle_at(None, req, plan(req), held_nano, 0, record, worker, "sweep")
 
     async def _settle_at(self, tag: str | None, req: ReserveRequest, p: Plan, actual_cost_nano: int,
-                         actual_tokens: int, op: str = "settle") -> None:
-        """``op`` ``release``: settle at 0 and give back the request counted in the rate windows too."""
+                         actual_tokens: int, record: bytes = b"", worker: str | None = None,
+                         op: str = "settle") -> int:
+        """``op`` ``release``: settle at 0 and give back the request counted in the rate windows too; ``sweep``:
+        see :meth:`sweep`. ``record``: see :meth:`settle`."""
         keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p)]
-        args: list[str | int] = [
+        args: list[str | int | bytes] = [
             op, SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
             self.bucket_grace_s, len(p.budgets), len(p.rates)]
         for i in range(len(p.budgets)):
             args += [*p.arg_pair(i, self.bucket_grace_s), p.windows_ms[i]]
-        await self._run(keys, args)
+        worker = worker or self.worker
+        if (record or op == "sweep") and worker is not None and tag is None:
+            keys.append(OPEN_KEY)
+            args += [worker, record]
+        return int(await self._run(keys, args))
+
+    async def claim(self, hold_id: str, worker: str) -> int:
+        """Take over a dead worker's settled request's unwritten record (``R`` -> ``S``): 1 if taken now."""
+        return int(await self._run([OPEN_KEY], ["claim", SCRIPT_VERSION, hold_id, worker]))
+
+    async def lease(self) -> list[str]:
+        """Renew this worker's lease; the workers whose lease ran out."""
+        assert self.worker is not None
+        reply = await self._run([WORKERS_KEY], ["lease", SCRIPT_VERSION, self.worker, self.lease_ms])
+        return [w.decode() if isinstance(w, bytes) else str(w) for w in reply]
+
+    async def park(self, worker: str, until_s: int) -> bool:
+        """Take a swept worker with only tombstones left for alive until ``until_s`` (unix s, server time)."""
+        return int(await self._run([WORKERS_KEY], ["park", SCRIPT_VERSION, worker, until_s * 1000])) == 1
+
+    async def retire(self, worker: str, force: bool = False) -> bool:
+        """Forget a worker whose open requests are all swept, unless it renewed its lease meanwhile
+        (``force``: this worker, shutting down cleanly)."""
+        return int(await self._run([WORKERS_KEY], ["retire", SCRIPT_VERSION, worker, "1" if force else "0"])) == 1
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)
@@ -305,5 +354,6 @@ class RedisBudgetStore:
         await self._r.aclose()
 
 
-__all__ = ["PREFIX", "SCRIPT", "SCRIPT_SHA", "SCRIPT_VERSION", "RedisBudgetStore", "bucket_keys", "rate_key",
+__all__ = ["OPEN_KEY", "PREFIX", "WORKERS_KEY",
+           "SCRIPT", "SCRIPT_SHA", "SCRIPT_VERSION", "RedisBudgetStore", "bucket_keys", "rate_key",
            "home_tag", "request_keys", "team_tag"]

@@ -88,6 +88,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("agent", "String", lambda r: r.agent or "", since=2),
     Column("parent_agent", "String", lambda r: r.parent_agent or "", since=2),
     Column("overrun", "Bool", _attr("overrun"), since=2),
+    Column("hold_id", "String", _attr("hold_id"), since=3),   # the budget hold a worker lease tracked
 )
 # Fields a column stores under another shape (savings: one column per source).
 STORED_ELSEWHERE = frozenset({"savings"})

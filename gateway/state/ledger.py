@@ -6,7 +6,12 @@ UTC day the hash ``roll:{team:<team>}:<yyyymmdd>`` and per served model per day 
 short-lived ``dedup:{<tag>}:<batch>`` markers. Names in keys are percent-encoded. Each batch is
 applied by one Lua script that first checks its marker (a hash of the batch's records), so a batch
 is all-or-nothing and a retry after an ambiguous failure (the reply lost after the server applied
-it) is a no-op: nothing is lost or counted twice. On Redis Cluster, a script cannot span slots, so
+it) is a no-op: nothing is lost or counted twice. With worker leases (one Redis), a record with a
+``hold_id`` is also waiting in ``gw:v2:open`` (:mod:`gateway.state.leases`): the same script checks
+that its entry is in the expected state (not swept for a worker's own record; swept, ``S``, for one
+the sweep writes for a dead worker, whose ``hold_id`` is ``swept:<hold>``) and retires it, so of
+the worker's batch and the sweeper's exactly one writes it; a record whose entry says otherwise is
+left out of the batch. On Redis Cluster, a script cannot span slots, so
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
 non-transactional pipeline per master; each part's outcome is reported on its own
 (:meth:`RedisLedger.append_parts`). ``totals`` sums the rollups when the range is whole UTC days
@@ -85,6 +90,7 @@ class LedgerRecord:
     agent: str | None = None           # a coding agent's sub-agent id, and its parent's
     parent_agent: str | None = None
     overrun: bool = False              # it cost more than the hold it was admitted with
+    hold_id: str = ""                  # its budget hold while a worker lease tracks it in gw:v2:open, else ""
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)   # orjson serialises dataclasses natively, ~15x faster than asdict
@@ -99,6 +105,14 @@ class LedgerRecord:
         if isinstance(record.tags, list):   # JSON has no tuples
             record.tags = tuple(record.tags)
         return record
+
+
+SWEPT = "swept:"   # a hold_id prefix: the record was written for a dead worker by the sweep
+
+
+def claim_of(hold_id: str) -> tuple[str, str]:
+    """(open entry, ``s`` for a record the sweep wrote for a dead worker or ``o`` for a worker's own)."""
+    return (hold_id[len(SWEPT):], "s") if hold_id.startswith(SWEPT) else (hold_id, "o")
 
 
 def day_of(ts: float, fmt: str = "%Y%m%d") -> str:
@@ -254,10 +268,38 @@ def _text(value: Any) -> str:
 
 
 # KEYS[1] = the batch marker; ARGV[1] = marker TTL s, ARGV[2] = stream MAXLEN ('0': none); then ops,
-# each: code ('x' XADD, 'h' HINCRBY pairs, 's' SADD), index into KEYS, count n, n arguments.
+# each: code ('x' XADD, 'h' HINCRBY pairs, 's' SADD, 'c' open-request claims), index into KEYS, count n, n
+# arguments. A 'c' op (first, if any) holds (hold id, 'o' own record | 's' swept) pairs: a swept record needs
+# its entry swept ('S'), an own record one not swept ('S', or 'W': written by the sweep); when one does not,
+# nothing is applied and the reply lists those hold ids. Else own entries are removed (an own entry already
+# missing, e.g. a Redis that lost its data, does not stop its record) and swept ones become 'W<worker> <time>'
+# tombstones (a stalled worker's late batch, or its spool adopted later, cannot write them again), dropped a
+# day later by the sweep.
 _APPLY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local i = 3
+if ARGV[3] == 'c' then
+  local key, n = KEYS[tonumber(ARGV[4])], tonumber(ARGV[5])
+  local gone = {}
+  for j = 6, 5 + n, 2 do
+    local e = redis.call('HGET', key, ARGV[j])
+    local k = e and string.sub(e, 1, 1)
+    if ARGV[j + 1] == 's' then
+      if k ~= 'S' then gone[#gone + 1] = ARGV[j] end
+    elseif k == 'S' or k == 'W' then gone[#gone + 1] = ARGV[j] end
+  end
+  if #gone > 0 then return gone end
+  for j = 6, 5 + n, 2 do
+    local e = redis.call('HGET', key, ARGV[j])
+    if ARGV[j + 1] == 's' then
+      local w = string.sub(e, 2, (string.find(e, ' ', 1, true) or (#e + 1)) - 1)
+      redis.call('HSET', key, ARGV[j], 'W' .. w .. ' ' .. redis.call('TIME')[1])
+    elseif e then
+      redis.call('HDEL', key, ARGV[j])
+    end
+  end
+  i = 6 + n
+end
 while i <= #ARGV do
   local op, key, n = ARGV[i], KEYS[tonumber(ARGV[i + 1])], tonumber(ARGV[i + 2])
   local first, last = i + 3, i + 2 + n
@@ -283,12 +325,14 @@ class RedisLedger:
     ``ts`` may run ahead of the Redis clock that stamps its stream id (stream reads start there)."""
 
     def __init__(self, client: Any, stream_maxlen: int | None = None, *, atomic: bool | None = None,
-                 dedup_ttl_s: int = DAY_S, max_skew_s: float = 300.0) -> None:
+                 dedup_ttl_s: int = DAY_S, max_skew_s: float = 300.0, open_key: str | None = None) -> None:
         self._r = client
         self.stream_maxlen = stream_maxlen
         self.atomic = not isinstance(client, RedisCluster) if atomic is None else atomic
         self.dedup_ttl_s = dedup_ttl_s
         self.max_skew_s = max_skew_s
+        self.open_key = open_key if self.atomic else None   # worker leases: records wait there until written
+        self.left_out = 0                                    # records another worker's batch wrote (see above)
 
     async def append(self, records: Sequence[LedgerRecord]) -> None:
         _, outcomes = await self.append_parts(records)
@@ -309,7 +353,10 @@ class RedisLedger:
                 hashes.setdefault(key, Counter()).update(counters(r))
             sets.setdefault(f"gw:v1:rollidx:teams:{day}", set()).add(r.team)
             sets.setdefault(f"gw:v1:rollidx:models:{day}", set()).add(r.model)
-        ops: dict[str, tuple[str, list[Any]]] = {STREAM: ("x", payloads)}
+        ops: dict[str, tuple[str, list[Any]]] = {}
+        if self.open_key is not None and any(r.hold_id for r in records):
+            ops[self.open_key] = ("c", [x for r in records if r.hold_id for x in claim_of(r.hold_id)])
+        ops[STREAM] = ("x", payloads)
         ops |= {k: ("h", [x for field, n in c.items() if n for x in (field, n)]) for k, c in hashes.items()}
         ops |= {k: ("s", sorted(members)) for k, members in sets.items()}
         groups: dict[int, list[str]] = {}
@@ -347,23 +394,32 @@ class RedisLedger:
                 else:
                     by_node.setdefault(node, []).append(slot)
 
-        async def send(slots: list[int]) -> None:
+        async def send(slots: list[int]) -> set[str]:
             pipe = self._r.pipeline(transaction=False)
             for slot in slots:
                 marker, keys, args = parts[slot]
                 pipe.eval(_APPLY, len(keys) + 1, marker, *keys, *args)
-            await pipe.execute()
+            gone: set[str] = set()
+            for reply in await pipe.execute():
+                if isinstance(reply, list):   # open entries in another state: nothing of the part was applied
+                    gone.update(_text(h) for h in reply)
+            return gone
 
         nodes = list(by_node.items())
-        results: list[BaseException | None]
+        results: list[set[str] | BaseException | None]
         if len(nodes) == 1:   # one Redis (or one master): no tasks
             try:
-                await send(nodes[0][1])
+                gone = await send(nodes[0][1])
                 results = [None]
             except Exception as exc:
-                results = [exc]
+                gone, results = set(), [exc]
+            if gone:   # worker leases (one Redis): written by another worker's batch; each pass drops one at least
+                self.left_out += len(gone)
+                log.warning("%d ledger records were written by another worker's batch; left out", len(gone))
+                return await self.append_parts([r for r in records if claim_of(r.hold_id)[0] not in gone], skip,
+                                               down)
         else:
-            results = await asyncio.gather(*(send(slots) for _, slots in nodes), return_exceptions=True)
+            results = list(await asyncio.gather(*(send(slots) for _, slots in nodes), return_exceptions=True))
         for (node, slots), result in zip(nodes, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
                 raise result
