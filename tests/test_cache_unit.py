@@ -12,10 +12,13 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.api.anthropic.codec import MessagesStream
 from gateway.api.anthropic.replay import MessagesAssembler, replayed
 from gateway.api.anthropic.replay import replay_events as messages_replay_events
 from gateway.api.openai_sse import StreamAssembler, replay_events
+from gateway.pipeline.request import Request
 from gateway.policy import CacheSettings, PolicyError, load_policies
+from gateway.pricing import Usage
 from gateway.savings.response_cache import (
     Entry,
     MemoryStore,
@@ -228,6 +231,26 @@ def test_messages_assembler_keeps_only_finished_streams() -> None:
         if not (event["type"] == "content_block_stop" and event["index"] == 3):
             open_tool.add(event)
     assert open_tool.answer() is None
+
+
+def test_a_translated_messages_stream_is_stored_only_when_the_chat_stream_finished() -> None:
+    def relayed(finish: str | None) -> dict[str, Any] | None:
+        req = Request("messages", "chat", {}, "local", True, True, 50, 0, {}, "r")
+        stream = MessagesStream(req, "chat", assemble=True)
+        for delta, reason in (({"role": "assistant", "content": "Hel"}, None), ({"content": "lo"}, finish)):
+            stream.feed({"id": "c", "object": "chat.completion.chunk", "model": "m",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
+        stream.feed({"id": "c", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2,
+                                                         "total_tokens": 6}})
+        stream.close(Usage(input_tokens=4, output_tokens=2), 1234)
+        return stream.answer()
+
+    message = relayed("length")
+    assert message is not None and message["content"] == [{"type": "text", "text": "Hello"}]
+    assert message["stop_reason"] == "max_tokens" and message["usage"]["output_tokens"] == 2
+    assert relayed(None) is None           # cut before its finish_reason: the closing events are the gateway's
+    unassembled = MessagesStream(Request("messages", "chat", {}, "local", True, True, 50, 0, {}, "r"), "chat")
+    assert unassembled.assembler is None and unassembled.answer() is None   # not cacheable: nothing kept
 
 
 # ---------------------------------------------------------------- policy sections
