@@ -12,9 +12,22 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.api.anthropic.codec import MessagesStream
+from gateway.api.anthropic.replay import MessagesAssembler, replayed
+from gateway.api.anthropic.replay import replay_events as messages_replay_events
 from gateway.api.openai_sse import StreamAssembler, replay_events
+from gateway.pipeline.request import Request
 from gateway.policy import CacheSettings, PolicyError, load_policies
-from gateway.savings.response_cache import Entry, MemoryStore, cache_key, cacheable, deterministic, directives
+from gateway.pricing import Usage
+from gateway.savings.response_cache import (
+    Entry,
+    MemoryStore,
+    cache_key,
+    cacheable,
+    deterministic,
+    directives,
+    key_headers,
+)
 
 BODY = {"model": "m", "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
         "temperature": 0}
@@ -46,12 +59,41 @@ def test_a_responses_key_leaves_out_store_but_not_the_conversation() -> None:
                  {**body, "previous_response_id": "resp_1"}]
     assert len({cache_key("t", "m", "responses", b) for b in different} | {k}) == len(different) + 1
 
+MESSAGES = {"model": "m", "max_tokens": 100, "system": [{"type": "text", "text": "S"}],
+            "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+
+
+def test_a_messages_key_leaves_out_metadata_and_covers_the_rest() -> None:
+    k = cache_key("t", "m", "messages", MESSAGES)
+    same = [{**MESSAGES, "metadata": {"user_id": "u-2"}, "stream": True}, {**MESSAGES, "model": "alias"},
+            {**MESSAGES, "temperature": 0.0}]
+    assert {cache_key("t", "m", "messages", b) for b in same} == {k}
+    assert cache_key("t", "m", "chat", {**MESSAGES, "metadata": {"user_id": "u"}}) != cache_key("t", "m", "chat",
+                                                                                                MESSAGES)
+    tool = {"name": "f", "input_schema": {"type": "object"}}
+    different = [{**MESSAGES, "system": "T"}, {**MESSAGES, "max_tokens": 101}, {**MESSAGES, "stop_sequences": ["x"]},
+                 {**MESSAGES, "tools": [tool]}, {**MESSAGES, "tools": [tool], "tool_choice": {"type": "any"}},
+                 {**MESSAGES, "thinking": {"type": "enabled", "budget_tokens": 50}}, {**MESSAGES, "top_k": 1},
+                 {**MESSAGES, "messages": [{"role": "user", "content": "hello"}]},
+                 {**MESSAGES, "context_management": {"edits": []}}]
+    assert len({cache_key("t", "m", "messages", b) for b in different} | {k}) == len(different) + 1
+    # the headers that change what the API does: beta features (as a set) and the version
+    assert key_headers("chat", {"anthropic-beta": "a"}) == {} and key_headers("messages", {}) == {}
+    beta = cache_key("t", "m", "messages", MESSAGES, key_headers("messages", {"anthropic-beta": "b-1, a-2"}))
+    assert beta == cache_key("t", "m", "messages", MESSAGES, key_headers("messages", {"anthropic-beta": "a-2,b-1,a-2"}))
+    assert len({k, beta, cache_key("t", "m", "messages", MESSAGES, key_headers("messages", {"anthropic-beta": "a-2"})),
+                cache_key("t", "m", "messages", MESSAGES,
+                          key_headers("messages", {"anthropic-version": "2023-06-01"}))}) == 4
+
+
 def test_what_is_deterministic_and_the_modes() -> None:
     assert deterministic("chat", {"temperature": 0}) and deterministic("chat", {"temperature": 0.0})
     assert deterministic("chat", {"seed": 3, "temperature": 0.7}) and deterministic("embeddings", {})
     assert not deterministic("chat", {}) and not deterministic("chat", {"temperature": 0.2})
     assert not deterministic("chat", {"temperature": False}) and not deterministic("chat", {"seed": True})
     assert not deterministic("completions", {"seed": "3"})
+    assert deterministic("messages", {"temperature": 0, "thinking": {"type": "enabled", "budget_tokens": 50}})
+    assert not deterministic("messages", {"seed": 3}) and not deterministic("messages", {"temperature": 1})
     assert cacheable(CacheSettings(mode="always"), "chat", {}) and not cacheable(CacheSettings(mode="off"), "chat",
                                                                                  {"temperature": 0})
 
@@ -135,6 +177,80 @@ def test_assembler_merges_fragments_and_knows_a_cut_stream() -> None:
         text.add({"id": "t", "object": "text_completion", "choices": [{"index": 0, "text": piece,
                                                                        "finish_reason": finish}]})
     assert text.answer()["choices"][0]["text"] == "Once upon" and text.answer()["object"] == "text_completion"
+
+
+MESSAGE = {"id": "msg_stored", "type": "message", "role": "assistant", "model": "claude-x",
+           "content": [{"type": "thinking", "thinking": "Hm.", "signature": "c2ln"},
+                       {"type": "redacted_thinking", "data": "opaque"},
+                       {"type": "text", "text": "See", "citations": [{"type": "char_location", "cited_text": "a"}]},
+                       {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": [1, 2]}},
+                       {"type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}],
+           "stop_reason": "tool_use", "stop_sequence": None,
+           "usage": {"input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 7}}
+
+
+def messages_events(raw: list[bytes]) -> list[dict[str, Any]]:
+    out = []
+    for event in raw:
+        name, data = event.split(b"\n", 1)
+        assert name.startswith(b"event: ") and data.startswith(b"data: ") and event.endswith(b"\n\n")
+        out.append(orjson.loads(data[6:-2]))
+        assert out[-1]["type"] == name[7:].decode()
+    return out
+
+
+def test_messages_replay_then_assemble_gives_the_message_back() -> None:
+    hit = replayed(MESSAGE)
+    assert hit["id"].startswith("msg_") and hit["id"] != MESSAGE["id"] and hit["usage"]["cost_usd"] == 0.0
+    events = messages_events(messages_replay_events(hit))
+    assert [e["type"] for e in events[:2]] == ["message_start", "content_block_start"]
+    assert events[0]["message"]["content"] == [] and "cost_usd" not in events[0]["message"]["usage"]
+    assert [e["type"] for e in events[-2:]] == ["message_delta", "message_stop"]
+    assert events[-2]["delta"]["stop_reason"] == "tool_use" and events[-2]["usage"]["cost_usd"] == 0.0
+    deltas = [e["delta"]["type"] for e in events if e["type"] == "content_block_delta"]
+    assert deltas == ["thinking_delta", "signature_delta", "citations_delta", "text_delta", "input_json_delta",
+                      "input_json_delta"]
+    assembler = MessagesAssembler()
+    for event in events:
+        assembler.add(event)
+    assert assembler.answer() == hit
+
+
+def test_messages_assembler_keeps_only_finished_streams() -> None:
+    events = messages_events(messages_replay_events(replayed(MESSAGE)))
+    cut = MessagesAssembler()
+    for event in events[:-1]:                  # no message_stop
+        cut.add(event)
+    assert cut.answer() is None
+    failed = MessagesAssembler()
+    for event in events[:4] + [{"type": "error", "error": {"type": "overloaded_error"}}] + events[4:]:
+        failed.add(event)
+    assert failed.answer() is None
+    open_tool = MessagesAssembler()            # a tool block whose input never closed
+    for event in events:
+        if not (event["type"] == "content_block_stop" and event["index"] == 3):
+            open_tool.add(event)
+    assert open_tool.answer() is None
+
+
+def test_a_translated_messages_stream_is_stored_only_when_the_chat_stream_finished() -> None:
+    def relayed(finish: str | None) -> dict[str, Any] | None:
+        req = Request("messages", "chat", {}, "local", True, True, 50, 0, {}, "r")
+        stream = MessagesStream(req, "chat", assemble=True)
+        for delta, reason in (({"role": "assistant", "content": "Hel"}, None), ({"content": "lo"}, finish)):
+            stream.feed({"id": "c", "object": "chat.completion.chunk", "model": "m",
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
+        stream.feed({"id": "c", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2,
+                                                         "total_tokens": 6}})
+        stream.close(Usage(input_tokens=4, output_tokens=2), 1234)
+        return stream.answer()
+
+    message = relayed("length")
+    assert message is not None and message["content"] == [{"type": "text", "text": "Hello"}]
+    assert message["stop_reason"] == "max_tokens" and message["usage"]["output_tokens"] == 2
+    assert relayed(None) is None           # cut before its finish_reason: the closing events are the gateway's
+    unassembled = MessagesStream(Request("messages", "chat", {}, "local", True, True, 50, 0, {}, "r"), "chat")
+    assert unassembled.assembler is None and unassembled.answer() is None   # not cacheable: nothing kept
 
 
 # ---------------------------------------------------------------- policy sections

@@ -84,7 +84,8 @@ class Request:
     dropped: tuple[str, ...] = ()          # features a translation to chat cannot carry (x-gateway-dropped)
     cacheable: bool = True                 # the response cache may answer or keep it
     cache_body: Any = None                 # what the response cache keys on, when not the body (before
-                                           # compression): a Responses request as sent, earlier turns inlined
+                                           # compression): a Responses request as sent, earlier turns inlined;
+                                           # a Messages request as sent
     context: Any = None                    # what the codec loaded for it (an earlier turn of a conversation)
     prefer: str | None = None              # a deployment to try first (the one holding that conversation)
     user: Any = None                       # the end user the body names (OpenAI's user, metadata.user_id)

@@ -1,9 +1,10 @@
 """The response cache (exact match): which requests it serves, their keys, entries and the stores.
 
 A request is cacheable when its team's (or route's) ``cache.mode`` allows it: ``deterministic``
-(the default) caches embeddings, and chat, legacy completions and Responses requests with
-``temperature: 0`` or an integer ``seed``; ``always`` caches every request; ``off`` none.
-``cache-control: no-cache`` skips the lookup but stores the fresh answer; ``no-store`` skips both.
+(the default) caches embeddings, chat, legacy completions and Responses requests with
+``temperature: 0`` or an integer ``seed``, and Messages requests with ``temperature: 0``;
+``always`` caches every request; ``off`` none. ``cache-control: no-cache`` skips the lookup but
+stores the fresh answer; ``no-store`` skips both.
 The key is a SHA-256 of canonical JSON (sorted keys, top-level nulls dropped, integral top-level
 floats as ints) of: a version, the team, the resolved model name, the endpoint, and the whole
 request body except ``model``, ``stream`` and ``stream_options`` -- so a stream can be answered
@@ -12,8 +13,17 @@ models, system prompts, tools, response formats or sampling parameters. A Respon
 keyed on the body as sent with any ``previous_response_id`` replaced by the earlier turns' items
 (the codec inlines them, so the key covers the whole conversation, never an id), without
 ``store`` (a hit gets a fresh response id and is stored, or not, as its own request says).
+A Messages request is cacheable under ``deterministic`` with ``temperature: 0`` (the API has no
+seed; ``thinking`` is not a rule of its own: Anthropic refuses any temperature but 1 with
+thinking on, so a request that thinks natively is never cached, and one translated for a chat
+deployment at temperature 0 is cached as chat would be); it is keyed on the body as sent
+(``system``, ``messages``, ``tools``, ``tool_choice``, ``max_tokens``, ``stop_sequences``,
+``thinking``, ``cache_control`` markers, every other field) except ``model``, ``stream`` and
+``metadata``, plus its ``anthropic-beta`` features and ``anthropic-version`` (they change what
+the API does).
 
-An entry is the OpenAI-shaped answer (``usage`` without ``cost_usd``) plus what pricing a hit
+An entry is the answer in its API's shape (OpenAI's, a Response, a Message; ``usage`` without
+``cost_usd``) plus what pricing a hit
 needs: the prompt tokens before compression, the output tokens, and the deployment that produced
 it. Two stores: :class:`MemoryStore`, an LRU bounded in entries and bytes for the embedded single
 process, and :class:`RedisStore` on the shared client (``gw:v1:rcache:<sha256>``, ``SET PX`` with
@@ -38,13 +48,13 @@ log = logging.getLogger("gateway.savings.response_cache")
 KEY_PREFIX = "gw:v1:rcache:"
 KEY_VERSION = 1
 _NOT_IN_KEY = frozenset({"model", "stream", "stream_options"})
-_NOT_IN_RESPONSES_KEY = _NOT_IN_KEY | {"store"}
-ENDPOINTS = frozenset({"chat", "completions", "embeddings", "responses"})
+_NOT_IN_KEY_OF = {"responses": _NOT_IN_KEY | {"store"}, "messages": _NOT_IN_KEY | {"metadata"}}
+ENDPOINTS = frozenset({"chat", "completions", "embeddings", "responses", "messages"})
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    body: dict[str, Any]          # the answer, OpenAI-shaped, as a non-stream response
+    body: dict[str, Any]          # the answer in its API's shape, as a non-stream response
     endpoint: str
     input_tokens: int             # prompt tokens the answer would have cost uncompressed
     output_tokens: int
@@ -95,6 +105,8 @@ def deterministic(endpoint: str, body: dict[str, Any]) -> bool:
     temperature = body.get("temperature")
     if not isinstance(temperature, bool) and isinstance(temperature, (int, float)) and temperature == 0:
         return True
+    if endpoint == "messages":   # the Messages API has no seed (nor does its translation to chat carry one)
+        return False
     seed = body.get("seed")
     return isinstance(seed, int) and not isinstance(seed, bool)
 
@@ -111,11 +123,30 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def cache_key(team: str, model: str, endpoint: str, body: dict[str, Any]) -> str:
-    left_out = _NOT_IN_RESPONSES_KEY if endpoint == "responses" else _NOT_IN_KEY
+def key_headers(endpoint: str, headers: dict[str, str]) -> dict[str, Any]:
+    """The request headers that change an answer, as the key holds them: for a Messages request its
+    ``anthropic-beta`` features (a set: order and repeats do not matter) and ``anthropic-version``."""
+    if endpoint != "messages":
+        return {}
+    out: dict[str, Any] = {}
+    beta = headers.get("anthropic-beta")
+    if beta:
+        out["anthropic-beta"] = sorted({token.strip() for token in beta.split(",") if token.strip()})
+    version = headers.get("anthropic-version")
+    if version:
+        out["anthropic-version"] = version.strip()
+    return out
+
+
+def cache_key(team: str, model: str, endpoint: str, body: dict[str, Any],
+              headers: dict[str, Any] | None = None) -> str:
+    """``headers``: what :func:`key_headers` kept (none: the key of a request without such headers)."""
+    left_out = _NOT_IN_KEY_OF.get(endpoint, _NOT_IN_KEY)
     request = {k: _normal(v) for k, v in body.items() if k not in left_out and v is not None}
-    canonical = orjson.dumps([KEY_VERSION, team, model, endpoint, request],
-                             option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    parts: list[Any] = [KEY_VERSION, team, model, endpoint, request]
+    if headers:
+        parts.append(headers)
+    canonical = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     return KEY_PREFIX + hashlib.sha256(canonical).hexdigest()
 
 
@@ -213,7 +244,7 @@ class ResponseCache:
         if endpoint not in ENDPOINTS or not cacheable(settings, endpoint, body):
             return Lookup("bypass")
         skip_lookup, skip_store = directives(headers)
-        key = cache_key(team, model, endpoint, body)
+        key = cache_key(team, model, endpoint, body, key_headers(endpoint, headers))
         stored = None if skip_lookup else await self.store.get(key)
         entry = Entry.decode(stored) if stored is not None else None
         if entry is not None and entry.endpoint == endpoint:

@@ -4,6 +4,7 @@ This package owns everything the gateway needs to speak the Messages API at its
 edge and to translate between it and chat completions; it does no I/O. Its
 modules: :mod:`.validation` (request checks), :mod:`.translate` (whole bodies,
 both directions), :mod:`.stream` (stream translators and SSE framing),
+:mod:`.replay` (a stream folded into its Message, a cached Message replayed),
 :mod:`.errors` (Anthropic's error envelope) and :mod:`.count` (token estimate).
 The native upstream client lives in :mod:`gateway.providers.anthropic`.
 """

@@ -10,18 +10,20 @@ chat stream is translated back into a Messages reply or Messages events. Usage c
 the upstream in its own shape: ``message_start`` and ``message_delta`` on the native path.
 The final ``message_delta`` of a stream is held back until the stream ends, then sent with
 ``usage.cost_usd``; a JSON reply carries it too. Errors use Anthropic's envelope, and a
-started stream ends with an ``error`` event.
+started stream ends with an ``error`` event. The response cache keys on the body as sent; a
+cacheable streamed miss is folded back into its Message to be stored (:mod:`.replay`), and a
+hit is replayed under a fresh id as a Message or as Messages events, at $0.
 """
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import orjson
 
 from gateway.api.anthropic.compressed import native_messages
 from gateway.api.anthropic.errors import error_body, error_event, error_headers
+from gateway.api.anthropic.replay import MessagesAssembler, new_message_id, replay_events, replayed
 from gateway.api.anthropic.stream import ChatToMessagesStream, encode_event
 from gateway.api.anthropic.translate import chat_to_messages, chat_to_messages_reply, messages_to_chat
 from gateway.api.anthropic.validation import validate_messages
@@ -76,7 +78,7 @@ class MessagesCodec(Stateless):
         stream = body.get("stream") is True
         req = Request("messages", "chat", chat, body["model"], stream, True, body["max_tokens"], inbound.raw_size,
                       inbound.headers, inbound.request_id, inbound.started)
-        req.native, req.dropped, req.origins = body, dropped, origins
+        req.native, req.dropped, req.origins, req.cache_body = body, dropped, origins, body
         metadata = body.get("metadata")
         req.user = metadata.get("user_id") if isinstance(metadata, dict) else None
         return req
@@ -121,14 +123,11 @@ class MessagesCodec(Stateless):
         return orjson.dumps(reply), reply
 
     def stream(self, req: Request, wire: str, deployment: Deployment, assemble: bool) -> MessagesStream:
-        return MessagesStream(req, wire)
+        return MessagesStream(req, wire, assemble)
 
     def replay(self, req: Request, answer: dict[str, Any]) -> tuple[list[bytes], dict[str, Any]]:
-        usage: dict[str, Any] = answer["usage"] if isinstance(answer.get("usage"), dict) else {}
-        answer = {**answer, "usage": {**usage, "cost_usd": 0.0}}
-        if not req.stream:
-            return [orjson.dumps(answer)], answer
-        return replay_events(answer), answer
+        message = replayed(answer)
+        return ([orjson.dumps(message)] if not req.stream else replay_events(message)), message
 
     def error_body(self, exc: GatewayError) -> bytes:
         return error_body(exc)
@@ -144,41 +143,10 @@ def _usage_body(usage: Usage) -> dict[str, Any]:
             "cache_creation_input_tokens": usage.cache_write_tokens + usage.cache_write_1h_tokens}
 
 
-def replay_events(answer: dict[str, Any]) -> list[bytes]:
-    """A stored Messages answer as the events of a stream."""
-    head = {k: v for k, v in answer.items() if k not in ("content", "stop_reason", "stop_sequence", "usage")}
-    usage: dict[str, Any] = answer["usage"] if isinstance(answer.get("usage"), dict) else {}
-    events: list[dict[str, Any]] = [{"type": "message_start", "message": {**head, "content": [], "stop_reason": None,
-                                                    "stop_sequence": None,
-                                                    "usage": {**usage, "output_tokens": 0}}}]
-    for index, block in enumerate(answer.get("content") or ()):
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        if kind == "tool_use":
-            start = {**block, "input": {}}
-            delta: dict[str, Any] = {"type": "input_json_delta",
-                                     "partial_json": orjson.dumps(block.get("input") or {}).decode()}
-        elif kind == "thinking":
-            start = {**block, "thinking": ""}
-            delta = {"type": "thinking_delta", "thinking": block.get("thinking") or ""}
-        else:
-            start = {**block, "text": ""}
-            delta = {"type": "text_delta", "text": block.get("text") or ""}
-        events.append({"type": "content_block_start", "index": index, "content_block": start})
-        events.append({"type": "content_block_delta", "index": index, "delta": delta})
-        events.append({"type": "content_block_stop", "index": index})
-    events.append({"type": "message_delta", "delta": {"stop_reason": answer.get("stop_reason"),
-                                                      "stop_sequence": answer.get("stop_sequence")},
-                   "usage": usage})
-    events.append({"type": "message_stop"})
-    return [encode_event(e) for e in events]
-
-
 class MessagesStream:
     """One Messages stream: native events passed through, or chat chunks translated (module docstring)."""
 
-    def __init__(self, req: Request, wire: str) -> None:
+    def __init__(self, req: Request, wire: str, assemble: bool = False) -> None:
         self.req = req
         self.native = wire == "messages"
         self.start_usage: dict[str, Any] = {}
@@ -186,8 +154,10 @@ class MessagesStream:
         self.final: dict[str, Any] | None = None        # the held-back message_delta
         self.texts: list[str] = []
         self.chat_usage: dict[str, Any] | None = None
-        self.translator = None if self.native else ChatToMessagesStream(
-            req.model, message_id=f"msg_{uuid.uuid4().hex[:24]}")
+        self.translator = None if self.native else ChatToMessagesStream(req.model, message_id=new_message_id())
+        # the events the client gets, folded into the Message for the response cache (a cacheable miss only)
+        self.assembler = MessagesAssembler() if assemble else None
+        self.finish_seen = False   # translated: the chat stream said how it finished (not cut)
 
     def feed(self, chunk: dict[str, Any]) -> bytes | None:
         if self.translator is not None:
@@ -198,8 +168,15 @@ class MessagesStream:
                 delta = choice.get("delta") if isinstance(choice, dict) else None
                 if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                     self.texts.append(delta["content"])
+                if self.assembler is not None and isinstance(choice, dict) and choice.get("finish_reason"):
+                    self.finish_seen = True
             events = self.translator.feed(chunk)
+            if self.assembler is not None:
+                for event in events:
+                    self.assembler.add(event)
             return b"".join(encode_event(e) for e in events) or None
+        if self.assembler is not None:
+            self.assembler.add(chunk)
         kind = chunk.get("type")
         if kind == "message_start":
             message = chunk.get("message")
@@ -241,6 +218,8 @@ class MessagesStream:
             for event in events:
                 if event.get("type") == "message_delta":
                     event["usage"] = {**event.get("usage", {}), "cost_usd": nano_float(cost_nano)}
+                if self.assembler is not None and self.finish_seen:   # a cut chat stream is never stored
+                    self.assembler.add(event)
             return b"".join(encode_event(e) for e in events)
         final = self.final or {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                "usage": {"output_tokens": usage.output_tokens}}
@@ -251,7 +230,7 @@ class MessagesStream:
         return error_event(exc)
 
     def answer(self) -> dict[str, Any] | None:
-        return None   # streamed Messages misses are not stored (a JSON miss is)
+        return self.assembler.answer() if self.assembler is not None else None
 
 
 
