@@ -30,9 +30,12 @@ T = TypeVar("T")
 def frozen(app: T) -> T:
     """``app``, with everything alive now (modules, litellm's tables, the policies, the app) moved out of the
     garbage collector's reach: it stays alive for the life of the process, and full collections would walk
-    those millions of objects again and again for nothing (several percent of the CPU a request costs)."""
+    those millions of objects again and again for nothing (several percent of the CPU a request costs).
+    Young objects are collected every 20,000 allocations instead of 700: a request's objects are then mostly
+    freed before a collection looks at them, instead of being walked and promoted while still in flight."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     return app
 
 

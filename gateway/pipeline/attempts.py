@@ -34,6 +34,10 @@ Chunks = AsyncGenerator[dict[str, Any], None]
 BuildCall = Callable[[Deployment, float], Call]
 
 
+def _complete(provider: Provider, call: Call) -> Awaitable[dict[str, Any]]:
+    return provider.complete(call)   # the coroutine itself: no wrapper coroutine per attempt
+
+
 class Attempts:
     def __init__(self, providers: dict[str, Provider], health: HealthBook, metrics: Any,
                  default_timeout_s: float) -> None:
@@ -44,10 +48,7 @@ class Attempts:
 
     async def complete(self, req: Request, ticket: Ticket, build: BuildCall) -> tuple[Deployment, dict[str, Any]]:
         """The first candidate's JSON answer that did not fail."""
-        async def once(provider: Provider, call: Call) -> dict[str, Any]:
-            return await provider.complete(call)
-
-        deployment, body, started = await self._run(req, ticket, build, once)
+        deployment, body, started = await self._run(req, ticket, build, _complete)
         elapsed = time.perf_counter() - started
         ticket.upstream_s += elapsed
         self.health.succeeded(deployment, elapsed)

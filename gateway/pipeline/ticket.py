@@ -193,7 +193,7 @@ class Ticket:
             output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
             cache_write_tokens=usage.cache_write_tokens + usage.cache_write_1h_tokens,
             reasoning_tokens=usage.reasoning_tokens, cost_nano=self.cost_nano, baseline_nano=self.baseline_nano,
-            savings=dict(self.savings), latency_ms=round((time.perf_counter() - req.started) * 1000, 3),
+            savings=self.savings, latency_ms=round((time.perf_counter() - req.started) * 1000, 3),
             ttft_ms=round(self.ttft_s * 1000, 3) if self.ttft_s is not None else None, status=self.status,
             cache=req.cache_result, compressed=report is not None,
             compression_saved_tokens=report.removed if report is not None else 0,
