@@ -18,7 +18,9 @@ hold lapses only when its replica is gone, not while its request is alive. On on
 keeps this worker's lease (:mod:`gateway.state.leases`): the reserve call writes the request's
 intent with its hold, the settle call keeps the final record in Redis until the batch writing it
 lands, and every live worker sweeps the workers whose lease ran out, so a dead worker's holds end
-within seconds and none of its requests is left without a ledger record.
+within seconds and none of its requests is left without a ledger record. On SQLite the worker's
+process is its lease (:mod:`gateway.state.leases_sqlite`): the reserve writes the intent with the
+hold, and every live worker sweeps the holds of dead processes into ``interrupted`` records.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from gateway.state.spool import SettleSpool, Spool
 
 if TYPE_CHECKING:
     from gateway.state.leases import Leases
+    from gateway.state.leases_sqlite import SqliteLeases
     from gateway.state.sqlite_db import Checkpointer, GroupCommit
 
 log = logging.getLogger("gateway.state")
@@ -75,6 +78,7 @@ class State:
     notifier: Any = None                  # budget notifications (gateway.budgets.notify.Notifier), told of settles
     leases: Leases | None = None          # one Redis: this worker's lease, intents, the sweep of dead workers
     _next_lease: float = 0.0
+    process_leases: SqliteLeases | None = None   # SQLite: intents with the holds, the sweep of dead processes
 
     @property
     def records_with_settle(self) -> bool:
@@ -137,6 +141,8 @@ class State:
         the hold."""
         if self.leases is not None and intent is not None:
             admission = await self.leases.store.reserve(req, self.leases.intent(req, intent()))
+        elif self.process_leases is not None and intent is not None:
+            admission = await self.process_leases.store.reserve(req, intent)   # made only if it has limits
         else:
             admission = await self.budgets.reserve(req)
         if admission.admitted:
@@ -236,6 +242,9 @@ class State:
                     self._next_lease = time.monotonic() + self.leases.every_s
                     for record in await self.leases.keep():   # a dead worker's records, written by this one
                         self.record(record)
+                if self.process_leases is not None and time.monotonic() >= self._next_lease:
+                    self._next_lease = time.monotonic() + self.process_leases.every_s
+                    self.process_leases.keep()   # a dead process's holds, charged and recorded in one transaction
                 if self._holds and time.monotonic() >= self._next_renewal:
                     self._next_renewal = time.monotonic() + min(self.hold_ttl_s / 6, 60.0)
                     await self.renew_holds()
@@ -302,6 +311,7 @@ def open_sqlite_state(settings: Settings) -> State:
     """The embedded stores in ``<GATEWAY_DATA_DIR>/gateway.db``, one connection for all three."""
     from gateway.state.budgets_sqlite import SqliteBudgetStore
     from gateway.state.keys_sqlite import SqliteKeyStore
+    from gateway.state.leases_sqlite import SqliteLeases, process_id
     from gateway.state.ledger_sqlite import SqliteLedger
     from gateway.state.sqlite_db import Checkpointer, GroupCommit, connect
 
@@ -311,10 +321,12 @@ def open_sqlite_state(settings: Settings) -> State:
     group = GroupCommit(db)
     key_store = SqliteKeyStore(db, owns_connection=False)
     ledger = SqliteLedger(db, owns_connection=False, group=group)
-    budgets = SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False, group=group)
+    budgets = SqliteBudgetStore(db, settings.reservation_ttl_s, owns_connection=False, group=group,
+                                worker=process_id())
     return State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s), buffered(settings, ledger),
                  settings.redis_fail_mode == "allow", hold_ttl_s=settings.reservation_ttl_s, db=db, group=group,
-                 queue_record=ledger.queue, checkpointer=checkpointer)
+                 queue_record=ledger.queue, checkpointer=checkpointer,
+                 process_leases=SqliteLeases(budgets, ledger) if budgets.worker else None)
 
 
 def open_state(settings: Settings) -> State:

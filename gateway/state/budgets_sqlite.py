@@ -20,8 +20,10 @@ once that commit is done; a settle too, so it is on disk when it returns. Until 
 still counts, which can only refuse, never overspend. A request's id is its process's own: a
 repeated reserve or settle can only come from the same process, which remembers its live holds
 and settled ids (a hold's row is read back only for a repeat). Time is the wall
-clock (one machine, one clock for every worker), injectable for tests. A request with no budget
-and no rate limit has nothing to count and touches no row. SQLite errors (the lock not obtained
+clock (one machine, one clock for every worker), injectable for tests. With a ``worker`` (this
+process, :mod:`gateway.state.leases_sqlite`), a hold taken with an intent names its process and keeps
+the intent in its row (the same INSERT), and :meth:`take` turns a dead process's holds into spend.
+A request with no budget and no rate limit has nothing to count and touches no row. SQLite errors (the lock not obtained
 within the busy timeout, a full disk) raise :class:`StateUnavailable`, as an unreachable Redis does:
 the reserves of the failed transaction fail, its settles wait for the next one.
 """
@@ -36,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import orjson
 
@@ -72,6 +75,7 @@ class _Reserve:
     req: ReserveRequest
     plan: Plan
     future: asyncio.Future[Admission]
+    intent: bytes | None = None     # the intent's JSON (worker leases), written with the hold
     admission: Admission | None = None
 
 
@@ -89,7 +93,7 @@ class _Batch:
         self.minute = 0
         self.held: dict[tuple[str, str, str, str], list[float]] = {}   # bucket -> [added hold, expires at]
         self.window_rows: list[tuple[str, str, str, str, int, float]] = []
-        self.reservations: list[tuple[str, str, int, int, int, str, float]] = []
+        self.reservations: list[tuple[str, str, int, int, int, str, float, str, bytes | None]] = []
         self.holds: dict[tuple[str, str], int] = {}                # (team, id) -> hold taken in this batch
         self.spent: dict[tuple[str, str, str, str], list[float]] = {}  # bucket -> [cost, released, expires at]
         self.tokens: dict[tuple[str, str, str, int], int] = {}     # (rate window, minute) -> truth - estimates
@@ -157,7 +161,8 @@ class _Batch:
             c.executemany("INSERT OR REPLACE INTO rate_windows VALUES (?, ?, ?, ?, ?, ?)",
                           [(*k, self.minute, *self.rates[k]) for k in self.dirty_rates])
         if self.reservations:
-            c.executemany("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)", self.reservations)
+            c.executemany("INSERT INTO reservations (team, request_id, amount, minute, tokens, buckets, expires_at, "
+                          "worker, intent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self.reservations)
         self._used.clear()
         self._window.clear()
         self.rates.clear()
@@ -173,7 +178,7 @@ class SqliteBudgetStore:
     def __init__(self, conn: sqlite3.Connection, reservation_ttl_s: float = 900, *,
                  clock: Callable[[], float] = time.time, bucket_grace_s: int = 7 * 86_400,
                  partial_reservations: bool = True, group: GroupCommit | None = None,
-                 owns_connection: bool = True) -> None:
+                 owns_connection: bool = True, worker: str = "") -> None:
         if reservation_ttl_s <= 0:
             raise ValueError("reservation_ttl_s must be > 0")
         self.conn = conn
@@ -182,6 +187,7 @@ class SqliteBudgetStore:
         self.partial_reservations = partial_reservations
         self._clock = clock
         self._owns = owns_connection
+        self.worker = worker    # this process (leases_sqlite.process_id), written with each hold that has an intent
         self._next_sweep = 0.0
         self._next_lapse = 0.0
         self.lapse_every_s = min(1.0, reservation_ttl_s / 4)   # a lapsed hold counts at most this much longer
@@ -213,7 +219,7 @@ class SqliteBudgetStore:
         batch.flush_settles()
         for r in self._reserves:
             if not r.future.done():   # its caller gave up before the transaction: nothing to decide
-                r.admission = self._reserve(batch, r.req, r.plan)
+                r.admission = self._reserve(batch, r.req, r.plan, r.intent)
                 self._decided.append(r)
         batch.flush()
 
@@ -310,18 +316,22 @@ class SqliteBudgetStore:
         return orjson.dumps([k for k, w in zip(keys, p.windows_ms, strict=True) if not w]).decode()
 
     # ------------------------------------------------------------------ BudgetStore
-    async def reserve(self, req: ReserveRequest) -> Admission:
+    async def reserve(self, req: ReserveRequest, intent: Callable[[], dict[str, Any]] | None = None) -> Admission:
         """Decided in the next transaction on the connection (at the end of this event-loop iteration, with
-        every other reserve, settle and ledger record queued in it), committed when this returns."""
+        every other reserve, settle and ledger record queued in it), committed when this returns. With a
+        ``worker`` and an ``intent`` (the fields of the ledger record the request gets if its process dies,
+        made here, before the transaction, so as not to lengthen its lock), the hold's row names this process
+        and keeps the intent."""
         p = plan(req)
         if not p.budgets and not p.rates:
             return admission_from_reply(p, (1, req.cost_nano, *_NO_LIMITS))
-        r = _Reserve(req, p, asyncio.get_running_loop().create_future())
+        blob = orjson.dumps(intent()) if intent is not None and self.worker else None
+        r = _Reserve(req, p, asyncio.get_running_loop().create_future(), blob)
         self._reserves.append(r)
         self.group.touch(now=True)
         return await r.future
 
-    def _reserve(self, b: _Batch, req: ReserveRequest, p: Plan) -> Admission:
+    def _reserve(self, b: _Batch, req: ReserveRequest, p: Plan, intent: bytes | None = None) -> Admission:
         """One reserve of the batch, decided on the rows as the reserves before it in the batch left them."""
         c, now = b.c, b.now
         minute, retry_window = int(now // WINDOW_S), WINDOW_S - int(now) % WINDOW_S
@@ -362,7 +372,7 @@ class SqliteBudgetStore:
                 b.dirty_rates.add(k)
             # a plain INSERT: the id is this process's own, so no row of it can exist (a clash rolls back)
             b.reservations.append((team, rid, amount, minute, req.tokens, self._held(keys, p),
-                                   now + self.reservation_ttl_s))
+                                   now + self.reservation_ttl_s, self.worker if intent is not None else "", intent))
             b.holds[(team, rid)] = amount
             self._holds.add((team, rid))
         return decided_admission(req, p, d, used, counts, added)
@@ -422,6 +432,29 @@ class SqliteBudgetStore:
             for r in p.rates:
                 k = (home_of(team, r.scope), r.scope, r.owner, int(rec[1]))
                 b.tokens[k] = b.tokens.get(k, 0) + tokens - int(rec[2])
+
+    def owners(self) -> list[str]:
+        """The worker processes that hold reservations with an intent (a read, outside any transaction)."""
+        rows = self.conn.execute("SELECT DISTINCT worker FROM reservations WHERE worker != ''").fetchall()
+        return [str(w) for (w,) in rows]
+
+    def take(self, c: sqlite3.Connection, workers: Sequence[str]) -> list[tuple[str, int, bytes]]:
+        """In the open transaction ``c``: delete the holds of dead ``workers`` and charge each its whole
+        amount (the worst case its budgets admitted, never more): spent up and reserved down on its calendar
+        buckets; a sliding window keeps the hold as its cost. (hold id, amount, intent) of each: exactly once
+        even when two processes take at once, since only the transaction that deletes a row returns it."""
+        taken: list[tuple[str, int, bytes]] = []
+        for worker in workers:
+            rows = c.execute("DELETE FROM reservations WHERE worker = ? RETURNING team, request_id, amount, buckets, "
+                             "intent", (worker,)).fetchall()
+            for team, rid, amount, buckets, intent in rows:
+                self._holds.discard((team, rid))
+                if amount:
+                    c.executemany(f"UPDATE budget_buckets SET spent = spent + ?, reserved = MAX(0, reserved - ?) "
+                                  f"WHERE {_BUCKET}", [(int(amount), int(amount), *(k if len(k) == 4 else (team, *k)))
+                                                       for k in orjson.loads(buckets)])
+                taken.append((str(rid), int(amount), bytes(intent or b"")))
+        return taken
 
     async def renew(self, req: ReserveRequest) -> bool:
         p = plan(req)

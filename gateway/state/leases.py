@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from gateway.state.budgets import ReserveRequest, StateUnavailable, reserve_request_from_dict
 from gateway.state.budgets_redis import OPEN_KEY, PREFIX, SCRIPT_VERSION, RedisBudgetStore
-from gateway.state.ledger import SWEPT, LedgerRecord
+from gateway.state.ledger import SWEPT, LedgerRecord, interrupted_record
 
 log = logging.getLogger("gateway.state")
 SWEEP_LOCK_S = 30        # a sweeper that dies mid-sweep leaves the dead worker to the next one after this
@@ -52,14 +52,6 @@ def parse_entry(raw: bytes) -> tuple[str, str, int, bytes]:
         held, _, tail = tail.partition(b" ")
         return kind, worker.decode(), int(held), tail
     return kind, worker.decode(), 0, tail
-
-
-def interrupted_record(data: dict[str, Any], hold_id: str, held_nano: int) -> LedgerRecord:
-    """The ledger record of a request whose worker died: its intent, charged its whole hold, flagged."""
-    record = LedgerRecord.from_dict({**data, "input_tokens": 0, "output_tokens": 0})
-    record.status, record.cost_nano, record.estimated = "interrupted", held_nano, True
-    record.hold_id = SWEPT + hold_id
-    return record
 
 
 class Leases:

@@ -110,6 +110,14 @@ class LedgerRecord:
 SWEPT = "swept:"   # a hold_id prefix: the record was written for a dead worker by the sweep
 
 
+def interrupted_record(data: dict[str, Any], hold_id: str, held_nano: int) -> LedgerRecord:
+    """The ledger record of a request whose worker died: its intent, charged its whole hold, flagged."""
+    record = LedgerRecord.from_dict({**data, "input_tokens": 0, "output_tokens": 0})
+    record.status, record.cost_nano, record.estimated = "interrupted", held_nano, True
+    record.hold_id = SWEPT + hold_id
+    return record
+
+
 def claim_of(hold_id: str) -> tuple[str, str]:
     """(open entry, ``s`` for a record the sweep wrote for a dead worker or ``o`` for a worker's own)."""
     return (hold_id[len(SWEPT):], "s") if hold_id.startswith(SWEPT) else (hold_id, "o")

@@ -57,6 +57,10 @@ class SqliteLedger:
     def write(self, c: sqlite3.Connection) -> None:
         self._store(c, self._queued)
 
+    def store(self, c: sqlite3.Connection, records: Sequence[LedgerRecord]) -> None:
+        """Store ``records`` in the caller's open transaction ``c`` (a dead worker's, with the holds they end)."""
+        self._store(c, records)
+
     def committed(self) -> None:
         self._queued.clear()
 

@@ -41,7 +41,9 @@ class SchemaError(RuntimeError):
 
 # Each migration takes the schema from version n - 1 to n (index n - 1 here). Never edit a released
 # one: add the next. v1: keys, budgets, rate windows, the ledger and its per-day rollups.
-# v2: an index for a team's records in time order (``read``/``export`` with ``team``).
+# v2: an index for a team's records in time order (``read``/``export`` with ``team``). v3: the sliding
+# windows of spend-rate brakes. v4: a hold's owning worker process and its intent (worker leases,
+# :mod:`gateway.state.leases_sqlite`); holds of older rows have no owner and lapse with the TTL as before.
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE keys (
@@ -94,6 +96,10 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at REAL NOT NULL,           -- it leaves the window then
         PRIMARY KEY (team, scope, owner, request_id)
     ) WITHOUT ROWID;
+    """,
+    """
+    ALTER TABLE reservations ADD COLUMN worker TEXT NOT NULL DEFAULT '';  -- its process (leases_sqlite), '' none
+    ALTER TABLE reservations ADD COLUMN intent BLOB;  -- the ledger record's fields if its worker dies (JSON)
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
