@@ -169,6 +169,10 @@ class _SecondCache:
             self.second, self.text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return self.text
 
+    def stamp(self, created: float) -> str:
+        """``created`` as ``YYYY-MM-DDTHH:MM:SS.mmmZ`` (milliseconds truncated, as ``logging``'s ``msecs``)."""
+        return f"{self.utc(created)}.{int((created - int(created)) * 1000):03d}Z"
+
 
 class TextFormatter(logging.Formatter):
     """``<UTC time> <LEVEL> <logger>: <message>``."""
@@ -180,7 +184,7 @@ class TextFormatter(logging.Formatter):
         self.head_ms, self.head = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{self.clock.utc(record.created)}.{int(record.msecs):03d}Z {record.levelname} {record.name}: " \
+        line = f"{self.clock.stamp(record.created)} {record.levelname} {record.name}: " \
                f"{record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -204,7 +208,7 @@ class JsonFormatter(logging.Formatter):
         self.clock = _SecondCache()
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": f"{self.clock.utc(record.created)}.{int(record.msecs):03d}Z",
+        out: dict[str, Any] = {"ts": self.clock.stamp(record.created),
                                "level": record.levelname.lower(), "logger": record.name}
         if isinstance(record.msg, AccessMessage):
             out.update(access_fields(record.msg.record))
@@ -216,8 +220,7 @@ class JsonFormatter(logging.Formatter):
 
     def format_access(self, record: LedgerRecord, created: float) -> str:
         """What :meth:`format` makes of an access log record, without one."""
-        msecs = int((created - int(created)) * 1000)
-        out = {"ts": f"{self.clock.utc(created)}.{msecs:03d}Z", "level": "info", "logger": ACCESS_LOGGER}
+        out = {"ts": self.clock.stamp(created), "level": "info", "logger": ACCESS_LOGGER}
         out.update(access_fields(record))
         return orjson.dumps(out, default=str).decode()
 
