@@ -24,7 +24,7 @@ import logging
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -114,6 +114,13 @@ class Origin:
     host: str
     port: int
     base_path: str
+    key: int = field(init=False, repr=False, compare=False)   # the hash, made once (the pool looks it up per call)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", hash((self.scheme, self.host, self.port, self.base_path)))
+
+    def __hash__(self) -> int:
+        return self.key
 
     @classmethod
     def parse(cls, url: str) -> Origin:

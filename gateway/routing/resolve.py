@@ -30,9 +30,11 @@ ENDPOINT_CAPABILITY = {"chat": "chat", "completions": "completions", "embeddings
 TAGS_HEADER = "x-gateway-tags"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RouteInput:
-    """What routing may look at: who asks, for what, and the request itself."""
+    """What routing may look at: who asks, for what, and the request itself. A value: never changed once
+    made (not frozen, as :class:`Plan`, only because a frozen one costs about three times as much to make,
+    once or twice per request)."""
 
     team: str
     model: str
@@ -56,8 +58,11 @@ class HealthView:
 NO_HEALTH = HealthView()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Plan:
+    """The routing decision: candidates in order, the rule that chose them, the baseline for savings. A
+    value: never changed once made (:func:`dataclasses.replace` makes a changed copy)."""
+
     model: ModelSpec                     # the requested model, or the baseline model for a route-only name
     requested: str
     candidates: tuple[Deployment, ...]
