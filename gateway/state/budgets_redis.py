@@ -17,11 +17,15 @@ their RPM/TPM windows, when still in the same minute), and a
 crash in between leaves holds that expire with the reservation TTL. Each slot keeps its own
 reservation record and settled marker, so settle and renew are per slot and replay-safe. Names inside keys are
 percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
-On one Redis (not a cluster) the store can tie holds to a worker lease (``worker``): the reserve
-call also writes the request's intent into ``gw:v2:open`` and renews the worker's lease in
-``gw:v2:workers``, the settle call leaves the final ledger record there until the ledger batch
-that writes it removes it, and :mod:`gateway.state.leases` sweeps a dead worker's entries with
-:meth:`RedisBudgetStore.sweep`: all in the same script calls, no extra round trip per request.
+The store can tie holds to a worker lease (``worker``): the reserve call also writes the request's
+intent into ``gw:v2:open`` and renews the worker's lease in ``gw:v2:workers``, the settle call
+leaves the final ledger record there until the ledger batch that writes it removes it, and
+:mod:`gateway.state.leases` sweeps a dead worker's entries with :meth:`RedisBudgetStore.sweep`: all
+in the same script calls, no extra round trip per request. On a cluster the intent goes into the
+open hash of the slot of the reserve call that carries it (``<tag>:open``: the request's last call,
+the team's, with the final amount), named once per process in ``gw:v2:openidx``; the lease is
+renewed apart (:mod:`gateway.state.leases`); a settle with its record, and a sweep, first settle that
+slot (the decision), then the request's other slots.
 Redis and cluster errors surface as :class:`StateUnavailable`; the pipeline picks the
 fail mode. :meth:`RedisBudgetStore.aclose` closes the client it was given.
 """

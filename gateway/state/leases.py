@@ -1,4 +1,5 @@
-"""Worker leases on one Redis: a dead worker's holds end within seconds and its requests still reach the ledger.
+"""Worker leases on Redis (one server or a cluster): a dead worker's holds end within seconds, its requests
+still reach the ledger.
 
 Each worker holds a short lease (``GATEWAY_WORKER_LEASE_S``, 10 s by default) in ``gw:v2:workers``,
 renewed by every reserve call and by :meth:`Leases.keep` every third of the lease. The reserve call

@@ -6,12 +6,14 @@ UTC day the hash ``roll:{team:<team>}:<yyyymmdd>`` and per served model per day 
 short-lived ``dedup:{<tag>}:<batch>`` markers. Names in keys are percent-encoded. Each batch is
 applied by one Lua script that first checks its marker (a hash of the batch's records), so a batch
 is all-or-nothing and a retry after an ambiguous failure (the reply lost after the server applied
-it) is a no-op: nothing is lost or counted twice. With worker leases (one Redis), a record with a
+it) is a no-op: nothing is lost or counted twice. With worker leases on one Redis, a record with a
 ``hold_id`` is also waiting in ``gw:v2:open`` (:mod:`gateway.state.leases`): the same script checks
 that its entry is in the expected state (not swept for a worker's own record; swept, ``S``, for one
 the sweep writes for a dead worker, whose ``hold_id`` is ``swept:<hold>``) and retires it, so of
 the worker's batch and the sweeper's exactly one writes it; a record whose entry says otherwise is
-left out of the batch. On Redis Cluster, a script cannot span slots, so
+left out of the batch. On Redis Cluster the entry lives in its hold's slot (``hold_id``: ``<open
+hash> <request id>``), so such records are written in units per slot: claim, parts, finalize
+(:class:`RedisLedger`). On Redis Cluster, a script cannot span slots, so
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
 non-transactional pipeline per master; each part's outcome is reported on its own
 (:meth:`RedisLedger.append_parts`). ``totals`` sums the rollups when the range is whole UTC days
