@@ -365,7 +365,9 @@ class RedisBudgetStore:
         worker = worker or self.worker
         if (record or op == "sweep") and worker is not None and (tag is None or self._cluster):
             keys.append(open_key(tag or team_tag(req.team)) if self._cluster else OPEN_KEY)
-            args += [worker, record, *(["1"] if keep else [])]
+            args += [worker, record]
+            if keep:
+                args.append("1")
         return int(await self._run(keys, args))
 
     async def claim(self, hold_id: str, worker: str) -> int:
