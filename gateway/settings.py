@@ -93,7 +93,7 @@ class Settings:
     redis_fail_mode: str = "refuse"       # Redis unreachable: "refuse" requests, or "allow" and reconcile
     redis_timeout_s: float = 1.0
     reservation_ttl_s: float = 900.0      # a hold whose replica died expires after this
-    worker_lease_s: float = 10.0          # one Redis: a dead worker's open requests are swept after this (0: off)
+    worker_lease_s: float = 10.0          # Redis: a dead worker's open requests are swept after this (0: off)
     key_cache_ttl_s: float = 2.0          # revocation is seen everywhere within this
     policy_watch_s: float = 2.0           # poll the policy files this often and hot-reload them (0: off)
     metrics_key: str | None = None        # when set, GET /metrics needs "Authorization: Bearer <it>"

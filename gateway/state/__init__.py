@@ -14,11 +14,12 @@ in memory (ledger records and settles on local disk with ``GATEWAY_SPOOL_DIR``, 
 loses nothing either: the next process adopts and replays them) and is drained at shutdown; an
 empty spool file is removed then. ``State`` also keeps the holds of requests still
 running and renews those older than a third of the reservation TTL (a long stream), so a
-hold lapses only when its replica is gone, not while its request is alive. On one Redis it also
-keeps this worker's lease (:mod:`gateway.state.leases`): the reserve call writes the request's
-intent with its hold, the settle call keeps the final record in Redis until the batch writing it
-lands, and every live worker sweeps the workers whose lease ran out, so a dead worker's holds end
-within seconds and none of its requests is left without a ledger record. On SQLite the worker's
+hold lapses only when its replica is gone, not while its request is alive. On Redis (one
+server or a cluster) it also keeps this worker's lease (:mod:`gateway.state.leases`): the reserve call
+writes the request's intent with its hold (on a cluster, in the slot of that hold), the settle call
+keeps the final record in Redis until the batch writing it lands, and every live worker sweeps the
+workers whose lease ran out, so a dead worker's holds end within seconds and none of its requests is
+left without a ledger record. On SQLite the worker's
 process is its lease (:mod:`gateway.state.leases_sqlite`): the reserve writes the intent with the
 hold, and every live worker sweeps the holds of dead processes into ``interrupted`` records.
 """
@@ -76,7 +77,7 @@ class State:
     checkpointer: Checkpointer | None = None  # SQLite: WAL checkpoints in a thread, off the event loop
     _task: asyncio.Task[None] | None = None
     notifier: Any = None                  # budget notifications (gateway.budgets.notify.Notifier), told of settles
-    leases: Leases | None = None          # one Redis: this worker's lease, intents, the sweep of dead workers
+    leases: Leases | None = None          # Redis: this worker's lease, intents, the sweep of dead workers
     _next_lease: float = 0.0
     process_leases: SqliteLeases | None = None   # SQLite: intents with the holds, the sweep of dead processes
 
@@ -112,7 +113,7 @@ class State:
             # the record waits in Redis with the settle until its batch lands; queued after the settle, so the
             # batch cannot land first. Not settled now: the request was swept (taken for a dead worker's), and
             # its interrupted record is the one the ledger gets.
-            record.hold_id = req.request_id
+            record.hold_id = self.leases.hold_id(req)
             try:
                 settled = await self.settle(req, cost_nano, tokens, record)
             except BaseException:
@@ -254,6 +255,8 @@ class State:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
+            if self.leases is not None:
+                self.leases.start()   # a cluster: the lease's own thread
 
     async def ping(self) -> bool:
         return await self.budgets.ping()
@@ -261,6 +264,8 @@ class State:
     async def aclose(self) -> None:
         await cancel(self._task)
         self._task = None
+        if self.leases is not None:
+            self.leases.stop()
         with contextlib.suppress(Exception):
             await self.flush()
         if self.pending:
@@ -340,7 +345,7 @@ def open_state(settings: Settings) -> State:
                      hold_ttl_s=settings.reservation_ttl_s)
     from gateway.state.budgets_redis import OPEN_KEY, RedisBudgetStore
     from gateway.state.keys import RedisKeyStore
-    from gateway.state.leases import Leases, new_worker_id
+    from gateway.state.leases import Leases, cluster_renewer, new_worker_id
     from gateway.state.ledger import RedisLedger
     from gateway.state.resp import fast_client
 
@@ -350,9 +355,15 @@ def open_state(settings: Settings) -> State:
     # the budget script runs twice per request: on a single server, through the pipelining client
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
     budgets = RedisBudgetStore(fast or client, settings.reservation_ttl_s, worker=new_worker_id(),
-                               lease_s=0.0 if settings.redis_cluster else settings.worker_lease_s)
-    leases = Leases(budgets, client) if budgets.worker is not None else None
-    ledger = RedisLedger(client, stream_maxlen(settings), open_key=OPEN_KEY if leases is not None else None)
+                               lease_s=settings.worker_lease_s)
+    on = budgets.worker is not None
+    ledger = RedisLedger(client, stream_maxlen(settings), open_key=OPEN_KEY if on else None,
+                         writer=budgets.worker if on and settings.redis_cluster else None)
+    leases = None
+    if on and settings.redis_cluster:   # the lease has a thread of its own; a dead writer's units are rewritten
+        leases = Leases(budgets, client, ledger, cluster_renewer(budgets, settings.redis_url, settings.redis_timeout_s))
+    elif on:
+        leases = Leases(budgets, client)
     state = State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
                   buffered(settings, ledger, spool=open_spool(settings)),
                   fail_open, redis=client, hold_ttl_s=settings.reservation_ttl_s, settle_spool=settle_spool,

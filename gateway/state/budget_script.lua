@@ -10,11 +10,16 @@
 -- Rate window    rl:<scope>:<owner>                hash  w (minute number), r (requests), t (tokens)
 -- Reservation    res:<request_id>                  hash  c (amount held), m (minute), k (estimated tokens)
 -- Settled mark   done:<request_id>                 string, TTL = settled_ttl
--- Worker leases  gw:v2:workers                     zset  worker -> lease deadline (server ms)   (one Redis only)
--- Open requests  gw:v2:open                        hash  hold id -> 'I<worker> <held> <intent json>' (reserved),
+-- Worker leases  gw:v2:workers                     zset  worker -> lease deadline (server ms)
+-- Open requests  gw:v2:open (one Redis), <tag>:open (a cluster: one per hash tag, in the slot of the hold that
+--                carries the intent)               hash  hold id -> 'I<worker> <held> <intent json>' (reserved),
 --                                                  'R<worker> <record json>' (settled, record not yet in the ledger),
 --                                                  'S<worker> <record json>' (its worker died: swept, the sweep
---                                                  writes it), 'W<worker>' (written by the sweep: a tombstone)
+--                                                  writes it), 'W<worker>' (written by the sweep: a tombstone),
+--                                                  'B<writer> ...' (a cluster's ledger batch is writing it);
+--                                                  on a cluster, a request holding in several slots keeps
+--                                                  '\n<cost> <tokens> <intent json>' after an R or S record, so the
+--                                                  sweep can settle its other slots too
 local VERSION = 'v2'
 if ARGV[2] ~= VERSION then
   return redis.error_reply('ERR budget script is ' .. VERSION .. ', caller expects ' .. tostring(ARGV[2]))
@@ -67,7 +72,8 @@ if op == 'reserve' then
   local ttl_ms, partial_min, grace = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
   local nb, nr = tonumber(ARGV[9]), tonumber(ARGV[10])
   local rk, ra = 2 + 2 * nb, 10 + 5 * nb
-  -- with a worker lease (one Redis only): KEYS += open, workers; ARGV += worker, lease_ms, intent json
+  -- with a worker lease: KEYS += open[, workers]; ARGV += worker, lease_ms (0 on a cluster: no workers key, the
+  -- lease is renewed apart), intent json
   -- a repeated call for a live or settled request is a no-op that reports the current state
   local dup = redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1
   local amount = cost
@@ -140,7 +146,9 @@ if op == 'reserve' then
     if ARGV[ext + 3] and ARGV[ext + 3] ~= '' then
       local kx = rk + nr
       redis.call('HSET', KEYS[kx + 1], rid, 'I' .. ARGV[ext + 1] .. ' ' .. s(amount) .. ' ' .. ARGV[ext + 3])
-      redis.call('ZADD', KEYS[kx + 2], s(now_ms + tonumber(ARGV[ext + 2])), ARGV[ext + 1])
+      if tonumber(ARGV[ext + 2]) > 0 then
+        redis.call('ZADD', KEYS[kx + 2], s(now_ms + tonumber(ARGV[ext + 2])), ARGV[ext + 1])
+      end
     end
   end
 
@@ -160,7 +168,7 @@ if op == 'reserve' then
 elseif op == 'settle' or op == 'release' or op == 'sweep' then
   -- KEYS: res, done, (bud, bres) * nb, rl * nr, [open]
   -- ARGV: op, ver, rid, actual_cost, actual_tokens, settled_ttl_s, grace_s, nb, nr, (floor, keep_s, window_ms) * nb,
-  --       [worker, record json]
+  --       [worker, record json[, '1': keep the intent after the record (a cluster's request in several slots)]]
   -- release (a cluster's compensation: another slot refused the request): settle at 0 and also give back
   -- the request this slot's reserve counted in its rate windows (if still in that minute)
   -- settle with a record (a worker lease): the record waits in open as 'R' until the ledger batch writing it
@@ -172,9 +180,15 @@ elseif op == 'settle' or op == 'release' or op == 'sweep' then
   local rid, actual, atok = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
   local grace, nb, nr = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
   local ko, ao = 3 + 2 * nb + nr, 10 + 3 * nb                   -- open key, worker and record args
-  if op == 'sweep' then
+  local tail = ''
+  if op == 'sweep' or ARGV[ao + 2] == '1' then
     local e = redis.call('HGET', KEYS[ko], rid)
-    if not e or string.sub(e, 1, 1) ~= 'I' then return 0 end
+    if op == 'sweep' and (not e or string.sub(e, 1, 1) ~= 'I') then return 0 end
+    if ARGV[ao + 2] == '1' and e and string.sub(e, 1, 1) == 'I' then
+      local p = string.find(e, ' ', 1, true)
+      p = p and string.find(e, ' ', p + 1, true)
+      if p then tail = '\n' .. s(actual) .. ' ' .. s(atok) .. ' ' .. string.sub(e, p + 1) end
+    end
   end
   if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[6]) then  -- settled already
     if op == 'sweep' then redis.call('HDEL', KEYS[ko], rid) return 2 end
@@ -225,7 +239,7 @@ elseif op == 'settle' or op == 'release' or op == 'sweep' then
     end
   end
   if ARGV[ao + 1] and ARGV[ao + 1] ~= '' then
-    redis.call('HSET', KEYS[ko], rid, (op == 'sweep' and 'S' or 'R') .. ARGV[ao] .. ' ' .. ARGV[ao + 1])
+    redis.call('HSET', KEYS[ko], rid, (op == 'sweep' and 'S' or 'R') .. ARGV[ao] .. ' ' .. ARGV[ao + 1] .. tail)
   end
   return 1
 

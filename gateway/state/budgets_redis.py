@@ -17,11 +17,15 @@ their RPM/TPM windows, when still in the same minute), and a
 crash in between leaves holds that expire with the reservation TTL. Each slot keeps its own
 reservation record and settled marker, so settle and renew are per slot and replay-safe. Names inside keys are
 percent-encoded so ``:``, ``{`` and ``}`` in a team or key id cannot break the layout.
-On one Redis (not a cluster) the store can tie holds to a worker lease (``worker``): the reserve
-call also writes the request's intent into ``gw:v2:open`` and renews the worker's lease in
-``gw:v2:workers``, the settle call leaves the final ledger record there until the ledger batch
-that writes it removes it, and :mod:`gateway.state.leases` sweeps a dead worker's entries with
-:meth:`RedisBudgetStore.sweep`: all in the same script calls, no extra round trip per request.
+The store can tie holds to a worker lease (``worker``): the reserve call also writes the request's
+intent into ``gw:v2:open`` and renews the worker's lease in ``gw:v2:workers``, the settle call
+leaves the final ledger record there until the ledger batch that writes it removes it, and
+:mod:`gateway.state.leases` sweeps a dead worker's entries with :meth:`RedisBudgetStore.sweep`: all
+in the same script calls, no extra round trip per request. On a cluster the intent goes into the
+open hash of the slot of the reserve call that carries it (``<tag>:open``: the request's last call,
+the team's, with the final amount), named once per process in ``gw:v2:openidx``; the lease is
+renewed apart (:mod:`gateway.state.leases`); a settle with its record, and a sweep, first settle that
+slot (the decision), then the request's other slots.
 Redis and cluster errors surface as :class:`StateUnavailable`; the pipeline picks the
 fail mode. :meth:`RedisBudgetStore.aclose` closes the client it was given.
 """
@@ -57,6 +61,7 @@ from gateway.state.budgets import (
     period_id,
     plan,
 )
+from gateway.state.ledger import hold_ref, open_ref
 from gateway.state.resp import FastRedis
 
 SCRIPT_VERSION = "v2"
@@ -66,6 +71,8 @@ PREFIX = "gw"
 KEYS_REMEMBERED = 10_000   # (team, scope, owner, period) key names a store keeps made
 OPEN_KEY = f"{PREFIX}:{SCRIPT_VERSION}:open"          # hold id -> intent or unwritten record (worker leases)
 WORKERS_KEY = f"{PREFIX}:{SCRIPT_VERSION}:workers"    # worker -> lease deadline, server ms
+OPEN_INDEX = f"{PREFIX}:{SCRIPT_VERSION}:openidx"     # a cluster: the set of per-tag open hashes (``<tag>:open``)
+OPENS_REMEMBERED = 100_000                            # open hashes a store remembers having registered
 _ERRORS = (RedisError, RedisClusterException, OSError)
 
 
@@ -97,6 +104,11 @@ def bucket_keys(team: str, rule: BudgetRule, pid: str) -> tuple[str, str]:
 
 def rate_key(team: str, scope: str, owner: str) -> str:
     return f"{home_tag(team, scope, owner)}:rl:{_q(scope)}:{_q(owner)}"
+
+
+def open_key(tag: str) -> str:
+    """A cluster's open hash of the requests whose intent lives under ``tag`` (a slot's hash tag)."""
+    return f"{tag}:open"
 
 
 def request_keys(team: str, request_id: str, tag: str | None = None) -> tuple[str, str]:
@@ -136,9 +148,15 @@ class RedisBudgetStore:
         self._cluster = isinstance(client, RedisCluster)
         self._loaded = False
         self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
-        # a worker lease: intents and unwritten records in OPEN_KEY (one Redis only: they span slots)
-        self.worker = worker if worker and lease_s > 0 and not self._cluster else None
+        # a worker lease: intents and unwritten records in OPEN_KEY (one Redis) or, on a cluster, in the open
+        # hash of the slot whose reserve call takes the intent (the request's last part: its team's, mostly)
+        self.worker = worker if worker and lease_s > 0 else None
         self.lease_ms = max(1, round(lease_s * 1000))
+        self._opens: set[str] = set()   # a cluster: the open hashes this store registered in OPEN_INDEX
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
 
     async def _run(self, keys: list[str], args: list[Any]) -> Any:
         r: Any = self._r  # redis-py's stubs type commands for sync and async clients alike
@@ -203,18 +221,21 @@ class RedisBudgetStore:
         worker died needs) is written in the same script call."""
         p = plan(req)
         parts = self._split(req, p)
+        if self._cluster and intent and self.worker is not None:
+            await self._register(open_key(parts[-1][0] if parts else team_tag(req.team)))
         if parts is None:
             return await self._reserve_at(None, req, p, intent)
         # Two phases across slots: each part holds atomically in its own slot, passing on the (possibly
         # capped) amount; a refusal or an error releases the parts already held (compensation). A crash
         # between the phases leaves holds that expire with the reservation TTL, like any dead replica's.
+        # With a worker lease the last part's call writes the intent (with the final amount), in its slot.
         held: list[tuple[str, ReserveRequest]] = []
         admissions: list[Admission] = []
         amount = req.cost_nano
         try:
-            for tag, sub in parts:
+            for i, (tag, sub) in enumerate(parts):
                 sub = replace(sub, cost_nano=min(sub.cost_nano, amount))
-                adm = await self._reserve_at(tag, sub, plan(sub))
+                adm = await self._reserve_at(tag, sub, plan(sub), intent if i == len(parts) - 1 else b"")
                 if not adm.admitted:
                     await self._release(held)
                     return adm
@@ -226,6 +247,31 @@ class RedisBudgetStore:
             await self._release(held)
             raise
         return merge_admissions(admissions, amount)
+
+    async def _register(self, key: str) -> None:
+        """A cluster: name ``key`` in :data:`OPEN_INDEX` (once per process and key, before its first intent), so
+        the sweep finds every open hash."""
+        if key in self._opens:
+            return
+        try:
+            r: Any = self._r   # a cluster client (FastRedis is for one server)
+            await r.sadd(OPEN_INDEX, key)
+        except _ERRORS as exc:
+            raise StateUnavailable(f"budget store unavailable: {type(exc).__name__}: {exc}") from exc
+        if len(self._opens) >= OPENS_REMEMBERED:
+            self._opens.clear()
+        self._opens.add(key)
+
+    def hold_id(self, req: ReserveRequest) -> str:
+        """The ``hold_id`` of ``req``'s ledger record: its open entry (on a cluster, ``<open hash> <request id>``)."""
+        if not self._cluster:
+            return req.request_id
+        parts = self._split(req, plan(req))
+        return hold_ref(open_key(parts[-1][0] if parts else team_tag(req.team)), req.request_id)
+
+    def open_of(self, hold_id: str) -> tuple[str, str]:
+        """(open hash, field) of a record's ``hold_id`` (without the ``swept:`` prefix)."""
+        return open_ref(hold_id) if self._cluster else (OPEN_KEY, hold_id)
 
     async def _release(self, held: Sequence[tuple[str, ReserveRequest]]) -> None:
         """Compensation: give back the holds of a request refused in another slot (best effort: a hold
@@ -246,8 +292,12 @@ class RedisBudgetStore:
         for rate in p.rates:
             args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
         if intent and self.worker is not None:
-            keys += [OPEN_KEY, WORKERS_KEY]
-            args += [self.worker, self.lease_ms, intent]
+            if self._cluster:   # the lease is renewed apart (its key is in another slot)
+                keys.append(open_key(tag or team_tag(req.team)))
+                args += [self.worker, 0, intent]
+            else:
+                keys += [OPEN_KEY, WORKERS_KEY]
+                args += [self.worker, self.lease_ms, intent]
         reply = await self._run(keys, args)
         return admission_from_reply(p, [int(x) for x in reply])
 
@@ -266,21 +316,46 @@ class RedisBudgetStore:
         parts = self._split(req, p)
         if parts is None:
             return await self._settle_at(None, req, p, actual_cost_nano, actual_tokens, record) == 1
+        if record and self.worker is not None:
+            # a worker lease: the slot with the intent first, atomically against a sweep of this request (which
+            # then settles every slot at the hold); the intent stays after the record, for the other slots
+            tag, sub = parts[-1]
+            if await self._settle_at(tag, sub, plan(sub), actual_cost_nano, actual_tokens, record, keep=True) != 1:
+                return False
+            await self.settle_rest(req, actual_cost_nano, actual_tokens)
+            return True
         # every slot settles once (its own settled marker): a replay after a partial failure is exact
         done = [await self._settle_at(tag, sub, plan(sub), actual_cost_nano, actual_tokens) for tag, sub in parts]
         return any(d == 1 for d in done)
 
+    async def settle_rest(self, req: ReserveRequest, actual_cost_nano: int, actual_tokens: int) -> None:
+        """A cluster: settle the slots of ``req`` other than the one with its intent (each once; a replay is a
+        no-op)."""
+        parts = self._split(req, plan(req)) or []
+        for tag, sub in parts[:-1]:
+            await self._settle_at(tag, sub, plan(sub), actual_cost_nano, actual_tokens)
+
     async def sweep(self, req: ReserveRequest, held_nano: int, worker: str, record: bytes) -> int:
         """Settle a dead worker's open request at its hold and keep ``record`` (its interrupted record) in
-        :data:`OPEN_KEY` until a batch writes it: 1 swept now, 2 settled already (entry dropped), 0 the entry
-        is no intent (any more)."""
-        return await self._settle_at(None, req, plan(req), held_nano, 0, record, worker, "sweep")
+        its open hash until a batch writes it: 1 swept now, 2 settled already (entry dropped), 0 the entry
+        is no intent (any more). On a cluster, the slot with the intent decides; then every other slot of the
+        request is settled at the hold too (and again by a later sweep if this one dies first: see
+        :mod:`gateway.state.leases`)."""
+        parts = self._split(req, plan(req))
+        if parts is None:
+            return await self._settle_at(None, req, plan(req), held_nano, 0, record, worker, "sweep")
+        tag, sub = parts[-1]
+        swept = await self._settle_at(tag, sub, plan(sub), held_nano, 0, record, worker, "sweep", keep=True)
+        if swept == 1:
+            await self.settle_rest(req, held_nano, 0)
+        return swept
 
     async def _settle_at(self, tag: str | None, req: ReserveRequest, p: Plan, actual_cost_nano: int,
                          actual_tokens: int, record: bytes = b"", worker: str | None = None,
-                         op: str = "settle") -> int:
+                         op: str = "settle", keep: bool = False) -> int:
         """``op`` ``release``: settle at 0 and give back the request counted in the rate windows too; ``sweep``:
-        see :meth:`sweep`. ``record``: see :meth:`settle`."""
+        see :meth:`sweep`. ``record``: see :meth:`settle`; ``keep``: the intent stays after it (a cluster's
+        request in several slots)."""
         keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p)]
         args: list[str | int | bytes] = [
             op, SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
@@ -288,14 +363,17 @@ class RedisBudgetStore:
         for i in range(len(p.budgets)):
             args += [*p.arg_pair(i, self.bucket_grace_s), p.windows_ms[i]]
         worker = worker or self.worker
-        if (record or op == "sweep") and worker is not None and tag is None:
-            keys.append(OPEN_KEY)
+        if (record or op == "sweep") and worker is not None and (tag is None or self._cluster):
+            keys.append(open_key(tag or team_tag(req.team)) if self._cluster else OPEN_KEY)
             args += [worker, record]
+            if keep:
+                args.append("1")
         return int(await self._run(keys, args))
 
     async def claim(self, hold_id: str, worker: str) -> int:
         """Take over a dead worker's settled request's unwritten record (``R`` -> ``S``): 1 if taken now."""
-        return int(await self._run([OPEN_KEY], ["claim", SCRIPT_VERSION, hold_id, worker]))
+        key, field = self.open_of(hold_id)
+        return int(await self._run([key], ["claim", SCRIPT_VERSION, field, worker]))
 
     async def lease(self) -> list[str]:
         """Renew this worker's lease; the workers whose lease ran out."""
@@ -354,6 +432,6 @@ class RedisBudgetStore:
         await self._r.aclose()
 
 
-__all__ = ["OPEN_KEY", "PREFIX", "WORKERS_KEY",
+__all__ = ["OPEN_INDEX", "OPEN_KEY", "PREFIX", "WORKERS_KEY", "open_key",
            "SCRIPT", "SCRIPT_SHA", "SCRIPT_VERSION", "RedisBudgetStore", "bucket_keys", "rate_key",
            "home_tag", "request_keys", "team_tag"]

@@ -1,4 +1,5 @@
-"""Worker leases on one Redis: a dead worker's holds end within seconds and its requests still reach the ledger.
+"""Worker leases on Redis (one server or a cluster): a dead worker's holds end within seconds, its requests
+still reach the ledger.
 
 Each worker holds a short lease (``GATEWAY_WORKER_LEASE_S``, 10 s by default) in ``gw:v2:workers``,
 renewed by every reserve call and by :meth:`Leases.keep` every third of the lease. The reserve call
@@ -16,24 +17,54 @@ worker's own (a worker that was only stalled) check the same entry atomically, s
 written once; a swept record leaves a tombstone for a day (so a dead worker's spool, adopted by a
 later process, cannot write it again either); the worker is forgotten once nothing of it is left,
 unless it renewed its lease meanwhile.
+
+On Redis Cluster the same guarantees hold, with the layout a cluster allows (a script sees one slot):
+
+- an intent lives in the slot of the hold its reserve call takes: the open hash ``<tag>:open`` of that call's
+  hash tag (the team's; for a request that also holds end-user, tag or session budgets, reserved slot by
+  slot, the last call's, which has the final amount). Each process names an open hash in ``gw:v2:openidx``
+  once, before its first intent there, so the sweep finds them all (bounded: :data:`MAX_OPEN_KEYS` hashes,
+  :data:`MAX_SCAN` entries per sweep).
+- a settle with a record settles that slot first, atomically against a sweep; a request holding several
+  slots keeps its intent (and its cost) after its ``R`` record or its ``S`` interrupted record, and the sweep
+  settles its other slots from there (each slot once, by its settled marker), so a worker or a sweeper
+  dying half-way leaves nothing held.
+- the lease key lives in a slot of its own, so reserves cannot renew it: a thread of each worker
+  (:class:`LeaseRenewer`, its own connection) renews it every third of the lease, whatever the event loop
+  is doing; only a dead (or cut off) process loses its lease.
+- the ledger writes a record's open entry's slot in units (claim, parts, finalize: see
+  :class:`~gateway.state.ledger.RedisLedger`); a dead writer's claimed units are written again, the
+  same, by the sweep (:meth:`~gateway.state.ledger.RedisLedger.recover`), so no part is written twice.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
 
 from gateway.state.budgets import ReserveRequest, StateUnavailable, reserve_request_from_dict
-from gateway.state.budgets_redis import OPEN_KEY, PREFIX, SCRIPT_VERSION, RedisBudgetStore
-from gateway.state.ledger import SWEPT, LedgerRecord, interrupted_record
+from gateway.state.budgets_redis import (
+    OPEN_INDEX,
+    OPEN_KEY,
+    PREFIX,
+    SCRIPT,
+    SCRIPT_SHA,
+    SCRIPT_VERSION,
+    WORKERS_KEY,
+    RedisBudgetStore,
+)
+from gateway.state.ledger import SWEPT, LedgerRecord, RedisLedger, hold_ref, interrupted_record
 
 log = logging.getLogger("gateway.state")
 SWEEP_LOCK_S = 30        # a sweeper that dies mid-sweep leaves the dead worker to the next one after this
 MAX_SCAN = 1_000_000     # open entries read per sweep, at most
+MAX_OPEN_KEYS = 100_000  # a cluster's open hashes read per sweep, at most
 TOMBSTONE_S = 86_400     # a record the sweep wrote stays marked this long (a dead worker's spool adopted late)
 _ERRORS = (StateUnavailable, RedisError, OSError)
 
@@ -44,8 +75,8 @@ def new_worker_id() -> str:
 
 
 def parse_entry(raw: bytes) -> tuple[str, str, int, bytes]:
-    """(kind ``I``/``R``/``S``/``W``, worker, held nano-USD (intents only, else 0), JSON (a tombstone: its
-    server time, unix s)) of a ``gw:v2:open`` value."""
+    """(kind ``I``/``R``/``S``/``W``/``B``, worker (``B``: the batch's writer), held nano-USD (intents only,
+    else 0), JSON (a tombstone: its server time, unix s; ``B``: see :func:`parse_claimed`)) of an open entry."""
     kind, rest = raw[:1].decode(), raw[1:]
     worker, _, tail = rest.partition(b" ")
     if kind == "I":
@@ -54,16 +85,112 @@ def parse_entry(raw: bytes) -> tuple[str, str, int, bytes]:
     return kind, worker.decode(), 0, tail
 
 
-class Leases:
-    """This worker's lease and the sweep of dead workers' open requests (one Redis, not a cluster)."""
+def split_record(tail: bytes) -> tuple[bytes, tuple[int, int, dict[str, Any]] | None]:
+    """An ``R``/``S`` entry's record JSON and, on a cluster for a request holding several slots, (its cost, its
+    tokens, its intent) to settle its other slots with (JSON has no raw newline)."""
+    record, _, rest = tail.partition(b"\n")
+    if not rest:
+        return record, None
+    cost, tokens, intent = rest.split(b" ", 2)
+    return record, (int(cost), int(tokens), orjson.loads(intent))
 
-    def __init__(self, store: RedisBudgetStore, redis: Any) -> None:
+
+def parse_claimed(tail: bytes) -> tuple[str, int, int, bytes]:
+    """(batch, index, count, payload) of a ``B`` entry's tail (a cluster's ledger unit in progress)."""
+    batch, index, count, _owner, payload = tail.split(b" ", 4)
+    return batch.decode(), int(index), int(count), payload
+
+
+class LeaseRenewer:
+    """Renews a worker's lease from a thread of its own (Redis Cluster, where reserves cannot): every
+    ``every_s``, with ``renew`` (a call on a connection of the thread's own), so a busy or blocked event loop
+    never lets the lease of a live process run out."""
+
+    def __init__(self, renew: Callable[[], object], every_s: float, close: Callable[[], object] | None = None) -> None:
+        self.renew = renew
+        self.every_s = every_s
+        self.close = close
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gateway-lease", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.renew()
+            except Exception as exc:   # Redis away: the next beat tries again
+                log.warning("worker lease not renewed: %r", exc)
+            if self._stop.wait(self.every_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        if self.close is not None:
+            try:
+                self.close()
+            except Exception as exc:
+                log.debug("lease connection not closed: %r", exc)
+
+
+def cluster_renewer(store: RedisBudgetStore, url: str, timeout_s: float) -> LeaseRenewer:
+    """The lease thread of ``store``'s worker on the cluster at ``url`` (its own synchronous client, made on its
+    first beat)."""
+    from redis.cluster import RedisCluster as SyncCluster
+    from redis.exceptions import NoScriptError
+
+    assert store.worker is not None
+    clients: list[Any] = []
+    args = ("lease", SCRIPT_VERSION, store.worker, store.lease_ms)
+
+    def renew() -> object:
+        if not clients:
+            clients.append(SyncCluster.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s))
+        try:
+            return clients[0].evalsha(SCRIPT_SHA, 1, WORKERS_KEY, *args)
+        except NoScriptError:
+            return clients[0].eval(SCRIPT, 1, WORKERS_KEY, *args)
+
+    def close() -> None:
+        for client in clients:
+            client.close()
+
+    return LeaseRenewer(renew, store.lease_ms / 3000, close)
+
+
+class Leases:
+    """This worker's lease and the sweep of dead workers' open requests (one Redis, or a cluster with
+    ``ledger``, its :class:`RedisLedger`, and ``renewer``, the lease's thread)."""
+
+    def __init__(self, store: RedisBudgetStore, redis: Any, ledger: RedisLedger | None = None,
+                 renewer: LeaseRenewer | None = None) -> None:
         assert store.worker is not None
         self.store = store
         self.redis = redis            # the general client: the sweep lock and HSCAN
         self.worker = store.worker
         self.every_s = store.lease_ms / 3000
         self.swept = 0                # intents this worker turned into interrupted records
+        self.ledger = ledger          # a cluster: writes again the units a dead writer claimed
+        self.renewer = renewer
+        self.recovered = 0            # records of such units
+
+    def start(self) -> None:
+        if self.renewer is not None:
+            self.renewer.start()
+
+    def stop(self) -> None:
+        if self.renewer is not None:
+            self.renewer.stop()
+
+    def hold_id(self, req: ReserveRequest) -> str:
+        """The ``hold_id`` of ``req``'s ledger record (its open entry)."""
+        return self.store.hold_id(req)
 
     @staticmethod
     def intent(req: ReserveRequest, record: dict[str, Any]) -> bytes:
@@ -86,16 +213,30 @@ class Leases:
                 log.warning("sweep of dead worker %s failed, retried later: %r", worker, exc)
         return records
 
+    async def _open_keys(self) -> list[str]:
+        """The open hashes: :data:`OPEN_KEY`, or on a cluster the ones named in :data:`OPEN_INDEX`."""
+        if not self.store.cluster:
+            return [OPEN_KEY]
+        keys: list[str] = []
+        async for key in self.redis.sscan_iter(OPEN_INDEX, count=1000):
+            keys.append(key.decode() if isinstance(key, bytes) else str(key))
+            if len(keys) >= MAX_OPEN_KEYS:
+                break
+        return keys
+
     async def _entries(self, worker: str) -> list[tuple[str, bytes]]:
-        """The open entries of ``worker``: (hold id, value)."""
+        """The open entries of ``worker``: (hold id, value); a hold id is a record's ``hold_id`` (on a cluster,
+        its open hash and field)."""
         out: list[tuple[str, bytes]] = []
         seen = 0
-        async for field, value in self.redis.hscan_iter(OPEN_KEY, count=1000):
-            seen += 1
-            if seen > MAX_SCAN:
-                break
-            if parse_entry(value)[1] == worker:
-                out.append((field.decode() if isinstance(field, bytes) else str(field), value))
+        for key in await self._open_keys():
+            async for field, value in self.redis.hscan_iter(key, count=1000):
+                seen += 1
+                if seen > MAX_SCAN:
+                    return out
+                if parse_entry(value)[1] == worker:
+                    name = field.decode() if isinstance(field, bytes) else str(field)
+                    out.append((hold_ref(key, name) if self.store.cluster else name, value))
         return out
 
     async def sweep(self, worker: str) -> list[LedgerRecord]:
@@ -109,8 +250,8 @@ class Leases:
             now = int((await self.redis.time())[0])
             written = {hold_id: int(parse_entry(value)[3] or 0) for hold_id, value in entries}
             old = [hold_id for hold_id, at in written.items() if at <= now - TOMBSTONE_S]
-            if old:
-                await self.redis.hdel(OPEN_KEY, *old)
+            for hold_id in old:
+                await self.redis.hdel(*self.store.open_of(hold_id))
             if len(old) == len(written):                   # none left: forget the worker
                 await self.store.retire(worker)
             else:                                          # not taken for dead again until the next one is due
@@ -118,8 +259,15 @@ class Leases:
                                       + TOMBSTONE_S + 1)
             return []
         records: list[LedgerRecord] = []
+        units: dict[str, dict[int, bytes]] = {}   # a cluster: units this (dead) writer claimed, by batch
+        counts: dict[str, int] = {}
         for hold_id, value in entries:
             kind, _, held, raw = parse_entry(value)
+            if kind in ("S", "R"):
+                raw, rest = split_record(raw)
+                if rest is not None:   # a cluster: the request's other slots, settled (once) at the same cost
+                    cost, tokens, data = rest
+                    await self.store.settle_rest(reserve_request_from_dict(data["q"]), cost, tokens)
             if kind == "S":          # swept or taken over before (by a sweeper since gone): still to write
                 record = LedgerRecord.from_json(raw)
                 record.hold_id = SWEPT + hold_id
@@ -129,6 +277,10 @@ class Leases:
                     record = LedgerRecord.from_json(raw)
                     record.hold_id = SWEPT + hold_id
                     records.append(record)
+            elif kind == "B":        # a unit its ledger batch claimed: written again, the same, below
+                batch, index, count, payload = parse_claimed(raw)
+                units.setdefault(batch, {})[index] = payload
+                counts[batch] = count
             elif kind == "I":
                 data = orjson.loads(raw)
                 req = reserve_request_from_dict(data["q"])
@@ -136,13 +288,19 @@ class Leases:
                 if await self.store.sweep(req, held, worker, record.to_json()) == 1:
                     self.swept += 1
                     records.append(record)
+        recovered = 0
+        for batch, payloads in units.items():
+            if self.ledger is not None and len(payloads) == counts[batch]:   # (a unit is claimed all at once)
+                recovered += await self.ledger.recover([payloads[i] for i in range(counts[batch])])
+        self.recovered += recovered
         log.warning("worker %s died: %d of its requests recorded as interrupted, %d records written for it",
-                    worker, sum(r.status == "interrupted" for r in records), len(records))
+                    worker, sum(r.status == "interrupted" for r in records), len(records) + recovered)
         return records
 
     async def close(self) -> None:
         """A clean shutdown: forget this worker when nothing of it is left open (else its lease lapses and a
         live worker sweeps what is)."""
+        self.stop()
         try:
             if not [v for _, v in await self._entries(self.worker) if v[:1] != b"W"]:
                 await self.store.retire(self.worker, force=True)

@@ -6,12 +6,14 @@ UTC day the hash ``roll:{team:<team>}:<yyyymmdd>`` and per served model per day 
 short-lived ``dedup:{<tag>}:<batch>`` markers. Names in keys are percent-encoded. Each batch is
 applied by one Lua script that first checks its marker (a hash of the batch's records), so a batch
 is all-or-nothing and a retry after an ambiguous failure (the reply lost after the server applied
-it) is a no-op: nothing is lost or counted twice. With worker leases (one Redis), a record with a
+it) is a no-op: nothing is lost or counted twice. With worker leases on one Redis, a record with a
 ``hold_id`` is also waiting in ``gw:v2:open`` (:mod:`gateway.state.leases`): the same script checks
 that its entry is in the expected state (not swept for a worker's own record; swept, ``S``, for one
 the sweep writes for a dead worker, whose ``hold_id`` is ``swept:<hold>``) and retires it, so of
 the worker's batch and the sweeper's exactly one writes it; a record whose entry says otherwise is
-left out of the batch. On Redis Cluster, a script cannot span slots, so
+left out of the batch. On Redis Cluster the entry lives in its hold's slot (``hold_id``: ``<open
+hash> <request id>``), so such records are written in units per slot: claim, parts, finalize
+(:class:`RedisLedger`). On Redis Cluster, a script cannot span slots, so
 the batch is split per hash slot, each part atomic and idempotent with its own marker, sent in one
 non-transactional pipeline per master; each part's outcome is reported on its own
 (:meth:`RedisLedger.append_parts`). ``totals`` sums the rollups when the range is whole UTC days
@@ -121,6 +123,17 @@ def interrupted_record(data: dict[str, Any], hold_id: str, held_nano: int) -> Le
 def claim_of(hold_id: str) -> tuple[str, str]:
     """(open entry, ``s`` for a record the sweep wrote for a dead worker or ``o`` for a worker's own)."""
     return (hold_id[len(SWEPT):], "s") if hold_id.startswith(SWEPT) else (hold_id, "o")
+
+
+def hold_ref(key: str, field: str) -> str:
+    """A cluster's open entry as a record's ``hold_id``: its open hash (a key has no space) and field."""
+    return f"{key} {field}"
+
+
+def open_ref(entry: str) -> tuple[str, str]:
+    """(open hash, field) of a cluster's open entry (:func:`hold_ref`)."""
+    key, _, name = entry.partition(" ")
+    return key, name
 
 
 def day_of(ts: float, fmt: str = "%Y%m%d") -> str:
@@ -327,19 +340,90 @@ return 1
 """
 
 
+# A cluster's claim of the open entries of one slot for a ledger batch (its records with a ``hold_id`` there):
+# KEYS[1] = the batch's finalized marker, then the slot's open hashes; ARGV: batch, writer, n, then per record
+# (index into KEYS, field, 'o' own | 's' swept, its payload). 0 when the batch was finalized before; the
+# 0-based indexes of the records whose entries are in another state (nothing changed then; as _APPLY's 'c'
+# op, plus: an entry another batch claims is gone, one this batch claimed is fine); else 1, each entry
+# now 'B<writer> <batch> <index> <n> <owner> <payload>', so the batch can be written again, the same, by a live
+# worker if its writer dies.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local batch, writer, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local gone = {}
+for i = 0, n - 1 do
+  local a = 4 + 4 * i
+  local e = redis.call('HGET', KEYS[tonumber(ARGV[a])], ARGV[a + 1])
+  local k = e and string.sub(e, 1, 1)
+  if k == 'B' then
+    if string.match(e, '^B%S+ (%S+)') ~= batch then gone[#gone + 1] = i end
+  elseif ARGV[a + 2] == 's' then
+    if k ~= 'S' then gone[#gone + 1] = i end
+  elseif k == 'S' or k == 'W' then gone[#gone + 1] = i end
+end
+if #gone > 0 then return gone end
+for i = 0, n - 1 do
+  local a = 4 + 4 * i
+  local key = KEYS[tonumber(ARGV[a])]
+  local e = redis.call('HGET', key, ARGV[a + 1])
+  if not e or string.sub(e, 1, 1) ~= 'B' then
+    local owner = writer
+    if e then owner = string.sub(e, 2, (string.find(e, ' ', 1, true) or (#e + 1)) - 1) end
+    redis.call('HSET', key, ARGV[a + 1],
+               'B' .. writer .. ' ' .. batch .. ' ' .. i .. ' ' .. n .. ' ' .. owner .. ' ' .. ARGV[a + 3])
+  end
+end
+return 1
+"""
+
+# Once every part of a claimed batch is written: its entries go (own) or become tombstones (swept), and the
+# finalized marker is set. KEYS as _CLAIM; ARGV: batch, marker TTL s, n, then per record (index, field, kind).
+_FINAL = """
+local batch, n = ARGV[1], tonumber(ARGV[3])
+local now = redis.call('TIME')[1]
+for i = 0, n - 1 do
+  local a = 4 + 3 * i
+  local key = KEYS[tonumber(ARGV[a])]
+  local e = redis.call('HGET', key, ARGV[a + 1])
+  if e and string.sub(e, 1, 1) == 'B' and string.match(e, '^B%S+ (%S+)') == batch then
+    if ARGV[a + 2] == 's' then
+      redis.call('HSET', key, ARGV[a + 1], 'W' .. string.match(e, '^B%S+ %S+ %S+ %S+ (%S+)') .. ' ' .. now)
+    else
+      redis.call('HDEL', key, ARGV[a + 1])
+    end
+  end
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+return 1
+"""
+
+UNIT = 16_384   # a cluster's claimed records of one slot are written as one unit: reported as UNIT + that slot
+
+
 class RedisLedger:
     """The ledger in Redis or Redis Cluster. ``atomic`` (default: not a cluster client) applies a
     batch as one script; otherwise one script per hash slot. ``max_skew_s`` bounds how far a record's
-    ``ts`` may run ahead of the Redis clock that stamps its stream id (stream reads start there)."""
+    ``ts`` may run ahead of the Redis clock that stamps its stream id (stream reads start there).
+
+    Worker leases: on one Redis (``open_key``), a batch's records with a ``hold_id`` are claimed in the same
+    script. On a cluster (``writer``: this worker's id), a record's open entry lives in its team's slot (or
+    the slot of its request's last hold) while its writes span other slots, so its records are written in
+    units, one per slot of open entries: claim (:data:`_CLAIM`: the entries name the unit and keep its
+    payloads), the unit's parts (as any batch's, idempotent by their markers), then finalize
+    (:data:`_FINAL`). A writer that dies in between leaves claimed entries from which a live worker writes
+    the very same unit again (:meth:`recover`): a part already written is a no-op, so each record is
+    written once whoever finishes it."""
 
     def __init__(self, client: Any, stream_maxlen: int | None = None, *, atomic: bool | None = None,
-                 dedup_ttl_s: int = DAY_S, max_skew_s: float = 300.0, open_key: str | None = None) -> None:
+                 dedup_ttl_s: int = DAY_S, max_skew_s: float = 300.0, open_key: str | None = None,
+                 writer: str | None = None) -> None:
         self._r = client
         self.stream_maxlen = stream_maxlen
         self.atomic = not isinstance(client, RedisCluster) if atomic is None else atomic
         self.dedup_ttl_s = dedup_ttl_s
         self.max_skew_s = max_skew_s
         self.open_key = open_key if self.atomic else None   # worker leases: records wait there until written
+        self.writer = writer if not self.atomic else None   # a cluster's worker leases: see above
         self.left_out = 0                                    # records another worker's batch wrote (see above)
 
     async def append(self, records: Sequence[LedgerRecord]) -> None:
@@ -348,10 +432,11 @@ class RedisLedger:
             if exc is not None:
                 raise exc
 
-    def _parts(self, records: Sequence[LedgerRecord]) -> dict[int, tuple[str, list[str], list[Any]]]:
+    def _parts(self, records: Sequence[LedgerRecord], payloads: list[bytes] | None = None
+               ) -> dict[int, tuple[str, list[str], list[Any]]]:
         """The batch's writes per hash slot (one part, slot 0, when ``atomic``): the part's marker, keys and
         script arguments. The marker is derived from the whole batch, so a part re-sent later is a no-op."""
-        payloads = [r.to_json() for r in records]
+        payloads = [r.to_json() for r in records] if payloads is None else payloads
         batch = hashlib.sha256(b"\n".join(payloads)).hexdigest()[:32]  # same batch, same marker
         hashes: dict[str, Counter[str]] = {}
         sets: dict[str, set[str]] = {}
@@ -391,6 +476,8 @@ class RedisLedger:
         if self.atomic and 0 in skip:
             return frozenset({0}), {}
         down = {} if down is None else down
+        if self.writer is not None and any(r.hold_id for r in records):
+            return await self._append_units(records, skip, down)
         parts = self._parts(records)
         outcomes: dict[int, BaseException | None] = {}
         by_node: dict[str, list[int]] = {}
@@ -436,6 +523,86 @@ class RedisLedger:
             for slot in slots:
                 outcomes[slot] = result if isinstance(result, BaseException) else None
         return frozenset(parts), outcomes
+
+    async def _append_units(self, records: Sequence[LedgerRecord], skip: AbstractSet[int],
+                            down: dict[str, BaseException]) -> tuple[frozenset[int], dict[int, BaseException | None]]:
+        """A cluster with worker leases: the records without a ``hold_id`` as any batch, the others in units
+        (see the class), concurrently; a unit's outcome is reported as ``UNIT + its slot``."""
+        plain = [r for r in records if not r.hold_id]
+        units: dict[int, list[LedgerRecord]] = {}
+        for r in records:
+            if r.hold_id:
+                key = open_ref(claim_of(r.hold_id)[0])[0]
+                units.setdefault(UNIT + key_slot(key.encode()), []).append(r)
+        slots, outcomes = await self.append_parts(plain, skip, down) if plain else (frozenset(), {})
+        todo = [unit for unit in units if unit not in skip]
+        results = await asyncio.gather(*(self._write_unit(units[u]) for u in todo), return_exceptions=True)
+        for unit, result in zip(todo, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            outcomes[unit] = result if isinstance(result, BaseException) else None
+        return slots | frozenset(units), outcomes
+
+    @staticmethod
+    def _unit_args(records: Sequence[LedgerRecord]) -> tuple[list[str], list[tuple[int, str, str]]]:
+        """(the unit's open hashes, (index into KEYS, field, kind) per record), in the records' order."""
+        keys: list[str] = []
+        refs: list[tuple[int, str, str]] = []
+        for r in records:
+            entry, kind = claim_of(r.hold_id)
+            key, name = open_ref(entry)
+            if key not in keys:
+                keys.append(key)
+            refs.append((keys.index(key) + 2, name, kind))
+        return keys, refs
+
+    @staticmethod
+    def _unit_batch(payloads: Sequence[bytes]) -> str:
+        return hashlib.sha256(b"\n".join(payloads)).hexdigest()[:32]
+
+    async def _write_unit(self, records: Sequence[LedgerRecord]) -> None:
+        """Claim, write and finalize one unit (raises what failed; a retry repeats it, idempotently)."""
+        assert self.writer is not None
+        left = list(records)
+        while left:
+            payloads = [r.to_json() for r in left]
+            batch = self._unit_batch(payloads)
+            keys, refs = self._unit_args(left)
+            marker = f"gw:v1:dedup:{{{_tag(keys[0])}}}:{batch}:f"
+            args: list[Any] = [batch, self.writer, len(left)]
+            for (index, name, kind), payload in zip(refs, payloads, strict=True):
+                args += [index, name, kind, payload]
+            reply = await self._r.eval(_CLAIM, 1 + len(keys), marker, *keys, *args)
+            if reply == 0:          # finalized before: written
+                return
+            if isinstance(reply, list):   # taken by another worker's batch (or the sweep): left out
+                gone = {int(i) for i in reply}
+                self.left_out += len(gone)
+                log.warning("%d ledger records were written by another worker's batch; left out", len(gone))
+                left = [r for i, r in enumerate(left) if i not in gone]
+                continue
+            await self._finish_unit(left, payloads)
+            return
+
+    async def _finish_unit(self, records: Sequence[LedgerRecord], payloads: list[bytes]) -> None:
+        """Write a claimed unit's parts (each a no-op if written before), then finalize it."""
+        batch = self._unit_batch(payloads)
+        keys, refs = self._unit_args(records)
+        pipe = self._r.pipeline(transaction=False)
+        for marker, part_keys, args in self._parts(records, payloads).values():
+            pipe.eval(_APPLY, len(part_keys) + 1, marker, *part_keys, *args)
+        await pipe.execute()
+        final: list[Any] = [batch, self.dedup_ttl_s, len(records)]
+        for ref in refs:
+            final += ref
+        await self._r.eval(_FINAL, 1 + len(keys), f"gw:v1:dedup:{{{_tag(keys[0])}}}:{batch}:f", *keys, *final)
+
+    async def recover(self, payloads: Sequence[bytes]) -> int:
+        """Write again, the same, a unit a dead writer claimed (its payloads in order, from its claimed entries)
+        and finalize it; returns its records."""
+        records = [LedgerRecord.from_json(p) for p in payloads]
+        await self._finish_unit(records, list(payloads))
+        return len(records)
 
     def _node_of(self, key: str) -> str:
         """The master serving ``key`` (empty on one Redis, or before the cluster's map is known)."""

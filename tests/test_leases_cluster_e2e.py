@@ -1,0 +1,150 @@
+"""A worker killed mid-load on Redis Cluster: ``gateway serve --workers 2`` on the private 3-master cluster, 288 slow
+streams (24 clients), one worker SIGKILLed (by PID) while it has requests in flight. Its lease (2 s) runs out, the
+other worker sweeps it: every answered request has exactly one ledger record, every request in flight on the dead
+worker one ``interrupted`` record charged exactly its hold, the team's spend equals the ledger's sum to the
+nano-dollar and nothing stays reserved, although the reservation TTL is 900 s. Every wait is on a condition with a
+generous deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from redis.asyncio import RedisCluster
+from test_fault_matrix_e2e import ANSWER_NANO, LIMIT_USD, USD, KillRun, Reply, drive, load_policy, wait_for, worker_pids
+
+from gateway.state.budgets import BudgetRule, period_id
+from gateway.state.budgets_redis import RedisBudgetStore, bucket_keys, open_key, team_tag
+from gateway.state.keys import RedisKeyStore
+from gateway.state.leases import parse_entry
+from gateway.state.ledger import LedgerRecord, RedisLedger
+
+pytestmark = pytest.mark.e2e
+
+LEASE_S = 2          # the workers' lease: a dead worker's holds end within a few seconds (the TTL stays 900 s)
+
+
+def cluster_client(ports: list[int]) -> RedisCluster:
+    return RedisCluster(host="127.0.0.1", port=ports[0])
+
+
+async def budget(rc: RedisCluster, team: str) -> tuple[int, int]:
+    [u] = await RedisBudgetStore(rc).usage(team, [BudgetRule("team", team, "monthly", LIMIT_USD * USD)],
+                                           datetime.now(UTC))
+    return u.spent_nano, u.reserved_nano
+
+
+async def in_flight(rc: RedisCluster, team: str, workers: list[int]) -> dict[int, int]:
+    """Requests each worker process holds open intents for in the team's slot (its worker id starts with its PID)."""
+    counts = dict.fromkeys(workers, 0)
+    for value in (await rc.hgetall(open_key(team_tag(team)))).values():
+        kind, owner, _, _ = parse_entry(value)
+        pid = owner.split("-", 1)[0]
+        if kind == "I" and pid.isdigit() and int(pid) in counts:
+            counts[int(pid)] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def cluster_kill_run(tmp_path_factory: pytest.TempPathFactory, mock_upstream: str,
+                     redis_cluster_ports: list[int]) -> KillRun:
+    from conftest import start_gateway, stop
+    team = f"wc-{uuid.uuid4().hex[:8]}"
+    policy_dir = tmp_path_factory.mktemp("cluster-killed")
+    (policy_dir / "models.yaml").write_text(load_policy(mock_upstream, team))
+    server = start_gateway(policy_dir, policy_dir / "gateway.log",
+                           env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_cluster_ports[0]}/0",
+                                "GATEWAY_REDIS_CLUSTER": "1", "GATEWAY_WORKER_LEASE_S": str(LEASE_S),
+                                "GATEWAY_RESERVATION_TTL_S": "900"},
+                           args=("--workers", "2"))
+    try:
+        workers = worker_pids(server.proc.pid)
+        assert len(workers) == 2, workers
+        return asyncio.run(_kill_run(server.url, workers, team, redis_cluster_ports))
+    finally:
+        stop(server.proc)
+
+
+async def _kill_run(url: str, workers: list[int], team: str, ports: list[int]) -> KillRun:
+    rc = cluster_client(ports)
+    try:
+        await rc.initialize()
+        _, key = await RedisKeyStore(rc).create(team, "leases")
+        since = time.time() - 1
+        replies: list[Reply] = []
+        holds: set[int] = set()
+        killed: list[float] = []
+        bucket = bucket_keys(team, BudgetRule("team", team, "monthly", LIMIT_USD * USD),
+                             period_id("monthly", datetime.now(UTC)))[0]
+
+        async def kill_mid_load() -> None:
+            while len(replies) < 60:
+                await asyncio.sleep(0.01)
+            for _ in range(2000):                                 # the worker with requests in flight dies
+                counts = await in_flight(rc, team, workers)
+                victim = max(counts, key=lambda pid: counts[pid])
+                if counts[victim]:
+                    break
+                await asyncio.sleep(0.01)
+            holds.update(int(v) for k, v in (await rc.hgetall(bucket)).items() if k.startswith(b"r:"))
+            os.kill(victim, signal.SIGKILL)                       # our own gateway's worker, by PID
+            killed.append(time.monotonic())
+
+        await asyncio.gather(drive(url, key, 24, 12, replies, model="slow", every=1), kill_mid_load())
+        answered = [r for r in replies if r.status and r.complete]
+        lost = [r for r in replies if not (r.status and r.complete)]
+        ledger = RedisLedger(rc)
+
+        async def check() -> tuple[bool, tuple[dict[str, list[LedgerRecord]], tuple[int, int]]]:
+            grouped: dict[str, list[LedgerRecord]] = {}
+            for record in await ledger.read(since, team=team):
+                grouped.setdefault(record.request_id, []).append(record)
+            used = await budget(rc, team)
+            total = sum(r.cost_nano for v in grouped.values() for r in v)
+            done = used == (total, 0) and {r.request_id for r in answered} <= grouped.keys()
+            return done, (grouped, used)
+
+        grouped, used = (await wait_for(check, 90))[1]
+        return KillRun(answered, lost, grouped, used, holds, time.monotonic() - killed[0])
+    finally:
+        await rc.aclose()
+
+
+def test_cluster_worker_killed_its_holds_end_within_seconds_and_nothing_is_doubled(cluster_kill_run: KillRun) -> None:
+    run = cluster_kill_run
+    assert len(run.answered) >= 150 and len(run.answered) + len(run.lost) == 288, (len(run.answered), len(run.lost))
+    assert all(r.status == 200 and r.request_id for r in run.answered)
+    doubled = {i: len(v) for i, v in run.records.items() if len(v) != 1}
+    assert not doubled, doubled
+    spent, reserved = run.used
+    assert reserved == 0, run.used              # the dead worker's holds ended: swept, not waiting out the 900 s TTL
+    assert run.settled_after_s < 90
+    assert spent == sum(v[0].cost_nano for v in run.records.values())   # budget equal to the ledger sum
+
+
+def test_cluster_worker_killed_every_answer_has_its_record(cluster_kill_run: KillRun) -> None:
+    run = cluster_kill_run
+    missing = [r.request_id for r in run.answered if r.request_id not in run.records]
+    assert not missing, f"{len(missing)} of {len(run.answered)} answered requests have no ledger record"
+    assert all(run.records[r.request_id][0].status == "ok" for r in run.answered if r.request_id)
+    assert all(run.records[r.request_id][0].cost_nano == ANSWER_NANO for r in run.answered if r.request_id)
+
+
+def test_cluster_worker_killed_its_requests_in_flight_are_recorded_as_interrupted(cluster_kill_run: KillRun) -> None:
+    run = cluster_kill_run
+    interrupted = [v[0] for v in run.records.values() if v[0].status == "interrupted"]
+    assert interrupted, "no request was in flight on the killed worker"
+    assert len(run.holds) == 1, run.holds
+    [hold] = run.holds
+    assert hold > ANSWER_NANO                                      # the worst case, not what an answer costs
+    assert all(r.cost_nano == hold and r.estimated and r.hold_id for r in interrupted), interrupted[:3]
+    assert not {r.request_id for r in interrupted} & {r.request_id for r in run.answered}
+    assert len(interrupted) <= len(run.lost)
+    others = [v[0] for v in run.records.values() if v[0].status != "interrupted"]
+    assert all(r.status == "ok" and r.cost_nano == ANSWER_NANO for r in others)
