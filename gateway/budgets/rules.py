@@ -64,6 +64,34 @@ def budget_rules(team: TeamSpec, key: KeyRecord | None, soft: bool = False,
     return tuple(rules)
 
 
+class RuleBook:
+    """The budget and rate rules of each (team spec, key, soft, attributed limits) seen, made once: every
+    request they bind gets the same tuples, so the stores' memos of what follows from rules (the plan, key
+    names, script arguments) find them by identity instead of hashing and comparing rules per request. An
+    entry keeps what its name holds the ids of, so an id in a name is never another object's; a policy
+    reload or a refreshed key record makes new entries. At most ``limit`` entries (then it starts over)."""
+
+    __slots__ = ("_made", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._made: dict[tuple[Any, ...], tuple[Any, tuple[BudgetRule, ...], tuple[RateRule, ...]]] = {}
+        self.limit = limit
+
+    def rules(self, team: TeamSpec, key: KeyRecord | None, soft: bool,
+              attributed: tuple[tuple[str, str, Limits], ...]) -> tuple[tuple[BudgetRule, ...], tuple[RateRule, ...]]:
+        """(:func:`budget_rules`, :func:`rate_rules`) of these."""
+        name: tuple[Any, ...] = (id(team), id(key), soft)
+        if attributed:
+            name += tuple((scope, owner, id(limits)) for scope, owner, limits in attributed)
+        made = self._made.get(name)
+        if made is None:
+            if len(self._made) >= self.limit:
+                self._made.clear()
+            made = self._made[name] = ((team, key, attributed), budget_rules(team, key, soft, attributed),
+                                       rate_rules(team, key, attributed))
+        return made[1], made[2]
+
+
 def attributed_limits(policies: Policies | None, who: Attribution) -> tuple[tuple[str, str, Limits], ...]:
     """(scope, owner, limits) of the request's end user, each of its tags and its session that the
     policies limit (an entry of their own, else the section's ``default``)."""
@@ -202,10 +230,12 @@ def refusal_error(refusal: Refusal, admission: Admission) -> GatewayError:
 def rate_headers(admission: Admission) -> Headers:
     rate = admission.rate
     out: Headers = []
-    for name, value in (("x-ratelimit-limit-requests", rate.limit_requests),
-                        ("x-ratelimit-remaining-requests", rate.remaining_requests),
-                        ("x-ratelimit-limit-tokens", rate.limit_tokens),
-                        ("x-ratelimit-remaining-tokens", rate.remaining_tokens)):
-        if value is not None:
-            out.append((name.encode(), str(max(0, value)).encode()))
+    if rate.limit_requests is not None:
+        out.append((b"x-ratelimit-limit-requests", b"%d" % rate.limit_requests))
+    if rate.remaining_requests is not None:
+        out.append((b"x-ratelimit-remaining-requests", b"%d" % max(0, rate.remaining_requests)))
+    if rate.limit_tokens is not None:
+        out.append((b"x-ratelimit-limit-tokens", b"%d" % rate.limit_tokens))
+    if rate.remaining_tokens is not None:
+        out.append((b"x-ratelimit-remaining-tokens", b"%d" % max(0, rate.remaining_tokens)))
     return out

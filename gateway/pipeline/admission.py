@@ -30,12 +30,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.budgets.rules import (
+    RuleBook,
     affordable_output,
     attributed_limits,
-    budget_rules,
     choices_of,
     prompt_bound,
-    rate_rules,
     refusal_error,
     worst_case,
 )
@@ -74,6 +73,7 @@ class Admission:
         self.ids = ids
         self.metrics = metrics
         self.hold_wait_s = hold_wait_s
+        self.rules = RuleBook()
 
     async def _held_by_others(self, team: str, budgets: tuple[BudgetRule, ...], ticket: Ticket) -> bool:
         """Whether the refused request would fit every budget once the holds of requests in flight are
@@ -96,7 +96,7 @@ class Admission:
         downgrades = (spec.on_exceed == "downgrade" and spec.downgrade_to is not None
                       and any(d.model != spec.downgrade_to for d in plan.candidates))
         attributed = attributed_limits(req.policies, req.attribution)
-        budgets, rates = budget_rules(spec, key, downgrades, attributed), rate_rules(spec, key, attributed)
+        budgets, rates = self.rules.rules(spec, key, downgrades, attributed)
         if not budgets and not rates:
             return Ticket(self.books, req, principal, plan)
         ticket = await self._try(req, principal, plan, budgets, rates, partial=not downgrades)
@@ -119,7 +119,7 @@ class Admission:
             cheaper = replace(resolve(spec.downgrade_to), route="downgrade", requested=plan.requested,
                               baseline=plan.baseline)
             req.route = cheaper.route
-            ticket = await self._try(req, principal, cheaper, budget_rules(spec, key, False, attributed), rates)
+            ticket = await self._try(req, principal, cheaper, self.rules.rules(spec, key, False, attributed)[0], rates)
             refusal = ticket.admission.refusal if ticket.admission else None
         if refusal is not None:
             assert ticket.admission is not None
@@ -167,8 +167,7 @@ class Admission:
     async def admit_hit(self, req: Request, principal: Principal, plan: Plan) -> Ticket:
         """Count a cache hit against RPM (no tokens, no budget hold); refuse it only for a rate limit."""
         attributed = attributed_limits(req.policies, req.attribution)
-        budgets = budget_rules(principal.spec, principal.key, False, attributed)
-        rates = rate_rules(principal.spec, principal.key, attributed)
+        budgets, rates = self.rules.rules(principal.spec, principal.key, False, attributed)
         now = datetime.now(UTC)
         for rules in (budgets, ()):
             if not rules and not rates:

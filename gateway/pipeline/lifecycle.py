@@ -77,6 +77,7 @@ class Pipeline:
         self.admission = Admission(state, self.books, self.ids, metrics)
         self.attempts = Attempts(providers, self.health, metrics, settings.upstream_timeout_s)
         self.savers = SavingStages(build_store(state, policies), self.summarize)
+        self.unlisted: dict[str, TeamSpec] = {}   # the spec of each team the policies do not list (no limits)
         self.use_policies(policies)
 
     def use_policies(self, policies: Policies) -> None:
@@ -150,8 +151,14 @@ class Pipeline:
         return self.principal(key.team, key, policies)
 
     def principal(self, team: str, key: KeyRecord | None, policies: Policies | None = None) -> Principal:
-        teams = (policies or self.policies).teams
-        return Principal(team, teams.get(team) or TeamSpec(team), key)
+        spec = (policies or self.policies).teams.get(team)
+        if spec is None:   # one spec per unlisted team, not one per request (rules are memoised by spec)
+            spec = self.unlisted.get(team)
+            if spec is None:
+                if len(self.unlisted) >= 4096:
+                    self.unlisted.clear()
+                spec = self.unlisted[team] = TeamSpec(team)
+        return Principal(team, spec, key)
 
     def resolve(self, req: Request, principal: Principal, model: str) -> Plan:
         """The routing decision (a pure function of the policies, the request and a health snapshot)."""

@@ -358,7 +358,7 @@ def open_state(settings: Settings) -> State:
                                lease_s=settings.worker_lease_s)
     on = budgets.worker is not None
     ledger = RedisLedger(client, stream_maxlen(settings), open_key=OPEN_KEY if on else None,
-                         writer=budgets.worker if on and settings.redis_cluster else None)
+                         writer=budgets.worker if on and settings.redis_cluster else None, fast=fast)
     leases = None
     if on and settings.redis_cluster:   # the lease has a thread of its own; a dead writer's units are rewritten
         leases = Leases(budgets, client, ledger, cluster_renewer(budgets, settings.redis_url, settings.redis_timeout_s))

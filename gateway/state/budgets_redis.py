@@ -51,6 +51,7 @@ from gateway.state.budgets import (
     BudgetRule,
     BudgetUsage,
     Plan,
+    PlanBook,
     RateRule,
     RateStatus,
     ReserveRequest,
@@ -148,6 +149,7 @@ class RedisBudgetStore:
         self._cluster = isinstance(client, RedisCluster)
         self._loaded = False
         self._keys: dict[tuple[str, str, str, str], tuple[str, ...]] = {}
+        self._plans = PlanBook()   # one Redis: each request's plan, bucket keys and script arguments, by its rules
         # a worker lease: intents and unwritten records in OPEN_KEY (one Redis) or, on a cluster, in the open
         # hash of the slot whose reserve call takes the intent (the request's last part: its team's, mostly)
         self.worker = worker if worker and lease_s > 0 else None
@@ -219,6 +221,8 @@ class RedisBudgetStore:
     async def reserve(self, req: ReserveRequest, intent: bytes = b"") -> Admission:
         """Hold ``req``'s worst case; with a worker lease, ``intent`` (what the ledger record of a request whose
         worker died needs) is written in the same script call."""
+        if not self._cluster:
+            return await self._reserve_one(req, intent)
         p = plan(req)
         parts = self._split(req, p)
         if self._cluster and intent and self.worker is not None:
@@ -301,6 +305,33 @@ class RedisBudgetStore:
         reply = await self._run(keys, args)
         return admission_from_reply(p, [int(x) for x in reply])
 
+    def _prepare(self, p: Plan, team: str) -> tuple[list[str], list[int], list[int]]:
+        """One Redis: what every reserve and settle under ``p`` for ``team`` sends besides the request's own
+        values: the bucket and window keys, the reserve's and the settle's rule arguments."""
+        reserve: list[int] = [len(p.budgets), len(p.rates)]
+        settle: list[int] = [len(p.budgets), len(p.rates)]
+        for i, rule in enumerate(p.budgets):
+            floor, keep = p.arg_pair(i, self.bucket_grace_s)
+            reserve += [rule.limit_nano, floor, -1 if rule.soft_nano is None else rule.soft_nano, keep, p.windows_ms[i]]
+            settle += [floor, keep, p.windows_ms[i]]
+        for rate in p.rates:
+            reserve += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
+        return self._bucket_keys(team, p), reserve, settle
+
+    async def _reserve_one(self, req: ReserveRequest, intent: bytes) -> Admission:
+        """:meth:`reserve` on one Redis: one script call, its rule part made once per plan."""
+        p, (buckets, rule_args, _) = self._plans.get(req, self._prepare)
+        res, done = request_keys(req.team, req.request_id)
+        args: list[Any] = ["reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
+                           max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
+                           *rule_args]
+        if intent and self.worker is not None:
+            reply = await self._run([res, done, *buckets, OPEN_KEY, WORKERS_KEY],
+                                    [*args, self.worker, self.lease_ms, intent])
+        else:
+            reply = await self._run([res, done, *buckets], args)
+        return admission_from_reply(p, reply)
+
     def _partial_min(self, req: ReserveRequest) -> int:
         """0: the whole worst case must fit; n >= 1: admit with a capped hold when the headroom is at least n."""
         return max(1, min(req.min_cost_nano, req.cost_nano)) if self.partial_reservations and req.partial else 0
@@ -310,9 +341,18 @@ class RedisBudgetStore:
         """Charge the actual cost and release the hold; False if the request was settled already (a replay, or
         its worker was taken for dead and the request swept). With a worker lease, ``record`` (the final
         ledger record) stays in :data:`OPEN_KEY` until the ledger batch writing it lands."""
-        p = plan(req)
         check_amount("actual_cost_nano", actual_cost_nano)
         check_amount("actual_tokens", actual_tokens)
+        if not self._cluster:
+            _, (buckets, _, rule_args) = self._plans.get(req, self._prepare)
+            args: list[Any] = ["settle", SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens,
+                               self.settled_ttl_s, self.bucket_grace_s, *rule_args]
+            keys = [*request_keys(req.team, req.request_id), *buckets]
+            if record and self.worker is not None:
+                keys.append(OPEN_KEY)
+                args += [self.worker, record]
+            return int(await self._run(keys, args)) == 1
+        p = plan(req)
         parts = self._split(req, p)
         if parts is None:
             return await self._settle_at(None, req, p, actual_cost_nano, actual_tokens, record) == 1

@@ -5,7 +5,9 @@ Every admitted request runs the budget script twice (reserve, settle). Through
 retry and timeout machinery; here a call is one packed command written to a shared
 connection and one future resolved by hiredis's C parser, in order (Redis answers a
 connection's commands in the order sent, so many coroutines can share it without
-waiting for each other). It speaks plain ``redis://`` to a single server only (no TLS,
+waiting for each other). A call not answered within the timeout fails the connection (its
+replies would be out of step) and every call in flight on it; one timer per connection checks
+the oldest call, instead of a timeout context per call. It speaks plain ``redis://`` to a single server only (no TLS,
 no cluster, no unix sockets: :func:`fast_client` says when it cannot serve a URL) and
 raises redis-py's exception types, so :class:`RedisBudgetStore` works with either
 client unchanged. A lost connection fails the calls in flight and the next call
@@ -26,12 +28,42 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 1.0, name: str = "Redis") -> None:
         self.reader = hiredis.Reader()
         self.pending: deque[asyncio.Future[Any]] = deque()
+        self.deadlines: deque[float] = deque()   # loop time by which each pending call must be answered
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.outgoing: list[bytes] = []   # commands of this loop iteration, written together
+        self.timeout_s = timeout_s
+        self.name = name
+        self.watchdog: asyncio.TimerHandle | None = None
+
+    def call(self, command: bytes) -> asyncio.Future[Any]:
+        """Send ``command``; the future of its reply (failed with the connection, or when the timeout passes)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self.closed:
+            future.set_exception(RedisConnectionError(f"connection to {self.name} lost"))
+            return future
+        self.pending.append(future)
+        self.deadlines.append(loop.time() + self.timeout_s)
+        self.queue(command)
+        if self.watchdog is None:
+            self.watchdog = loop.call_later(self.timeout_s, self.check)
+        return future
+
+    def check(self) -> None:
+        """The watchdog: fail the connection when its oldest call is overdue, else look again when it is due."""
+        self.watchdog = None
+        if not self.deadlines or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        left = self.deadlines[0] - loop.time()
+        if left <= 0:
+            self.fail(RedisTimeoutError(f"{self.name} did not answer within {self.timeout_s}s"))
+        else:
+            self.watchdog = loop.call_later(left, self.check)
 
     def queue(self, command: bytes) -> None:
         if not self.outgoing:
@@ -61,7 +93,8 @@ class _Protocol(asyncio.Protocol):
                 self.fail(RedisConnectionError("unexpected reply from Redis"))
                 return
             future = pending.popleft()
-            if future.done():     # its caller timed out: the connection is dropped there
+            self.deadlines.popleft()
+            if future.done():     # its caller was cancelled
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 text = str(reply)
@@ -74,6 +107,10 @@ class _Protocol(asyncio.Protocol):
 
     def fail(self, exc: Exception) -> None:
         self.closed = True
+        self.deadlines.clear()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -105,7 +142,8 @@ class FastRedis:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    transport, proto = await loop.create_connection(_Protocol, self.host, self.port)
+                    transport, proto = await loop.create_connection(
+                        lambda: _Protocol(self.timeout_s, f"Redis at {self.host}:{self.port}"), self.host, self.port)
                     proto.transport = transport   # uvloop calls connection_made a little later
                     self._conn = proto
                     if self.password is not None:
@@ -120,16 +158,7 @@ class FastRedis:
             return proto
 
     async def _send(self, conn: _Protocol, args: tuple[Any, ...]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        conn.pending.append(future)
-        conn.queue(hiredis.pack_command(args))
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await future
-        except TimeoutError:
-            conn.fail(RedisTimeoutError("Redis did not answer in time"))   # replies would be out of step
-            raise RedisTimeoutError(f"Redis at {self.host}:{self.port} did not answer within "
-                                    f"{self.timeout_s}s") from None
+        return await conn.call(hiredis.pack_command(args))
 
     async def execute_command(self, *args: Any) -> Any:
         return await self._send(await self._connection(), args)
