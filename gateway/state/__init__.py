@@ -20,7 +20,8 @@ intent with its hold, the settle call keeps the final record in Redis until the 
 lands, and every live worker sweeps the workers whose lease ran out, so a dead worker's holds end
 within seconds and none of its requests is left without a ledger record. On SQLite the worker's
 process is its lease (:mod:`gateway.state.leases_sqlite`): the reserve writes the intent with the
-hold, and every live worker sweeps the holds of dead processes into ``interrupted`` records.
+hold, and every live worker sweeps the holds of dead processes (judged by PID in its own PID
+namespace, by a stale heartbeat row in another namespace or on another host) into ``interrupted`` records.
 """
 
 from __future__ import annotations
@@ -267,6 +268,8 @@ class State:
             log.error("shutting down with %d ledger records or settles unwritten", self.pending)
         elif self.leases is not None:
             await self.leases.close()
+        if self.process_leases is not None and not self.pending and not self._holds:
+            self.process_leases.close()   # its heartbeat row goes (else holds left are judged by it)
         for spool in (self.ledger.spool, self.settle_spool):   # removed when empty, else left for the next process
             if spool is not None:
                 spool.close()
