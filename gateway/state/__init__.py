@@ -12,7 +12,11 @@ background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage
 in memory (ledger records and settles on local disk with ``GATEWAY_SPOOL_DIR``, where a crash
 loses nothing either: the next process adopts and replays them) and is drained at shutdown; an
-empty spool file is removed then. ``State`` also keeps the holds of requests still
+empty spool file is removed then. With the spool, a request admitted unmetered (the store down in
+fail mode ``allow``) also keeps its intent in this process's intents file until its record and settle
+are safe (:class:`~gateway.state.spool.IntentSpool`; nothing is written there while Redis answers),
+and the process adopting a dead one's file writes an ``interrupted`` record for each it never finished.
+``State`` also keeps the holds of requests still
 running and renews those older than a third of the reservation TTL (a long stream), so a
 hold lapses only when its replica is gone, not while its request is alive. On one Redis it also
 keeps this worker's lease (:mod:`gateway.state.leases`): the reserve call writes the request's

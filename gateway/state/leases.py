@@ -15,7 +15,10 @@ unwritten record is taken over (marked swept) and written as it was. The sweep's
 worker's own (a worker that was only stalled) check the same entry atomically, so each record is
 written once; a swept record leaves a tombstone for a day (so a dead worker's spool, adopted by a
 later process, cannot write it again either); the worker is forgotten once nothing of it is left,
-unless it renewed its lease meanwhile.
+unless it renewed its lease meanwhile. Requests admitted unmetered while Redis was down have no
+entry here; their intents wait in the spool (:class:`~gateway.state.spool.IntentSpool`), and their
+records carry the hold id as an own claim, so a reserve that landed though its reply was lost is
+recorded once: by that record (which retires the ``I`` entry) or by this sweep (the record is left out).
 """
 
 from __future__ import annotations
