@@ -186,6 +186,115 @@ def test_the_state_writes_this_process_and_the_intent_with_a_hold(tmp_path: Path
     assert owner == process_id() and b'"req-s1"' in raw
 
 
+# --- holds of processes in another PID namespace or on another host: judged by their heartbeat
+
+FOREIGN = "0123456789ab:4242:777"   # a process id of another boot or PID namespace (never judged by PID)
+
+
+def foreign_holds(data: Path, n: int) -> None:
+    """``n`` holds with intents taken by the foreign process, on its own connection."""
+    store, ledger, _ = worker(data, FOREIGN)
+
+    async def reserve_all() -> None:
+        for i in range(n):
+            assert (await store.reserve(request(f"f{i}"), lambda i=i: intent(f"f{i}"))).admitted
+
+    asyncio.run(reserve_all())
+    asyncio.run(store.aclose())
+    ledger.conn.close()
+
+
+def heartbeat(data: Path, worker_id: str, at: float) -> None:
+    db = connect(data)
+    with db:
+        db.execute("INSERT OR REPLACE INTO worker_heartbeats VALUES (?, ?)", (worker_id, at))
+    db.close()
+
+
+def test_a_foreign_owner_with_a_stale_heartbeat_is_swept_exactly_once_by_two_sweepers(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    foreign_holds(data, 30)
+    sweepers = [worker(data, process_id()) for _ in range(2)]
+    stale_s = sweepers[0][2].stale_s
+    assert stale_s == max(10.0, 5 * sweepers[0][2].every_s)
+    heartbeat(data, FOREIGN, time.time() - stale_s - 5)         # it stopped beating a while ago
+    store = sweepers[0][0]
+    assert usage(store) == (0, 30 * HOLD)
+    start = threading.Barrier(2)
+    counts: list[int] = []
+
+    def sweep(leases: SqliteLeases) -> None:
+        start.wait(30)
+        counts.append(leases.keep())
+
+    threads = [threading.Thread(target=sweep, args=(leases,)) for _, _, leases in sweepers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(counts) == [0, 30], counts                     # one transaction took them all
+    assert [leases.keep() for _, _, leases in sweepers] == [0, 0]
+    records = asyncio.run(sweepers[0][1].read(0))
+    assert sorted(r.request_id for r in records) == sorted(f"req-f{i}" for i in range(30))
+    assert all((r.status, r.cost_nano, r.estimated, r.hold_id) ==
+               ("interrupted", HOLD, True, SWEPT + r.request_id.removeprefix("req-")) for r in records)
+    [total] = asyncio.run(sweepers[0][1].totals(0))
+    assert usage(store) == (total["cost_nano"], 0) == (30 * HOLD, 0)   # spend equals the ledger's sum
+    beats = dict(store.conn.execute("SELECT worker, at FROM worker_heartbeats").fetchall())
+    assert FOREIGN not in beats and process_id() in beats        # the dead one's row went with its holds
+    for s, led, _ in sweepers:
+        asyncio.run(s.aclose())
+        led.conn.close()
+
+
+@pytest.mark.parametrize("beat", ["fresh", "none"])
+def test_a_foreign_owner_with_a_fresh_heartbeat_or_none_keeps_its_holds(beat: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    foreign_holds(data, 3)
+    store, ledger, leases = worker(data, process_id())
+    if beat == "fresh":
+        heartbeat(data, FOREIGN, time.time() - leases.stale_s + 3)   # beaten within the bound
+    assert leases.dead() == [] and leases.keep() == 0
+    assert usage(store) == (0, 3 * HOLD) and asyncio.run(ledger.read(0)) == []
+    if beat == "fresh":   # the same holds once the beat is older than the bound
+        later = SqliteLeases(store, ledger, clock=lambda: time.time() + 10)
+        assert later.dead() == [FOREIGN] and later.keep() == 3
+        assert usage(store) == (3 * HOLD, 0)
+    asyncio.run(store.aclose())
+    ledger.conn.close()
+
+
+def test_same_namespace_owners_keep_the_pid_judgement_whatever_their_heartbeat(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    parent = process_id(os.getppid())                            # alive, in this namespace, not this process
+    assert parent and not is_dead(parent, namespace_tag())
+    alive_store, alive_ledger, _ = worker(data, parent)
+    store, ledger, leases = worker(data, process_id())
+
+    async def reserve() -> None:
+        assert (await alive_store.reserve(request("a1"), lambda: intent("a1"))).admitted
+
+    asyncio.run(reserve())
+    heartbeat(data, parent, time.time() - 3600)                   # a stale beat: the PID says it is alive
+    assert leases.dead() == [] and leases.keep() == 0
+    assert usage(store) == (0, HOLD)
+    for s, led in ((alive_store, alive_ledger), (store, ledger)):
+        asyncio.run(s.aclose())
+        led.conn.close()
+
+
+def test_keep_beats_and_a_clean_shutdown_removes_the_row(tmp_path: Path) -> None:
+    state = open_state(Settings(data_dir=str(tmp_path / "data")))
+    assert state.process_leases is not None
+    state.process_leases.keep()
+    db = sqlite3.connect(tmp_path / "data" / "gateway.db")
+    [(owner, at)] = db.execute("SELECT worker, at FROM worker_heartbeats").fetchall()
+    assert owner == process_id() and abs(at - time.time()) < 60
+    asyncio.run(state.aclose())
+    assert db.execute("SELECT COUNT(*) FROM worker_heartbeats").fetchone()[0] == 0
+    db.close()
+
+
 # --- end to end: a worker of ``gateway serve --workers 2`` on one database SIGKILLed mid-load
 
 def in_flight(db: sqlite3.Connection, workers: list[int]) -> tuple[dict[int, int], dict[int, set[int]]]:

@@ -15,7 +15,8 @@ whose policy says ``downgrade`` is moved to its cheaper model (resolved by the f
 caller passes) once past its soft threshold or when its budget cannot cover the worst case.
 :meth:`Admission.admit_hit` admits a response-cache hit: no budget hold, one request of the
 rate allowance. With the store down, fail mode ``allow`` admits unmetered (the settle is
-replayed later) and ``refuse`` answers 503.
+replayed later; with ``GATEWAY_SPOOL_DIR`` the state first writes the request's intent to the spool,
+so a worker killed before it finishes still leaves its ``interrupted`` record) and ``refuse`` answers 503.
 """
 
 from __future__ import annotations

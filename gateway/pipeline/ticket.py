@@ -106,7 +106,10 @@ class Ticket:
         except Exception:   # a bug in pricing must still release the hold and leave a record
             log.exception("pricing request %s failed", self.req.request_id)
         durable = self.books.state.records_with_settle
-        record = self.ledger_record() if durable or not record_later else None
+        # admitted unmetered (the store was down): the record goes with the settle too, so an intents file
+        # (GATEWAY_SPOOL_DIR) keeps both
+        record = self.ledger_record() if durable or not record_later or (
+            self.admission is None and self.reservation is not None) else None
         try:
             await self._settle(record)
         finally:

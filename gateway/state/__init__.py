@@ -12,7 +12,11 @@ background task, and a settle that Redis could not take (fail mode ``allow``) is
 queued and replayed when Redis answers again. Either queue survives a Redis outage
 in memory (ledger records and settles on local disk with ``GATEWAY_SPOOL_DIR``, where a crash
 loses nothing either: the next process adopts and replays them) and is drained at shutdown; an
-empty spool file is removed then. ``State`` also keeps the holds of requests still
+empty spool file is removed then. With the spool, a request admitted unmetered (the store down in
+fail mode ``allow``) also keeps its intent in this process's intents file until its record and settle
+are safe (:class:`~gateway.state.spool.IntentSpool`; nothing is written there while Redis answers),
+and the process adopting a dead one's file writes an ``interrupted`` record for each it never finished.
+``State`` also keeps the holds of requests still
 running and renews those older than a third of the reservation TTL (a long stream), so a
 hold lapses only when its replica is gone, not while its request is alive. On Redis (one
 server or a cluster) it also keeps this worker's lease (:mod:`gateway.state.leases`): the reserve call
@@ -21,7 +25,8 @@ keeps the final record in Redis until the batch writing it lands, and every live
 workers whose lease ran out, so a dead worker's holds end within seconds and none of its requests is
 left without a ledger record. On SQLite the worker's
 process is its lease (:mod:`gateway.state.leases_sqlite`): the reserve writes the intent with the
-hold, and every live worker sweeps the holds of dead processes into ``interrupted`` records.
+hold, and every live worker sweeps the holds of dead processes (judged by PID in its own PID
+namespace, by a stale heartbeat row in another namespace or on another host) into ``interrupted`` records.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from gateway.state.budgets_memory import MemoryBudgetStore
 from gateway.state.keys import CachedKeys, KeyStore, MemoryKeyStore
 from gateway.state.ledger import BufferedLedger, LedgerRecord, MemoryLedger
 from gateway.state.ledger_archive import buffered, stream_maxlen
-from gateway.state.spool import SettleSpool, Spool
+from gateway.state.spool import IntentSpool, Settle, SettleSpool, Spool
 
 if TYPE_CHECKING:
     from gateway.state.leases import Leases
@@ -80,6 +85,7 @@ class State:
     leases: Leases | None = None          # Redis: this worker's lease, intents, the sweep of dead workers
     _next_lease: float = 0.0
     process_leases: SqliteLeases | None = None   # SQLite: intents with the holds, the sweep of dead processes
+    intents: IntentSpool | None = None    # GATEWAY_SPOOL_DIR on Redis: intents of requests admitted unmetered
 
     @property
     def records_with_settle(self) -> bool:
@@ -125,6 +131,10 @@ class State:
                 log.error("request %s was swept as interrupted before it finished: its record is not written",
                           record.request_id)
             return
+        intents = self.intents
+        if intents is not None and intents.open and req is not None and req.request_id in intents.open:
+            await self._finish_unmetered(intents, req, cost_nano, tokens, record)
+            return
         if record is not None:
             self.record(record)   # queued first: the settle's commit carries it
         if req is not None:
@@ -136,16 +146,38 @@ class State:
                 log.warning("ledger record of %s waits for the database: %r", getattr(record, "request_id", "?"),
                             exc)
 
+    async def _finish_unmetered(self, intents: IntentSpool, req: ReserveRequest, cost_nano: int, tokens: int,
+                                record: LedgerRecord | None) -> None:
+        """:meth:`finish` for a request admitted unmetered with its intent in the spool: the final record and
+        settle go to the intents file first, then the record is queued and the request settled; its intent is
+        done once both are safe (:class:`~gateway.state.spool.IntentSpool`)."""
+        hold = req.request_id
+        if record is not None:   # its identity (also retires an intent its lost reserve left in Redis)
+            record.hold_id = self.leases.hold_id(req) if self.leases is not None else hold
+        intents.finish(hold, record, cost_nano, tokens)
+        if record is not None:
+            self.record(record)
+        try:
+            await self.settle(req, cost_nano, tokens)
+        finally:
+            intents.settled(hold)
+
     async def reserve(self, req: ReserveRequest, intent: Callable[[], dict[str, Any]] | None = None) -> Admission:
         """Reserve through the budget store and keep an admitted hold alive until it is settled. With a worker
         lease, ``intent()`` (the ledger record's fields the request gets if this worker dies) is stored with
-        the hold."""
-        if self.leases is not None and intent is not None:
-            admission = await self.leases.store.reserve(req, self.leases.intent(req, intent()))
-        elif self.process_leases is not None and intent is not None:
-            admission = await self.process_leases.store.reserve(req, intent)   # made only if it has limits
-        else:
-            admission = await self.budgets.reserve(req)
+        the hold. When the store is down in fail mode ``allow`` (the caller admits the request unmetered), with
+        a spool the intent goes to this process's intents file before StateUnavailable is raised."""
+        try:
+            if self.leases is not None and intent is not None:
+                admission = await self.leases.store.reserve(req, self.leases.intent(req, intent()))
+            elif self.process_leases is not None and intent is not None:
+                admission = await self.process_leases.store.reserve(req, intent)   # made only if it has limits
+            else:
+                admission = await self.budgets.reserve(req)
+        except StateUnavailable:
+            if self.intents is not None and self.fail_open and intent is not None:
+                self.intents.begin(req, intent())
+            raise
         if admission.admitted:
             now = time.monotonic()
             self._holds[req.request_id] = (req, now, now)
@@ -209,6 +241,24 @@ class State:
                 self.settle_spool.rewrite(self._settles)   # what is left, durably
             else:
                 self.settle_spool.sync()                   # the settles queued since the last flush
+        if self.intents is not None:
+            self.intents.sync()
+
+    def adopted(self, records: list[LedgerRecord], settles: list[Settle]) -> None:
+        """What a dead process's intents file owed (:meth:`IntentSpool.adopt`), stored durably: the records as one
+        batch in the ledger spool (the same file always gives the same batch: a re-adoption is deduplicated by
+        its marker), the settles in the settle spool and the queue."""
+        if records:
+            if self.ledger.spool is not None:
+                self.ledger.spool.spill([records])
+            else:
+                for record in records:
+                    self.record(record)
+        if settles:
+            self._settles.extend(settles)
+            if self.settle_spool is not None:
+                self.settle_spool.add(settles)
+                self.settle_spool.sync()
 
     async def renew_holds(self) -> int:
         """Renew every live hold last renewed a third of the TTL ago; returns how many were renewed."""
@@ -272,8 +322,10 @@ class State:
             log.error("shutting down with %d ledger records or settles unwritten", self.pending)
         elif self.leases is not None:
             await self.leases.close()
-        for spool in (self.ledger.spool, self.settle_spool):   # removed when empty, else left for the next process
-            if spool is not None:
+        if self.process_leases is not None and not self.pending and not self._holds:
+            self.process_leases.close()   # its heartbeat row goes (else holds left are judged by it)
+        for spool in (self.ledger.spool, self.settle_spool, self.intents):   # removed when empty, else left
+            if spool is not None:                                             # for the next process
                 spool.close()
         await self.budgets.aclose()
         if self.redis is not None:
@@ -351,6 +403,7 @@ def open_state(settings: Settings) -> State:
 
     client = redis_client(settings)
     settle_spool = SettleSpool(settings.spool_dir) if settings.spool_dir else None
+    intents = IntentSpool(settings.spool_dir) if settings.spool_dir else None
     key_store = RedisKeyStore(client)
     # the budget script runs twice per request: on a single server, through the pipelining client
     fast = None if settings.redis_cluster else fast_client(settings.redis_url, settings.redis_timeout_s)
@@ -367,7 +420,10 @@ def open_state(settings: Settings) -> State:
     state = State(budgets, key_store, CachedKeys(key_store, ttl_s=settings.key_cache_ttl_s, stale_ok=fail_open),
                   buffered(settings, ledger, spool=open_spool(settings)),
                   fail_open, redis=client, hold_ttl_s=settings.reservation_ttl_s, settle_spool=settle_spool,
-                  leases=leases)
+                  leases=leases, intents=intents)
     if settle_spool is not None:
         state._settles.extend(settle_spool.adopt())   # a dead process's settles: replayed by the first flush
+    if intents is not None:
+        intents.adopt(state.adopted)   # a dead process's unmetered requests: their records and settles
+        state.ledger.on_stored = intents.stored
     return state

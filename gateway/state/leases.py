@@ -35,6 +35,11 @@ On Redis Cluster the same guarantees hold, with the layout a cluster allows (a s
 - the ledger writes a record's open entry's slot in units (claim, parts, finalize: see
   :class:`~gateway.state.ledger.RedisLedger`); a dead writer's claimed units are written again, the
   same, by the sweep (:meth:`~gateway.state.ledger.RedisLedger.recover`), so no part is written twice.
+
+Requests admitted unmetered while Redis was down have no
+entry here; their intents wait in the spool (:class:`~gateway.state.spool.IntentSpool`), and their
+records carry the hold id as an own claim, so a reserve that landed though its reply was lost is
+recorded once: by that record (which retires the ``I`` entry) or by this sweep (the record is left out).
 """
 
 from __future__ import annotations

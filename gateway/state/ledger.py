@@ -767,13 +767,18 @@ class BufferedLedger:
     With a ``spool`` (:mod:`gateway.state.spool`, ``GATEWAY_SPOOL_DIR``) nothing is dropped and a crash
     loses nothing: a failed write moves every queued batch to local disk (after its parts in healthy
     slots were tried), as does a full buffer, and ``flush`` writes the spooled batches back first,
-    oldest first, up to the first that cannot be completed yet."""
+    oldest first, up to the first that cannot be completed yet.
+
+    ``on_stored`` (set by the state when it keeps intents of unmetered requests,
+    :class:`~gateway.state.spool.IntentSpool`) is told of each queued batch once it leaves memory:
+    written (or rejected, or left out as written by another worker), moved to the spool, or dropped."""
 
     def __init__(self, inner: Ledger, max_buffer: int = 100_000, spool: Spool | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.inner = inner
         self.max_buffer = max_buffer
         self.spool = spool
+        self.on_stored: Callable[[Sequence[LedgerRecord]], None] | None = None
         self.dropped = self.rejected = self._pending = 0
         self._batches: deque[_Queued] = deque()
         self._lock = asyncio.Lock()
@@ -814,6 +819,8 @@ class BufferedLedger:
                     if batch.finished:
                         written += len(batch)
                         self._pending -= len(batch)
+                        if self.on_stored is not None:
+                            self.on_stored(batch.records)
                     else:
                         left.append(batch)
                 self._batches = left
@@ -865,6 +872,9 @@ class BufferedLedger:
         for _ in moving:
             self._batches.pop()
         self._pending -= sum(len(b) for b in moving)
+        if self.on_stored is not None:
+            for b in moving:
+                self.on_stored(b.records)
 
     def _enqueue(self, records: list[LedgerRecord]) -> None:
         self._batches.append(_Queued(records))
@@ -877,6 +887,8 @@ class BufferedLedger:
             del self._batches[victim]
             self._pending -= len(lost)
             self.dropped += len(lost)
+            if self.on_stored is not None:
+                self.on_stored(lost.records)
             log.error("ledger buffer full: dropped %d records (%s...)", len(lost), lost.records[0].request_id)
 
     async def read(self, since: float, until: float | None = None, team: str | None = None) -> list[LedgerRecord]:

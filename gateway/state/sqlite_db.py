@@ -44,6 +44,8 @@ class SchemaError(RuntimeError):
 # v2: an index for a team's records in time order (``read``/``export`` with ``team``). v3: the sliding
 # windows of spend-rate brakes. v4: a hold's owning worker process and its intent (worker leases,
 # :mod:`gateway.state.leases_sqlite`); holds of older rows have no owner and lapse with the TTL as before.
+# v5: the serving processes' heartbeats, so holds of a process in another PID namespace or on another host
+# sharing the file can be judged too (:mod:`gateway.state.leases_sqlite`).
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE keys (
@@ -100,6 +102,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE reservations ADD COLUMN worker TEXT NOT NULL DEFAULT '';  -- its process (leases_sqlite), '' none
     ALTER TABLE reservations ADD COLUMN intent BLOB;  -- the ledger record's fields if its worker dies (JSON)
+    """,
+    """
+    CREATE TABLE worker_heartbeats (        -- a serving process and when it last showed it is alive
+        worker TEXT PRIMARY KEY,            -- its process id (leases_sqlite.process_id)
+        at REAL NOT NULL                    -- unix s, the wall clock of the process that wrote it
+    ) WITHOUT ROWID;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
