@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from gateway.state.budgets import BudgetStore
 from gateway.state.budgets_memory import MemoryBudgetStore
-from gateway.state.budgets_redis import RedisBudgetStore
+from gateway.state.budgets_redis import RedisBudgetStore, team_tag
 from gateway.state.budgets_sqlite import SqliteBudgetStore
 from gateway.state.resp import FastRedis
 from gateway.state.sqlite_db import connect
@@ -264,3 +264,21 @@ async def h(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Har
     yield harness
     for store in harness.stores:
         await store.aclose()
+
+
+def teams_on_masters(cluster: Any, n: int, avoid: str | None = None, prefix: str = "ct") -> list[str]:
+    """``n`` fresh team names whose keys live on different masters of ``cluster`` (and, with ``avoid``, not on
+    the master holding the key ``avoid + ":x"``)."""
+    import uuid
+
+    taken = {cluster.get_node_from_key(avoid + ":x").name} if avoid is not None else set()
+    out: list[str] = []
+    for i in range(1000):
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}-{i}"
+        node = cluster.get_node_from_key(team_tag(name) + ":x").name
+        if node not in taken:
+            out.append(name)
+            taken.add(node)
+        if len(out) == n:
+            return out
+    raise AssertionError("not enough masters")

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
+from redis_fixtures import teams_on_masters
 
 from gateway.state.budgets import BudgetRule, RateRule, ReserveRequest
 from gateway.state.budgets_redis import RedisBudgetStore, home_tag, rate_key, team_tag
@@ -27,21 +28,6 @@ def req(team: str, cost: int, budgets: tuple[BudgetRule, ...], rates: tuple[Rate
     return ReserveRequest(uuid.uuid4().hex, team, cost, 10, budgets, rates, datetime.now(UTC), 0, partial)
 
 
-async def teams_on_other_masters(cluster: RedisCluster, avoid: str, n: int) -> list[str]:
-    """``n`` teams on masters other than the one holding ``avoid``'s keys (and on different masters)."""
-    taken = {cluster.get_node_from_key(avoid + ":x").name}
-    out: list[str] = []
-    for i in range(500):
-        name = f"ct-{uuid.uuid4().hex[:6]}-{i}"
-        node = cluster.get_node_from_key(team_tag(name) + ":x").name
-        if node not in taken:
-            out.append(name)
-            taken.add(node)
-        if len(out) == n:
-            return out
-    raise AssertionError("no teams on other masters")
-
-
 async def test_a_user_budget_across_slots_admits_exactly_what_it_covers(redis_cluster_ports: list[int]) -> None:
     cluster = RedisCluster(host="127.0.0.1", port=redis_cluster_ports[0])
     store = RedisBudgetStore(cluster)
@@ -49,7 +35,7 @@ async def test_a_user_budget_across_slots_admits_exactly_what_it_covers(redis_cl
         await cluster.initialize()
         user = f"u-{uuid.uuid4().hex[:8]}"
         user_rule = BudgetRule("user", user, "daily", USD // 5)      # $0.20: four $0.05 requests
-        teams = await teams_on_other_masters(cluster, home_tag("", "user", user), 2)
+        teams = teams_on_masters(cluster, 2, avoid=home_tag("", "user", user))
         assert key_slot(team_tag(teams[0]).encode()) != key_slot(home_tag("", "user", user).encode())
 
         async def one(i: int) -> int:
@@ -95,7 +81,7 @@ async def test_a_replica_dying_between_the_phases_leaves_holds_that_expire(redis
     try:
         await cluster.initialize()
         session = f"s-{uuid.uuid4().hex[:8]}"
-        [team] = await teams_on_other_masters(cluster, home_tag("", "session", session), 1)
+        [team] = teams_on_masters(cluster, 1, avoid=home_tag("", "session", session))
         rule = BudgetRule("session", session, "total", CENTS_5)
         adm = await store.reserve(req(team, CENTS_5, (rule, BudgetRule("team", team, "daily", USD))))
         assert adm.admitted and adm.reserved_nano == CENTS_5           # never settled: its replica "died"
@@ -118,7 +104,7 @@ async def test_four_workers_on_the_cluster_hold_a_user_budget_spanning_two_teams
     try:
         await cluster.initialize()
         user = f"u-{uuid.uuid4().hex[:8]}"
-        teams = await teams_on_other_masters(cluster, home_tag("", "user", user), 2)
+        teams = teams_on_masters(cluster, 2, avoid=home_tag("", "user", user))
         text = policy(mock_reset, "".join(f"  {t}: {{budgets: [{{period: monthly, usd: 1}}]}}\n" for t in teams))
         text += "users:\n  default: {budgets: [{period: daily, usd: 0.3}]}\n"
         server = gateway(text, env={"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{redis_cluster_ports[0]}/0",
@@ -148,7 +134,7 @@ async def _refused_later_slot_round(store: RedisBudgetStore, cluster: RedisClust
     admitted; returns the user window's minute at the start and at the end, and its (requests, tokens) after
     the refusals and at the end."""
     user = f"u-{uuid.uuid4().hex[:8]}"
-    [team] = await teams_on_other_masters(cluster, home_tag("", "user", user), 1)
+    [team] = teams_on_masters(cluster, 1, avoid=home_tag("", "user", user))
     window = rate_key(team, "user", user)
     rate = RateRule("user", user, 3, 1_000)                        # 3 requests a minute
     paying, poor = BudgetRule("team", team, "daily", USD), BudgetRule("team", team, "monthly", 0)

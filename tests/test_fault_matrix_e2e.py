@@ -403,6 +403,60 @@ class KillRun:
     settled_after_s: float         # from the kill until nothing was reserved and spent equalled the ledger
 
 
+async def settled_run(rc: Any, used_of: Any, team: str, since: float, answered: list[Reply], lost: list[Reply],
+                      holds: set[int], killed_at: float, timeout: float) -> KillRun:
+    """The :class:`KillRun` once every answer has its record and the team's spent equals its ledger with nothing
+    reserved (or at ``timeout``): ``used_of(rc, team)`` reads (spent, reserved)."""
+    ledger = RedisLedger(rc)
+
+    async def check() -> tuple[bool, tuple[dict[str, list[LedgerRecord]], tuple[int, int]]]:
+        grouped: dict[str, list[LedgerRecord]] = {}
+        for record in await ledger.read(since, team=team):
+            grouped.setdefault(record.request_id, []).append(record)
+        used = await used_of(rc, team)
+        total = sum(r.cost_nano for v in grouped.values() for r in v)
+        done = used == (total, 0) and {r.request_id for r in answered} <= grouped.keys()
+        return done, (grouped, used)
+
+    grouped, used = (await wait_for(check, timeout))[1]
+    return KillRun(answered, lost, grouped, used, holds, time.monotonic() - killed_at)
+
+
+def check_nothing_doubled_and_holds_ended(run: KillRun, within_s: float) -> None:
+    """A killed worker's run: 288 requests, most answered, none recorded twice, nothing reserved (the dead
+    worker's holds swept, not waiting out the 900 s TTL) within ``within_s``, spent equal to the ledger sum."""
+    assert len(run.answered) >= 150 and len(run.answered) + len(run.lost) == 288, (len(run.answered), len(run.lost))
+    assert all(r.status == 200 and r.request_id for r in run.answered)
+    doubled = {i: len(v) for i, v in run.records.items() if len(v) != 1}
+    assert not doubled, doubled
+    spent, reserved = run.used
+    assert reserved == 0, run.used
+    assert run.settled_after_s < within_s
+    assert spent == sum(v[0].cost_nano for v in run.records.values())
+
+
+def check_every_answer_recorded(run: KillRun) -> None:
+    missing = [r.request_id for r in run.answered if r.request_id not in run.records]
+    assert not missing, f"{len(missing)} of {len(run.answered)} answered requests have no ledger record"
+    assert all(run.records[r.request_id][0].status == "ok" for r in run.answered if r.request_id)
+    assert all(run.records[r.request_id][0].cost_nano == ANSWER_NANO for r in run.answered if r.request_id)
+
+
+def check_interrupted_charged_their_hold(run: KillRun) -> None:
+    """The streams cut by the worker's death: each has one record, ``interrupted`` and charged exactly its hold
+    (all requests here are alike, so every hold had one amount, read from Redis just before the kill)."""
+    interrupted = [v[0] for v in run.records.values() if v[0].status == "interrupted"]
+    assert interrupted, "no request was in flight on the killed worker"
+    assert len(run.holds) == 1, run.holds
+    [hold] = run.holds
+    assert hold > ANSWER_NANO                                      # the worst case, not what an answer costs
+    assert all(r.cost_nano == hold and r.estimated and r.hold_id for r in interrupted), interrupted[:3]
+    assert not {r.request_id for r in interrupted} & {r.request_id for r in run.answered}   # never a whole answer
+    assert len(interrupted) <= len(run.lost)                      # a cut stream, or no reply (before its headers)
+    others = [v[0] for v in run.records.values() if v[0].status != "interrupted"]
+    assert all(r.status == "ok" and r.cost_nano == ANSWER_NANO for r in others)
+
+
 LEASE_S = 2          # the workers' lease: a dead worker's holds end within a few seconds (the TTL stays 900 s)
 
 
@@ -464,54 +518,18 @@ async def _kill_run(server: Server, workers: list[int], team: str, redis_port: i
         await asyncio.gather(drive(server.url, key, 24, 12, replies, model="slow", every=1), kill_mid_load())
         answered = [r for r in replies if r.status and r.complete]
         lost = [r for r in replies if not (r.status and r.complete)]
-        ledger = RedisLedger(rc)
-
-        async def check() -> tuple[bool, tuple[dict[str, list[LedgerRecord]], tuple[int, int]]]:
-            grouped: dict[str, list[LedgerRecord]] = {}
-            for record in await ledger.read(since, team=team):
-                grouped.setdefault(record.request_id, []).append(record)
-            used = await budget(rc, team)
-            total = sum(r.cost_nano for v in grouped.values() for r in v)
-            done = used == (total, 0) and {r.request_id for r in answered} <= grouped.keys()
-            return done, (grouped, used)
-
-        grouped, used = (await wait_for(check, 60))[1]
-        return KillRun(answered, lost, grouped, used, holds, time.monotonic() - killed[0])
+        return await settled_run(rc, budget, team, since, answered, lost, holds, killed[0], 60)
     finally:
         await rc.aclose()
 
 
 def test_worker_killed_mid_load_its_holds_end_within_seconds_and_nothing_is_doubled(worker_killed_run: KillRun) -> None:
-    run = worker_killed_run
-    assert len(run.answered) >= 150 and len(run.answered) + len(run.lost) == 288, (len(run.answered), len(run.lost))
-    assert all(r.status == 200 and r.request_id for r in run.answered)
-    doubled = {i: len(v) for i, v in run.records.items() if len(v) != 1}
-    assert not doubled, doubled
-    spent, reserved = run.used
-    assert reserved == 0, run.used              # the dead worker's holds ended: swept, not waiting out the 900 s TTL
-    assert run.settled_after_s < 60
-    assert spent == sum(v[0].cost_nano for v in run.records.values())   # budget equal to the ledger sum
+    check_nothing_doubled_and_holds_ended(worker_killed_run, 60)
 
 
 def test_worker_killed_mid_load_every_answer_has_its_record(worker_killed_run: KillRun) -> None:
-    run = worker_killed_run
-    missing = [r.request_id for r in run.answered if r.request_id not in run.records]
-    assert not missing, f"{len(missing)} of {len(run.answered)} answered requests have no ledger record"
-    assert all(run.records[r.request_id][0].status == "ok" for r in run.answered if r.request_id)
-    assert all(run.records[r.request_id][0].cost_nano == ANSWER_NANO for r in run.answered if r.request_id)
+    check_every_answer_recorded(worker_killed_run)
 
 
 def test_worker_killed_mid_load_its_requests_in_flight_are_recorded_as_interrupted(worker_killed_run: KillRun) -> None:
-    """The streams cut by the worker's death: each has one record, ``interrupted`` and charged exactly its hold
-    (all requests here are alike, so every hold had one amount, read from Redis just before the kill)."""
-    run = worker_killed_run
-    interrupted = [v[0] for v in run.records.values() if v[0].status == "interrupted"]
-    assert interrupted, "no request was in flight on the killed worker"
-    assert len(run.holds) == 1, run.holds
-    [hold] = run.holds
-    assert hold > ANSWER_NANO                                      # the worst case, not what an answer costs
-    assert all(r.cost_nano == hold and r.estimated and r.hold_id for r in interrupted), interrupted[:3]
-    assert not {r.request_id for r in interrupted} & {r.request_id for r in run.answered}   # never a whole answer
-    assert len(interrupted) <= len(run.lost)                      # a cut stream, or no reply (before its headers)
-    others = [v[0] for v in run.records.values() if v[0].status != "interrupted"]
-    assert all(r.status == "ok" and r.cost_nano == ANSWER_NANO for r in others)
+    check_interrupted_charged_their_hold(worker_killed_run)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 from redis.asyncio import RedisCluster
+from redis_fixtures import teams_on_masters
 from test_leases import COST, HOLD, USD, intent_of, record_of
 
 from gateway.state import State
@@ -62,21 +63,6 @@ def worker(client: RedisCluster, name: str, ledger: RedisLedger | None = None) -
     return Worker(name, store, ledger, Leases(store, client, ledger))
 
 
-async def teams_on_masters(cluster: RedisCluster, n: int) -> list[str]:
-    """``n`` fresh teams, each on another master."""
-    taken: set[str] = set()
-    out: list[str] = []
-    for i in range(1000):
-        name = f"lc-{uuid.uuid4().hex[:6]}-{i}"
-        node = cluster.get_node_from_key(team_tag(name) + ":x").name
-        if node not in taken:
-            out.append(name)
-            taken.add(node)
-        if len(out) == n:
-            return out
-    raise AssertionError("not enough masters")
-
-
 def team_rule(team: str) -> BudgetRule:
     return BudgetRule("team", team, "monthly", 10 * USD)
 
@@ -110,7 +96,7 @@ async def entry(cluster: RedisCluster, hold_id: str) -> bytes | None:
 
 async def test_the_intent_lives_with_the_hold_that_carries_it_and_the_record_with_the_settle(
         cluster: RedisCluster) -> None:
-    [team] = await teams_on_masters(cluster, 1)
+    [team] = teams_on_masters(cluster, 1, prefix="lc")
     w = worker(cluster, f"w-{uuid.uuid4().hex[:8]}")
     user = BudgetRule("user", f"u-{uuid.uuid4().hex[:6]}", "monthly", USD)
     one, multi = request(team, uuid.uuid4().hex), request(team, uuid.uuid4().hex, user)
@@ -150,7 +136,7 @@ class DiesMidUnit(RedisLedger):
 
 
 async def test_a_dead_workers_requests_across_slots_are_swept_once_at_their_holds(cluster: RedisCluster) -> None:
-    teams = await teams_on_masters(cluster, 3)
+    teams = teams_on_masters(cluster, 3, prefix="lc")
     name = f"dead-{uuid.uuid4().hex[:8]}"
     dead = worker(cluster, name, DiesMidUnit(cluster, writer=name))
     user = BudgetRule("user", f"u-{uuid.uuid4().hex[:6]}", "monthly", 10 * USD)
@@ -212,7 +198,7 @@ async def test_a_dead_workers_requests_across_slots_are_swept_once_at_their_hold
 async def test_two_sweepers_whose_lock_lapsed_still_record_each_request_once(cluster: RedisCluster) -> None:
     """The sweep lock let go mid-sweep (a sweeper slower than it): two sweep the same dead worker at once, and
     the entries' own checks (gate, claim, unit claim) still let each request be charged and recorded once."""
-    teams = await teams_on_masters(cluster, 2)
+    teams = teams_on_masters(cluster, 2, prefix="lc")
     name = f"dead-{uuid.uuid4().hex[:8]}"
     dead = worker(cluster, name)
     user = BudgetRule("user", f"u-{uuid.uuid4().hex[:6]}", "monthly", 10 * USD)
@@ -244,7 +230,7 @@ async def test_two_sweepers_whose_lock_lapsed_still_record_each_request_once(clu
 
 
 async def test_a_stalled_worker_coming_back_writes_nothing_twice(cluster: RedisCluster) -> None:
-    [team] = await teams_on_masters(cluster, 1)
+    [team] = teams_on_masters(cluster, 1, prefix="lc")
     name = f"stalled-{uuid.uuid4().hex[:8]}"
     stalled = worker(cluster, name)
     user = BudgetRule("user", f"u-{uuid.uuid4().hex[:6]}", "monthly", 10 * USD)
@@ -278,7 +264,7 @@ async def test_a_stalled_worker_coming_back_writes_nothing_twice(cluster: RedisC
 
 
 async def test_state_writes_its_own_records_through_units_and_leaves_nothing_open(cluster: RedisCluster) -> None:
-    [team] = await teams_on_masters(cluster, 1)
+    [team] = teams_on_masters(cluster, 1, prefix="lc")
     name = f"st-{uuid.uuid4().hex[:8]}"
     w = worker(cluster, name)
     keys = RedisKeyStore(cluster)

@@ -71,6 +71,23 @@ def usage(store: SqliteBudgetStore) -> tuple[int, int]:
     return u.spent_nano, u.reserved_nano
 
 
+
+def sweep_at_once(sweepers: list[SqliteLeases]) -> list[int]:
+    """Each sweeper's :meth:`SqliteLeases.keep`, all started at the same moment in threads of their own."""
+    start = threading.Barrier(len(sweepers))
+    counts: list[int] = []
+
+    def sweep(leases: SqliteLeases) -> None:
+        start.wait(30)
+        counts.append(leases.keep())
+
+    threads = [threading.Thread(target=sweep, args=(leases,)) for leases in sweepers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return counts
+
 def test_start_time_and_identity_of_processes(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
     for pid, stat in {11: "11 (a) b) c) S " + " ".join(str(i) for i in range(4, 30)),
@@ -133,18 +150,7 @@ def test_two_workers_sweeping_at_once_record_each_request_once(tmp_path: Path) -
 
     asyncio.run(reserve_all())
     sweepers = [worker(data, process_id()) for _ in range(2)]
-    start = threading.Barrier(2)
-    counts: list[int] = []
-
-    def sweep(leases: SqliteLeases) -> None:
-        start.wait(30)
-        counts.append(leases.keep())
-
-    threads = [threading.Thread(target=sweep, args=(leases,)) for _, _, leases in sweepers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    counts = sweep_at_once([leases for _, _, leases in sweepers])
     assert sum(counts) == 40 and len(counts) == 2, counts
     store, ledger, _ = sweepers[0]
     records = asyncio.run(ledger.read(0))
@@ -220,18 +226,7 @@ def test_a_foreign_owner_with_a_stale_heartbeat_is_swept_exactly_once_by_two_swe
     heartbeat(data, FOREIGN, time.time() - stale_s - 5)         # it stopped beating a while ago
     store = sweepers[0][0]
     assert usage(store) == (0, 30 * HOLD)
-    start = threading.Barrier(2)
-    counts: list[int] = []
-
-    def sweep(leases: SqliteLeases) -> None:
-        start.wait(30)
-        counts.append(leases.keep())
-
-    threads = [threading.Thread(target=sweep, args=(leases,)) for _, _, leases in sweepers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    counts = sweep_at_once([leases for _, _, leases in sweepers])
     assert sorted(counts) == [0, 30], counts                     # one transaction took them all
     assert [leases.keep() for _, _, leases in sweepers] == [0, 0]
     records = asyncio.run(sweepers[0][1].read(0))

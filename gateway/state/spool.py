@@ -91,14 +91,21 @@ def _decode(line: bytes) -> list[LedgerRecord]:
     return [LedgerRecord.from_dict(item) for item in orjson.loads(line)]
 
 
+def own_file(directory: str | Path, kind: str) -> tuple[Path, Path, IO[bytes]]:
+    """(the directory, the path, the open file) of this process's new ``<kind>-<host>-<pid>-<random>.jsonl`` in
+    ``directory`` (made if missing), held open and locked for the life of the process: a file whose lock can be
+    taken belongs to a process that is gone."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+    fh: IO[bytes] = open(path, "a+b")   # noqa: SIM115 - held open (and locked) for life
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return folder, path, fh
+
+
 class Spool:
     def __init__(self, directory: str | Path) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"spool-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
-        self.path = self.dir / name
-        self._fh: IO[bytes] = open(self.path, "a+b")   # noqa: SIM115 - held open (and locked) for life
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.dir, self.path, self._fh = own_file(directory, "spool")
         self._offset = 0          # the batches before it have been written to the ledger
         self._next_len = 0        # bytes of the line next_batch read last
         self.records = 0          # records spooled and not yet written
@@ -170,11 +177,7 @@ def decode_settle(line: bytes) -> Settle:
 
 class SettleSpool:
     def __init__(self, directory: str | Path) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / f"settles-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
-        self._fh: IO[bytes] = open(self.path, "a+b")   # noqa: SIM115 - held open (and locked) for life
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.dir, self.path, self._fh = own_file(directory, "settles")
         self.entries = 0
         self._dirty = False
 
@@ -280,11 +283,7 @@ class IntentSpool:
     """This process's intents file: requests admitted unmetered, until their record and settle are safe."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / f"intents-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
-        self._fh: IO[bytes] = open(self.path, "a+b")   # noqa: SIM115 - held open (and locked) for life
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.dir, self.path, self._fh = own_file(directory, "intents")
         self.open: dict[str, bytes] = {}   # hold id -> its I line: admitted, not finished
         self._finishing: dict[str, _Finishing] = {}
         self._size = 0
