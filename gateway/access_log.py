@@ -19,6 +19,8 @@ import logging.config
 import re
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -54,6 +56,8 @@ def _q(text: str | None) -> str:
     """A text value: as is when plain, else JSON-quoted (no newline, no space, no fake ``key=``); None as -."""
     if text is None:
         return "-"
+    if text.isascii() and text.isidentifier():   # the common case (the gateway's own ids), without the regex
+        return text
     return text if _PLAIN.fullmatch(text) else orjson.dumps(text).decode()
 
 
@@ -234,25 +238,35 @@ class StderrLines(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO | None = None, flush_s: float = FLUSH_S) -> None:
         super().__init__(stream)
         self.flush_s = flush_s
-        self._waiting: list[str] = []
-        self._chars = 0
+        self._waiting: deque[str] = deque()   # appended without the lock (atomic), drained under it
+        self._chars = 0                       # about how many characters wait (a threshold, not an account)
         self._flusher: threading.Thread | None = None
+        self._rendered_by: logging.Formatter | None = None
+        self._render: Callable[[LedgerRecord, float], str] | None = None
 
     def access(self, record: LedgerRecord) -> None:
         """Queue ``record``'s access line (rendered by this handler's formatter)."""
         fmt = self.formatter
+        if fmt is not self._rendered_by:   # the formatter's own access renderer, looked up once per formatter
+            self._rendered_by = fmt
+            self._render = fmt.format_access if isinstance(fmt, TextFormatter | JsonFormatter) else None
         created = time.time()
-        if isinstance(fmt, TextFormatter | JsonFormatter):
-            line = fmt.format_access(record, created)
+        if self._render is not None:
+            line = self._render(record, created)
         else:
             line = self.format(logging.makeLogRecord({"name": ACCESS_LOGGER, "levelno": logging.INFO,
                                                       "levelname": "INFO", "msg": AccessMessage(record),
                                                       "created": created}))
-        self.acquire()
-        try:
-            self._queue(line)
-        finally:
-            self.release()
+        self._waiting.append(line)
+        self._chars += len(line)
+        if self._chars >= BUFFER_CHARS:
+            self.acquire()
+            try:
+                self._write_waiting()
+            finally:
+                self.release()
+        elif self._flusher is None:
+            self._start_flusher()
 
     def emit(self, record: logging.LogRecord) -> None:   # called with the lock held
         if isinstance(record.msg, AccessMessage):
@@ -272,19 +286,24 @@ class StderrLines(logging.StreamHandler):  # type: ignore[type-arg]
         finally:
             self.release()
 
-    def _queue(self, line: str) -> None:
+    def _queue(self, line: str) -> None:   # called with the lock held
         self._waiting.append(line)
         self._chars += len(line)
         if self._chars >= BUFFER_CHARS:
             self._write_waiting()
         elif self._flusher is None:
-            self._flusher = threading.Thread(target=self._flush_every, name="access-log", daemon=True)
-            self._flusher.start()
+            self._start_flusher()
 
-    def _write_waiting(self) -> None:
-        if not self._waiting:
+    def _start_flusher(self) -> None:
+        self._flusher = threading.Thread(target=self._flush_every, name="access-log", daemon=True)
+        self._flusher.start()
+
+    def _write_waiting(self) -> None:   # called with the lock held
+        waiting = self._waiting
+        if not waiting:
             return
-        lines, self._waiting, self._chars = self._waiting, [], 0
+        self._chars = 0
+        lines = [waiting.popleft() for _ in range(len(waiting))]   # what a request thread adds meanwhile waits
         try:
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()

@@ -62,6 +62,9 @@ def pico_to_nano(pico: int) -> int:
 
 def usd_text(nano: int) -> str:
     """Integer nano-USD as the shortest exact decimal: ``0.05``, ``3``, ``0.000000001``, ``-0.1``."""
-    sign, nano = ("-", -nano) if nano < 0 else ("", nano)
+    if nano < 0:
+        return "-" + usd_text(-nano)
+    if nano < 1_000_000_000:   # most prices of a request (on every reply's header and access line)
+        return f"0.{nano:09d}".rstrip("0") if nano else "0"
     whole, frac = divmod(nano, 1_000_000_000)
-    return sign + (f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else f"{whole}")
+    return f"{whole}.{frac:09d}".rstrip("0") if frac else str(whole)
