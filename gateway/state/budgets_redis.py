@@ -75,6 +75,7 @@ WORKERS_KEY = f"{PREFIX}:{SCRIPT_VERSION}:workers"    # worker -> lease deadline
 OPEN_INDEX = f"{PREFIX}:{SCRIPT_VERSION}:openidx"     # a cluster: the set of per-tag open hashes (``<tag>:open``)
 OPENS_REMEMBERED = 100_000                            # open hashes a store remembers having registered
 _ERRORS = (RedisError, RedisClusterException, OSError)
+Prepared = tuple[list[str], list[int], list[int]]   # bucket and window keys, reserve and settle rule arguments
 
 
 _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")   # what quote() leaves as it is
@@ -221,8 +222,9 @@ class RedisBudgetStore:
     async def reserve(self, req: ReserveRequest, intent: bytes = b"") -> Admission:
         """Hold ``req``'s worst case; with a worker lease, ``intent`` (what the ledger record of a request whose
         worker died needs) is written in the same script call."""
-        if not self._cluster:
-            return await self._reserve_one(req, intent)
+        if not self._cluster:   # one script call, its rule part made once per rules
+            p, prepared = self._plans.get(req, self._prepare)
+            return await self._reserve_at(None, req, p, intent, prepared)
         p = plan(req)
         parts = self._split(req, p)
         if self._cluster and intent and self.worker is not None:
@@ -284,17 +286,14 @@ class RedisBudgetStore:
             with contextlib.suppress(StateUnavailable):
                 await self._settle_at(tag, sub, plan(sub), 0, 0, op="release")
 
-    async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan, intent: bytes = b"") -> Admission:
-        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p)]
+    async def _reserve_at(self, tag: str | None, req: ReserveRequest, p: Plan, intent: bytes = b"",
+                          prepared: Prepared | None = None) -> Admission:
+        """One reserve script call (``prepared``: :meth:`_prepare` of ``p``, made already)."""
+        buckets, rule_args, _ = prepared or self._prepare(p, req.team)
+        keys = [*request_keys(req.team, req.request_id, tag), *buckets]
         args: list[Any] = [
             "reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
-            max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
-            len(p.budgets), len(p.rates)]
-        for i, rule in enumerate(p.budgets):
-            floor, keep = p.arg_pair(i, self.bucket_grace_s)
-            args += [rule.limit_nano, floor, -1 if rule.soft_nano is None else rule.soft_nano, keep, p.windows_ms[i]]
-        for rate in p.rates:
-            args += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
+            max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s, *rule_args]
         if intent and self.worker is not None:
             if self._cluster:   # the lease is renewed apart (its key is in another slot)
                 keys.append(open_key(tag or team_tag(req.team)))
@@ -302,12 +301,12 @@ class RedisBudgetStore:
             else:
                 keys += [OPEN_KEY, WORKERS_KEY]
                 args += [self.worker, self.lease_ms, intent]
-        reply = await self._run(keys, args)
-        return admission_from_reply(p, [int(x) for x in reply])
+        return admission_from_reply(p, await self._run(keys, args))
 
-    def _prepare(self, p: Plan, team: str) -> tuple[list[str], list[int], list[int]]:
-        """One Redis: what every reserve and settle under ``p`` for ``team`` sends besides the request's own
-        values: the bucket and window keys, the reserve's and the settle's rule arguments."""
+    def _prepare(self, p: Plan, team: str) -> Prepared:
+        """What every reserve and settle under ``p`` for ``team`` sends besides the request's own values: the
+        bucket and window keys, the reserve's and the settle's rule arguments (on one Redis, made once per
+        rules: :class:`PlanBook`)."""
         reserve: list[int] = [len(p.budgets), len(p.rates)]
         settle: list[int] = [len(p.budgets), len(p.rates)]
         for i, rule in enumerate(p.budgets):
@@ -317,20 +316,6 @@ class RedisBudgetStore:
         for rate in p.rates:
             reserve += [-1 if rate.rpm is None else rate.rpm, -1 if rate.tpm is None else rate.tpm]
         return self._bucket_keys(team, p), reserve, settle
-
-    async def _reserve_one(self, req: ReserveRequest, intent: bytes) -> Admission:
-        """:meth:`reserve` on one Redis: one script call, its rule part made once per plan."""
-        p, (buckets, rule_args, _) = self._plans.get(req, self._prepare)
-        res, done = request_keys(req.team, req.request_id)
-        args: list[Any] = ["reserve", SCRIPT_VERSION, req.request_id, req.cost_nano, req.tokens,
-                           max(1, round(self.reservation_ttl_s * 1000)), self._partial_min(req), self.bucket_grace_s,
-                           *rule_args]
-        if intent and self.worker is not None:
-            reply = await self._run([res, done, *buckets, OPEN_KEY, WORKERS_KEY],
-                                    [*args, self.worker, self.lease_ms, intent])
-        else:
-            reply = await self._run([res, done, *buckets], args)
-        return admission_from_reply(p, reply)
 
     def _partial_min(self, req: ReserveRequest) -> int:
         """0: the whole worst case must fit; n >= 1: admit with a capped hold when the headroom is at least n."""
@@ -344,14 +329,9 @@ class RedisBudgetStore:
         check_amount("actual_cost_nano", actual_cost_nano)
         check_amount("actual_tokens", actual_tokens)
         if not self._cluster:
-            _, (buckets, _, rule_args) = self._plans.get(req, self._prepare)
-            args: list[Any] = ["settle", SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens,
-                               self.settled_ttl_s, self.bucket_grace_s, *rule_args]
-            keys = [*request_keys(req.team, req.request_id), *buckets]
-            if record and self.worker is not None:
-                keys.append(OPEN_KEY)
-                args += [self.worker, record]
-            return int(await self._run(keys, args)) == 1
+            p, prepared = self._plans.get(req, self._prepare)
+            return await self._settle_at(None, req, p, actual_cost_nano, actual_tokens, record,
+                                         prepared=prepared) == 1
         p = plan(req)
         parts = self._split(req, p)
         if parts is None:
@@ -392,16 +372,15 @@ class RedisBudgetStore:
 
     async def _settle_at(self, tag: str | None, req: ReserveRequest, p: Plan, actual_cost_nano: int,
                          actual_tokens: int, record: bytes = b"", worker: str | None = None,
-                         op: str = "settle", keep: bool = False) -> int:
+                         op: str = "settle", keep: bool = False, prepared: Prepared | None = None) -> int:
         """``op`` ``release``: settle at 0 and give back the request counted in the rate windows too; ``sweep``:
         see :meth:`sweep`. ``record``: see :meth:`settle`; ``keep``: the intent stays after it (a cluster's
-        request in several slots)."""
-        keys = [*request_keys(req.team, req.request_id, tag), *self._bucket_keys(req.team, p)]
+        request in several slots); ``prepared``: see :meth:`_reserve_at`."""
+        buckets, _, rule_args = prepared or self._prepare(p, req.team)
+        keys = [*request_keys(req.team, req.request_id, tag), *buckets]
         args: list[str | int | bytes] = [
             op, SCRIPT_VERSION, req.request_id, actual_cost_nano, actual_tokens, self.settled_ttl_s,
-            self.bucket_grace_s, len(p.budgets), len(p.rates)]
-        for i in range(len(p.budgets)):
-            args += [*p.arg_pair(i, self.bucket_grace_s), p.windows_ms[i]]
+            self.bucket_grace_s, *rule_args]
         worker = worker or self.worker
         if (record or op == "sweep") and worker is not None and (tag is None or self._cluster):
             keys.append(open_key(tag or team_tag(req.team)) if self._cluster else OPEN_KEY)
