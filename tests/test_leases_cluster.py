@@ -222,7 +222,8 @@ async def test_two_sweepers_whose_lock_lapsed_still_record_each_request_once(clu
     got = await asyncio.gather(unlocked(a), unlocked(b), unlocked(a), unlocked(b))
     await asyncio.gather(a.ledger.append(got[0] + got[2]), b.ledger.append(got[1] + got[3]))
     records = await ledger_by_id(cluster, since, {q.request_id for q in reqs})
-    assert len(records) == len(reqs) and all(len(v) == 1 for v in records.values())
+    assert len(records) == len(reqs) and all(len(v) == 1 for v in records.values()), {
+        k: [(r.status, r.hold_id, r.cost_nano) for r in v] for k, v in records.items() if len(v) != 1}
     assert sorted(v[0].cost_nano for v in records.values()) == [COST] * 6 + [HOLD] * 6
     for t in teams:
         assert await used(a.store, t, team_rule(t)) == (sum(v[0].cost_nano for v in records.values()
