@@ -179,6 +179,30 @@ async def test_a_dead_workers_requests_are_swept_once_at_their_holds(redis: Redi
     assert [v for v in (await redis.hgetall(OPEN_KEY)).values() if parse_entry(v)[1] == dead_name] == []
 
 
+async def test_a_batch_that_names_one_entry_twice_records_it_once(redis: Redis) -> None:
+    """Two sweeps of one dead worker (the lock lapsed between them) find the same records; written together in
+    one batch, each request still gets one record and one charge."""
+    team = f"t-{uuid.uuid4().hex[:8]}"
+    dead_name = f"dead-{uuid.uuid4().hex[:8]}"
+    dead, live = worker(redis, dead_name), worker(redis, f"live-{uuid.uuid4().hex[:8]}")
+    reqs = [request(team, f"h-{uuid.uuid4().hex}") for _ in range(4)]
+    for i, req in enumerate(reqs):
+        assert (await dead.store.reserve(req, Leases.intent(req, intent_of(team, f"r{i}")))).admitted
+    final = record_of(team, "r3", COST)
+    final.hold_id = reqs[3].request_id
+    assert await dead.store.settle(reqs[3], COST, 12, final.to_json())
+    await kill(redis, dead_name)
+    first = await live.leases.sweep(dead_name)
+    await redis.delete(f"gw:v2:sweep:{dead_name}")
+    second = await live.leases.sweep(dead_name)
+    assert len(first) == len(second) == 4
+    await live.ledger.append(first + second)
+    grouped = await ledger_of(redis, team)
+    assert {k: len(v) for k, v in grouped.items()} == {"r0": 1, "r1": 1, "r2": 1, "r3": 1}
+    assert sum(v[0].cost_nano for v in grouped.values()) == COST + 3 * HOLD == (await used(live.store, team))[0]
+    assert live.ledger.left_out == 4
+
+
 async def test_a_record_whose_entry_redis_lost_is_still_written(redis: Redis) -> None:
     """A Redis restarted without its data has no open entry for a settled request: its record is written anyway
     (only a swept entry stops a worker's own record)."""

@@ -195,8 +195,31 @@ async def test_a_dead_workers_requests_across_slots_are_swept_once_at_their_hold
     assert all(v is None or v[:1] == b"W" for v in left), left
 
 
-@pytest.mark.xfail(strict=False, reason="open race (issue 11): two Cluster sweepers whose sweep lock lapsed can "
-                   "write one record twice; seen once in about six runs, under investigation")
+async def test_one_batch_naming_an_entry_twice_writes_it_once(cluster: RedisCluster) -> None:
+    """What made the next test fail about one run in ten: one worker swept twice (the lock lapsed between), so
+    its one batch carried each record twice; each unit claims an entry once, whatever the batch repeats."""
+    teams = teams_on_masters(cluster, 2, prefix="lc")
+    name = f"dead-{uuid.uuid4().hex[:8]}"
+    dead, a = worker(cluster, name), worker(cluster, f"a-{uuid.uuid4().hex[:8]}")
+    since = time.time() - 1
+    reqs = [request(t, uuid.uuid4().hex) for t in teams for _ in range(2)]
+    for req in reqs:
+        await dead.store.reserve(req, dead.leases.intent(req, intent_of(req.team, req.request_id)))
+    record = record_of(reqs[0].team, reqs[0].request_id, COST)
+    record.hold_id = dead.store.hold_id(reqs[0])
+    assert await dead.store.settle(reqs[0], COST, 12, record.to_json())
+    await kill(cluster, name)
+    first = await a.leases.sweep(name)
+    await cluster.delete(f"gw:v2:sweep:{name}")
+    second = await a.leases.sweep(name)
+    assert len(first) == len(second) == len(reqs)
+    await a.ledger.append(first + second)
+    records = await ledger_by_id(cluster, since, {q.request_id for q in reqs})
+    assert {k: len(v) for k, v in records.items()} == {q.request_id: 1 for q in reqs}
+    assert sorted(v[0].cost_nano for v in records.values()) == [COST] + [HOLD] * 3
+    assert a.ledger.left_out == len(reqs)
+
+
 async def test_two_sweepers_whose_lock_lapsed_still_record_each_request_once(cluster: RedisCluster) -> None:
     """The sweep lock let go mid-sweep (a sweeper slower than it): two sweep the same dead worker at once, and
     the entries' own checks (gate, claim, unit claim) still let each request be charged and recorded once."""
