@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from gateway.policy import Deployment, HealthSpec
 from gateway.pricing import Price
@@ -115,7 +117,8 @@ async def test_two_replicas_share_cooldowns_and_latency(redis_port: int) -> None
 
 async def test_sync_survives_an_unreachable_redis() -> None:
     d = deployment()
-    book = HealthBook(replace(SPEC, failures=1), Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2))
+    unreachable = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+    book = HealthBook(replace(SPEC, failures=1), unreachable)
     book.failed(d)
     await book.sync()                        # no exception; the local view still holds
     assert d.id in book.view().cooled
