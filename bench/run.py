@@ -592,6 +592,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-tag-budgets", action="store_true",
                    help="with --budgets: also a users.default and a tag budget, and send x-gateway-user and "
                         "x-gateway-tags, so every request reserves against a user and a tag budget too")
+    p.add_argument("--sqlite", action="store_true",
+                   help="the embedded SQLite state that a plain `gateway serve` keeps (a fresh GATEWAY_DATA_DIR in "
+                        "the run directory); without it, and without --embedded-budgets, the gateway's embedded "
+                        "state is in memory (GATEWAY_DATA_DIR=:memory:), whatever the environment says")
     p.add_argument("--embedded-budgets", action="store_true",
                    help="no Redis: give the gateway's default team the --budgets budgets and RPM/TPM limits on the "
                         "embedded SQLite state (a fresh GATEWAY_DATA_DIR in the run directory)")
@@ -615,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     gw_env = dict(os.environ)
     gw_env.setdefault("BENCH_ANTHROPIC_KEY", "sk-bench-anthropic")   # the bench policy's anthropic deployments
+    # the core figures are the request path's own: state in memory unless a SQLite run is asked for
+    gw_env["GATEWAY_DATA_DIR"] = str(run_dir / "data") if args.sqlite or args.embedded_budgets else ":memory:"
     redis_proc: subprocess.Popen[bytes] | None = None
     if args.budgets and not args.skip_gateway:
         config = str(run_dir / "policies")
@@ -643,7 +649,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(config, "teams.yaml").write_text(
             "teams:\n  default:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
             "    rpm: 100000000\n    tpm: 100000000000\n")
-        gw_env["GATEWAY_DATA_DIR"] = str(run_dir / "data")
     gateway_cmd = args.gateway_cmd or (f"taskset -c 1 {shlex.quote(sys.executable)} -m gateway serve "
                                        f"--config {config} --port 4100")
     gw_port = urlsplit(args.gateway_url).port or 80
@@ -660,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(), "python": sys.version.split()[0],
         "gateway_cmd": None if args.skip_gateway else gateway_cmd, "gateway_url": args.gateway_url,
         "budgets": bool(args.budgets), "embedded_budgets": bool(args.embedded_budgets),
+        "state": "redis" if args.budgets else gw_env["GATEWAY_DATA_DIR"],
         "gateway_headers": [h.split(":", 1)[0] for h in args.header],
         "scenario_defs": {k: SCENARIOS[k] for k in args.scenarios}}, "targets": {}}
 
