@@ -119,8 +119,8 @@ async def new_key(port: int, team: str) -> str:
         await client.aclose()
 
 
-async def budget(rc: Redis, team: str) -> tuple[int, int]:
-    """(spent, reserved) of the team's monthly budget, in nano-USD."""
+async def budget(rc: Any, team: str) -> tuple[int, int]:
+    """(spent, reserved) of the team's monthly budget, in nano-USD (one Redis or a cluster)."""
     [u] = await RedisBudgetStore(rc).usage(team, [BudgetRule("team", team, "monthly", LIMIT_USD * USD)],
                                            datetime.now(UTC))
     return u.spent_nano, u.reserved_nano
@@ -479,10 +479,10 @@ def worker_killed_run(tmp_path_factory: pytest.TempPathFactory, mock_upstream: s
         stop(server.proc)
 
 
-async def in_flight(rc: Redis, workers: list[int]) -> dict[int, int]:
-    """Requests each worker process holds open intents for (its worker id starts with its PID)."""
+async def in_flight(rc: Any, open_hash: str, workers: list[int]) -> dict[int, int]:
+    """Requests each worker process holds open intents for in ``open_hash`` (its worker id starts with its PID)."""
     counts = dict.fromkeys(workers, 0)
-    for value in (await rc.hgetall(OPEN_KEY)).values():
+    for value in (await rc.hgetall(open_hash)).values():
         kind, owner, _, _ = parse_entry(value)
         pid = owner.split("-", 1)[0]                              # other tests' workers may be named otherwise
         if kind == "I" and pid.isdigit() and int(pid) in counts:
@@ -490,11 +490,13 @@ async def in_flight(rc: Redis, workers: list[int]) -> dict[int, int]:
     return counts
 
 
-async def _kill_run(server: Server, workers: list[int], team: str, redis_port: int) -> KillRun:
-    key = await new_key(redis_port, team)
+async def kill_mid_stream(rc: Any, url: str, key: str, team: str, workers: list[int], open_hash: str,
+                          used_of: Any, timeout: float) -> KillRun:
+    """Slow streams (10 chunks 50 ms apart) from 24 clients: once 60 replies are in, the worker holding the most
+    open intents in ``open_hash`` is SIGKILLed (many requests in flight, many just finished); the settled run
+    (see :func:`settled_run`)."""
     since = time.time() - 1
     replies: list[Reply] = []
-    rc = Redis(host="127.0.0.1", port=redis_port)
     holds: set[int] = set()
     killed: list[float] = []
     bucket = bucket_keys(team, BudgetRule("team", team, "monthly", LIMIT_USD * USD),
@@ -504,7 +506,7 @@ async def _kill_run(server: Server, workers: list[int], team: str, redis_port: i
         while len(replies) < 60:
             await asyncio.sleep(0.01)
         for _ in range(2000):                                     # the worker with requests in flight dies
-            counts = await in_flight(rc, workers)
+            counts = await in_flight(rc, open_hash, workers)
             victim = max(counts, key=lambda pid: counts[pid])
             if counts[victim]:
                 break
@@ -513,12 +515,17 @@ async def _kill_run(server: Server, workers: list[int], team: str, redis_port: i
         os.kill(victim, signal.SIGKILL)                           # our own gateway's worker, by PID
         killed.append(time.monotonic())
 
+    await asyncio.gather(drive(url, key, 24, 12, replies, model="slow", every=1), kill_mid_load())
+    answered = [r for r in replies if r.status and r.complete]
+    lost = [r for r in replies if not (r.status and r.complete)]
+    return await settled_run(rc, used_of, team, since, answered, lost, holds, killed[0], timeout)
+
+
+async def _kill_run(server: Server, workers: list[int], team: str, redis_port: int) -> KillRun:
+    key = await new_key(redis_port, team)
+    rc = Redis(host="127.0.0.1", port=redis_port)
     try:
-        # slow streams (10 chunks 50 ms apart): many in flight and many just finished when the worker dies
-        await asyncio.gather(drive(server.url, key, 24, 12, replies, model="slow", every=1), kill_mid_load())
-        answered = [r for r in replies if r.status and r.complete]
-        lost = [r for r in replies if not (r.status and r.complete)]
-        return await settled_run(rc, budget, team, since, answered, lost, holds, killed[0], 60)
+        return await kill_mid_stream(rc, server.url, key, team, workers, OPEN_KEY, budget, 60)
     finally:
         await rc.aclose()
 

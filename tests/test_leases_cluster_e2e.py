@@ -9,32 +9,23 @@ generous deadline.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
 import uuid
-from datetime import UTC, datetime
 
 import pytest
 from redis.asyncio import RedisCluster
 from test_fault_matrix_e2e import (
-    LIMIT_USD,
-    USD,
     KillRun,
-    Reply,
+    budget,
     check_every_answer_recorded,
     check_interrupted_charged_their_hold,
     check_nothing_doubled_and_holds_ended,
-    drive,
+    kill_mid_stream,
     load_policy,
-    settled_run,
     worker_pids,
 )
 
-from gateway.state.budgets import BudgetRule, period_id
-from gateway.state.budgets_redis import RedisBudgetStore, bucket_keys, open_key, team_tag
+from gateway.state.budgets_redis import open_key, team_tag
 from gateway.state.keys import RedisKeyStore
-from gateway.state.leases import parse_entry
 
 pytestmark = pytest.mark.e2e
 
@@ -43,23 +34,6 @@ LEASE_S = 2          # the workers' lease: a dead worker's holds end within a fe
 
 def cluster_client(ports: list[int]) -> RedisCluster:
     return RedisCluster(host="127.0.0.1", port=ports[0])
-
-
-async def budget(rc: RedisCluster, team: str) -> tuple[int, int]:
-    [u] = await RedisBudgetStore(rc).usage(team, [BudgetRule("team", team, "monthly", LIMIT_USD * USD)],
-                                           datetime.now(UTC))
-    return u.spent_nano, u.reserved_nano
-
-
-async def in_flight(rc: RedisCluster, team: str, workers: list[int]) -> dict[int, int]:
-    """Requests each worker process holds open intents for in the team's slot (its worker id starts with its PID)."""
-    counts = dict.fromkeys(workers, 0)
-    for value in (await rc.hgetall(open_key(team_tag(team)))).values():
-        kind, owner, _, _ = parse_entry(value)
-        pid = owner.split("-", 1)[0]
-        if kind == "I" and pid.isdigit() and int(pid) in counts:
-            counts[int(pid)] += 1
-    return counts
 
 
 @pytest.fixture(scope="module")
@@ -87,30 +61,7 @@ async def _kill_run(url: str, workers: list[int], team: str, ports: list[int]) -
     try:
         await rc.initialize()
         _, key = await RedisKeyStore(rc).create(team, "leases")
-        since = time.time() - 1
-        replies: list[Reply] = []
-        holds: set[int] = set()
-        killed: list[float] = []
-        bucket = bucket_keys(team, BudgetRule("team", team, "monthly", LIMIT_USD * USD),
-                             period_id("monthly", datetime.now(UTC)))[0]
-
-        async def kill_mid_load() -> None:
-            while len(replies) < 60:
-                await asyncio.sleep(0.01)
-            for _ in range(2000):                                 # the worker with requests in flight dies
-                counts = await in_flight(rc, team, workers)
-                victim = max(counts, key=lambda pid: counts[pid])
-                if counts[victim]:
-                    break
-                await asyncio.sleep(0.01)
-            holds.update(int(v) for k, v in (await rc.hgetall(bucket)).items() if k.startswith(b"r:"))
-            os.kill(victim, signal.SIGKILL)                       # our own gateway's worker, by PID
-            killed.append(time.monotonic())
-
-        await asyncio.gather(drive(url, key, 24, 12, replies, model="slow", every=1), kill_mid_load())
-        answered = [r for r in replies if r.status and r.complete]
-        lost = [r for r in replies if not (r.status and r.complete)]
-        return await settled_run(rc, budget, team, since, answered, lost, holds, killed[0], 90)
+        return await kill_mid_stream(rc, url, key, team, workers, open_key(team_tag(team)), budget, 90)
     finally:
         await rc.aclose()
 
