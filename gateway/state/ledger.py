@@ -569,17 +569,17 @@ class RedisLedger:
         """The batch with each open entry's record once (the first): two sweeps of one dead worker (its sweep
         lock lapsed between them) find the same records, and the scripts check an entry's state, not how often
         one batch names it. The others count as left out."""
-        entries = {claim_of(r.hold_id)[0] for r in records if r.hold_id}
-        if len(entries) == sum(1 for r in records if r.hold_id):
-            return records
+        seen: set[str] = set()
         once: list[LedgerRecord] = []
         for r in records:
             if r.hold_id:
                 entry = claim_of(r.hold_id)[0]
-                if entry not in entries:
+                if entry in seen:
                     continue
-                entries.discard(entry)
+                seen.add(entry)
             once.append(r)
+        if len(once) == len(records):
+            return records
         self.left_out += len(records) - len(once)
         log.warning("%d ledger records named an open entry a batch named before; left out", len(records) - len(once))
         return once
