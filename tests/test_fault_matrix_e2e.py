@@ -491,7 +491,7 @@ async def in_flight(rc: Any, open_hash: str, workers: list[int]) -> dict[int, in
 
 
 async def kill_mid_stream(rc: Any, url: str, key: str, team: str, workers: list[int], open_hash: str,
-                          used_of: Any, timeout: float) -> KillRun:
+                          timeout: float) -> KillRun:
     """Slow streams (10 chunks 50 ms apart) from 24 clients: once 60 replies are in, the worker holding the most
     open intents in ``open_hash`` is SIGKILLed (many requests in flight, many just finished); the settled run
     (see :func:`settled_run`)."""
@@ -518,14 +518,14 @@ async def kill_mid_stream(rc: Any, url: str, key: str, team: str, workers: list[
     await asyncio.gather(drive(url, key, 24, 12, replies, model="slow", every=1), kill_mid_load())
     answered = [r for r in replies if r.status and r.complete]
     lost = [r for r in replies if not (r.status and r.complete)]
-    return await settled_run(rc, used_of, team, since, answered, lost, holds, killed[0], timeout)
+    return await settled_run(rc, budget, team, since, answered, lost, holds, killed[0], timeout)
 
 
 async def _kill_run(server: Server, workers: list[int], team: str, redis_port: int) -> KillRun:
     key = await new_key(redis_port, team)
     rc = Redis(host="127.0.0.1", port=redis_port)
     try:
-        return await kill_mid_stream(rc, server.url, key, team, workers, OPEN_KEY, budget, 60)
+        return await kill_mid_stream(rc, server.url, key, team, workers, OPEN_KEY, 60)
     finally:
         await rc.aclose()
 

@@ -196,8 +196,9 @@ async def test_a_dead_workers_requests_across_slots_are_swept_once_at_their_hold
 
 
 async def test_one_batch_naming_an_entry_twice_writes_it_once(cluster: RedisCluster) -> None:
-    """What made the next test fail about one run in ten: one worker swept twice (the lock lapsed between), so
-    its one batch carried each record twice; each unit claims an entry once, whatever the batch repeats."""
+    """The mechanism that fits the next test's rare failure (about one run in ten before the fix): one worker
+    swept twice (the lock lapsed between), so its one batch carried each record twice; each unit claims an
+    entry once, whatever the batch repeats."""
     teams = teams_on_masters(cluster, 2, prefix="lc")
     name = f"dead-{uuid.uuid4().hex[:8]}"
     dead, a = worker(cluster, name), worker(cluster, f"a-{uuid.uuid4().hex[:8]}")

@@ -15,7 +15,6 @@ import pytest
 from redis.asyncio import RedisCluster
 from test_fault_matrix_e2e import (
     KillRun,
-    budget,
     check_every_answer_recorded,
     check_interrupted_charged_their_hold,
     check_nothing_doubled_and_holds_ended,
@@ -61,7 +60,7 @@ async def _kill_run(url: str, workers: list[int], team: str, ports: list[int]) -
     try:
         await rc.initialize()
         _, key = await RedisKeyStore(rc).create(team, "leases")
-        return await kill_mid_stream(rc, url, key, team, workers, open_key(team_tag(team)), budget, 90)
+        return await kill_mid_stream(rc, url, key, team, workers, open_key(team_tag(team)), 90)
     finally:
         await rc.aclose()
 
