@@ -142,6 +142,26 @@ async def test_cached_keys_hits_misses_and_bound() -> None:
     assert len(cached) == 3
 
 
+async def test_cached_keys_with_no_ttl_asks_the_store_every_time() -> None:
+    """ttl_s 0 (the in-memory state): a new or revoked key is seen at once, and a failing store is
+    StateUnavailable, as with a cache."""
+    store = MemoryKeyStore()
+    cached = CachedKeys(store, ttl_s=0.0)
+    assert await cached.lookup("sk-gw-nope") is None
+    rec, secret = await store.create("acme", "k")
+    assert await cached.lookup(secret) == rec
+    await store.revoke(rec.id)
+    after = await cached.lookup(secret)
+    assert after is not None and after.revoked_at is not None and len(cached) == 0
+
+    async def broken(secret: str) -> KeyRecord | None:
+        raise ConnectionError("down")
+
+    store.lookup = broken  # type: ignore[method-assign]
+    with pytest.raises(StateUnavailable, match="key store unavailable"):
+        await cached.lookup(secret)
+
+
 async def test_cached_keys_sees_revocation_from_another_replica(rclient: aioredis.Redis, redis_port: int) -> None:
     admin = RedisKeyStore(client_for(redis_port))  # e.g. the admin API on replica A
     replica = RedisKeyStore(client_for(redis_port))  # the hot path on replica B

@@ -41,9 +41,9 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"X-Upper", b"A"), (b"Content-Length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
-    elif path == "/bad":
+    elif path in BAD_VALUES:
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"x-bad", b"a\r\nx-injected: 1"), (b"content-length", b"2")]})
+                    "headers": [(b"x-bad", BAD_VALUES[path]), (b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
     elif path == "/empty":
         await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -153,9 +153,14 @@ async def test_upper_case_names_go_uvicorns_way_and_come_out_lower_case(server: 
         assert status == b"HTTP/1.1 200 OK" and headers[b"x-upper"] == b"A" and body == b"ok"
 
 
-async def test_a_header_with_a_line_break_is_refused_never_sent(server: int) -> None:
+BAD_VALUES = {"/bad": b"a\r\nx-injected: 1", "/bad-lf": b"a\nx-injected: 1", "/bad-cr": b"a\rb",
+              "/bad-nul": b"a\x00b", "/bad-crlf-end": b"a\r\n"}
+
+
+@pytest.mark.parametrize("path", sorted(BAD_VALUES))
+async def test_a_header_with_a_line_break_is_refused_never_sent(server: int, path: str) -> None:
     async with connection(server) as (reader, writer):
-        writer.write(request("/bad"))   # uvicorn refuses the head (the app sees the error) and drops the connection
+        writer.write(request(path))   # uvicorn refuses the head (the app sees the error) and drops the connection
         assert await asyncio.wait_for(reader.read(), 30) == b""
 
 

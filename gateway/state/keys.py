@@ -247,7 +247,8 @@ class CachedKeys:
     ``max_entries`` entries; the oldest is dropped first. Entries are keyed by the secret's hash,
     so no secret is kept in memory. A store error becomes :class:`StateUnavailable` and is not
     cached; with ``stale_ok`` (fail mode "allow") an expired entry is served instead while the
-    store is down. ``has_keys`` (whether any key was ever created) is cached the same way."""
+    store is down. ``has_keys`` (whether any key was ever created) is cached the same way. With ``ttl_s``
+0 (an in-process store) nothing is cached: each lookup asks the store."""
 
     def __init__(self, store: KeyStore, ttl_s: float = 2.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic, stale_ok: bool = False) -> None:
@@ -274,6 +275,11 @@ class CachedKeys:
         return value
 
     async def lookup(self, secret: str) -> KeyRecord | None:
+        if not self.ttl_s:   # nothing kept (an in-process store): ask it, with no entry or wait to manage
+            try:
+                return await self.store.lookup(secret)
+            except Exception as exc:
+                raise StateUnavailable(f"key store unavailable: {exc!r}") from exc
         digest = hash_secret(secret)
         now = self._clock()
         hit = self._cache.get(digest)
