@@ -98,7 +98,7 @@ def access_line(record: LedgerRecord, json_format: bool, parts: LineParts | None
     return (f"request_id={_q(r.request_id)} {_middle(r) if parts is None else parts.middle(r)} "
             f"input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
             f"cached_tokens={r.cached_input_tokens} cost_usd={usd_text(r.cost_nano)} latency_ms={r.latency_ms:g} "
-            f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={_q(r.cache)} "
+            f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={r.cache} "   # the gateway's own word
             f"estimated={'true' if r.estimated else 'false'}")
 
 

@@ -76,6 +76,9 @@ class SavingStages:
         settings = self.policies(req).cache.for_request(principal.team, plan.route)
         body = req.cache_body if req.cache_body is not None else \
             req.original_body if req.original_body is not None else req.body
+        if self.cache.bypasses(settings, req.endpoint, body):   # decided here, without a call into the store
+            req.cache = Lookup("bypass")
+            return None
         req.cache = lookup = await self.cache.lookup(settings, principal.team, plan.model.name, req.endpoint,
                                                      body, req.headers)
         return lookup.entry

@@ -239,9 +239,14 @@ class ResponseCache:
     def __init__(self, store: Store) -> None:
         self.store = store
 
+    @staticmethod
+    def bypasses(settings: CacheSettings, endpoint: str, body: dict[str, Any]) -> bool:
+        """Whether the cache is neither asked nor filled for this request (most requests: a sampled answer)."""
+        return endpoint not in ENDPOINTS or not cacheable(settings, endpoint, body)
+
     async def lookup(self, settings: CacheSettings, team: str, model: str, endpoint: str,
                      body: dict[str, Any], headers: dict[str, str]) -> Lookup:
-        if endpoint not in ENDPOINTS or not cacheable(settings, endpoint, body):
+        if self.bypasses(settings, endpoint, body):
             return Lookup("bypass")
         skip_lookup, skip_store = directives(headers)
         key = cache_key(team, model, endpoint, body, key_headers(endpoint, headers))
