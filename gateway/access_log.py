@@ -88,16 +88,18 @@ def _middle(r: LedgerRecord) -> str:
             f"status={_q(r.status)}")
 
 
-def access_line(record: LedgerRecord, json_format: bool, parts: LineParts | None = None) -> str:
+def access_line(record: LedgerRecord, json_format: bool, parts: LineParts | None = None, head: str = "") -> str:
     """One request as one log line: ``key=value`` pairs (the fields of :func:`access_fields`), or a JSON object.
-    ``parts`` remembers the quoted middle of lines seen before."""
+    ``parts`` remembers the quoted middle of lines seen before; ``head`` goes before a text line."""
     if json_format:
         return orjson.dumps(access_fields(record)).decode()
     r = record
-    ttft = "-" if r.ttft_ms is None else f"{r.ttft_ms:g}"
-    return (f"request_id={_q(r.request_id)} {_middle(r) if parts is None else parts.middle(r)} "
+    # "%g" % x: a third faster than f"{x:g}" on this path, the same text
+    ttft = "-" if r.ttft_ms is None else "%g" % r.ttft_ms  # noqa: UP031
+    return (f"{head}request_id={_q(r.request_id)} {_middle(r) if parts is None else parts.middle(r)} "
             f"input_tokens={r.input_tokens} output_tokens={r.output_tokens} "
-            f"cached_tokens={r.cached_input_tokens} cost_usd={usd_text(r.cost_nano)} latency_ms={r.latency_ms:g} "
+            f"cached_tokens={r.cached_input_tokens} cost_usd={usd_text(r.cost_nano)} "
+            f"latency_ms={'%g' % r.latency_ms} "  # noqa: UP031
             f"ttft_ms={ttft} stream={'true' if r.stream else 'false'} cache={r.cache} "   # the gateway's own word
             f"estimated={'true' if r.estimated else 'false'}")
 
@@ -178,6 +180,9 @@ class _SecondCache:
         return f"{self.utc(created)}.{int((created - int(created)) * 1000):03d}Z"
 
 
+_MS = tuple(f"{ms:03d}" for ms in range(1000))   # a line's milliseconds, made once
+
+
 class TextFormatter(logging.Formatter):
     """``<UTC time> <LEVEL> <logger>: <message>``."""
 
@@ -200,8 +205,8 @@ class TextFormatter(logging.Formatter):
         ms = int(created * 1000)
         if ms != self.head_ms:
             self.head_ms = ms
-            self.head = f"{self.clock.utc(created)}.{ms % 1000:03d}Z INFO {ACCESS_LOGGER}: "
-        return self.head + access_line(record, False, self.parts)
+            self.head = f"{self.clock.utc(created)}.{_MS[ms % 1000]}Z INFO {ACCESS_LOGGER}: "
+        return access_line(record, False, self.parts, self.head)
 
 
 class JsonFormatter(logging.Formatter):

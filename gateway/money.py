@@ -65,6 +65,6 @@ def usd_text(nano: int) -> str:
     if nano < 0:
         return "-" + usd_text(-nano)
     if nano < 1_000_000_000:   # most prices of a request (on every reply's header and access line)
-        return f"0.{nano:09d}".rstrip("0") if nano else "0"
+        return ("0.%09d" % nano).rstrip("0") if nano else "0"  # noqa: UP031 (a fifth faster than f"{nano:09d}")
     whole, frac = divmod(nano, 1_000_000_000)
-    return f"{whole}.{frac:09d}".rstrip("0") if frac else str(whole)
+    return ("%d.%09d" % (whole, frac)).rstrip("0") if frac else str(whole)  # noqa: UP031

@@ -42,6 +42,15 @@ def test_text_line_has_every_field_in_order() -> None:
                     "cost_usd=0.0012345 latency_ms=812.5 ttft_ms=- stream=false cache=miss estimated=false")
 
 
+def test_text_line_numbers_of_a_stream_and_a_whole_dollar() -> None:
+    """Latency and time to first token with six significant digits, a cost past one dollar exact, a head
+    before the line."""
+    line = access_line(record(latency_ms=1234.5678, ttft_ms=3.0, stream=True, cost_nano=12_000_000_007), False,
+                       head="HEAD ")
+    assert line.startswith("HEAD request_id=req-1 ")
+    assert "cost_usd=12.000000007 latency_ms=1234.57 ttft_ms=3 stream=true" in line
+
+
 def test_json_line_carries_exact_cost_and_nulls() -> None:
     fields = json.loads(access_line(record(key_id=None, deployment="", cost_nano=7, stream=True, ttft_ms=12.0),
                                     json_format=True))
