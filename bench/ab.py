@@ -13,9 +13,13 @@ alike. It prints every round and the medians, with B's median as a share of A's,
     git worktree add --detach /tmp/base 2fd65a0
     python bench/ab.py --baseline /tmp/base --rounds 6
     python bench/ab.py --baseline /tmp/base --env GATEWAY_LOG_LEVEL=warning   # env for this tree only
+    python bench/ab.py --baseline /tmp/base --budgets   # budgets and limits on a private Redis
 
 Both gateways run ``python -m gateway serve --config bench/policies`` from their own checkout, with
-the state in memory; ports 18080 (mock) and 4100 must be free. Every phase is bounded in time.
+the state in memory; with ``--budgets``, on one private redis-server (emptied before each gateway
+starts) with the default team holding ``bench/run.py --budgets``' monthly and daily budgets and RPM/TPM
+limits (no virtual key: the two commits need not store keys alike). Ports 18080 (mock) and 4100
+must be free. Every phase is bounded in time.
 """
 
 from __future__ import annotations
@@ -29,16 +33,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import port_in_use, start, start_mock_upstream, stop_process, wait_ready
+from harness import free_port, port_in_use, start, start_mock_upstream, start_redis, stop_process, wait_ready
 from run import ROOT, SCENARIOS, body_files, cpu_seconds, log, run_wrk, scenario_request, smoke
 
 PORT = 4100
 
 
-def measure_gateway(tree: Path, env: dict[str, str], args: argparse.Namespace, bodies: dict[str, Path],
-                    run_dir: Path, name: str) -> dict[str, Any]:
-    """Start the gateway of ``tree`` on cpu 1, measure a and a1, stop it."""
-    cmd = ["taskset", "-c", "1", sys.executable, "-m", "gateway", "serve", "--config", "bench/policies",
+BUDGETS = ("teams:\n  default:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
+           "    rpm: 100000000\n    tpm: 100000000000\n")
+
+
+def budgets_config(tree: Path, config: Path) -> Path:
+    """``tree``'s own bench policy (the two commits' policy formats may differ) with the default team's budgets
+    and limits (the team every keyless request is in), in ``config``."""
+    config.mkdir()
+    (config / "models.yaml").write_text((tree / "bench" / "policies" / "models.yaml").read_text())
+    (config / "teams.yaml").write_text(BUDGETS)
+    return config
+
+
+def empty_redis(port: int) -> None:
+    """FLUSHALL on the private Redis, so each gateway starts from the same (empty) state."""
+    import redis
+
+    with redis.Redis(host="127.0.0.1", port=port) as client:
+        client.flushall()
+
+
+def measure_gateway(tree: Path, config: str, env: dict[str, str], args: argparse.Namespace,
+                    bodies: dict[str, Path], run_dir: Path, name: str) -> dict[str, Any]:
+    """Start the gateway of ``tree`` (policies from ``config``) on cpu 1, measure a and a1, stop it."""
+    cmd = ["taskset", "-c", "1", sys.executable, "-m", "gateway", "serve", "--config", config,
            "--port", str(PORT)]
     proc = start(cmd, run_dir / f"gateway-{name}.log", env=env, cwd=tree)
     out: dict[str, Any] = {}
@@ -77,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE for this tree's gateway only")
     p.add_argument("--header", action="append", default=["Authorization: Bearer sk-bench"])
+    p.add_argument("--budgets", action="store_true", help="budgets and limits on a private redis-server")
     p.add_argument("--out", default="/tmp/gateway-bench")
     args = p.parse_args(argv)
     if not 1 <= args.rounds <= 20 or not 0 < args.duration <= 60 or not 0 <= args.warmup <= 30:
@@ -93,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     bodies = body_files(run_dir)
     common = dict(os.environ, GATEWAY_DATA_DIR=":memory:", BENCH_ANTHROPIC_KEY="sk-bench-anthropic")
     env_a = dict(common, **dict(e.split("=", 1) for e in args.env))
+    configs = {"A": "bench/policies", "B": "bench/policies"}   # each checkout's own
+    redis_proc = None
+    if args.budgets:
+        configs = {"A": str(budgets_config(ROOT, run_dir / "policies-A")),
+                   "B": str(budgets_config(baseline, run_dir / "policies-B"))}
+        redis_port = free_port()
+        redis_proc = start_redis(redis_port, run_dir, cpu="0")
+        common["GATEWAY_REDIS_URL"] = env_a["GATEWAY_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
     trees = {"A": (ROOT, env_a), "B": (baseline, common)}
     rows: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
     mock = start_mock_upstream(18080, run_dir / "mock.log", cpu="0", timeout=20)
@@ -100,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.rounds):
             for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
                 tree, env = trees[name]
-                r = measure_gateway(tree, env, args, bodies, run_dir, f"{name}{i + 1}")
+                if redis_proc is not None:
+                    empty_redis(redis_port)
+                r = measure_gateway(tree, configs[name], env, args, bodies, run_dir, f"{name}{i + 1}")
                 if r.get("error"):
                     sys.exit(f"ab.py: gateway {name} ({tree}), round {i + 1}: {r['error']}")
                 rows[name].append(r)
@@ -108,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"a1 p50 {r['a1_p50']:.3f} ms")
     finally:
         stop_process(mock, "mock")
+        if redis_proc is not None:
+            stop_process(redis_proc, "redis-server")
     keys = ("a_rps", "a_cpu", "a1_p50", "a1_cpu")
     med = {name: {k: median(rows[name], k) for k in keys} for name in rows}
     share: dict[str, float | None] = {}
@@ -115,13 +153,15 @@ def main(argv: list[str] | None = None) -> int:
         a, b = med["A"][k], med["B"][k]
         share[k] = round(a / b, 4) if a and b else None
     lines = ["| median of rounds | a req/s | a CPU ms/req | a1 p50 ms | a1 CPU ms/req |", "|---|---|---|---|---|"]
-    for name, label in (("A", f"A: this tree {' '.join(args.env)}".rstrip()), ("B", f"B: {baseline}")):
+    state = ", budgets on Redis" if args.budgets else ""
+    for name, label in (("A", f"A: this tree {' '.join(args.env)}".rstrip() + state), ("B", f"B: {baseline}{state}")):
         m = med[name]
         lines.append(f"| {label} | {m['a_rps']:,.0f} | {m['a_cpu']:.4f} | {m['a1_p50']:.3f} | {m['a1_cpu']:.4f} |")
     lines.append("| A ÷ B | " + " | ".join(f"{share[k]:.3f}" if share[k] else "-" for k in keys) + " |")
     print("\n".join(lines))
     (run_dir / "ab.json").write_text(json.dumps({"started": started.isoformat(timespec="seconds"),
                                                  "baseline": str(baseline), "env_a": args.env,
+                                                 "budgets": args.budgets,
                                                  "rounds": rows, "median": med, "a_over_b": share}, indent=1))
     log(f"results in {run_dir}")
     return 0
