@@ -241,14 +241,19 @@ class RedisKeyStore:
         await self._r.aclose()
 
 
+def store_down(exc: Exception) -> StateUnavailable:
+    """What a key store's own error becomes on the request path."""
+    return StateUnavailable(f"key store unavailable: {exc!r}")
+
+
 class CachedKeys:
     """In-process lookup cache over a :class:`KeyStore`. Hits and misses both live ``ttl_s``
     (monotonic clock), so revoking or creating a key is seen everywhere within ``ttl_s``. At most
     ``max_entries`` entries; the oldest is dropped first. Entries are keyed by the secret's hash,
     so no secret is kept in memory. A store error becomes :class:`StateUnavailable` and is not
     cached; with ``stale_ok`` (fail mode "allow") an expired entry is served instead while the
-    store is down. ``has_keys`` (whether any key was ever created) is cached the same way. With ``ttl_s``
-0 (an in-process store) nothing is cached: each lookup asks the store."""
+    store is down. ``has_keys`` (whether any key was ever created) is cached the same way. With
+    ``ttl_s`` 0 (an in-process store) nothing is cached: each lookup asks the store."""
 
     def __init__(self, store: KeyStore, ttl_s: float = 2.0, max_entries: int = 10_000,
                  clock: Callable[[], float] = time.monotonic, stale_ok: bool = False) -> None:
@@ -270,7 +275,7 @@ class CachedKeys:
         except Exception as exc:
             if self.stale_ok and until:
                 return value
-            raise StateUnavailable(f"key store unavailable: {exc!r}") from exc
+            raise store_down(exc) from exc
         self._has_keys = (self._clock() + self.ttl_s, value)
         return value
 
@@ -279,7 +284,7 @@ class CachedKeys:
             try:
                 return await self.store.lookup(secret)
             except Exception as exc:
-                raise StateUnavailable(f"key store unavailable: {exc!r}") from exc
+                raise store_down(exc) from exc
         digest = hash_secret(secret)
         now = self._clock()
         hit = self._cache.get(digest)
@@ -305,7 +310,7 @@ class CachedKeys:
             if self.stale_ok and hit is not None:
                 future.set_result(hit[1])
                 return hit[1]
-            error = StateUnavailable(f"key store unavailable: {exc!r}")
+            error = store_down(exc)
             future.set_exception(error)
             future.exception()   # retrieved here, so a lookup nobody else waited for is not "never retrieved"
             raise error from exc
