@@ -34,22 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from harness import free_port, port_in_use, start, start_mock_upstream, start_redis, stop_process, wait_ready
-from run import ROOT, SCENARIOS, body_files, cpu_seconds, log, run_wrk, scenario_request, smoke
+from run import (
+    ROOT,
+    SCENARIOS,
+    body_files,
+    budgets_policy,
+    cpu_seconds,
+    log,
+    run_wrk,
+    scenario_request,
+    smoke,
+    team_budgets,
+)
 
 PORT = 4100
-
-
-BUDGETS = ("teams:\n  default:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
-           "    rpm: 100000000\n    tpm: 100000000000\n")
-
-
-def budgets_config(tree: Path, config: Path) -> Path:
-    """``tree``'s own bench policy (the two commits' policy formats may differ) with the default team's budgets
-    and limits (the team every keyless request is in), in ``config``."""
-    config.mkdir()
-    (config / "models.yaml").write_text((tree / "bench" / "policies" / "models.yaml").read_text())
-    (config / "teams.yaml").write_text(BUDGETS)
-    return config
 
 
 def empty_redis(port: int) -> None:
@@ -122,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     configs = {"A": "bench/policies", "B": "bench/policies"}   # each checkout's own
     redis_proc = None
     if args.budgets:
-        configs = {"A": str(budgets_config(ROOT, run_dir / "policies-A")),
-                   "B": str(budgets_config(baseline, run_dir / "policies-B"))}
+        # each checkout's own bench models (the two commits' policy formats may differ), the default team's
+        # budgets and limits (the team every keyless request is in)
+        configs = {name: budgets_policy(tree / "bench" / "policies" / "models.yaml", run_dir / f"policies-{name}",
+                                        team_budgets("default")) for name, tree in (("A", ROOT), ("B", baseline))}
         redis_port = free_port()
         redis_proc = start_redis(redis_port, run_dir, cpu="0")
         common["GATEWAY_REDIS_URL"] = env_a["GATEWAY_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"

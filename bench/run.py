@@ -536,6 +536,20 @@ def api_report(res: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------
 
 
+def team_budgets(team: str) -> str:
+    """``team``'s monthly and daily budgets and RPM/TPM limits (high enough never to refuse), as teams.yaml."""
+    return (f"teams:\n  {team}:\n    budgets: [{{period: monthly, usd: 1000000}}, {{period: daily, usd: 100000}}]\n"
+            "    rpm: 100000000\n    tpm: 100000000000\n")
+
+
+def budgets_policy(models_yaml: Path, config: Path, teams_yaml: str) -> str:
+    """A policy directory ``config``: the bench models (from ``models_yaml``) and ``teams_yaml``."""
+    config.mkdir()
+    (config / "models.yaml").write_text(models_yaml.read_text())
+    (config / "teams.yaml").write_text(teams_yaml)
+    return str(config)
+
+
 def bench_key(redis_port: int) -> str:
     """Create the virtual key of the --budgets run in the private Redis (waits for it to answer)."""
     import asyncio
@@ -623,14 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     gw_env["GATEWAY_DATA_DIR"] = str(run_dir / "data") if args.sqlite or args.embedded_budgets else ":memory:"
     redis_proc: subprocess.Popen[bytes] | None = None
     if args.budgets and not args.skip_gateway:
-        config = str(run_dir / "policies")
-        Path(config).mkdir()
-        Path(config, "models.yaml").write_text((BENCH / "policies" / "models.yaml").read_text())
-        Path(config, "teams.yaml").write_text(
-            "teams:\n  bench:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
-            "    rpm: 100000000\n    tpm: 100000000000\n"
-            + ("users:\n  default: {budgets: [{period: daily, usd: 100000}]}\n"
-               "tags:\n  bench: {budgets: [{period: monthly, usd: 1000000}]}\n" if args.user_tag_budgets else ""))
+        config = budgets_policy(BENCH / "policies" / "models.yaml", run_dir / "policies", team_budgets("bench") + (
+            "users:\n  default: {budgets: [{period: daily, usd: 100000}]}\n"
+            "tags:\n  bench: {budgets: [{period: monthly, usd: 1000000}]}\n" if args.user_tag_budgets else ""))
         if args.user_tag_budgets:
             args.header += ["x-gateway-user: bench-user", "x-gateway-tags: bench"]
         redis_port = free_port()
@@ -643,12 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.embedded_budgets and not args.skip_gateway:
         if args.budgets:
             p.error("--embedded-budgets and --budgets exclude each other")
-        config = str(run_dir / "policies")
-        Path(config).mkdir()
-        Path(config, "models.yaml").write_text((BENCH / "policies" / "models.yaml").read_text())
-        Path(config, "teams.yaml").write_text(
-            "teams:\n  default:\n    budgets: [{period: monthly, usd: 1000000}, {period: daily, usd: 100000}]\n"
-            "    rpm: 100000000\n    tpm: 100000000000\n")
+        config = budgets_policy(BENCH / "policies" / "models.yaml", run_dir / "policies", team_budgets("default"))
     gateway_cmd = args.gateway_cmd or (f"taskset -c 1 {shlex.quote(sys.executable)} -m gateway serve "
                                        f"--config {config} --port 4100")
     gw_port = urlsplit(args.gateway_url).port or 80
